@@ -1,0 +1,13 @@
+//! confmesh: the cluster fabric of a conference-routing appliance.
+//!
+//! One daemon runs on each of up to three peer hosts. This crate is the daemon and its CLI; the
+//! protocol cores live in their own crates so that they stay sans-IO and testable without root:
+//!
+//! - `confmesh-ike`: IKEv1 Main Mode + Quick Mode, the keys for everything else;
+//! - `confmesh-dataplane`: user-space AH/ESP and the TUN overlay between peers;
+//! - `confmesh-replication`: the replicated configuration and conference-status store.
+//!
+//! Modules here:
+//! - [`config`]: the SPEC.md §7 configuration file, validated before anything starts.
+
+pub mod config;
