@@ -8,6 +8,8 @@
 //! - `confmesh-replication`: the replicated configuration and conference-status store.
 //!
 //! Modules here:
-//! - [`config`]: the SPEC.md §7 configuration file, validated before anything starts.
+//! - [`config`]: the SPEC.md §7 configuration file, validated before anything starts;
+//! - [`membership`]: hellos between peers, active/not-active with reasons, alarms.
 
 pub mod config;
+pub mod membership;
