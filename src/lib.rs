@@ -9,7 +9,13 @@
 //!
 //! Modules here:
 //! - [`config`]: the SPEC.md §7 configuration file, validated before anything starts;
-//! - [`membership`]: hellos between peers, active/not-active with reasons, alarms.
+//! - [`membership`]: hellos between peers, active/not-active with reasons, alarms;
+//! - [`control`]: the Unix control socket between the CLI and the daemon;
+//! - [`eventlog`]: durable per-peer event and configuration logs, remote syslog;
+//! - [`status`]: the status document (SPEC.md §7) and its table form.
 
 pub mod config;
+pub mod control;
+pub mod eventlog;
 pub mod membership;
+pub mod status;

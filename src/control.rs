@@ -1,0 +1,222 @@
+//! The control socket between the CLI and the running daemon.
+//!
+//! One JSON request per line, one JSON response per line, over a Unix socket that only root can
+//! open (it can change the cluster). Requests are bounded in size and connections in number, so a
+//! stuck client cannot hold the daemon.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::eventlog::LogKind;
+
+/// Largest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Connections served at once; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long the CLI waits for an answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the CLI asks of the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Request {
+    /// The status document of SPEC.md §7.
+    Status,
+    /// The raised alarms.
+    Alarms,
+    /// The stored entries of a log.
+    Log {
+        /// Which log.
+        kind: LogKind,
+    },
+    /// Add a peer to this peer's list, live.
+    PeersAdd {
+        /// Management address of the new peer.
+        addr: std::net::Ipv4Addr,
+    },
+    /// Remove a peer from this peer's list, live (it may be dead).
+    PeersRemove {
+        /// Management address of the peer.
+        addr: std::net::Ipv4Addr,
+    },
+    /// Leave the cluster: empty peer list, no pre-shared key.
+    Standalone,
+    /// Re-read the configuration file and the pre-shared key and apply changes live.
+    Reload,
+    /// Test and diagnosis: inject faults on the outbound path to a peer (all zero clears them).
+    Faults {
+        /// The peer's management address.
+        peer: std::net::Ipv4Addr,
+        /// Added one-way delay, ms.
+        delay_ms: u32,
+        /// Added random jitter, ms.
+        jitter_ms: u32,
+        /// Loss probability, percent.
+        loss_pct: f64,
+    },
+}
+
+/// The daemon's answer: a JSON value or an error message for the operator.
+pub type Reply = Result<Value, String>;
+
+/// A request with the channel its answer goes back on.
+pub type Call = (Request, oneshot::Sender<Reply>);
+
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    ok: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    error: Option<String>,
+}
+
+/// Serves the control socket at `path` until `shutdown` fires, passing each request to `calls`.
+pub async fn serve(
+    path: &Path,
+    calls: mpsc::Sender<Call>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    if path.exists() {
+        // A socket left by a crashed daemon; a live daemon would still answer on it.
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use: another confmesh daemon is running with this state_dir", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.changed() => break,
+        };
+        let stream = tokio::select! {
+            s = listener.accept() => s?.0,
+            _ = shutdown.changed() => break,
+        };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(stream, calls).await {
+                tracing::debug!("control connection: {e}");
+            }
+            drop(permit);
+        });
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+async fn serve_one(stream: UnixStream, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 + 1)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Err(e) => Err(format!("bad request: {e}")),
+            Ok(req) => {
+                let (tx, rx) = oneshot::channel();
+                if calls.send((req, tx)).await.is_err() {
+                    Err("the daemon is shutting down".to_owned())
+                } else {
+                    rx.await.unwrap_or_else(|_| Err("the daemon dropped the request".to_owned()))
+                }
+            }
+        };
+        let wire = match reply {
+            Ok(v) => Wire { ok: Some(v), error: None },
+            Err(e) => Wire { ok: None, error: Some(e) },
+        };
+        let mut out = serde_json::to_vec(&wire).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+/// Sends one request to the daemon at `socket` and returns its answer.
+pub async fn call(socket: &Path, request: &Request) -> Reply {
+    let attempt = async {
+        let stream = UnixStream::connect(socket).await.map_err(|e| {
+            format!(
+                "cannot reach the daemon at {}: {e}; is `confmesh run` running? (use --socket or --config to point at it)",
+                socket.display()
+            )
+        })?;
+        let (read, mut write) = stream.into_split();
+        let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        write.write_all(&line).await.map_err(|e| e.to_string())?;
+        let mut lines = BufReader::new(read).lines();
+        let answer = lines
+            .next_line()
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "the daemon closed the connection without answering".to_owned())?;
+        let wire: Wire = serde_json::from_str(&answer).map_err(|e| format!("unreadable answer from the daemon: {e}"))?;
+        match (wire.ok, wire.error) {
+            (_, Some(e)) => Err(e),
+            (Some(v), None) => Ok(v),
+            (None, None) => Ok(Value::Null),
+        }
+    };
+    tokio::time::timeout(CALL_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("the daemon did not answer within {}s", CALL_TIMEOUT.as_secs())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_stable_json() {
+        let r = Request::PeersAdd { addr: "10.96.0.3".parse().unwrap() };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"cmd":"peers-add","addr":"10.96.0.3"}"#);
+        let r: Request = serde_json::from_str(r#"{"cmd":"log","kind":"config"}"#).unwrap();
+        assert_eq!(r, Request::Log { kind: LogKind::Config });
+    }
+
+    #[tokio::test]
+    async fn round_trip_over_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let (tx, mut rx) = mpsc::channel::<Call>(4);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let p = path.clone();
+        let server = tokio::spawn(async move { serve(&p, tx, stop_rx).await });
+        tokio::spawn(async move {
+            while let Some((req, reply)) = rx.recv().await {
+                let _ = reply.send(match req {
+                    Request::Status => Ok(serde_json::json!({"mode": "standalone"})),
+                    _ => Err("no".into()),
+                });
+            }
+        });
+        for _ in 0..100 {
+            if path.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(call(&path, &Request::Status).await.unwrap()["mode"], "standalone");
+        assert_eq!(call(&path, &Request::Standalone).await.unwrap_err(), "no");
+        stop_tx.send(true).unwrap();
+        server.await.unwrap().unwrap();
+        assert!(!path.exists());
+        assert!(call(&path, &Request::Status).await.unwrap_err().contains("cannot reach the daemon"));
+    }
+}
