@@ -12,10 +12,12 @@
 //! - [`membership`]: hellos between peers, active/not-active with reasons, alarms;
 //! - [`control`]: the Unix control socket between the CLI and the daemon;
 //! - [`eventlog`]: durable per-peer event and configuration logs, remote syslog;
+//! - [`live`]: membership changes applied live and written back to the configuration file;
 //! - [`status`]: the status document (SPEC.md §7) and its table form.
 
 pub mod config;
 pub mod control;
 pub mod eventlog;
+pub mod live;
 pub mod membership;
 pub mod status;
