@@ -1,10 +1,15 @@
-//! The `confmesh` command: runs the daemon or talks to a running one.
+//! The `confmesh` command: runs the daemon or talks to a running one (SPEC.md §7).
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use confmesh::config::Config;
+use confmesh::control::{self, Request};
+use confmesh::daemon::{self, Options};
+use confmesh::eventlog::LogKind;
+use confmesh::status::Status;
 
 /// Cluster fabric of a conference-routing appliance.
 #[derive(Parser)]
@@ -14,28 +19,211 @@ struct Cli {
     command: Command,
 }
 
+/// How a client subcommand finds the daemon's control socket.
+#[derive(Args)]
+struct Target {
+    /// The daemon's control socket.
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// The daemon's configuration file (its control_socket is used).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a configuration file and print what it resolves to, without starting anything.
-    Check {
+    /// Run the daemon.
+    Run {
         /// The configuration file (SPEC.md §7).
         #[arg(long)]
         config: PathBuf,
+        /// Append every SA's keys to this file (debugging with Wireshark; keep it secret).
+        #[arg(long)]
+        keylog: Option<PathBuf>,
+    },
+    /// Validate a configuration file and print what it resolves to, without starting anything.
+    Check {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show the cluster as this peer sees it.
+    Status {
+        /// Print the SPEC.md §7 JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Change the peer list live.
+    Peers {
+        #[command(subcommand)]
+        op: PeersOp,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Leave the cluster: empty the peer list and stop talking to the other peers.
+    Standalone {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List raised alarms.
+    Alarms {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print this peer's event or configuration log.
+    Log {
+        /// Which log.
+        #[arg(value_enum)]
+        kind: LogArg,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Re-read the configuration file and pre-shared key and apply changes live (same as SIGHUP).
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Inject delay, jitter and loss on the outbound path to a peer (tests; all zero clears).
+    Faults {
+        /// The peer's management address.
+        peer: Ipv4Addr,
+        /// One-way delay to add, ms.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u32,
+        /// Random jitter to add, ms.
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u32,
+        /// Loss, percent.
+        #[arg(long, default_value_t = 0.0)]
+        loss_pct: f64,
+        #[command(flatten)]
+        target: Target,
     },
 }
+
+#[derive(Subcommand)]
+enum PeersOp {
+    /// Add a peer by management address.
+    Add {
+        /// The peer's management address.
+        addr: Ipv4Addr,
+    },
+    /// Remove a peer (alive or dead) by management address.
+    Remove {
+        /// The peer's management address.
+        addr: Ipv4Addr,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogArg {
+    Events,
+    Config,
+}
+
+/// Environment variable that overrides the version reported to peers. For tests of the
+/// version-mismatch rule only: a real upgrade changes the binary.
+const VERSION_OVERRIDE_ENV: &str = "CONFMESH_TEST_REPORTED_VERSION";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config, keylog } => run(config, keylog),
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
                 println!("{c:#?}");
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("confmesh: {e}");
-                ExitCode::from(2)
-            }
+            Err(e) => fail(e),
         },
+        Command::Status { json, target } => client(target, Request::Status, |v| {
+            if json {
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            } else {
+                match serde_json::from_value::<Status>(v) {
+                    Ok(s) => s.to_table(),
+                    Err(e) => format!("unreadable status from the daemon: {e}"),
+                }
+            }
+        }),
+        Command::Peers { op, target } => {
+            let req = match op {
+                PeersOp::Add { addr } => Request::PeersAdd { addr },
+                PeersOp::Remove { addr } => Request::PeersRemove { addr },
+            };
+            client(target, req, |v| format!("ok: now {}", v.as_str().unwrap_or("?")))
+        }
+        Command::Standalone { target } => client(target, Request::Standalone, |_| "ok: now standalone".into()),
+        Command::Alarms { target } => client(target, Request::Alarms, |v| {
+            let alarms = v.as_array().cloned().unwrap_or_default();
+            if alarms.is_empty() {
+                return "no alarms".into();
+            }
+            alarms
+                .iter()
+                .map(|a| format!("{} {} with {}: {}", a["raised_at"].as_str().unwrap_or(""), a["kind"].as_str().unwrap_or(""), a["peer"].as_str().unwrap_or(""), a["detail"].as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }),
+        Command::Log { kind, target } => {
+            let kind = match kind {
+                LogArg::Events => LogKind::Events,
+                LogArg::Config => LogKind::Config,
+            };
+            client(target, Request::Log { kind }, |v| {
+                v.as_array().map(|a| a.iter().filter_map(|l| l.as_str()).collect::<Vec<_>>().join("\n")).unwrap_or_default()
+            })
+        }
+        Command::Reload { target } => client(target, Request::Reload, |_| "ok: reloaded".into()),
+        Command::Faults { peer, delay_ms, jitter_ms, loss_pct, target } => {
+            client(target, Request::Faults { peer, delay_ms, jitter_ms, loss_pct }, |_| "ok".into())
+        }
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("confmesh: {e}");
+    ExitCode::FAILURE
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+}
+
+fn run(config: PathBuf, keylog: Option<PathBuf>) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let version = std::env::var(VERSION_OVERRIDE_ENV).unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_owned());
+    match runtime().block_on(daemon::run(Options { config_path: config, keylog, version })) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn client(target: Target, request: Request, render: impl FnOnce(serde_json::Value) -> String) -> ExitCode {
+    let socket = match (target.socket, target.config) {
+        (Some(s), _) => s,
+        (None, Some(c)) => match daemon::control_socket_of(&c) {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        },
+        (None, None) => PathBuf::from("/var/lib/confmesh/confmesh.sock"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(control::call(&socket, &request)) {
+        Ok(v) => {
+            let text = render(v);
+            if !text.is_empty() {
+                println!("{}", text.trim_end());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }
