@@ -51,6 +51,35 @@ pub enum Request {
     Standalone,
     /// Re-read the configuration file and the pre-shared key and apply changes live.
     Reload,
+    /// Prometheus text for `/metrics`.
+    Metrics,
+    /// The Argon2id hash of an administrator account (admin API only: refused on the socket).
+    AdminHash {
+        /// Account name.
+        name: String,
+    },
+    /// Shared configuration: one value.
+    ConfigGet {
+        /// The key, e.g. `bridge/b1`.
+        key: String,
+    },
+    /// Shared configuration: set a value; answered once durable locally.
+    ConfigSet {
+        /// The key.
+        key: String,
+        /// The value as JSON.
+        value: Value,
+    },
+    /// Shared configuration: delete a key; answered once durable locally.
+    ConfigDelete {
+        /// The key.
+        key: String,
+    },
+    /// Shared configuration: every key under a prefix.
+    ConfigList {
+        /// Key prefix ("" for all).
+        prefix: String,
+    },
     /// Test and diagnosis: inject faults on the outbound path to a peer (all zero clears them).
     Faults {
         /// The peer's management address.
@@ -127,6 +156,7 @@ async fn serve_one(stream: UnixStream, calls: mpsc::Sender<Call>) -> std::io::Re
     while let Some(line) = lines.next_line().await? {
         let reply = match serde_json::from_str::<Request>(&line) {
             Err(e) => Err(format!("bad request: {e}")),
+            Ok(Request::AdminHash { .. }) => Err("password hashes are not served on the control socket".to_owned()),
             Ok(req) => {
                 let (tx, rx) = oneshot::channel();
                 if calls.send((req, tx)).await.is_err() {

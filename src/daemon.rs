@@ -87,9 +87,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let socket_path = config.peer.control_socket.clone();
     let control = tokio::spawn({
         let stop = stop_rx.clone();
+        let calls_tx = calls_tx.clone();
         async move { control::serve(&socket_path, calls_tx, stop).await }
     });
 
+    let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(io(format!("cannot listen for the admin API on {} (admin.listen)", config.admin.listen)))?;
+    let admin = tokio::spawn(crate::admin::serve(admin_listener, calls_tx.clone(), stop_rx.clone()));
     let mut daemon = Daemon { opts, config, logs, cluster: None };
     let cluster = daemon.config.cluster.clone();
     daemon.logs.append(
@@ -128,10 +133,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     daemon.logs.append(LogKind::Events, Severity::Notice, "confmesh stopping");
     let _ = stop_tx.send(true);
-    match control.await {
-        Ok(Err(e)) => tracing::error!("control socket: {e}"),
-        Err(e) => tracing::error!("control task: {e}"),
-        Ok(Ok(())) => {}
+    drop(calls_tx);
+    drop(calls);
+    for (name, task) in [("control socket", control), ("admin API", admin)] {
+        match task.await {
+            Ok(Err(e)) => tracing::error!("{name}: {e}"),
+            Err(e) => tracing::error!("{name} task: {e}"),
+            Ok(Ok(())) => {}
+        }
     }
     Ok(())
 }
@@ -259,6 +268,12 @@ impl Daemon {
             Request::PeersRemove { addr } => self.change(MembershipChange::Remove(addr)).await,
             Request::Standalone => self.change(MembershipChange::Standalone).await,
             Request::Reload => self.reload().await.map(|()| json!("reloaded")).map_err(|e| e.to_string()),
+            Request::Metrics => Ok(Value::String(self.metrics())),
+            Request::AdminHash { .. }
+            | Request::ConfigGet { .. }
+            | Request::ConfigSet { .. }
+            | Request::ConfigDelete { .. }
+            | Request::ConfigList { .. } => Err("the shared configuration store is not running in this build".into()),
             Request::Faults { .. } => Err("fault injection needs the overlay dataplane, which this build does not run".into()),
         }
     }
@@ -308,6 +323,44 @@ impl Daemon {
             None => self.leave(),
         }
         Ok(())
+    }
+
+    fn metrics(&self) -> String {
+        use crate::metrics::{Kind, MetricsPage};
+        let status = self.status();
+        let mut m = MetricsPage::default();
+        m.family("confmesh_info", Kind::Gauge, "Always 1; labels carry the version and mode of this peer.").sample(
+            "confmesh_info",
+            &[("version", &status.version), ("mode", &status.mode), ("hostname", &status.hostname)],
+            1.0,
+        );
+        let others: Vec<_> = status.peers.iter().filter(|p| p.state != "this-system").collect();
+        m.family("confmesh_peer_active", Kind::Gauge, "1 when the peer is Active, 0 when Not active (see the reason label).");
+        for p in &others {
+            let addr = p.addr.to_string();
+            m.sample("confmesh_peer_active", &[("peer", &addr), ("reason", p.reason.as_deref().unwrap_or(""))], f64::from(u8::from(p.state == "active")));
+        }
+        m.family("confmesh_peer_rtt_seconds", Kind::Gauge, "Median round-trip time of recent hellos to the peer.");
+        for p in others.iter().filter(|p| p.rtt_ms.is_some()) {
+            m.sample("confmesh_peer_rtt_seconds", &[("peer", &p.addr.to_string())], p.rtt_ms.unwrap_or_default() / 1e3);
+        }
+        m.family("confmesh_peer_clock_skew_seconds", Kind::Gauge, "The peer's clock minus this peer's clock.");
+        for p in others.iter().filter(|p| p.clock_skew_ms.is_some()) {
+            m.sample("confmesh_peer_clock_skew_seconds", &[("peer", &p.addr.to_string())], p.clock_skew_ms.unwrap_or_default() / 1e3);
+        }
+        m.family("confmesh_peer_path_mtu_bytes", Kind::Gauge, "Path MTU towards the peer used to frame synchronisation traffic.");
+        for p in &others {
+            m.sample("confmesh_peer_path_mtu_bytes", &[("peer", &p.addr.to_string())], f64::from(p.path_mtu.unwrap_or(0)));
+        }
+        m.family("confmesh_peer_sas", Kind::Gauge, "IPsec SAs with the peer, both directions.");
+        for p in &others {
+            m.sample("confmesh_peer_sas", &[("peer", &p.addr.to_string())], f64::from(p.sas));
+        }
+        m.family("confmesh_alarms", Kind::Gauge, "Raised alarms by kind and peer (1 per raised alarm).");
+        for a in &status.alarms {
+            m.sample("confmesh_alarms", &[("kind", &a.kind), ("peer", &a.peer.to_string())], 1.0);
+        }
+        m.finish()
     }
 
     fn status(&self) -> Status {

@@ -8,18 +8,22 @@
 //! - `confmesh-replication`: the replicated configuration and conference-status store.
 //!
 //! Modules here:
+//! - [`admin`]: the admin HTTP API, status page and `/metrics`;
 //! - [`config`]: the SPEC.md §7 configuration file, validated before anything starts;
 //! - [`membership`]: hellos between peers, active/not-active with reasons, alarms;
+//! - [`metrics`]: Prometheus text exposition;
 //! - [`control`]: the Unix control socket between the CLI and the daemon;
 //! - [`daemon`]: the state loop that owns the cluster state and drives the cores;
 //! - [`eventlog`]: durable per-peer event and configuration logs, remote syslog;
 //! - [`live`]: membership changes applied live and written back to the configuration file;
 //! - [`status`]: the status document (SPEC.md §7) and its table form.
 
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod eventlog;
 pub mod live;
 pub mod membership;
+pub mod metrics;
 pub mod status;

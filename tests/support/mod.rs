@@ -1,0 +1,240 @@
+//! Shared harness for the network-namespace tests: a topology from netns-scripts/up.sh that is
+//! removed on drop, and confmesh daemons started inside it that are stopped on drop, by PID.
+#![allow(dead_code, unreachable_pub, missing_docs)] // each test binary uses a different subset
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_confmesh");
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("netns-scripts")
+}
+
+/// Whether this test can build namespaces. Without root it fails under CI (which runs as root, so
+/// a failure there is real) and is reported as not run elsewhere.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY-free check: /proc/self/status has the effective uid on the "Uid:" line.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid_zero = status.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)) == Some("0");
+    if euid_zero {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} needs root to build network namespaces, and CI must run it");
+    }
+    eprintln!("NOTICE: {test} not run: needs root (network namespaces)");
+    false
+}
+
+/// A topology made by up.sh with a prefix of its own; removed with down.sh on drop.
+pub struct Topology {
+    pub prefix: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Topology {
+    pub fn up(prefix: &str, peers: u8) -> Topology {
+        // A leftover of a crashed earlier run with the same prefix is ours to remove.
+        let _ = Command::new(scripts().join("down.sh")).arg(prefix).status();
+        let out = Command::new(scripts().join("up.sh")).arg(prefix).arg(peers.to_string()).output().expect("run up.sh");
+        assert!(out.status.success(), "up.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        Topology { prefix: prefix.to_owned(), dir: tempfile::tempdir().expect("tempdir") }
+    }
+
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Runs a command inside namespace `name` (e.g. "p1", "r") and returns its output.
+    pub fn exec(&self, name: &str, argv: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", &self.ns(name)]).args(argv).output().expect("ip netns exec")
+    }
+
+    /// Changes peer `i`'s path at the router (netns-scripts/path.sh).
+    pub fn path(&self, i: u8, args: &[&str]) {
+        let out = Command::new(scripts().join("path.sh")).arg(&self.prefix).arg(i.to_string()).args(args).output().unwrap();
+        assert!(out.status.success(), "path.sh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = Command::new(scripts().join("down.sh")).arg(&self.prefix).status();
+    }
+}
+
+pub fn mgmt(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, 0, i)
+}
+
+/// Settings of one test peer's configuration file.
+#[derive(Clone)]
+pub struct PeerSpec {
+    pub i: u8,
+    pub peers: Vec<u8>,
+    pub licence: &'static str,
+    pub psk: String,
+    pub version: Option<String>,
+    pub extra_cluster: String,
+}
+
+impl PeerSpec {
+    pub fn new(i: u8, peers: &[u8]) -> PeerSpec {
+        PeerSpec {
+            i,
+            peers: peers.to_vec(),
+            licence: "full",
+            psk: "confmesh-test-psk-0123456789abcdef".into(),
+            version: None,
+            extra_cluster: String::new(),
+        }
+    }
+}
+
+/// A confmesh daemon inside peer namespace `p<i>`; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Daemon {
+    pub i: u8,
+    pub ns: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub psk_file: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start(topo: &Topology, spec: &PeerSpec) -> Daemon {
+        let dir = topo.dir.path().join(format!("p{}", spec.i));
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        let psk_file = dir.join("psk");
+        std::fs::write(&psk_file, &spec.psk).unwrap();
+        let config = dir.join("confmesh.toml");
+        let peers: Vec<String> = spec.peers.iter().map(|&p| format!("\"{}\"", mgmt(p))).collect();
+        let cluster = if spec.peers.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "[cluster]\npeers = [{}]\npsk_file = \"{}\"\nlicence = \"{}\"\n{}\n",
+                peers.join(", "),
+                psk_file.display(),
+                spec.licence,
+                spec.extra_cluster
+            )
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "[peer]\nhostname = \"conductor{i}\"\nserial = \"CMT{i}\"\nmgmt_addr = \"10.96.0.{i}\"\n\
+                 rendezvous_addrs = [\"10.96.1.{i}\"]\nstate_dir = \"{state}\"\n\n{cluster}",
+                i = spec.i,
+                state = dir.join("state").display()
+            ),
+        )
+        .unwrap();
+        let mut d = Daemon { i: spec.i, ns: topo.ns(&format!("p{}", spec.i)), dir, config, psk_file, child: None };
+        d.spawn(spec.version.as_deref());
+        d
+    }
+
+    fn spawn(&mut self, version: Option<&str>) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, BIN, "run", "--config"])
+            .arg(&self.config)
+            .arg("--keylog")
+            .arg(self.dir.join("keylog"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(v) = version {
+            cmd.env("CONFMESH_TEST_REPORTED_VERSION", v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn confmesh"));
+    }
+
+    /// Kills the daemon with SIGKILL (a crash), leaving its state on disk.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the daemon gracefully (SIGTERM), bounded to 5 s, then SIGKILL.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM through kill(1): the PID is our own child's.
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn(None);
+    }
+
+    /// Runs a confmesh client subcommand against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, BIN])
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run confmesh client")
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        let out = self.cli(&["status", "--json"]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    }
+
+    /// The peer entry for management address 10.96.0.`j` in this daemon's status.
+    pub fn peer(&self, j: u8) -> Option<Value> {
+        let s = self.status()?;
+        s["peers"].as_array()?.iter().find(|p| p["addr"] == mgmt(j).to_string()).cloned()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `cond` every 100 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether daemon `d` shows peer `j` with `state` (and `reason`, when given).
+pub fn shows(d: &Daemon, j: u8, state: &str, reason: Option<&str>) -> bool {
+    d.peer(j).is_some_and(|p| p["state"] == state && reason.is_none_or(|r| p["reason"] == r))
+}
