@@ -9,6 +9,7 @@
 //!
 //! Modules here:
 //! - [`admin`]: the admin HTTP API, status page and `/metrics`;
+//! - [`backup`]: backup files of one peer, optionally encrypted, checked before any restore;
 //! - [`config`]: the SPEC.md §7 configuration file, validated before anything starts;
 //! - [`membership`]: hellos between peers, active/not-active with reasons, alarms;
 //! - [`metrics`]: Prometheus text exposition;
@@ -19,6 +20,7 @@
 //! - [`status`]: the status document (SPEC.md §7) and its table form.
 
 pub mod admin;
+pub mod backup;
 pub mod config;
 pub mod control;
 pub mod daemon;
