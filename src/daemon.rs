@@ -7,6 +7,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -14,7 +15,9 @@ use tokio::net::UdpSocket;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{ClusterSettings, Config};
+use confmesh_dataplane::{Event as OverlayEvent, FaultConfig, Overlay, OverlayConfig, PeerAddrs};
+
+use crate::config::{ClusterSettings, Config, OVERLAY_PREFIX_LEN};
 use crate::control::{self, Call, Request};
 use crate::eventlog::{LogKind, Logs, Severity, rfc3339, wall_ms};
 use crate::live::{self, MembershipChange};
@@ -59,6 +62,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
 
 /// The state the loop owns.
 struct Daemon {
+    inputs: mpsc::Sender<Input>,
     opts: Options,
     config: Config,
     logs: Logs,
@@ -69,8 +73,34 @@ struct Daemon {
 struct ClusterState {
     settings: ClusterSettings,
     membership: Membership,
-    hello: UdpSocket,
+    hello: Arc<UdpSocket>,
+    overlay: Overlay,
+    /// Tasks feeding [`Input`]s from this cluster's sockets and cores; stopped when it goes.
+    feeders: Vec<tokio::task::JoinHandle<()>>,
 }
+
+impl Drop for ClusterState {
+    fn drop(&mut self) {
+        for task in &self.feeders {
+            task.abort();
+        }
+    }
+}
+
+/// Everything that reaches the state loop from the cluster's sockets and cores.
+#[derive(Debug)]
+enum Input {
+    /// A datagram on the hello socket.
+    Hello(Vec<u8>, SocketAddr),
+    /// An event of the dataplane.
+    Overlay(OverlayEvent),
+}
+
+/// Inputs queued for the state loop; feeders wait when it is full (backpressure, bounded memory).
+const INPUT_QUEUE: usize = 256;
+
+/// Name of the TUN device that carries the overlay.
+pub const TUN_NAME: &str = "confmesh0";
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
@@ -95,7 +125,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .await
         .map_err(io(format!("cannot listen for the admin API on {} (admin.listen)", config.admin.listen)))?;
     let admin = tokio::spawn(crate::admin::serve(admin_listener, calls_tx.clone(), stop_rx.clone()));
-    let mut daemon = Daemon { opts, config, logs, cluster: None };
+    let (inputs_tx, mut inputs) = mpsc::channel(INPUT_QUEUE);
+    let mut daemon = Daemon { inputs: inputs_tx, opts, config, logs, cluster: None };
     let cluster = daemon.config.cluster.clone();
     daemon.logs.append(
         LogKind::Events,
@@ -109,7 +140,6 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(io("cannot watch SIGTERM"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(io("cannot watch SIGINT"))?;
     let mut sighup = signal(SignalKind::hangup()).map_err(io("cannot watch SIGHUP"))?;
-    let mut buf = vec![0u8; MAX_HELLO_LEN + 1];
     loop {
         let deadline = daemon.cluster.as_ref().map(|c| c.membership.poll_timeout());
         tokio::select! {
@@ -117,9 +147,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 let answer = daemon.handle_request(request).await;
                 let _ = reply.send(answer);
             }
-            Some((len, from)) = recv_hello(daemon.cluster.as_ref(), &mut buf) => {
-                daemon.handle_hello(&buf[..len], from);
-            }
+            Some(input) = inputs.recv() => match input {
+                Input::Hello(bytes, from) => daemon.handle_hello(&bytes, from),
+                Input::Overlay(event) => daemon.handle_overlay(event),
+            },
             _ = sleep_until(deadline) => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -145,10 +176,31 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     Ok(())
 }
 
-async fn recv_hello(cluster: Option<&ClusterState>, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
-    match cluster {
-        Some(c) => c.hello.recv_from(buf).await.ok(),
-        None => std::future::pending().await,
+/// Reads hellos and hands them to the state loop.
+async fn feed_hellos(socket: Arc<UdpSocket>, inputs: mpsc::Sender<Input>) {
+    let mut buf = vec![0u8; MAX_HELLO_LEN + 1];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((len, from)) if len <= MAX_HELLO_LEN => {
+                if inputs.send(Input::Hello(buf[..len].to_vec(), from)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => tracing::debug!("oversize hello dropped"),
+            Err(e) => {
+                tracing::debug!("hello socket: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Passes the dataplane's events to the state loop.
+async fn feed_overlay_events(mut events: mpsc::Receiver<OverlayEvent>, inputs: mpsc::Sender<Input>) {
+    while let Some(e) = events.recv().await {
+        if inputs.send(Input::Overlay(e)).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -198,12 +250,26 @@ impl Daemon {
             c.settings = settings;
             return Ok(());
         }
+        let local = PeerAddrs { mgmt: self.config.peer.mgmt_addr, overlay: self.config.peer.overlay_addr };
+        let (overlay, overlay_events) = Overlay::start(OverlayConfig {
+            tun_name: TUN_NAME.to_owned(),
+            local,
+            overlay_prefix_len: OVERLAY_PREFIX_LEN,
+            mtu: self.config.peer.mtu,
+        })
+        .map_err(|e| DaemonError::Io { what: "cannot start the overlay".into(), source: std::io::Error::other(e) })?;
         let hello_addr = SocketAddrV4::new(self.config.peer.overlay_addr, HELLO_PORT);
-        let hello = UdpSocket::bind(hello_addr)
-            .await
-            .map_err(io(format!("cannot bind the hello socket on the overlay address {hello_addr}")))?;
+        let hello = Arc::new(
+            UdpSocket::bind(hello_addr)
+                .await
+                .map_err(io(format!("cannot bind the hello socket on the overlay address {hello_addr}")))?,
+        );
+        let feeders = vec![
+            tokio::spawn(feed_hellos(hello.clone(), self.inputs.clone())),
+            tokio::spawn(feed_overlay_events(overlay_events, self.inputs.clone())),
+        ];
         let membership = Membership::new(self.local_identity(&settings), &peers, self.config.peer.mtu, Instant::now());
-        self.cluster = Some(ClusterState { settings, membership, hello });
+        self.cluster = Some(ClusterState { settings, membership, hello, overlay, feeders });
         Ok(())
     }
 
@@ -225,6 +291,17 @@ impl Daemon {
             return;
         };
         c.membership.handle_hello(Instant::now(), wall_ms(), peer, hello);
+    }
+
+    fn handle_overlay(&mut self, event: OverlayEvent) {
+        let Some(c) = &mut self.cluster else { return };
+        match event {
+            OverlayEvent::PathMtuChanged { peer, path_mtu } => {
+                self.logs.append(LogKind::Events, Severity::Info, format!("path MTU to {peer} is now {path_mtu}"));
+                c.membership.set_path_mtu(peer, path_mtu);
+            }
+            other => tracing::debug!(?other, "dataplane event"),
+        }
     }
 
     /// Runs the cores' timers and sends what they produced; logs their events.
@@ -274,7 +351,29 @@ impl Daemon {
             | Request::ConfigSet { .. }
             | Request::ConfigDelete { .. }
             | Request::ConfigList { .. } => Err("the shared configuration store is not running in this build".into()),
-            Request::Faults { .. } => Err("fault injection needs the overlay dataplane, which this build does not run".into()),
+            Request::Faults { peer, delay_ms, jitter_ms, loss_pct } => {
+                let Some(c) = &self.cluster else { return Err("standalone: there is no peer to inject faults towards".into()) };
+                if !c.settings.peers.contains(&peer) || peer == self.config.peer.mgmt_addr {
+                    return Err(format!("{peer} is not another peer of this cluster"));
+                }
+                if !(0.0..=100.0).contains(&loss_pct) {
+                    return Err(format!("loss {loss_pct}% is not a percentage"));
+                }
+                let faults = FaultConfig {
+                    delay: std::time::Duration::from_millis(u64::from(delay_ms)),
+                    jitter: std::time::Duration::from_millis(u64::from(jitter_ms)),
+                    loss: loss_pct / 100.0,
+                    seed: u64::from(u32::from(peer)) ^ wall_ms(),
+                    ..FaultConfig::default()
+                };
+                c.overlay.set_faults(peer, faults);
+                self.logs.append(
+                    LogKind::Events,
+                    Severity::Warning,
+                    format!("fault injection towards {peer}: delay {delay_ms} ms, jitter {jitter_ms} ms, loss {loss_pct}%"),
+                );
+                Ok(json!("ok"))
+            }
         }
     }
 
@@ -356,6 +455,28 @@ impl Daemon {
         for p in &others {
             m.sample("confmesh_peer_sas", &[("peer", &p.addr.to_string())], f64::from(p.sas));
         }
+        if let Some(c) = &self.cluster {
+            let reports: Vec<_> = others.iter().filter_map(|p| c.overlay.peer_report(p.addr).map(|r| (p.addr.to_string(), r))).collect();
+            let counters: [(&str, &str, fn(&confmesh_dataplane::PeerCounters) -> u64); 11] = [
+                ("confmesh_dataplane_tx_packets_total", "Protected packets sent to the peer.", |c| c.tx_packets),
+                ("confmesh_dataplane_tx_bytes_total", "Bytes of protected packets sent to the peer.", |c| c.tx_bytes),
+                ("confmesh_dataplane_rx_packets_total", "Packets from the peer that verified and were delivered.", |c| c.rx_packets),
+                ("confmesh_dataplane_rx_bytes_total", "Bytes of packets from the peer that verified.", |c| c.rx_bytes),
+                ("confmesh_dataplane_icv_failures_total", "Packets from the peer whose ICV/tag did not verify (dropped).", |c| c.icv_failures),
+                ("confmesh_dataplane_replay_drops_total", "Packets from the peer dropped by the anti-replay window.", |c| c.replay_drops),
+                ("confmesh_dataplane_malformed_total", "Malformed packets from the peer (dropped).", |c| c.malformed),
+                ("confmesh_dataplane_no_sa_total", "Packets to or from the peer with no SA to use (dropped).", |c| c.no_sa),
+                ("confmesh_dataplane_oversize_total", "Inner packets too large for the path MTU, answered with ICMP.", |c| c.oversize),
+                ("confmesh_dataplane_pmtu_updates_total", "Path MTU changes towards the peer.", |c| c.pmtu_updates),
+                ("confmesh_dataplane_fragmentation_attempts_total", "Outer packets the kernel would have fragmented (refused, never sent).", |c| c.fragmentation_attempts),
+            ];
+            for (name, help, get) in counters {
+                m.family(name, Kind::Counter, help);
+                for (addr, r) in &reports {
+                    m.sample(name, &[("peer", addr)], get(&r.status.counters) as f64);
+                }
+            }
+        }
         m.family("confmesh_alarms", Kind::Gauge, "Raised alarms by kind and peer (1 per raised alarm).");
         for a in &status.alarms {
             m.sample("confmesh_alarms", &[("kind", &a.kind), ("peer", &a.peer.to_string())], 1.0);
@@ -399,7 +520,9 @@ impl Daemon {
                         }
                         .into(),
                     ),
-                    sas: 0,
+                    sas: c.overlay.peer_report(v.addr).map_or(0, |r| {
+                        u32::from(r.status.outbound.is_some()) + r.status.inbound.len() as u32
+                    }),
                 });
             }
             alarms = c
