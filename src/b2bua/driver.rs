@@ -1,0 +1,188 @@
+//! The tokio driver of the B2BUA: sockets, clock, routing tasks and a status snapshot.
+
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::core::{B2bua, B2buaEvent, B2buaStats, BridgeProbe, CallInfo, CoreConfig};
+use super::routing::{BandwidthLedger, ConferenceDirectory, HealthTable, Router, RoutingConfig};
+use crate::sip::transport::{Inbound, SipSockets, TransportStats};
+
+/// Received messages waiting for the core; beyond this the socket readers wait (UDP then drops
+/// in the kernel), which is the overload behaviour we want.
+const INBOUND_QUEUE: usize = 4096;
+/// How often the status snapshot is refreshed.
+const STATUS_PERIOD: Duration = Duration::from_millis(200);
+
+/// Where and how the B2BUA runs.
+#[derive(Debug, Clone)]
+pub struct B2buaSettings {
+    /// SIP addresses: port 5060 of each rendezvous address (UDP and TCP on each).
+    pub listen: Vec<SocketAddr>,
+    /// Core settings (host name for Warning headers, limits, timers, OPTIONS interval).
+    pub core: CoreConfig,
+}
+
+/// What the B2BUA shows in `confmesh status --json`, the status page and `/metrics`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct B2buaStatus {
+    /// Counters (see [`B2buaStats`]).
+    pub stats: B2buaStats,
+    /// Calls in progress.
+    pub calls: Vec<CallInfo>,
+    /// Bridge name → answers OPTIONS.
+    pub bridges: BTreeMap<String, bool>,
+    /// Socket-layer counters.
+    pub transport: TransportStats,
+}
+
+/// A running B2BUA. Dropping it without [`B2buaService::shutdown`] aborts the task.
+pub struct B2buaService {
+    status: Arc<Mutex<B2buaStatus>>,
+    shutdown: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+    local_addrs: Vec<SocketAddr>,
+}
+
+impl B2buaService {
+    /// Binds the SIP sockets and starts routing calls with `directory` (conference placement) and
+    /// `ledger` (cluster-wide bandwidth), following the shared configuration published on `config`.
+    pub async fn start<D: ConferenceDirectory, L: BandwidthLedger>(
+        settings: B2buaSettings,
+        directory: D,
+        ledger: L,
+        config: watch::Receiver<Arc<RoutingConfig>>,
+    ) -> io::Result<B2buaService> {
+        let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE);
+        let sockets = SipSockets::bind(&settings.listen, in_tx).await?;
+        let mut local_addrs = sockets.local_addrs();
+        local_addrs.sort();
+        let mut core_cfg = settings.core;
+        if core_cfg.seed == 0 {
+            core_cfg.seed = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+        }
+        let status = Arc::new(Mutex::new(B2buaStatus::default()));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let router = Arc::new(Router { directory, ledger, health: Arc::new(HealthTable::default()) });
+        let run = Run { core: B2bua::new(core_cfg), sockets, router, config, status: status.clone(), probe_from: local_addrs.first().copied() };
+        let task = tokio::spawn(run.run(in_rx, shutdown_rx));
+        Ok(B2buaService { status, shutdown, task: Some(task), local_addrs })
+    }
+
+    /// The bound SIP addresses.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// A snapshot at most [`STATUS_PERIOD`] old.
+    pub fn status(&self) -> B2buaStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Stops the task and closes the sockets; calls in progress are abandoned (the VCS and the
+    /// bridges time them out; a restart is not a graceful drain).
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for B2buaService {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+struct Run<D, L> {
+    core: B2bua,
+    sockets: SipSockets,
+    router: Arc<Router<D, L>>,
+    config: watch::Receiver<Arc<RoutingConfig>>,
+    status: Arc<Mutex<B2buaStatus>>,
+    probe_from: Option<SocketAddr>,
+}
+
+impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
+    async fn run(mut self, mut inbound: mpsc::Receiver<Inbound>, mut shutdown: watch::Receiver<bool>) {
+        let (route_tx, mut route_rx) = mpsc::unbounded_channel();
+        self.apply_config();
+        let mut status_tick = tokio::time::interval(STATUS_PERIOD);
+        loop {
+            let deadline = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                m = inbound.recv() => match m {
+                    Some(m) => self.core.handle_datagram(Instant::now(), m.src, m.local, m.transport, &m.data),
+                    None => break,
+                },
+                Some((call, decision)) = route_rx.recv() => self.core.handle_route(Instant::now(), call, decision),
+                changed = self.config.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.apply_config();
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far)) => self.core.handle_timeout(Instant::now()),
+                _ = status_tick.tick() => self.publish_status(),
+            }
+            while let Some(t) = self.core.poll_transmit() {
+                self.sockets.send(t);
+            }
+            while let Some(ev) = self.core.poll_event() {
+                match ev {
+                    B2buaEvent::Route { call, request } => {
+                        let (router, cfg, tx) = (self.router.clone(), self.config.borrow().clone(), route_tx.clone());
+                        tokio::spawn(async move {
+                            let decision = router.route(&cfg, &request).await;
+                            let _ = tx.send((call, decision));
+                        });
+                    }
+                    B2buaEvent::Release(route) => {
+                        let router = self.router.clone();
+                        tokio::spawn(async move { router.release(&route).await });
+                    }
+                    B2buaEvent::BridgeHealth { bridge, up } => {
+                        if self.router.health.set(&bridge, up) {
+                            tracing::info!(%bridge, up, "bridge health changed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_config(&mut self) {
+        let cfg = self.config.borrow_and_update().clone();
+        let Some(local) = self.probe_from else { return };
+        let probes = cfg
+            .bridges
+            .values()
+            .map(|b| BridgeProbe { name: b.name.clone(), uri: b.uri.clone(), dest: b.addr, transport: b.transport })
+            .collect();
+        self.core.set_bridges(Instant::now(), local, probes);
+    }
+
+    fn publish_status(&self) {
+        let s = B2buaStatus {
+            stats: self.core.stats(),
+            calls: self.core.calls(),
+            bridges: self.router.health.snapshot(),
+            transport: self.sockets.stats(),
+        };
+        if let Ok(mut g) = self.status.lock() {
+            *g = s;
+        }
+    }
+}

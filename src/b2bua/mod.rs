@@ -1,0 +1,15 @@
+//! The conference-routing B2BUA: calls from the VCS arrive on the rendezvous addresses, are routed
+//! by alias to a conference and its bridge, and are bridged as two independent dialogs.
+//!
+//! - [`routing`]: aliases, rendezvous-hash placement, the [`routing::ConferenceDirectory`] and
+//!   [`routing::BandwidthLedger`] traits the replicated store and the bandwidth service implement;
+//! - [`core`]: the sans-IO B2BUA (dialogs, CANCEL, re-INVITE, bridge health by OPTIONS);
+//! - [`driver`]: [`driver::B2buaService`], the tokio task that owns the sockets and runs the
+//!   core, routing each call on the directory and ledger it is given.
+
+pub mod core;
+pub mod driver;
+pub mod routing;
+
+pub use driver::{B2buaService, B2buaSettings, B2buaStatus};
+pub use routing::{BandwidthLedger, ConferenceDirectory, MemoryDirectory, MemoryLedger, RoutingConfig};
