@@ -9,6 +9,7 @@
 //!
 //! Modules here:
 //! - [`admin`]: the admin HTTP API, status page and `/metrics`;
+//! - [`b2bua`]: the conference-routing SIP B2BUA (routing, dialogs, bridge health);
 //! - [`backup`]: backup files of one peer, optionally encrypted, checked before any restore;
 //! - [`config`]: the SPEC.md §7 configuration file, validated before anything starts;
 //! - [`membership`]: hellos between peers, active/not-active with reasons, alarms;
@@ -17,9 +18,11 @@
 //! - [`daemon`]: the state loop that owns the cluster state and drives the cores;
 //! - [`eventlog`]: durable per-peer event and configuration logs, remote syslog;
 //! - [`live`]: membership changes applied live and written back to the configuration file;
+//! - [`sip`]: SIP parsing, framing, message building, transactions and sockets;
 //! - [`status`]: the status document (SPEC.md §7) and its table form.
 
 pub mod admin;
+pub mod b2bua;
 pub mod backup;
 pub mod config;
 pub mod control;
@@ -28,4 +31,5 @@ pub mod eventlog;
 pub mod live;
 pub mod membership;
 pub mod metrics;
+pub mod sip;
 pub mod status;
