@@ -43,7 +43,8 @@ pub struct CoreConfig {
     pub max_calls: usize,
     /// Live transactions beyond which new requests get a stateless 503.
     pub max_transactions: usize,
-    /// Interval of the OPTIONS health probes to bridges.
+    /// Interval of the OPTIONS health probes to bridges; zero disables probing (every bridge is
+    /// then healthy until a call to it times out).
     pub options_interval: Duration,
     /// Seeds tags, branches and Call-IDs (unique per instance; taken from the OS by the driver).
     pub seed: u64,
@@ -282,7 +283,7 @@ impl B2bua {
             })
             .collect();
         self.probe_local = Some(local);
-        self.next_probe = Some(now);
+        self.next_probe = (!self.cfg.options_interval.is_zero()).then_some(now);
     }
 
     /// Counters now.

@@ -118,6 +118,8 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
         let (route_tx, mut route_rx) = mpsc::unbounded_channel();
         self.apply_config();
         let mut status_tick = tokio::time::interval(STATUS_PERIOD);
+        // Without a publisher the configuration simply stays as it is.
+        let mut config_open = true;
         loop {
             let deadline = self.core.poll_timeout().map(tokio::time::Instant::from_std);
             let far = tokio::time::Instant::now() + Duration::from_secs(3600);
@@ -128,12 +130,10 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
                     None => break,
                 },
                 Some((call, decision)) = route_rx.recv() => self.core.handle_route(Instant::now(), call, decision),
-                changed = self.config.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    self.apply_config();
-                }
+                changed = self.config.changed(), if config_open => match changed {
+                    Ok(()) => self.apply_config(),
+                    Err(_) => config_open = false,
+                },
                 _ = tokio::time::sleep_until(deadline.unwrap_or(far)) => self.core.handle_timeout(Instant::now()),
                 _ = status_tick.tick() => self.publish_status(),
             }

@@ -1,0 +1,288 @@
+//! The B2BUA against sipp (Debian's sip-tester) over loopback: sipp plays the VCS (UAC) and the
+//! bridges (UAS, one instance per loopback address), confmesh sits in between with an in-memory
+//! conference directory and ledger standing in for the replicated store.
+//!
+//! Every sipp runs with a global timeout and is stopped by PID when the test ends. Each test uses
+//! its own 127.0.x.0/24 so the tests can run in parallel.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use confmesh::b2bua::core::CoreConfig;
+use confmesh::b2bua::routing::rank_bridges;
+use confmesh::b2bua::{B2buaService, B2buaSettings, MemoryDirectory, MemoryLedger, RoutingConfig};
+use confmesh::sip::transaction::TimerConfig;
+use serde_json::json;
+use tokio::sync::watch;
+
+fn scenario(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp").join(name)
+}
+
+fn have_sipp() -> bool {
+    let ok = Command::new("sipp").arg("-v").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "sipp (Debian package sip-tester) is required in CI");
+        eprintln!("NOTICE: sipp not installed (apt-get install sip-tester); skipping");
+    }
+    ok
+}
+
+/// A sipp process, killed by PID on drop.
+struct Sipp {
+    child: Child,
+    name: String,
+    trace: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sipp {
+    fn start(name: &str, args: &[&str]) -> Sipp {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("messages.log");
+        let errors = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let child = Command::new("sipp")
+            .args(args)
+            .args(["-nostdin", "-timeout", "30s", "-timeout_error", "-trace_msg", "-message_file"])
+            .arg(&trace)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(errors)
+            .spawn()
+            .expect("start sipp");
+        Sipp { child, name: name.to_owned(), trace, _dir: dir }
+    }
+
+    /// Waits (bounded) for exit and returns the status code; panics with the trace on timeout.
+    async fn wait(&mut self, limit: Duration) -> i32 {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{} did not finish within {limit:?}; trace:\n{}", self.name, self.log());
+    }
+
+    /// The messages sipp sent and received, then its error output.
+    fn log(&self) -> String {
+        let errors = self.trace.with_file_name("stderr.log");
+        format!(
+            "{}\n--- stderr ---\n{}",
+            std::fs::read_to_string(&self.trace).unwrap_or_default(),
+            std::fs::read_to_string(errors).unwrap_or_default()
+        )
+    }
+
+    /// Distinct Call-IDs seen by this sipp (one per call).
+    fn call_ids(&self) -> BTreeSet<String> {
+        std::fs::read_to_string(&self.trace)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim();
+                let (k, v) = l.split_once(':')?;
+                (k.eq_ignore_ascii_case("call-id") || k == "i").then(|| v.trim().to_owned())
+            })
+            .collect()
+    }
+}
+
+impl Drop for Sipp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn routing(net: u8, bridges: &[(&str, u8)]) -> RoutingConfig {
+    let mut entries = vec![
+        ("alias/meet".to_owned(), json!({"pattern": "^meet\\.(\\d+)@", "conference": "meet-$1", "call_kbps": 768, "location": "default"})),
+        ("location/default".to_owned(), json!({"limit_kbps": 100_000})),
+    ];
+    for (name, host) in bridges {
+        entries.push((format!("bridge/{name}"), json!({"uri": format!("sip:127.0.{net}.{host}:5060"), "capacity": 20})));
+    }
+    let (cfg, errors) = RoutingConfig::from_entries(entries.iter().map(|(k, v)| (k.as_str(), v)));
+    assert!(errors.is_empty(), "{errors:?}");
+    cfg
+}
+
+async fn start_b2bua(addr: &str, cfg: RoutingConfig, dir: MemoryDirectory, ledger: MemoryLedger, t1: Duration) -> B2buaService {
+    // The sender is dropped at once: the configuration stays as given.
+    let (_, rx) = watch::channel(Arc::new(cfg));
+    let settings = B2buaSettings {
+        listen: vec![addr.parse::<SocketAddr>().unwrap()],
+        core: CoreConfig {
+            hostname: "cm-test".into(),
+            timers: TimerConfig { t1, ..TimerConfig::default() },
+            options_interval: Duration::ZERO,
+            ..CoreConfig::default()
+        },
+    };
+    B2buaService::start(settings, dir, ledger, rx).await.expect("bind B2BUA")
+}
+
+fn uas(net: u8, host: u8, scen: &str) -> Sipp {
+    let ip = format!("127.0.{net}.{host}");
+    Sipp::start(&format!("bridge {ip}"), &["-sf", scenario(scen).to_str().unwrap(), "-i", &ip, "-p", "5060"])
+}
+
+fn uac(net: u8, host: u8, target: &str, scen: &str, service: &str, calls: u32, extra: &[&str]) -> Sipp {
+    let ip = format!("127.0.{net}.{host}");
+    let calls = calls.to_string();
+    let path = scenario(scen);
+    let mut args = vec![target, "-sf", path.to_str().unwrap(), "-i", &ip, "-p", "5060", "-s", service];
+    args.extend_from_slice(&["-m", &calls, "-l", "4", "-r", "20"]);
+    args.extend_from_slice(extra);
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Sipp::start(&format!("vcs {ip}"), &refs)
+}
+
+/// Waits (bounded) until `total` calls have been seen and none is left in progress.
+async fn wait_idle(svc: &B2buaService, total: u64) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        let st = svc.status().stats;
+        if st.calls_active == 0 && st.calls_total >= total {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("calls still active: {:?}", svc.status());
+}
+
+async fn expect_success(s: &mut Sipp) {
+    let code = s.wait(Duration::from_secs(40)).await;
+    assert_eq!(code, 0, "{} failed (exit {code}); trace:\n{}", s.name, s.log());
+}
+
+/// Acceptance 1: calls for one conference arriving at two peers reach the same bridge, over UDP
+/// and TCP; the other conference's bridge follows rendezvous hashing; SDP passes both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_conference_one_bridge_from_two_peers() {
+    if !have_sipp() {
+        return;
+    }
+    let net = 61;
+    let cfg = routing(net, &[("b1", 2), ("b2", 3)]);
+    let (dir, ledger) = (MemoryDirectory::default(), MemoryLedger::default());
+    let p1 = start_b2bua("127.0.61.1:5060", cfg.clone(), dir.clone(), ledger.clone(), Duration::from_millis(500)).await;
+    let p2 = start_b2bua("127.0.61.11:5060", cfg.clone(), dir.clone(), ledger.clone(), Duration::from_millis(500)).await;
+    let b1 = uas(net, 2, "uas_answer.xml");
+    let b2 = uas(net, 3, "uas_answer.xml");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut v1 = uac(net, 21, "127.0.61.1:5060", "uac_call.xml", "meet.1000", 3, &[]);
+    let mut v2 = uac(net, 22, "127.0.61.11:5060", "uac_call.xml", "meet.1000", 3, &["-t", "t1"]);
+    let mut v3 = uac(net, 23, "127.0.61.1:5060", "uac_call.xml", "meet.2000", 2, &[]);
+    expect_success(&mut v1).await;
+    expect_success(&mut v2).await;
+    expect_success(&mut v3).await;
+    wait_idle(&p1, 5).await;
+    wait_idle(&p2, 3).await;
+
+    let want_1000 = rank_bridges("meet-1000", cfg.bridges.values())[0].name.clone();
+    let want_2000 = rank_bridges("meet-2000", cfg.bridges.values())[0].name.clone();
+    let count = |b: &str| if b == "b1" { b1.call_ids().len() } else { b2.call_ids().len() };
+    let expected_b1 = [(&want_1000, 6), (&want_2000, 2)].iter().filter(|(b, _)| b.as_str() == "b1").map(|(_, n)| n).sum::<usize>();
+    assert_eq!(count("b1"), expected_b1, "b1 trace:\n{}", b1.log());
+    assert_eq!(count("b2"), 8 - expected_b1, "b2 trace:\n{}", b2.log());
+    assert_eq!(p1.status().stats.calls_answered, 5);
+    assert_eq!(p2.status().stats.calls_answered, 3);
+    // Every call ended on both legs: the directory is empty again and bandwidth is back to zero.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(dir.snapshot().is_empty(), "{:?}", dir.snapshot());
+    use confmesh::b2bua::BandwidthLedger;
+    assert_eq!(ledger.usage_kbps("default"), 0);
+    p1.shutdown().await;
+    p2.shutdown().await;
+}
+
+/// Unknown alias → 404, ACKed, nothing reaches a bridge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_alias_is_404() {
+    if !have_sipp() {
+        return;
+    }
+    let net = 62;
+    let p = start_b2bua("127.0.62.1:5060", routing(net, &[("b1", 2)]), MemoryDirectory::default(), MemoryLedger::default(), Duration::from_millis(500)).await;
+    let mut v = uac(net, 21, "127.0.62.1:5060", "uac_reject.xml", "nobody", 2, &[]);
+    expect_success(&mut v).await;
+    wait_idle(&p, 2).await;
+    assert_eq!(p.status().stats.calls_failed, 2);
+    p.shutdown().await;
+}
+
+/// CANCEL while the bridge rings ends both dialogs (200/487 to the caller, CANCEL/487/ACK toward
+/// the bridge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_while_ringing() {
+    if !have_sipp() {
+        return;
+    }
+    let net = 63;
+    let dir = MemoryDirectory::default();
+    let p = start_b2bua("127.0.63.1:5060", routing(net, &[("b1", 2)]), dir.clone(), MemoryLedger::default(), Duration::from_millis(500)).await;
+    let mut b = uas(net, 2, "uas_cancel.xml");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut v = uac(net, 21, "127.0.63.1:5060", "uac_cancel.xml", "meet.5", 2, &[]);
+    expect_success(&mut v).await;
+    wait_idle(&p, 2).await;
+    assert_eq!(p.status().stats.calls_cancelled, 2);
+    assert_eq!(b.call_ids().len(), 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(dir.snapshot().is_empty());
+    assert!(b.child.try_wait().unwrap().is_none(), "bridge sipp died:\n{}", b.log());
+    p.shutdown().await;
+}
+
+/// BYE from the bridge side reaches the caller and ends both dialogs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bye_from_the_bridge() {
+    if !have_sipp() {
+        return;
+    }
+    let net = 64;
+    let p = start_b2bua("127.0.64.1:5060", routing(net, &[("b1", 2)]), MemoryDirectory::default(), MemoryLedger::default(), Duration::from_millis(500)).await;
+    let b = uas(net, 2, "uas_hangup.xml");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut v = uac(net, 21, "127.0.64.1:5060", "uac_wait_bye.xml", "meet.9", 2, &[]);
+    let code = v.wait(Duration::from_secs(40)).await;
+    assert_eq!(code, 0, "caller failed; caller trace:\n{}\nbridge trace:\n{}", v.log(), b.log());
+    wait_idle(&p, 2).await;
+    assert_eq!(p.status().stats.calls_answered, 2);
+    p.shutdown().await;
+}
+
+/// Acceptance 3: the conference's first-choice bridge does not answer before the conference has
+/// started → the call is placed on the next bridge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_bridge_is_replaced_by_the_next() {
+    if !have_sipp() {
+        return;
+    }
+    let net = 65;
+    let cfg = routing(net, &[("b1", 2), ("b2", 3)]);
+    // A conference whose first choice is b1, where nothing listens.
+    let n = (0..1000).find(|n| rank_bridges(&format!("meet-{n}"), cfg.bridges.values())[0].name == "b1").unwrap();
+    let dir = MemoryDirectory::default();
+    let p = start_b2bua("127.0.65.1:5060", cfg, dir.clone(), MemoryLedger::default(), Duration::from_millis(20)).await;
+    let b2 = uas(net, 3, "uas_answer.xml");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut v = uac(net, 21, "127.0.65.1:5060", "uac_call.xml", &format!("meet.{n}"), 1, &[]);
+    expect_success(&mut v).await;
+    wait_idle(&p, 1).await;
+    assert_eq!(b2.call_ids().len(), 1);
+    let st = p.status();
+    assert_eq!(st.stats.bridge_failovers, 1);
+    assert_eq!(st.bridges.get("b1"), Some(&false), "{st:?}");
+    p.shutdown().await;
+}
