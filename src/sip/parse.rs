@@ -364,8 +364,9 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
 }
 
 /// Writes into `out` the response owed to a request that [`parse`] refused with `err`, if the
-/// message is a request other than ACK and carries enough (Via, From, To, Call-ID, CSeq) to address
-/// one (RFC 3261 §8.1.3.1 / §18.3). Returns false, writing nothing, when no response is due.
+/// message is a request other than ACK and carries well-formed Via, From, To, Call-ID and CSeq to
+/// address one with (RFC 3261 §8.1.3.1 / §18.3). Returns false, writing nothing, when no response
+/// is due or none could be matched by the sender.
 pub fn error_response(buf: &[u8], err: ParseError, out: &mut Vec<u8>) -> bool {
     let buf = buf.get(..buf.len().min(MAX_MESSAGE)).unwrap_or(&[]);
     let head_end = find(buf, b"\r\n\r\n").unwrap_or(buf.len());
@@ -382,8 +383,10 @@ pub fn error_response(buf: &[u8], err: ParseError, out: &mut Vec<u8>) -> bool {
     let mut vias: [&str; MAX_HEADERS] = [""; MAX_HEADERS];
     let mut n_via = 0usize;
     let (mut from, mut to, mut call_id, mut cseq) = (None, None, None, None);
-    for line in lines.take(MAX_HEADERS) {
-        let Ok(line) = line else { return false };
+    // Every line is looked at (the input is already bounded by MAX_MESSAGE), so a request refused
+    // for having too many headers still gets its 400.
+    for line in lines {
+        let Ok(line) = line else { continue };
         let Ok(h) = parse_header_line(line) else { continue };
         if Hdr::Via.matches(h.name) {
             if let Some(slot) = vias.get_mut(n_via) {
@@ -412,6 +415,10 @@ pub fn error_response(buf: &[u8], err: ParseError, out: &mut Vec<u8>) -> bool {
     }
     let _ = write!(s, "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\n");
     let _ = write!(s, "Warning: 399 confmesh \"{err}\"\r\nContent-Length: 0\r\n\r\n");
+    // A response echoing headers too broken to parse could not be matched by the sender anyway.
+    if parse(s.as_bytes(), Framing::Stream).is_err() {
+        return false;
+    }
     out.extend_from_slice(s.as_bytes());
     true
 }
@@ -424,40 +431,32 @@ struct Lines<'a> {
 impl<'a> Iterator for Lines<'a> {
     type Item = Result<&'a str, ParseError>;
 
+    /// The next logical line (folded continuations joined). A line longer than [`MAX_LINE`] is
+    /// skipped and reported, so a lenient reader can go on with the next one.
     fn next(&mut self) -> Option<Self::Item> {
         if self.rest.is_empty() {
             return None;
         }
         let bytes = self.rest.as_bytes();
         let mut end = 0usize;
-        loop {
+        let end = loop {
             match find(bytes.get(end..).unwrap_or(&[]), b"\r\n") {
                 Some(i) => {
                     let line_end = end + i;
-                    let next = bytes.get(line_end + 2).copied();
-                    if matches!(next, Some(b' ' | b'\t')) && end + i > 0 {
+                    if line_end > 0 && matches!(bytes.get(line_end + 2), Some(b' ' | b'\t')) {
                         end = line_end + 2;
-                        if end > MAX_LINE {
-                            self.rest = "";
-                            return Some(Err(ParseError::LineTooLong));
-                        }
                         continue;
                     }
-                    end = line_end;
-                    break;
+                    break line_end;
                 }
-                None => {
-                    end = bytes.len();
-                    break;
-                }
+                None => break bytes.len(),
             }
-        }
-        if end > MAX_LINE {
-            self.rest = "";
-            return Some(Err(ParseError::LineTooLong));
-        }
+        };
         let line = self.rest.get(..end).unwrap_or("");
         self.rest = self.rest.get(end + 2..).unwrap_or("");
+        if end > MAX_LINE {
+            return Some(Err(ParseError::LineTooLong));
+        }
         Some(Ok(line))
     }
 }
