@@ -80,4 +80,5 @@ fn main() {
     if let Some(report) = overlay.peer_report(peer.mgmt) {
         println!("counters: {:?}", report.status.counters);
     }
+    println!("driver: {:?}", overlay.driver_counters());
 }

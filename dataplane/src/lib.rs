@@ -26,7 +26,7 @@ mod sys;
 mod table;
 
 pub use fault::{FaultConfig, FaultCounters, FaultInjector, REORDER_HOLD, Verdict};
-pub use overlay::{Overlay, OverlayConfig, OverlayError, PeerReport};
+pub use overlay::{DriverCounters, Overlay, OverlayConfig, OverlayError, PeerReport};
 pub use replay::REPLAY_WINDOW;
 pub use sa::{AH_KEY_LEN, ESP_GCM_KEY_LEN, Lifetime, Limit, Protection, SaCounters, SaParams};
 pub use table::{

@@ -84,6 +84,15 @@ pub enum OverlayError {
     Thread(io::Error),
 }
 
+/// Failures of the driver, as opposed to drops by the core.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverCounters {
+    /// Events dropped because the daemon did not read the channel.
+    pub events_lost: u64,
+    /// Reads and writes on the TUN or the raw sockets that failed (e.g. ENOBUFS).
+    pub io_errors: u64,
+}
+
 /// A peer's status plus what the fault injection did to its packets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerReport {
@@ -201,6 +210,9 @@ impl Overlay {
         let tun_err = |source| OverlayError::Tun { name: config.tun_name.clone(), source };
         let tun = Tun::open(&config.tun_name).map_err(tun_err)?;
         let tun_mtu = core.tun_mtu();
+        // The overlay is IPv4 only: keep the kernel's IPv6 neighbour discovery off the TUN, from
+        // before it comes up. A kernel without IPv6 has no such file, which is as good.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tun.name()), "1");
         sys::configure_interface(tun.name(), config.local.overlay, config.overlay_prefix_len, tun_mtu)
             .map_err(tun_err)?;
         let raw = |p: Protection| {
@@ -301,9 +313,12 @@ impl Overlay {
         self.shared.core().counters()
     }
 
-    /// Events lost because the daemon did not read them, and raw I/O errors, since start.
-    pub fn driver_errors(&self) -> (u64, u64) {
-        (self.shared.events_lost.load(Ordering::Relaxed), self.shared.io_errors.load(Ordering::Relaxed))
+    /// What went wrong in the driver itself since start.
+    pub fn driver_counters(&self) -> DriverCounters {
+        DriverCounters {
+            events_lost: self.shared.events_lost.load(Ordering::Relaxed),
+            io_errors: self.shared.io_errors.load(Ordering::Relaxed),
+        }
     }
 
     /// Sets (or, with the default configuration, clears) the fault injection on the outbound

@@ -237,10 +237,10 @@ fn overlay_between_namespaces() {
         "UDP datagrams lost on a clean path: sender {:?} {:?} {:?}, receiver {:?} {:?} {:?}",
         o1.peer_report(p2),
         o1.global_counters(),
-        o1.driver_errors(),
+        o1.driver_counters(),
         o2.peer_report(p1),
         o2.global_counters(),
-        o2.driver_errors()
+        o2.driver_counters()
     );
     let packets = wire.finish();
     assert!(packets.len() > 100, "capture saw {} packets", packets.len());
@@ -249,6 +249,7 @@ fn overlay_between_namespaces() {
     assert!(c1.tx_packets > 1000 && c1.probes_sent >= 1, "{c1:?}");
     let c2 = o2.peer_report(p1).expect("peer 1").status.counters;
     assert_eq!((c2.icv_failures, c2.malformed, c2.no_sa), (0, 0, 0), "{c2:?}");
+    assert_eq!(o1.global_counters().tun_malformed, 0, "only IPv4 comes out of the TUN");
 
     // 2. The router's link to peer 2 drops to 1280: bulk TCP still completes, the TUN MTU
     //    follows, and no fragment appears on the wire.
