@@ -679,6 +679,26 @@ mod tests {
         }
     }
 
+    /// The sequence number asks for a rekey at three quarters of its space and ends the SA at
+    /// its last value instead of wrapping (no ESN).
+    #[test]
+    fn sequence_number_limits() {
+        let now = Instant::now();
+        let key = [7u8; 32];
+        let params = SaParams { spi: 0x1234, protection: Protection::Ah, key: &key, lifetime: Lifetime::default() };
+        let mut sa = OutboundSa::new(&params, now).expect("sa");
+        let (src, dst) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+        let mut out = [0u8; 128];
+        let mut send = |sa: &mut OutboundSa| sa.seal(src, dst, 0, PROTO_NONE, &[0; 8], &mut out);
+        assert_eq!(send(&mut sa).map(|s| s.crossing), Ok(None));
+        sa.seq = SEQ_SOFT_LIMIT - 1;
+        assert_eq!(send(&mut sa).map(|s| s.crossing), Ok(Some(Crossing::Soft(Limit::SequenceNumber))));
+        assert_eq!(send(&mut sa).map(|s| s.crossing), Ok(None), "raised once");
+        sa.seq = u32::MAX - 1;
+        assert_eq!(send(&mut sa).map(|s| s.crossing), Ok(Some(Crossing::Hard(Limit::SequenceNumber))));
+        assert_eq!(send(&mut sa), Err(SaError::Expired), "never wraps to 0");
+    }
+
     #[test]
     fn overheads() {
         assert_eq!(Protection::Ah.max_inner_len(1500), 1452);
