@@ -529,3 +529,124 @@ fn ecn_follows_rfc6040() {
     wire[10..12].copy_from_slice(&sum.to_be_bytes());
     assert_eq!(open(&mut b, now, &wire), Err(DropReason::EcnCongestion));
 }
+
+/// One step of the operation-sequence property below.
+#[derive(Clone, Debug)]
+enum Op {
+    /// Peer 1 sends an inner packet of this many payload bytes (DF set or not).
+    Send { payload: usize, df: bool },
+    /// Deliver the in-flight packet at this position (modulo), keeping a copy if `duplicate`.
+    Deliver { at: usize, duplicate: bool },
+    /// Lose the in-flight packet at this position.
+    Lose { at: usize },
+    /// Both peers install a fresh SA pair (make-before-break).
+    Rekey,
+    /// Peer 1 hears of a lower path MTU.
+    PathMtu { mtu: u16 },
+    /// Time passes and timers run.
+    Wait { secs: u64 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0usize..1500, any::<bool>()).prop_map(|(payload, df)| Op::Send { payload, df }),
+        4 => (any::<usize>(), any::<bool>()).prop_map(|(at, duplicate)| Op::Deliver { at, duplicate }),
+        1 => any::<usize>().prop_map(|at| Op::Lose { at }),
+        1 => Just(Op::Rekey),
+        1 => (500u16..1600).prop_map(|mtu| Op::PathMtu { mtu }),
+        1 => (0u64..700).prop_map(|secs| Op::Wait { secs }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Any sequence of sends, reordered/duplicated/lost deliveries, rekeys, path-MTU reports and
+    /// waits: nothing panics, every packet on the wire fits the path MTU in force when it was
+    /// sent, the receiver accepts only what was sent and each packet at most once, and the TUN
+    /// MTU always fits the smallest path.
+    #[test]
+    fn operation_sequences_keep_the_invariants(ops in proptest::collection::vec(op(), 1..80), esp in any::<bool>()) {
+        let protection = if esp { Protection::EspGcm } else { Protection::Ah };
+        let start = Instant::now();
+        let mut now = start;
+        let lifetime = Lifetime { soft_time: Duration::from_secs(900), hard_time: Duration::from_secs(1200), ..Lifetime::default() };
+        let (mut a, mut b) = pair_with(protection, lifetime, now);
+        let mut in_flight: Vec<(u32, Vec<u8>)> = Vec::new();
+        let mut accepted = std::collections::HashSet::new();
+        let mut sent = std::collections::HashMap::new();
+        let mut next_tag: u32 = 0;
+        let mut generation: u32 = 0;
+        let mut out = vec![0u8; 2048];
+        for op in ops {
+            match op {
+                Op::Send { payload, df } => {
+                    next_tag += 1;
+                    let mut body = next_tag.to_be_bytes().to_vec();
+                    body.resize(payload.max(4), 0x77);
+                    let inner = ip_packet(addrs(1).overlay, addrs(2).overlay, 0, df, &body);
+                    let path_mtu = a.peer_status(addrs(2).mgmt).expect("peer").path_mtu;
+                    match a.handle_tun_packet(now, &inner, &mut out) {
+                        Action::WriteToNetwork { len, .. } => {
+                            prop_assert!(len <= usize::from(path_mtu), "{len} > path MTU {path_mtu}");
+                            sent.insert(next_tag, inner);
+                            in_flight.push((next_tag, out[..len].to_vec()));
+                        }
+                        Action::WriteToTun { len } => {
+                            prop_assert!(df, "ICMP answer for a packet without DF");
+                            prop_assert!(inner.len() > protection.max_inner_len(path_mtu));
+                            prop_assert_eq!((out[20], out[21]), (3, 4));
+                            prop_assert!(len <= 20 + 8 + inner.len());
+                        }
+                        Action::Err(DropReason::Oversize) => prop_assert!(!df),
+                        Action::Err(DropReason::NoSa) => {}
+                        other => prop_assert!(false, "unexpected {:?}", other),
+                    }
+                }
+                Op::Deliver { at, duplicate } => {
+                    if in_flight.is_empty() {
+                        continue;
+                    }
+                    let i = at % in_flight.len();
+                    let (tag, wire) = if duplicate { in_flight[i].clone() } else { in_flight.remove(i) };
+                    match b.handle_network_packet(now, &wire, &mut out) {
+                        Action::WriteToTun { len } => {
+                            prop_assert!(accepted.insert(tag), "packet {} accepted twice", tag);
+                            prop_assert_eq!(Some(&out[..len].to_vec()), sent.get(&tag));
+                        }
+                        Action::Err(DropReason::Replay) => prop_assert!(accepted.contains(&tag), "packet {} refused as a replay", tag),
+                        Action::Err(DropReason::UnknownSpi | DropReason::Expired) => {}
+                        other => prop_assert!(false, "unexpected {:?}", other),
+                    }
+                }
+                Op::Lose { at } => {
+                    if !in_flight.is_empty() {
+                        let i = at % in_flight.len();
+                        in_flight.remove(i);
+                    }
+                }
+                Op::Rekey => {
+                    generation += 1;
+                    let (ab, ba) = keys(protection);
+                    let p = |spi, key| SaParams { spi, protection, key, lifetime };
+                    let (spi_ab, spi_ba) = (0x10_0000 + generation, 0x20_0000 + generation);
+                    b.install_sa_pair(now, addrs(1), &p(spi_ba, ba), &p(spi_ab, ab)).expect("b rekey");
+                    a.install_sa_pair(now, addrs(2), &p(spi_ab, ab), &p(spi_ba, ba)).expect("a rekey");
+                }
+                Op::PathMtu { mtu } => a.handle_path_mtu(now, addrs(2).mgmt, mtu),
+                Op::Wait { secs } => {
+                    now += Duration::from_secs(secs);
+                    a.handle_timeout(now);
+                    b.handle_timeout(now);
+                    while a.poll_probe(now, &mut out).is_some() {}
+                }
+            }
+            let smallest = a.peer_status(addrs(2).mgmt).map_or(1500, |s| s.path_mtu);
+            if a.peer_status(addrs(2).mgmt).is_some_and(|s| s.outbound.is_some()) {
+                prop_assert_eq!(usize::from(a.tun_mtu()), protection.max_inner_len(smallest));
+            }
+            prop_assert!(a.poll_timeout().is_none_or(|t| t >= start));
+            while a.poll_event().is_some() {}
+            while b.poll_event().is_some() {}
+        }
+    }
+}
