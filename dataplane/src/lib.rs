@@ -14,6 +14,50 @@
 //!   the keys IKE negotiates into it.
 //!
 //! Only the `sys` module (ioctl, raw sockets, `recvmmsg`/`sendmmsg`) contains `unsafe` code.
+//!
+//! # How the daemon drives it
+//!
+//! ```no_run
+//! use std::net::Ipv4Addr;
+//! use confmesh_dataplane::{Event, FaultConfig, Lifetime, Overlay, OverlayConfig, PeerAddrs, Protection, SaParams};
+//!
+//! # fn keys_from_ike() -> ([u8; 32], [u8; 32]) { ([1; 32], [2; 32]) }
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let local = PeerAddrs { mgmt: Ipv4Addr::new(10, 96, 0, 1), overlay: Ipv4Addr::new(10, 97, 0, 1) };
+//! let config = OverlayConfig { tun_name: "confmesh0".into(), local, overlay_prefix_len: 24, mtu: 1500 };
+//! let (overlay, mut events) = Overlay::start(config)?;
+//!
+//! // After each Quick Mode: the SA pair for the peer (the keys are copied; zeroize yours).
+//! let peer = PeerAddrs { mgmt: Ipv4Addr::new(10, 96, 0, 2), overlay: Ipv4Addr::new(10, 97, 0, 2) };
+//! let (out_key, in_key) = keys_from_ike();
+//! let lifetime = Lifetime::default();
+//! overlay.install_sa_pair(
+//!     peer,
+//!     &SaParams { spi: 0x1000_0001, protection: Protection::Ah, key: &out_key, lifetime },
+//!     &SaParams { spi: 0x2000_0001, protection: Protection::Ah, key: &in_key, lifetime },
+//! )?;
+//!
+//! // Status and metrics.
+//! let report = overlay.peer_report(peer.mgmt).expect("installed above");
+//! println!("path MTU {} rx {}", report.status.path_mtu, report.status.counters.rx_packets);
+//!
+//! // Tests only: 20 ms more latency towards the peer.
+//! overlay.set_faults(peer.mgmt, FaultConfig { delay: std::time::Duration::from_millis(20), ..FaultConfig::default() });
+//!
+//! // Rekey requests and expiries go to the IKE engine.
+//! while let Some(event) = events.recv().await {
+//!     match event {
+//!         Event::RekeyNeeded { peer, spi, .. } => { /* start Quick Mode for `peer` */ }
+//!         Event::SaExpired { peer, spi, .. } => { /* send DELETE for `spi` */ }
+//!         Event::PathMtuChanged { peer, path_mtu } => { /* status, alarm if too small */ }
+//!         _ => {}
+//!     }
+//! }
+//! overlay.remove_inbound_sa(Protection::Ah, 0x2000_0001); // IKE received a DELETE
+//! overlay.remove_peer(peer.mgmt); // the peer left the cluster
+//! # Ok(())
+//! # }
+//! ```
 #![deny(unsafe_code)]
 
 mod fault;

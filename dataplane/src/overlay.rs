@@ -178,6 +178,9 @@ impl Shared {
                 let err = again.unwrap_or(err);
                 if err.raw_os_error() == Some(libc::EMSGSIZE) {
                     self.core().handle_fragmentation_attempt(dst);
+                    // The kernel queued the MTU it holds for the path: learn it now rather than
+                    // when the inbound worker next wakes, so that the next packets fit.
+                    drain_errors(self, socket);
                 } else {
                     self.io_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%dst, error = %err, "raw send failed");
