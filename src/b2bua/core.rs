@@ -774,7 +774,9 @@ impl B2bua {
             self.maybe_remove(call_id);
             return;
         }
-        let bridge_fault = timeout || matches!(code, 408 | 480 | 486 | 500 | 502 | 503 | 504 | 600 | 603);
+        // The bridge is down, overloaded or full (busy): another bridge may take the conference.
+        // Other failures (403, 404, 488, 603…) are answers about the call and are relayed.
+        let bridge_fault = timeout || matches!(code, 408 | 480 | 486 | 500 | 502 | 503 | 504 | 600);
         let route = call.route.take();
         if bridge_fault && call.failed.len() + 1 < MAX_BRIDGE_ATTEMPTS {
             if let Some(route) = route {
