@@ -1,3 +1,10 @@
 //! The replicated store of confmesh: shared configuration and conference status, multi-master,
 //! last-writer-wins by hybrid logical clock, durable on local disk before it is acknowledged.
+//!
+//! Layout:
+//! - [`hlc`]: the hybrid logical clock that orders writes cluster-wide.
+//! - [`model`]: namespaces, entries, version vectors, the last-writer-wins rule.
 #![forbid(unsafe_code)]
+
+pub mod hlc;
+pub mod model;
