@@ -4,7 +4,9 @@
 //! Layout:
 //! - [`hlc`]: the hybrid logical clock that orders writes cluster-wide.
 //! - [`model`]: namespaces, entries, version vectors, the last-writer-wins rule.
+//! - [`store`]: the durable redb store with group commit, change sets, tombstone collection.
 #![forbid(unsafe_code)]
 
 pub mod hlc;
 pub mod model;
+pub mod store;
