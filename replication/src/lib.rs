@@ -4,9 +4,11 @@
 //! Layout:
 //! - [`hlc`]: the hybrid logical clock that orders writes cluster-wide.
 //! - [`model`]: namespaces, entries, version vectors, the last-writer-wins rule.
+//! - [`sync`]: the sans-IO sync session between two peers (frames, catch-up, live stream, acks).
 //! - [`store`]: the durable redb store with group commit, change sets, tombstone collection.
 #![forbid(unsafe_code)]
 
 pub mod hlc;
 pub mod model;
 pub mod store;
+pub mod sync;

@@ -134,7 +134,7 @@ pub enum ChangeSet {
 
 enum Op {
     Put { ns: Namespace, key: String, value: Option<Value>, wall_ms: u64 },
-    Remote { entries: Vec<Entry>, wall_ms: u64 },
+    Remote { entries: Vec<Entry>, seen: Option<VersionVector>, wall_ms: u64 },
     Snapshot { snapshot: Snapshot, wall_ms: u64 },
     ReplaceAll { snapshot: Snapshot },
     Gc { acked: Vec<VersionVector> },
@@ -386,15 +386,26 @@ impl Store {
     }
 
     /// Apply entries received from a peer (last writer wins); returns how many replaced local
-    /// versions. All or nothing: a batch with an invalid or too-far-future entry is refused whole.
-    /// Blocking.
-    pub fn apply_remote(&self, entries: Vec<Entry>, wall_ms: u64) -> Result<usize, StoreError> {
-        count(self.run(Op::Remote { entries, wall_ms }))
+    /// versions. `seen` is the sender's vector when these entries complete what this peer lacked
+    /// ([`ChangeSet::Entries::complete`]): it is merged into ours in the same transaction. All or
+    /// nothing: a batch with an invalid or too-far-future entry is refused whole. Blocking.
+    pub fn apply_remote(
+        &self,
+        entries: Vec<Entry>,
+        seen: Option<VersionVector>,
+        wall_ms: u64,
+    ) -> Result<usize, StoreError> {
+        count(self.run(Op::Remote { entries, seen, wall_ms }))
     }
 
     /// [`Store::apply_remote`] for async code.
-    pub async fn apply_remote_async(&self, entries: Vec<Entry>, wall_ms: u64) -> Result<usize, StoreError> {
-        count(self.submit_async(Op::Remote { entries, wall_ms }).await)
+    pub async fn apply_remote_async(
+        &self,
+        entries: Vec<Entry>,
+        seen: Option<VersionVector>,
+        wall_ms: u64,
+    ) -> Result<usize, StoreError> {
+        count(self.submit_async(Op::Remote { entries, seen, wall_ms }).await)
     }
 
     /// Merge a peer's snapshot: apply its entries (last writer wins) and drop local entries the
@@ -692,8 +703,8 @@ impl Writer<'_> {
                 vector.observe(stamp);
                 Ok(Ok(Reply::Stamp(stamp)))
             }
-            Op::Remote { entries, wall_ms } => {
-                if let Err(err) = self.check_remote(entries, *wall_ms) {
+            Op::Remote { entries, seen, wall_ms } => {
+                if let Err(err) = self.check_remote(entries, seen.as_ref(), *wall_ms) {
                     return Ok(Err(err));
                 }
                 let mut n = 0;
@@ -702,16 +713,17 @@ impl Writer<'_> {
                     vector.observe(e.stamp);
                     n += usize::from(t.apply(e, &path)?);
                 }
+                if let Some(seen) = seen {
+                    for (_, s) in seen.iter() {
+                        self.clock.observe(s, *wall_ms)?;
+                    }
+                    vector.merge(seen);
+                }
                 Ok(Ok(Reply::Count(n)))
             }
             Op::Snapshot { snapshot, wall_ms } => {
-                if let Err(err) = self.check_remote(&snapshot.entries, *wall_ms) {
+                if let Err(err) = self.check_remote(&snapshot.entries, Some(&snapshot.vector), *wall_ms) {
                     return Ok(Err(err));
-                }
-                for (_, s) in snapshot.vector.iter() {
-                    if let Err(err) = self.clock.check(s, *wall_ms) {
-                        return Ok(Err(err.into()));
-                    }
                 }
                 let keep: std::collections::HashSet<Vec<u8>> =
                     snapshot.entries.iter().map(|e| data_key(e.ns, &e.key)).collect();
@@ -785,10 +797,13 @@ impl Writer<'_> {
     }
 
     /// Refuse a remote batch whole if any entry breaks the limits or is too far in the future.
-    fn check_remote(&self, entries: &[Entry], wall_ms: u64) -> Result<(), StoreError> {
+    fn check_remote(&self, entries: &[Entry], seen: Option<&VersionVector>, wall_ms: u64) -> Result<(), StoreError> {
         for e in entries {
             validate(e.ns, &e.key, e.value.as_ref()).map_err(StoreError::InvalidRemote)?;
             self.clock.check(e.stamp, wall_ms)?;
+        }
+        for (_, s) in seen.iter().flat_map(|v| v.iter()) {
+            self.clock.check(s, wall_ms)?;
         }
         Ok(())
     }
@@ -891,10 +906,10 @@ mod tests {
         let s = open(&dir, 1);
         let mine = s.put(Namespace::Config, "k", json!("mine"), T).unwrap();
         let older = Entry { ns: Namespace::Config, key: "k".into(), value: Some(json!("old")), stamp: Hlc { wall_ms: T - 1, logical: 0, origin: 2 } };
-        assert_eq!(s.apply_remote(vec![older.clone()], T).unwrap(), 0);
+        assert_eq!(s.apply_remote(vec![older.clone()], None, T).unwrap(), 0);
         assert_eq!(s.get(Namespace::Config, "k").unwrap(), Some(json!("mine")));
         let newer = Entry { value: None, stamp: Hlc { wall_ms: T + 5, logical: 0, origin: 2 }, ..older };
-        assert_eq!(s.apply_remote(vec![newer.clone()], T).unwrap(), 1);
+        assert_eq!(s.apply_remote(vec![newer.clone()], None, T).unwrap(), 1);
         assert_eq!(s.get(Namespace::Config, "k").unwrap(), None);
         let v = s.vector().unwrap();
         assert_eq!((v.get(1), v.get(2)), (mine, newer.stamp));
@@ -903,7 +918,7 @@ mod tests {
         // Far-future entries are refused, whole batch.
         let future = Entry { ns: Namespace::Config, key: "f".into(), value: Some(json!(1)), stamp: Hlc { wall_ms: T + 3_600_000, logical: 0, origin: 2 } };
         let ok = Entry { key: "g".into(), stamp: Hlc { wall_ms: T, logical: 9, origin: 2 }, ..future.clone() };
-        assert!(matches!(s.apply_remote(vec![ok, future], T), Err(StoreError::ClockSkew(_))));
+        assert!(matches!(s.apply_remote(vec![ok, future], None, T), Err(StoreError::ClockSkew(_))));
         assert_eq!(s.get(Namespace::Config, "g").unwrap(), None);
     }
 
@@ -955,7 +970,7 @@ mod tests {
         let src = open(&d1, 1);
         let dst = open(&d2, 2);
         let a = src.put(Namespace::Config, "a", json!(1), T).unwrap();
-        dst.apply_remote(vec![Entry { ns: Namespace::Config, key: "a".into(), value: Some(json!(1)), stamp: a }], T).unwrap();
+        dst.apply_remote(vec![Entry { ns: Namespace::Config, key: "a".into(), value: Some(json!(1)), stamp: a }], None, T).unwrap();
         dst.put(Namespace::Config, "mine", json!(2), T + 1).unwrap();
         src.delete(Namespace::Config, "a", T + 2).unwrap();
         let mut all = src.vector().unwrap();
