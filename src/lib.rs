@@ -24,6 +24,7 @@
 pub mod admin;
 pub mod b2bua;
 pub mod backup;
+pub mod bandwidth;
 pub mod config;
 pub mod control;
 pub mod daemon;

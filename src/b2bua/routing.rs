@@ -229,6 +229,15 @@ pub trait BandwidthLedger: Send + Sync + 'static {
     fn release(&self, location: &str, kbps: u64);
     /// Cluster-wide usage of `location` now (status and metrics).
     fn usage_kbps(&self, location: &str) -> u64;
+    /// Counts a routed call's bandwidth on its bridge, so that every peer's status shows what each
+    /// bridge carries. Ledgers that only do admission (e.g. [`MemoryLedger`]) ignore it.
+    fn charge_bridge(&self, bridge: &str, kbps: u64) {
+        let _ = (bridge, kbps);
+    }
+    /// Gives back what [`BandwidthLedger::charge_bridge`] counted when the call ends.
+    fn discharge_bridge(&self, bridge: &str, kbps: u64) {
+        let _ = (bridge, kbps);
+    }
 }
 
 /// A conference directory in one process: for tests, and for a standalone peer.
@@ -472,6 +481,7 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Router<D, L> {
                     kbps: alias.call_kbps,
                 };
                 let uri = bridge_request_uri(&bridge.uri, &uri_user);
+                self.ledger.charge_bridge(&route.bridge, route.kbps);
                 RouteDecision::Forward { route, uri, dest: bridge.addr, transport: bridge.transport }
             }
             Err(rejection) => {
@@ -547,6 +557,7 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Router<D, L> {
     /// Gives back what a call held.
     pub async fn release(&self, route: &Route) {
         self.ledger.release(&route.location, route.kbps);
+        self.ledger.discharge_bridge(&route.bridge, route.kbps);
         if let Err(e) = self.directory.remove_participant(&route.conference, &route.bridge).await {
             tracing::warn!(conference = %route.conference, error = %e, "could not count a call out of its conference");
         }
