@@ -20,7 +20,9 @@ pub struct Hlc {
     /// Counter that orders writes within one millisecond, or after observing a stamp from a peer
     /// whose clock runs ahead.
     pub logical: u32,
-    /// Id of the peer that made the write (the low 32 bits of its management IPv4 address).
+    /// Id of the replica that made the write: the writing peer's origin id (the low 32 bits of its
+    /// management IPv4 address), or a fresh id once that peer's content was replaced (join,
+    /// restore — see [`crate::store::Store::replace_all`]).
     pub origin: u32,
 }
 
@@ -130,6 +132,13 @@ impl HlcClock {
             self.last = Hlc { wall_ms: remote.wall_ms, logical: remote.logical, origin: self.last.origin };
         }
         Ok(())
+    }
+
+    /// Continue under another origin (replica) id, keeping the time. Used when a peer's content
+    /// was replaced (join, restore): its new writes must not share an id with the writes it lost,
+    /// or their stamps would claim to include them (see [`crate::model::VersionVector`]).
+    pub fn rebase(&mut self, origin: u32) {
+        self.last.origin = origin;
     }
 
     /// Whether `remote` would be accepted by [`HlcClock::observe`], without changing the clock.

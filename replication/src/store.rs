@@ -311,7 +311,9 @@ impl Store {
 
         let mut clock = HlcClock::new(origin, options.max_drift_ms);
         if let Some(mark) = clock_mark {
-            // Never issue a stamp below one issued before the restart, whatever the wall clock says.
+            // Never issue a stamp below one issued before the restart, whatever the wall clock says,
+            // and keep the replica id (it differs from `origin` after a replace_all).
+            clock.rebase(mark.origin);
             clock.observe(mark, mark.wall_ms)?;
         }
         let (changes, _) = watch::channel(0);
@@ -422,7 +424,9 @@ impl Store {
 
     /// Replace the whole content by `snapshot` (restore from backup; joining a cluster with
     /// `Snapshot::default()` so the cluster's content replaces ours). The clock is kept, so later
-    /// local writes still order after everything this peer ever stamped. Blocking.
+    /// local writes still order after everything this peer ever stamped, and later local writes
+    /// carry a fresh replica id in their stamps' `origin` (so they cannot hide writes of the old id
+    /// that other peers still hold and will send back). Blocking.
     pub fn replace_all(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         count(self.run(Op::ReplaceAll { snapshot })).map(drop)
     }
@@ -449,13 +453,17 @@ impl Store {
 
     /// The current value of `key`, `None` if absent or deleted.
     pub fn get(&self, ns: Namespace, key: &str) -> Result<Option<Value>, StoreError> {
+        Ok(self.get_entry(ns, key)?.and_then(|e| e.value))
+    }
+
+    /// The current version of `key` with its stamp, tombstone included: for showing who wrote it
+    /// when, and for checks that a write ordered after what its writer had seen.
+    pub fn get_entry(&self, ns: Namespace, key: &str) -> Result<Option<Entry>, StoreError> {
         let txn = self.read()?;
         let t = txn.open_table(DATA).map_err(|e| self.err(e))?;
-        let rec = t.get(data_key(ns, key).as_slice()).map_err(|e| self.err(e))?;
-        match rec {
-            None => Ok(None),
-            Some(g) => Ok(decode_entry(&self.inner.path, &data_key(ns, key), g.value())?.value),
-        }
+        let dk = data_key(ns, key);
+        let rec = t.get(dk.as_slice()).map_err(|e| self.err(e))?;
+        rec.map(|g| decode_entry(&self.inner.path, &dk, g.value())).transpose()
     }
 
     /// All live `(key, value)` pairs of `ns` whose key starts with `prefix`, in key order.
@@ -761,11 +769,23 @@ impl Writer<'_> {
                     self.clock.observe(e.stamp, e.stamp.wall_ms)?;
                     t.apply(e, &path)?;
                 }
-                *vector = snapshot.vector.clone();
+                let old = std::mem::replace(vector, snapshot.vector.clone());
                 for e in &snapshot.entries {
                     vector.observe(e.stamp);
                 }
                 *floor = VersionVector::new();
+                // Writes this peer made and no longer holds may live on at other peers. New writes
+                // stamped with the old id would claim (by the vector invariant) to include them, so
+                // that peers would never send them back: continue under a fresh replica id.
+                let last = self.clock.last();
+                let mut replica = (self.inner.origin ^ last.wall_ms as u32 ^ last.logical).wrapping_mul(0x9E37_79B9);
+                let taken = |r: u32| {
+                    r == self.inner.origin || r == last.origin || old.iter().any(|(o, _)| o == r) || vector.iter().any(|(o, _)| o == r)
+                };
+                while taken(replica) {
+                    replica = replica.wrapping_add(1);
+                }
+                self.clock.rebase(replica);
                 Ok(Ok(Reply::Count(snapshot.entries.len())))
             }
             Op::Gc { acked } => {
@@ -836,11 +856,13 @@ fn writer_loop(inner: &Inner, mut rx: mpsc::Receiver<Request>, clock: HlcClock, 
         let clock_before = w.clock.clone();
         match w.batch(&mut ops) {
             Ok(changed) => {
-                for ((_, result), reply) in ops.drain(..).zip(replies.drain(..)) {
-                    let _ = reply.send(result.unwrap_or(Err(StoreError::Closed)));
-                }
+                // Announce the change before answering, so that a caller who sees its write
+                // acknowledged also sees the notification (the simulation relies on this order).
                 if changed {
                     inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+                }
+                for ((_, result), reply) in ops.drain(..).zip(replies.drain(..)) {
+                    let _ = reply.send(result.unwrap_or(Err(StoreError::Closed)));
                 }
             }
             Err(err) => {
