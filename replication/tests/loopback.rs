@@ -1,0 +1,114 @@
+//! Three replication services over TCP on 127.0.0.1: they converge; one is stopped, the others
+//! write on, it restarts from the same database file and converges again.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use confmesh_replication::model::Namespace;
+use confmesh_replication::service::{Service, WriteError};
+use confmesh_replication::store::Store;
+use serde_json::{Value, json};
+
+const ORIGINS: [u32; 3] = [0x0a60_0001, 0x0a60_0002, 0x0a60_0003];
+
+fn content(s: &Service) -> BTreeMap<String, Value> {
+    s.list(Namespace::Config, "").expect("list").into_iter().collect()
+}
+
+/// Wait (bounded) until every running service holds `want`.
+async fn converge(services: &[&Service], want: &BTreeMap<String, Value>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if services.iter().all(|s| &content(s) == want) {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let got: Vec<_> = services.iter().map(|s| content(s)).collect();
+            panic!("no convergence within 20 s: want {want:?}, got {got:?}; status {:?}", services.iter().map(|s| s.status()).collect::<Vec<_>>());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn peers(addrs: &[SocketAddr; 3]) -> Vec<(u32, SocketAddr)> {
+    ORIGINS.iter().copied().zip(addrs.iter().copied()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_services_converge_and_a_restarted_one_catches_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |i: usize| dir.path().join(format!("peer{i}.redb"));
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let mut services = Vec::new();
+    for (i, &origin) in ORIGINS.iter().enumerate() {
+        let store = Arc::new(Store::open(&path(i), origin).expect("open"));
+        services.push(Service::start(store, any, vec![]).await.expect("start"));
+    }
+    let addrs = [services[0].local_addr(), services[1].local_addr(), services[2].local_addr()];
+    for s in &services {
+        s.set_peers(peers(&addrs));
+    }
+    let mut want = BTreeMap::new();
+    for (i, s) in services.iter().enumerate() {
+        for k in 0..20 {
+            let key = format!("bridge/p{i}-{k}");
+            s.write(Namespace::Config, &key, Some(json!({"capacity": k})), 0, Duration::ZERO).await.expect("write");
+            want.insert(key, json!({"capacity": k}));
+        }
+    }
+    // A write that waits until both other peers have it.
+    services[0].write(Namespace::Config, "alias/a", Some(json!("x")), 2, Duration::from_secs(20)).await.expect("replicated write");
+    want.insert("alias/a".into(), json!("x"));
+    assert!(matches!(
+        services[0].write(Namespace::Config, "k", Some(json!(1)), 3, Duration::from_secs(1)).await,
+        Err(WriteError::TooFewPeers { wanted: 3, configured: 2 })
+    ));
+    converge(&[&services[0], &services[1], &services[2]], &want).await;
+
+    // Stop peer 3 and close its store.
+    let third = services.pop().expect("third");
+    let store3 = Arc::clone(third.store());
+    third.shutdown().await;
+    drop(store3);
+
+    for k in 0..30 {
+        let key = format!("location/l{k}");
+        services[k % 2].write(Namespace::Config, &key, Some(json!(k)), 0, Duration::ZERO).await.expect("write");
+        want.insert(key, json!(k));
+    }
+    services[1].write(Namespace::Config, "bridge/p0-0", None, 0, Duration::ZERO).await.expect("delete");
+    want.remove("bridge/p0-0");
+    // Waiting for the stopped peer times out, but the write is durable and replicates.
+    let r = services[0].write(Namespace::Config, "alias/b", Some(json!("y")), 2, Duration::from_millis(300)).await;
+    assert!(matches!(r, Err(WriteError::NotReplicated { acked_by: 1, wanted: 2, .. })), "{r:?}");
+    want.insert("alias/b".into(), json!("y"));
+    let st = services[0].status();
+    let p3 = st.peers.iter().find(|p| p.origin == ORIGINS[2]).expect("peer 3 listed");
+    assert!(!p3.connected);
+    assert!(p3.lag_entries.is_some_and(|n| n > 0), "{p3:?}");
+
+    // Restart it on the same address from the same file.
+    let store = Arc::new(Store::open(&path(2), ORIGINS[2]).expect("reopen"));
+    let third = Service::start(store, addrs[2], peers(&addrs)).await.expect("restart");
+    converge(&[&services[0], &services[1], &third], &want).await;
+
+    // Status: everyone connected, counters moving, lag drained, serialisable for status --json.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = services[0].status();
+        let ok = st.peers.len() == 2 && st.peers.iter().all(|p| p.connected && p.lag_entries == Some(0) && p.bytes_sent > 0 && p.entries_sent > 0 && p.last_sync_unix_ms.is_some());
+        if ok {
+            let json = serde_json::to_value(&st).expect("json");
+            assert!(json["peers"][0]["bytes_received"].as_u64().is_some_and(|n| n > 0), "{json}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "status never settled: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    third.shutdown().await;
+    for s in services {
+        s.shutdown().await;
+    }
+}
