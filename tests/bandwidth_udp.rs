@@ -105,6 +105,9 @@ async fn location_limit_holds_across_three_peers() {
     assert!(stopped.elapsed() >= INTERVAL * 2, "expired {:?} after the stop: too early", stopped.elapsed());
     la.try_reserve("hq", 1500, LIMIT).unwrap();
     assert!(services[0].status().counters.expired_entries >= 1);
+    // C is removed from the cluster: A no longer lists it.
+    services[0].set_peers(&addrs[..2]).unwrap();
+    assert_eq!(services[0].status().peers.iter().map(|p| p.addr).collect::<Vec<_>>(), vec![addrs[1]]);
     for s in services {
         s.shutdown().await;
     }

@@ -283,12 +283,12 @@ impl<'a> Message<'a> {
 
     /// The `tag` parameter of From.
     pub fn from_tag(&self) -> Option<&'a str> {
-        self.header(Hdr::From).and_then(|v| NameAddr::parse(v)).and_then(|n| param(n.params, "tag"))
+        self.header(Hdr::From).and_then(NameAddr::parse).and_then(|n| param(n.params, "tag"))
     }
 
     /// The `tag` parameter of To.
     pub fn to_tag(&self) -> Option<&'a str> {
-        self.header(Hdr::To).and_then(|v| NameAddr::parse(v)).and_then(|n| param(n.params, "tag"))
+        self.header(Hdr::To).and_then(NameAddr::parse).and_then(|n| param(n.params, "tag"))
     }
 }
 
@@ -611,7 +611,7 @@ pub struct Via<'a> {
 impl<'a> Via<'a> {
     /// Parses one Via element; `None` when malformed.
     pub fn parse(v: &'a str) -> Option<Via<'a>> {
-        let (proto, rest) = v.split_once(|c: char| c == ' ' || c == '\t' || c == '\r' || c == '\n')?;
+        let (proto, rest) = v.split_once([' ', '\t', '\r', '\n'])?;
         let mut parts = proto.split('/').map(|s| s.trim_matches(is_lws));
         let (Some(name), Some(version), Some(transport), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -755,7 +755,7 @@ impl<'a> NameAddr<'a> {
             }
             None => {
                 let (uri, params) = v.split_once(';').unwrap_or((v, ""));
-                if uri.is_empty() || uri.contains(|c: char| c == ' ' || c == '"' || c == '>') {
+                if uri.is_empty() || uri.contains([' ', '"', '>']) {
                     return None;
                 }
                 Some(NameAddr { display: "", uri, params })
