@@ -1,15 +1,17 @@
 //! The sans-IO B2BUA core with a scripted VCS and bridges on a virtual clock: dialogs kept apart,
 //! re-INVITE both ways, errors relayed, bridge failover, admission with a Warning naming the
-//! location, ACK timeout, placement races between peers, and random message sequences.
+//! location, ACK timeout, placement races between peers, random message sequences, and the
+//! location limit held across two peers by their bandwidth-update cores.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use confmesh::b2bua::core::{B2bua, B2buaEvent, CoreConfig};
 use confmesh::b2bua::routing::{rank_bridges, HealthTable, Router};
-use confmesh::b2bua::{MemoryDirectory, MemoryLedger, RoutingConfig};
+use confmesh::b2bua::{BandwidthLedger, MemoryDirectory, MemoryLedger, RoutingConfig};
+use confmesh::bandwidth::{Bandwidth, BandwidthConfig, BandwidthLedgerHandle};
 use confmesh::sip::build::MessageWriter;
 use confmesh::sip::parse::{parse, Framing, Hdr, Message, StartLine};
 use confmesh::sip::transaction::Transmit;
@@ -33,9 +35,9 @@ fn routing_config(limit_kbps: u64) -> RoutingConfig {
     RoutingConfig::from_entries(entries.iter().map(|(k, v)| (k.as_str(), v))).0
 }
 
-struct World {
+struct World<L = MemoryLedger> {
     core: B2bua,
-    router: Router<MemoryDirectory, MemoryLedger>,
+    router: Router<MemoryDirectory, L>,
     cfg: RoutingConfig,
     now: Instant,
     /// Messages the core sent, not yet looked at.
@@ -44,8 +46,14 @@ struct World {
 
 impl World {
     fn new(limit_kbps: u64) -> World {
+        World::with(limit_kbps, MemoryDirectory::default(), MemoryLedger::default())
+    }
+}
+
+impl<L: BandwidthLedger> World<L> {
+    fn with(limit_kbps: u64, directory: MemoryDirectory, ledger: L) -> World<L> {
         let core = B2bua::new(CoreConfig { hostname: "cm1".into(), options_interval: Duration::ZERO, seed: 7, ..CoreConfig::default() });
-        let router = Router { directory: MemoryDirectory::default(), ledger: MemoryLedger::default(), health: Arc::new(HealthTable::default()) };
+        let router = Router { directory, ledger, health: Arc::new(HealthTable::default()) };
         World { core, router, cfg: routing_config(limit_kbps), now: Instant::now(), out: Vec::new() }
     }
 
@@ -181,7 +189,7 @@ fn bridge_of(cfg: &RoutingConfig, conference: &str, nth: usize) -> String {
 }
 
 /// Sets up one connected call; returns (bridge addr, the B INVITE, A's 200, B's 200).
-async fn connected_call(w: &mut World, n: u32) -> (String, Vec<u8>, Vec<u8>, Vec<u8>) {
+async fn connected_call<L: BandwidthLedger>(w: &mut World<L>, n: u32) -> (String, Vec<u8>, Vec<u8>, Vec<u8>) {
     let inv = invite(n, &format!("meet.{n}"));
     w.recv(VCS, Transport::Udp, &inv).await;
     w.take(VCS, "100");
@@ -489,7 +497,6 @@ async fn random_message_sequences() {
     let calls = w.core.calls();
     assert!(calls.iter().all(|c| c.state == "connected"), "seed {seed}: {calls:?}");
     // What the calls held is given back: bandwidth and participant counts match the live calls.
-    use confmesh::b2bua::BandwidthLedger;
     assert_eq!(w.router.ledger.usage_kbps("hq"), 1000 * calls.len() as u64, "seed {seed}: bandwidth leaked");
     let participants: u32 = w.router.directory.snapshot().values().map(|p| p.participants).sum();
     assert_eq!(participants as usize, calls.len(), "seed {seed}: participants leaked");
@@ -504,4 +511,71 @@ fn fastrand_like(seed: u64) -> impl FnMut() -> u64 {
         x ^= x >> 27;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
+}
+
+/// Delivers everything `from` has for `to` over a lossless link; the datagrams delivered.
+fn ship(from: &Mutex<Bandwidth>, from_addr: Ipv4Addr, to: &Mutex<Bandwidth>, now: Instant) -> usize {
+    let mut buf = [0u8; 1500];
+    let mut n = 0;
+    while let Some(t) = from.lock().unwrap().poll_transmit(&mut buf) {
+        to.lock().unwrap().handle_datagram(now, from_addr, &buf[..t.len]).unwrap();
+        n += 1;
+        assert!(n < 100, "bandwidth core never ran dry");
+    }
+    n
+}
+
+/// Acceptance 5 at the SIP level: two peers, each admitting with its own bandwidth core, the cores
+/// exchanging UDP 1719 datagrams. With calls spread over both peers at the limit, the next call is
+/// refused on either peer with a Warning naming the location; a call ends on one peer and the
+/// other admits again.
+#[tokio::test]
+async fn location_limit_holds_across_two_peers_with_bandwidth_updates() {
+    let (m1, m2) = (Ipv4Addr::new(10, 96, 0, 1), Ipv4Addr::new(10, 96, 0, 2));
+    let t0 = Instant::now();
+    let core = |me: Ipv4Addr, peer: Ipv4Addr, epoch: u64| {
+        let mut c = Bandwidth::new(BandwidthConfig::new(me, epoch), t0);
+        c.set_peers(&[me, peer]).unwrap();
+        c.set_peer_key(peer, zeroize::Zeroizing::new([4; 32])).unwrap();
+        Arc::new(Mutex::new(c))
+    };
+    let (c1, c2) = (core(m1, m2, 1), core(m2, m1, 2));
+    let exchange = || {
+        ship(&c1, m1, &c2, t0);
+        ship(&c2, m2, &c1, t0);
+    };
+    exchange();
+    let noop: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
+    let dir = MemoryDirectory::default();
+    // 1000 kbps per call, 2500 kbps in the location: two calls cluster-wide.
+    let mut p1 = World::with(2500, dir.clone(), BandwidthLedgerHandle::new(c1.clone(), noop.clone()));
+    let mut p2 = World::with(2500, dir.clone(), BandwidthLedgerHandle::new(c2.clone(), noop));
+
+    let (bridge, _, _, b200) = connected_call(&mut p1, 31).await;
+    exchange();
+    connected_call(&mut p2, 32).await;
+    exchange();
+    assert_eq!((p1.router.ledger.usage_kbps("hq"), p2.router.ledger.usage_kbps("hq")), (2000, 2000));
+    for (p, n) in [(&mut p1, 33), (&mut p2, 34)] {
+        p.recv(VCS, Transport::Udp, &invite(n, &format!("meet.{n}"))).await;
+        let r = p.take(VCS, "503");
+        let warning = msg(&r).headers().iter().find(|h| h.name == "Warning").map(|h| h.value.to_owned()).unwrap();
+        assert!(warning.contains("location hq") && warning.contains("2000 of 2500"), "{warning}");
+    }
+
+    // The bridge hangs up the call on peer 1; peer 2 hears of it and admits a new call.
+    let bm = msg(&b200);
+    let bye = in_dialog("BYE", "sip:confmesh@10.96.1.1", &bridge, bm.header(Hdr::To).unwrap(), bm.header(Hdr::From).unwrap(), bm.call_id().unwrap(), 11, "z9hG4bKbye31", b"");
+    p1.recv(&bridge, Transport::Udp, &bye).await;
+    p1.take(&bridge, "200");
+    let abye = p1.take(VCS, "BYE");
+    p1.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b"")).await;
+    assert_eq!(p2.router.ledger.usage_kbps("hq"), 2000, "not yet heard");
+    assert!(ship(&c1, m1, &c2, t0) >= 1, "the release is sent at once");
+    assert_eq!(p2.router.ledger.usage_kbps("hq"), 1000);
+    connected_call(&mut p2, 35).await;
+    exchange();
+    let s = c1.lock().unwrap().status(t0);
+    assert_eq!((s.locations["hq"].local_kbps, s.locations["hq"].cluster_kbps, s.locations["hq"].cluster_calls), (0, 2000, 2));
+    assert_eq!(s.bridges.values().map(|b| b.cluster_kbps).sum::<u64>(), 2000, "per-bridge usage: {:?}", s.bridges);
 }
