@@ -101,6 +101,8 @@ pub enum TxnEvent {
     AckTimeout(TxnId),
 }
 
+/// The four transaction kinds of RFC 3261 §17, named as the RFC names them.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     ClientInvite,
