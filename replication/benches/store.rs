@@ -15,7 +15,10 @@ use serde_json::json;
 const T: u64 = 1_700_000_000_000;
 
 fn open(dir: &tempfile::TempDir, batching: bool) -> Arc<Store> {
-    let options = StoreOptions { max_batch: if batching { 1024 } else { 1 }, ..StoreOptions::default() };
+    let options = StoreOptions {
+        max_batch: if batching { 1024 } else { 1 },
+        ..StoreOptions::default()
+    };
     Arc::new(Store::open_with(&dir.path().join("bench.redb"), 1, options).expect("open"))
 }
 
@@ -30,8 +33,16 @@ fn run(store: &Arc<Store>, writers: usize, total: u64) -> (Vec<Duration>, Durati
                 let mut lat = Vec::with_capacity(per as usize);
                 for i in 0..per {
                     let t0 = Instant::now();
-                    let value = json!({"uri": "sip:10.96.4.1:5060", "capacity": i, "pad": "x".repeat(64)});
-                    store.put(Namespace::Conference, &format!("w{w}/k{}", i % 1000), value, T).expect("put");
+                    let value =
+                        json!({"uri": "sip:10.96.4.1:5060", "capacity": i, "pad": "x".repeat(64)});
+                    store
+                        .put(
+                            Namespace::Conference,
+                            &format!("w{w}/k{}", i % 1000),
+                            value,
+                            T,
+                        )
+                        .expect("put");
                     lat.push(t0.elapsed());
                 }
                 lat
@@ -47,14 +58,25 @@ fn run(store: &Arc<Store>, writers: usize, total: u64) -> (Vec<Duration>, Durati
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("store_put");
-    g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
     g.throughput(Throughput::Elements(1));
     for batching in [true, false] {
         for writers in [1usize, 64] {
             let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
             let store = open(&dir, batching);
-            let name = format!("{writers}_writers_{}", if batching { "group_commit" } else { "no_batching" });
-            g.bench_function(name, |b| b.iter_custom(|iters| run(&store, writers, iters.max(writers as u64)).1));
+            let name = format!(
+                "{writers}_writers_{}",
+                if batching {
+                    "group_commit"
+                } else {
+                    "no_batching"
+                }
+            );
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| run(&store, writers, iters.max(writers as u64)).1)
+            });
         }
     }
     g.finish();
@@ -70,11 +92,17 @@ fn latency_report() {
             let total = if writers == 1 { 300 } else { 6400 };
             let (mut lat, wall) = run(&store, writers, total);
             lat.sort();
-            let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3;
+            let pct = |p: f64| {
+                lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3
+            };
             println!(
                 "{:>2} writers, {:<13} {:>9.0} {:>8.2} {:>8.2}",
                 writers,
-                if batching { "group commit" } else { "no batching" },
+                if batching {
+                    "group commit"
+                } else {
+                    "no batching"
+                },
                 lat.len() as f64 / wall.as_secs_f64(),
                 pct(0.5),
                 pct(0.99)

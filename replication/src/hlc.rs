@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 ///
 /// The derived `Ord` compares `wall_ms`, then `logical`, then `origin` — the field order is the
 /// contract, do not reorder the fields.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Hlc {
     /// Milliseconds since the Unix epoch, as far as the writer knew (never less than any stamp it had
     /// seen).
@@ -32,7 +34,11 @@ pub const HLC_BYTES: usize = 16;
 impl Hlc {
     /// The smallest stamp of `origin`: "nothing seen from it yet".
     pub const fn zero(origin: u32) -> Hlc {
-        Hlc { wall_ms: 0, logical: 0, origin }
+        Hlc {
+            wall_ms: 0,
+            logical: 0,
+            origin,
+        }
     }
 
     /// Big-endian encoding whose byte order equals the stamp order, so that stamps can be database
@@ -100,7 +106,10 @@ pub struct HlcClock {
 impl HlcClock {
     /// A clock for peer `origin` that refuses remote stamps more than `max_drift_ms` ahead.
     pub fn new(origin: u32, max_drift_ms: u64) -> HlcClock {
-        HlcClock { last: Hlc::zero(origin), max_drift_ms }
+        HlcClock {
+            last: Hlc::zero(origin),
+            max_drift_ms,
+        }
     }
 
     /// The last stamp issued or observed (with this peer's origin): every later tick is greater.
@@ -113,12 +122,24 @@ impl HlcClock {
     pub fn tick(&mut self, wall_ms: u64) -> Hlc {
         let origin = self.last.origin;
         self.last = if wall_ms > self.last.wall_ms {
-            Hlc { wall_ms, logical: 0, origin }
+            Hlc {
+                wall_ms,
+                logical: 0,
+                origin,
+            }
         } else if let Some(logical) = self.last.logical.checked_add(1) {
-            Hlc { wall_ms: self.last.wall_ms, logical, origin }
+            Hlc {
+                wall_ms: self.last.wall_ms,
+                logical,
+                origin,
+            }
         } else {
             // 4 billion writes in one millisecond: borrow the next millisecond.
-            Hlc { wall_ms: self.last.wall_ms.saturating_add(1), logical: 0, origin }
+            Hlc {
+                wall_ms: self.last.wall_ms.saturating_add(1),
+                logical: 0,
+                origin,
+            }
         };
         self.last
     }
@@ -129,7 +150,11 @@ impl HlcClock {
     pub fn observe(&mut self, remote: Hlc, wall_ms: u64) -> Result<(), HlcError> {
         self.check(remote, wall_ms)?;
         if (remote.wall_ms, remote.logical) > (self.last.wall_ms, self.last.logical) {
-            self.last = Hlc { wall_ms: remote.wall_ms, logical: remote.logical, origin: self.last.origin };
+            self.last = Hlc {
+                wall_ms: remote.wall_ms,
+                logical: remote.logical,
+                origin: self.last.origin,
+            };
         }
         Ok(())
     }
@@ -145,7 +170,11 @@ impl HlcClock {
     pub fn check(&self, remote: Hlc, wall_ms: u64) -> Result<(), HlcError> {
         let ahead_ms = remote.wall_ms.saturating_sub(wall_ms);
         if ahead_ms > self.max_drift_ms {
-            return Err(HlcError::TooFarAhead { stamp: remote, ahead_ms, limit_ms: self.max_drift_ms });
+            return Err(HlcError::TooFarAhead {
+                stamp: remote,
+                ahead_ms,
+                limit_ms: self.max_drift_ms,
+            });
         }
         Ok(())
     }
@@ -164,24 +193,61 @@ mod tests {
         let e = c.tick(2000);
         assert!(a < b && b < d && d < e);
         assert_eq!(d.wall_ms, 1000);
-        assert_eq!(e, Hlc { wall_ms: 2000, logical: 0, origin: 1 });
+        assert_eq!(
+            e,
+            Hlc {
+                wall_ms: 2000,
+                logical: 0,
+                origin: 1
+            }
+        );
     }
 
     #[test]
     fn origin_breaks_ties() {
-        let a = Hlc { wall_ms: 5, logical: 0, origin: 1 };
-        let b = Hlc { wall_ms: 5, logical: 0, origin: 2 };
+        let a = Hlc {
+            wall_ms: 5,
+            logical: 0,
+            origin: 1,
+        };
+        let b = Hlc {
+            wall_ms: 5,
+            logical: 0,
+            origin: 2,
+        };
         assert!(a < b);
-        assert!(Hlc { wall_ms: 5, logical: 1, origin: 1 } > b);
+        assert!(
+            Hlc {
+                wall_ms: 5,
+                logical: 1,
+                origin: 1
+            } > b
+        );
     }
 
     #[test]
     fn bytes_order_matches_stamp_order() {
         let stamps = [
-            Hlc { wall_ms: 1, logical: 0, origin: u32::MAX },
-            Hlc { wall_ms: 1, logical: 1, origin: 0 },
-            Hlc { wall_ms: 256, logical: 0, origin: 0 },
-            Hlc { wall_ms: u64::MAX, logical: u32::MAX, origin: 7 },
+            Hlc {
+                wall_ms: 1,
+                logical: 0,
+                origin: u32::MAX,
+            },
+            Hlc {
+                wall_ms: 1,
+                logical: 1,
+                origin: 0,
+            },
+            Hlc {
+                wall_ms: 256,
+                logical: 0,
+                origin: 0,
+            },
+            Hlc {
+                wall_ms: u64::MAX,
+                logical: u32::MAX,
+                origin: 7,
+            },
         ];
         for w in stamps.windows(2) {
             assert!(w[0] < w[1]);
@@ -223,21 +289,61 @@ mod tests {
     fn refuses_stamps_beyond_the_drift_limit() {
         let mut c = HlcClock::new(1, 60_000);
         let before = c.tick(1000);
-        let far = Hlc { wall_ms: 1000 + 60_001, logical: 0, origin: 2 };
+        let far = Hlc {
+            wall_ms: 1000 + 60_001,
+            logical: 0,
+            origin: 2,
+        };
         let err = c.observe(far, 1000).unwrap_err();
-        assert!(matches!(err, HlcError::TooFarAhead { ahead_ms: 60_001, .. }));
+        assert!(matches!(
+            err,
+            HlcError::TooFarAhead {
+                ahead_ms: 60_001,
+                ..
+            }
+        ));
         assert!(err.to_string().contains("NTP"));
         // The clock did not move.
         assert_eq!(c.last(), before);
-        c.observe(Hlc { wall_ms: 61_000, logical: 0, origin: 2 }, 1000).unwrap();
-        assert!(c.tick(1000) > Hlc { wall_ms: 61_000, logical: 0, origin: 2 });
+        c.observe(
+            Hlc {
+                wall_ms: 61_000,
+                logical: 0,
+                origin: 2,
+            },
+            1000,
+        )
+        .unwrap();
+        assert!(
+            c.tick(1000)
+                > Hlc {
+                    wall_ms: 61_000,
+                    logical: 0,
+                    origin: 2
+                }
+        );
     }
 
     #[test]
     fn logical_overflow_moves_to_next_millisecond() {
         let mut c = HlcClock::new(1, DEFAULT_MAX_DRIFT_MS);
-        c.observe(Hlc { wall_ms: 10, logical: u32::MAX, origin: 3 }, 10).unwrap();
+        c.observe(
+            Hlc {
+                wall_ms: 10,
+                logical: u32::MAX,
+                origin: 3,
+            },
+            10,
+        )
+        .unwrap();
         let s = c.tick(10);
-        assert_eq!(s, Hlc { wall_ms: 11, logical: 0, origin: 1 });
+        assert_eq!(
+            s,
+            Hlc {
+                wall_ms: 11,
+                logical: 0,
+                origin: 1
+            }
+        );
     }
 }

@@ -11,6 +11,6 @@
 
 pub mod hlc;
 pub mod model;
+pub mod service;
 pub mod store;
 pub mod sync;
-pub mod service;

@@ -111,7 +111,10 @@ impl VersionVector {
 
     /// Record that `stamp` was seen (keeps the maximum per origin).
     pub fn observe(&mut self, stamp: Hlc) {
-        let slot = self.0.entry(stamp.origin).or_insert(Hlc::zero(stamp.origin));
+        let slot = self
+            .0
+            .entry(stamp.origin)
+            .or_insert(Hlc::zero(stamp.origin));
         if stamp > *slot {
             *slot = stamp;
         }
@@ -172,13 +175,27 @@ mod tests {
     use super::*;
 
     fn s(wall_ms: u64, origin: u32) -> Hlc {
-        Hlc { wall_ms, logical: 0, origin }
+        Hlc {
+            wall_ms,
+            logical: 0,
+            origin,
+        }
     }
 
     #[test]
     fn lww_is_strict_and_order_independent() {
-        let a = Entry { ns: Namespace::Config, key: "k".into(), value: Some(1.into()), stamp: s(5, 1) };
-        let b = Entry { ns: Namespace::Config, key: "k".into(), value: None, stamp: s(5, 2) };
+        let a = Entry {
+            ns: Namespace::Config,
+            key: "k".into(),
+            value: Some(1.into()),
+            stamp: s(5, 1),
+        };
+        let b = Entry {
+            ns: Namespace::Config,
+            key: "k".into(),
+            value: None,
+            stamp: s(5, 2),
+        };
         assert!(b.supersedes(a.stamp));
         assert!(!a.supersedes(b.stamp));
         assert!(!a.supersedes(a.stamp));
@@ -211,6 +228,9 @@ mod tests {
             assert_eq!(Namespace::from_tag(ns.tag()), Some(ns));
         }
         assert_eq!(Namespace::from_tag(0), None);
-        assert_eq!(serde_json::to_string(&Namespace::Conference).unwrap(), "\"conference\"");
+        assert_eq!(
+            serde_json::to_string(&Namespace::Conference).unwrap(),
+            "\"conference\""
+        );
     }
 }

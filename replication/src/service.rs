@@ -78,7 +78,9 @@ pub enum WriteError {
     },
     /// The write is durable locally and will replicate, but fewer than `wanted` peers had it
     /// within the timeout (peers down or partitioned).
-    #[error("write {stamp} is durable locally but only {acked_by} of {wanted} peers had it after {timeout:?}")]
+    #[error(
+        "write {stamp} is durable locally but only {acked_by} of {wanted} peers had it after {timeout:?}"
+    )]
     NotReplicated {
         /// The write's stamp.
         stamp: Hlc,
@@ -176,20 +178,37 @@ pub struct Service {
 
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Service").field("origin", &self.shared.origin).field("listen", &self.local_addr).finish()
+        f.debug_struct("Service")
+            .field("origin", &self.shared.origin)
+            .field("listen", &self.local_addr)
+            .finish()
     }
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Service {
     /// Listen on `listen` and keep a sync session with every peer in `peers` (`(origin id,
     /// address)`; this peer's own entry, if present, is ignored). Must run inside a tokio runtime.
-    pub async fn start(store: Arc<Store>, listen: SocketAddr, peers: Vec<(u32, SocketAddr)>) -> Result<Service, ServiceError> {
-        let listener = TcpListener::bind(listen).await.map_err(|source| ServiceError::Bind { addr: listen, source })?;
-        let local_addr = listener.local_addr().map_err(|source| ServiceError::Bind { addr: listen, source })?;
+    pub async fn start(
+        store: Arc<Store>,
+        listen: SocketAddr,
+        peers: Vec<(u32, SocketAddr)>,
+    ) -> Result<Service, ServiceError> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServiceError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ServiceError::Bind {
+            addr: listen,
+            source,
+        })?;
         let (stop, shutdown) = watch::channel(false);
         let (_alive, done) = mpsc::channel(1);
         let shared = Arc::new(Shared {
@@ -204,7 +223,13 @@ impl Service {
         });
         let accept = tokio::spawn(accept_loop(Arc::clone(&shared), listener)).abort_handle();
         tokio::spawn(gc_loop(Arc::clone(&shared)));
-        let service = Service { shared, local_addr, stop, done, accept };
+        let service = Service {
+            shared,
+            local_addr,
+            stop,
+            done,
+            accept,
+        };
         service.set_peers(peers);
         Ok(service)
     }
@@ -223,7 +248,8 @@ impl Service {
     /// ones connected, changed addresses redialled. Must run inside a tokio runtime.
     pub fn set_peers(&self, peers: Vec<(u32, SocketAddr)>) {
         let me = self.shared.origin;
-        let wanted: BTreeMap<u32, SocketAddr> = peers.into_iter().filter(|(o, _)| *o != me).collect();
+        let wanted: BTreeMap<u32, SocketAddr> =
+            peers.into_iter().filter(|(o, _)| *o != me).collect();
         let mut map = self.shared.peers();
         map.retain(|origin, st| {
             let keep = wanted.get(origin) == st.addr.as_ref();
@@ -258,19 +284,38 @@ impl Service {
     ) -> Result<Hlc, WriteError> {
         let configured = self.shared.peers().len();
         if wait_peers > configured {
-            return Err(WriteError::TooFewPeers { wanted: wait_peers, configured });
+            return Err(WriteError::TooFewPeers {
+                wanted: wait_peers,
+                configured,
+            });
         }
         let mut acks = self.shared.acks.subscribe();
-        let stamp = self.shared.store.write_async(ns, key, value, unix_ms()).await?;
+        let stamp = self
+            .shared
+            .store
+            .write_async(ns, key, value, unix_ms())
+            .await?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let acked_by = self.shared.peers().values().filter(|p| p.acked.as_ref().is_some_and(|v| v.covers(stamp))).count();
+            let acked_by = self
+                .shared
+                .peers()
+                .values()
+                .filter(|p| p.acked.as_ref().is_some_and(|v| v.covers(stamp)))
+                .count();
             if acked_by >= wait_peers {
                 return Ok(stamp);
             }
             match tokio::time::timeout_at(deadline, acks.changed()).await {
                 Ok(Ok(())) => {}
-                _ => return Err(WriteError::NotReplicated { stamp, acked_by, wanted: wait_peers, timeout }),
+                _ => {
+                    return Err(WriteError::NotReplicated {
+                        stamp,
+                        acked_by,
+                        wanted: wait_peers,
+                        timeout,
+                    });
+                }
             }
         }
     }
@@ -293,28 +338,51 @@ impl Service {
             .iter()
             .map(|(o, st)| {
                 let total = add_stats(st.totals, st.live);
-                (*o, st.addr, st.active.is_some(), st.acked.clone(), total, st.queue_depth, st.last_sync_unix_ms, st.last_error.clone())
+                (
+                    *o,
+                    st.addr,
+                    st.active.is_some(),
+                    st.acked.clone(),
+                    total,
+                    st.queue_depth,
+                    st.last_sync_unix_ms,
+                    st.last_error.clone(),
+                )
             })
             .collect();
         let peers = snapshot
             .into_iter()
-            .filter_map(|(origin, addr, connected, acked, s, queue_depth, last_sync_unix_ms, last_error)| {
-                Some(PeerReplication {
+            .filter_map(
+                |(
                     origin,
-                    addr: addr?,
+                    addr,
                     connected,
-                    lag_entries: acked.and_then(|v| self.shared.store.lag(&v, LAG_CAP).ok()),
+                    acked,
+                    s,
                     queue_depth,
-                    bytes_sent: s.bytes_sent,
-                    bytes_received: s.bytes_received,
-                    entries_sent: s.entries_sent,
-                    entries_received: s.entries_received,
                     last_sync_unix_ms,
                     last_error,
-                })
-            })
+                )| {
+                    Some(PeerReplication {
+                        origin,
+                        addr: addr?,
+                        connected,
+                        lag_entries: acked.and_then(|v| self.shared.store.lag(&v, LAG_CAP).ok()),
+                        queue_depth,
+                        bytes_sent: s.bytes_sent,
+                        bytes_received: s.bytes_received,
+                        entries_sent: s.entries_sent,
+                        entries_received: s.entries_received,
+                        last_sync_unix_ms,
+                        last_error,
+                    })
+                },
+            )
             .collect();
-        ReplicationStatus { origin: self.shared.origin, peers }
+        ReplicationStatus {
+            origin: self.shared.origin,
+            peers,
+        }
     }
 
     /// Stop every task and wait until all have finished (then the store is no longer used by the
@@ -376,7 +444,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             continue;
         };
         let shared = Arc::clone(&shared);
-        let id = shared.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = shared
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             if let Err(e) = run_connection(&shared, stream, None, id, Some(permit)).await {
                 tracing::info!(%from, error = %e, "replication: inbound session ended");
@@ -395,7 +465,9 @@ async fn dial_loop(shared: Arc<Shared>, peer: u32, addr: SocketAddr) {
         let started = Instant::now();
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
-                let id = shared.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let id = shared
+                    .next_conn
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Err(e) = run_connection(&shared, stream, Some(peer), id, None).await {
                     tracing::info!(peer, %addr, error = %e, "replication: session ended");
                     if let Some(st) = shared.peers().get_mut(&peer) {
@@ -463,7 +535,16 @@ async fn run_connection(
     let mut out_off = 0;
     let mut peer: Option<u32> = None;
     let result = loop {
-        match drive(shared, &mut session, &mut peer, id, &mut permit, &mut lifeline).await {
+        match drive(
+            shared,
+            &mut session,
+            &mut peer,
+            id,
+            &mut permit,
+            &mut lifeline,
+        )
+        .await
+        {
             Ok(()) => {}
             Err(e) => break Err(e),
         }
@@ -478,7 +559,10 @@ async fn run_connection(
                 st.queue_depth = session.queue_depth() + (out.len() - out_off);
             }
         }
-        let deadline = session.poll_timeout().map_or_else(|| tokio::time::Instant::now() + MAX_BACKOFF, tokio::time::Instant::from_std);
+        let deadline = session.poll_timeout().map_or_else(
+            || tokio::time::Instant::now() + MAX_BACKOFF,
+            tokio::time::Instant::from_std,
+        );
         enum Ev {
             Read(usize),
             Wrote(usize),
@@ -497,7 +581,9 @@ async fn run_connection(
         let now = Instant::now();
         let r = match ev {
             Ev::Read(0) => Err(ConnError::Closed),
-            Ev::Read(n) => session.handle_bytes(now, inbuf.get(..n).unwrap_or_default()).map_err(ConnError::from),
+            Ev::Read(n) => session
+                .handle_bytes(now, inbuf.get(..n).unwrap_or_default())
+                .map_err(ConnError::from),
             Ev::Wrote(n) => {
                 out_off += n;
                 Ok(())
@@ -573,7 +659,9 @@ async fn drive(
     }
     while let Some(pull) = session.poll_pull() {
         match pull {
-            Pull::Changes { since, limit } => session.handle_changes(store.changes_since(&since, limit)?),
+            Pull::Changes { since, limit } => {
+                session.handle_changes(store.changes_since(&since, limit)?)
+            }
             Pull::Snapshot => session.handle_snapshot(&store.snapshot()?),
         }
     }
@@ -589,11 +677,17 @@ async fn gc_loop(shared: Arc<Shared>) {
         }
         let acked: Option<Vec<VersionVector>> = {
             let map = shared.peers();
-            if map.is_empty() { None } else { map.values().map(|p| p.acked.clone()).collect() }
+            if map.is_empty() {
+                None
+            } else {
+                map.values().map(|p| p.acked.clone()).collect()
+            }
         };
         if let Some(acked) = acked {
             match shared.store.gc_tombstones_async(acked).await {
-                Ok(n) if n > 0 => tracing::debug!(collected = n, "replication: tombstones collected"),
+                Ok(n) if n > 0 => {
+                    tracing::debug!(collected = n, "replication: tombstones collected")
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "replication: tombstone collection failed"),
             }

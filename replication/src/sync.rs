@@ -176,7 +176,12 @@ impl Session {
     /// A session for this peer (`origin`) whose store currently has `local`. `expected_peer` is the
     /// origin id of the peer we dialled (`None` for an accepted connection: any peer may introduce
     /// itself; the driver checks it against the peer list on [`SyncEvent::Connected`]).
-    pub fn new(origin: u32, local: &VersionVector, expected_peer: Option<u32>, now: Instant) -> Session {
+    pub fn new(
+        origin: u32,
+        local: &VersionVector,
+        expected_peer: Option<u32>,
+        now: Instant,
+    ) -> Session {
         let mut s = Session {
             expected_peer,
             peer: None,
@@ -233,13 +238,20 @@ impl Session {
         self.inbuf.extend_from_slice(data);
         let mut pos = 0;
         let result = loop {
-            let Some(rest) = self.inbuf.get(pos..) else { break Ok(()) };
-            let Some(len_bytes) = rest.get(..4) else { break Ok(()) };
-            let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]]) as usize;
+            let Some(rest) = self.inbuf.get(pos..) else {
+                break Ok(());
+            };
+            let Some(len_bytes) = rest.get(..4) else {
+                break Ok(());
+            };
+            let len = u32::from_be_bytes([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]])
+                as usize;
             if !(FRAME_OVERHEAD..=MAX_FRAME).contains(&len) {
                 break Err(SyncError::Malformed("frame length out of range"));
             }
-            let Some(body) = rest.get(4..4 + len) else { break Ok(()) };
+            let Some(body) = rest.get(4..4 + len) else {
+                break Ok(());
+            };
             let body = body.to_vec();
             pos += 4 + len;
             if let Err(e) = self.frame(&body) {
@@ -258,7 +270,10 @@ impl Session {
 
     fn frame(&mut self, body: &[u8]) -> Result<(), SyncError> {
         let (content, crc) = body.split_at(body.len().saturating_sub(4));
-        let crc = u32::from_be_bytes(crc.try_into().map_err(|_| SyncError::Malformed("short frame"))?);
+        let crc = u32::from_be_bytes(
+            crc.try_into()
+                .map_err(|_| SyncError::Malformed("short frame"))?,
+        );
         if crc32fast::hash(content) != crc {
             return Err(SyncError::Malformed("checksum mismatch"));
         }
@@ -281,12 +296,18 @@ impl Session {
                 r.end()?;
                 if let Some(expected) = self.expected_peer {
                     if expected != origin {
-                        return Err(SyncError::UnexpectedPeer { expected, got: origin });
+                        return Err(SyncError::UnexpectedPeer {
+                            expected,
+                            got: origin,
+                        });
                     }
                 }
                 self.peer = Some(origin);
                 self.estimate = vector.clone();
-                self.events.push_back(SyncEvent::Connected { peer: origin, vector });
+                self.events.push_back(SyncEvent::Connected {
+                    peer: origin,
+                    vector,
+                });
             }
             T_ENTRIES => {
                 if self.snapshot_rx.is_some() {
@@ -307,7 +328,8 @@ impl Session {
                 if let Some(v) = &seen {
                     self.estimate.merge(v);
                 }
-                self.events.push_back(SyncEvent::EntriesReceived { entries, seen });
+                self.events
+                    .push_back(SyncEvent::EntriesReceived { entries, seen });
             }
             T_ACK => {
                 let v = r.vector()?;
@@ -322,12 +344,21 @@ impl Session {
                 }
                 let vector = r.vector()?;
                 r.end()?;
-                self.snapshot_rx = Some((Snapshot { entries: Vec::new(), vector }, body.len()));
+                self.snapshot_rx = Some((
+                    Snapshot {
+                        entries: Vec::new(),
+                        vector,
+                    },
+                    body.len(),
+                ));
             }
             T_SNAP_CHUNK => {
                 let entries = r.entries()?;
                 r.end()?;
-                let (snap, size) = self.snapshot_rx.as_mut().ok_or(SyncError::Protocol("chunk outside a snapshot"))?;
+                let (snap, size) = self
+                    .snapshot_rx
+                    .as_mut()
+                    .ok_or(SyncError::Protocol("chunk outside a snapshot"))?;
                 *size = size.saturating_add(body.len());
                 if *size > MAX_SNAPSHOT_BYTES {
                     return Err(SyncError::Protocol("snapshot larger than the limit"));
@@ -337,7 +368,10 @@ impl Session {
             }
             T_SNAP_END => {
                 r.end()?;
-                let (snap, _) = self.snapshot_rx.take().ok_or(SyncError::Protocol("end outside a snapshot"))?;
+                let (snap, _) = self
+                    .snapshot_rx
+                    .take()
+                    .ok_or(SyncError::Protocol("end outside a snapshot"))?;
                 self.events.push_back(SyncEvent::SnapshotReceived(snap));
             }
             T_PING => r.end()?,
@@ -365,7 +399,11 @@ impl Session {
     /// What to read from the store next, if anything. `None` while the outbound queue is above
     /// [`OUTBOUND_HIGH_WATER`] (backpressure), before the peer's hello, or when the peer is up to date.
     pub fn poll_pull(&mut self) -> Option<Pull> {
-        if self.dead.is_some() || self.peer.is_none() || self.pull_outstanding || self.out.len() > OUTBOUND_HIGH_WATER {
+        if self.dead.is_some()
+            || self.peer.is_none()
+            || self.pull_outstanding
+            || self.out.len() > OUTBOUND_HIGH_WATER
+        {
             return None;
         }
         if self.want_snapshot {
@@ -377,7 +415,10 @@ impl Session {
         }
         self.dirty = false;
         self.pull_outstanding = true;
-        Some(Pull::Changes { since: self.estimate.clone(), limit: PULL_LIMIT })
+        Some(Pull::Changes {
+            since: self.estimate.clone(),
+            limit: PULL_LIMIT,
+        })
     }
 
     /// The store's answer to [`Pull::Changes`]: queue the entries for the peer.
@@ -387,7 +428,9 @@ impl Session {
             ChangeSet::SnapshotNeeded => self.want_snapshot = true,
             ChangeSet::Entries { entries, complete } => {
                 // An empty batch is worth sending only to tell the peer a vector it has not seen.
-                let news = complete.as_ref().is_some_and(|v| !self.estimate.dominates(v));
+                let news = complete
+                    .as_ref()
+                    .is_some_and(|v| !self.estimate.dominates(v));
                 for e in &entries {
                     self.estimate.observe(e.stamp);
                 }
@@ -473,7 +516,12 @@ impl Session {
 
 /// Encode entries into as many frames of type `ty` as needed. For `T_ENTRIES`, `complete` is
 /// `Some(vector option)` and the last frame carries it.
-fn write_entries(out: &mut Vec<u8>, ty: u8, entries: &[Entry], complete: Option<Option<&VersionVector>>) {
+fn write_entries(
+    out: &mut Vec<u8>,
+    ty: u8,
+    entries: &[Entry],
+    complete: Option<Option<&VersionVector>>,
+) {
     let mut rest = entries;
     loop {
         let mut f = FrameWriter::start(out, ty);
@@ -619,7 +667,11 @@ impl<'a> Reader<'a> {
         Ok((u64::from(self.u32()?) << 32) | u64::from(self.u32()?))
     }
     fn end(&self) -> Result<(), SyncError> {
-        if self.0.is_empty() { Ok(()) } else { Err(SyncError::Malformed("trailing bytes")) }
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(SyncError::Malformed("trailing bytes"))
+        }
     }
     fn vector(&mut self) -> Result<VersionVector, SyncError> {
         let n = self.u16()?;
@@ -628,7 +680,11 @@ impl<'a> Reader<'a> {
             let origin = self.u32()?;
             let wall_ms = self.u64()?;
             let logical = self.u32()?;
-            v.observe(Hlc { wall_ms, logical, origin });
+            v.observe(Hlc {
+                wall_ms,
+                logical,
+                origin,
+            });
         }
         Ok(v)
     }
@@ -637,13 +693,16 @@ impl<'a> Reader<'a> {
         // Each entry takes at least 23 bytes: never reserve more than the input can hold.
         let mut out = Vec::with_capacity(usize::from(n).min(self.0.len() / 23));
         for _ in 0..n {
-            let ns = Namespace::from_tag(self.u8()?).ok_or(SyncError::Malformed("unknown namespace"))?;
-            let stamp = Hlc::from_bytes(self.take(HLC_BYTES)?).ok_or(SyncError::Malformed("bad stamp"))?;
+            let ns =
+                Namespace::from_tag(self.u8()?).ok_or(SyncError::Malformed("unknown namespace"))?;
+            let stamp =
+                Hlc::from_bytes(self.take(HLC_BYTES)?).ok_or(SyncError::Malformed("bad stamp"))?;
             let klen = usize::from(self.u16()?);
             if klen == 0 || klen > MAX_KEY_BYTES {
                 return Err(SyncError::Malformed("key length out of range"));
             }
-            let key = std::str::from_utf8(self.take(klen)?).map_err(|_| SyncError::Malformed("key not UTF-8"))?;
+            let key = std::str::from_utf8(self.take(klen)?)
+                .map_err(|_| SyncError::Malformed("key not UTF-8"))?;
             let vlen = self.u32()?;
             let value = if vlen == TOMBSTONE_LEN {
                 None
@@ -653,9 +712,17 @@ impl<'a> Reader<'a> {
                     return Err(SyncError::Malformed("value too large"));
                 }
                 let raw = self.take(vlen)?;
-                Some(serde_json::from_slice(raw).map_err(|_| SyncError::Malformed("value is not JSON"))?)
+                Some(
+                    serde_json::from_slice(raw)
+                        .map_err(|_| SyncError::Malformed("value is not JSON"))?,
+                )
             };
-            out.push(Entry { ns, key: key.to_owned(), value, stamp });
+            out.push(Entry {
+                ns,
+                key: key.to_owned(),
+                value,
+                stamp,
+            });
         }
         Ok(out)
     }
@@ -668,11 +735,20 @@ mod tests {
     use serde_json::json;
 
     fn stamp(wall_ms: u64, origin: u32) -> Hlc {
-        Hlc { wall_ms, logical: 0, origin }
+        Hlc {
+            wall_ms,
+            logical: 0,
+            origin,
+        }
     }
 
     fn entry(key: &str, wall_ms: u64, origin: u32, value: Option<Value>) -> Entry {
-        Entry { ns: Namespace::Config, key: key.into(), value, stamp: stamp(wall_ms, origin) }
+        Entry {
+            ns: Namespace::Config,
+            key: key.into(),
+            value,
+            stamp: stamp(wall_ms, origin),
+        }
     }
 
     /// Move everything `from` has to send into `to`.
@@ -688,8 +764,14 @@ mod tests {
         let mut b = Session::new(2, &VersionVector::new(), None, now);
         pump(now, &mut a, &mut b).unwrap();
         pump(now, &mut b, &mut a).unwrap();
-        assert!(matches!(a.poll_event(), Some(SyncEvent::Connected { peer: 2, .. })));
-        assert!(matches!(b.poll_event(), Some(SyncEvent::Connected { peer: 1, .. })));
+        assert!(matches!(
+            a.poll_event(),
+            Some(SyncEvent::Connected { peer: 2, .. })
+        ));
+        assert!(matches!(
+            b.poll_event(),
+            Some(SyncEvent::Connected { peer: 1, .. })
+        ));
         (a, b)
     }
 
@@ -697,15 +779,29 @@ mod tests {
     fn entries_flow_and_acks_come_back() {
         let now = Instant::now();
         let (mut a, mut b) = connected_pair(now);
-        let Some(Pull::Changes { since, limit }) = a.poll_pull() else { panic!("no pull") };
+        let Some(Pull::Changes { since, limit }) = a.poll_pull() else {
+            panic!("no pull")
+        };
         assert!(since.is_empty() && limit == PULL_LIMIT);
         assert_eq!(a.poll_pull(), None, "one pull at a time");
-        let entries = vec![entry("a", 10, 1, Some(json!({"x": 1}))), entry("b", 11, 1, None)];
+        let entries = vec![
+            entry("a", 10, 1, Some(json!({"x": 1}))),
+            entry("b", 11, 1, None),
+        ];
         let mut v = VersionVector::new();
         v.observe(stamp(11, 1));
-        a.handle_changes(ChangeSet::Entries { entries: entries.clone(), complete: Some(v.clone()) });
+        a.handle_changes(ChangeSet::Entries {
+            entries: entries.clone(),
+            complete: Some(v.clone()),
+        });
         pump(now, &mut a, &mut b).unwrap();
-        assert_eq!(b.poll_event(), Some(SyncEvent::EntriesReceived { entries, seen: Some(v.clone()) }));
+        assert_eq!(
+            b.poll_event(),
+            Some(SyncEvent::EntriesReceived {
+                entries,
+                seen: Some(v.clone())
+            })
+        );
         b.handle_applied(v.clone());
         pump(now, &mut b, &mut a).unwrap();
         assert_eq!(a.poll_event(), Some(SyncEvent::PeerAcked(v.clone())));
@@ -713,10 +809,15 @@ mod tests {
         // Caught up: nothing to pull until the store changes.
         assert_eq!(a.poll_pull(), None);
         a.notify_store_changed();
-        let Some(Pull::Changes { since, .. }) = a.poll_pull() else { panic!() };
+        let Some(Pull::Changes { since, .. }) = a.poll_pull() else {
+            panic!()
+        };
         assert_eq!(since, v);
         // Nothing new: no frame at all.
-        a.handle_changes(ChangeSet::Entries { entries: vec![], complete: Some(v) });
+        a.handle_changes(ChangeSet::Entries {
+            entries: vec![],
+            complete: Some(v),
+        });
         assert_eq!(a.poll_transmit(now, &mut Vec::new()), 0);
         assert_eq!(a.stats().entries_sent, 2);
         assert_eq!(b.stats().entries_received, 2);
@@ -728,8 +829,13 @@ mod tests {
         let (mut a, mut b) = connected_pair(now);
         a.poll_pull().unwrap();
         let big = "v".repeat(60_000);
-        let entries: Vec<_> = (0..40).map(|i| entry(&format!("k{i}"), 100 + i, 1, Some(json!(big)))).collect();
-        a.handle_changes(ChangeSet::Entries { entries: entries.clone(), complete: None });
+        let entries: Vec<_> = (0..40)
+            .map(|i| entry(&format!("k{i}"), 100 + i, 1, Some(json!(big))))
+            .collect();
+        a.handle_changes(ChangeSet::Entries {
+            entries: entries.clone(),
+            complete: None,
+        });
         let mut buf = Vec::new();
         a.poll_transmit(now, &mut buf);
         assert!(buf.len() > 2 * MAX_FRAME, "needs several frames");
@@ -740,7 +846,9 @@ mod tests {
         }
         let mut got = Vec::new();
         while let Some(ev) = b.poll_event() {
-            let SyncEvent::EntriesReceived { entries, seen } = ev else { panic!("{ev:?}") };
+            let SyncEvent::EntriesReceived { entries, seen } = ev else {
+                panic!("{ev:?}")
+            };
             assert_eq!(seen, None);
             got.extend(entries);
         }
@@ -753,8 +861,13 @@ mod tests {
         let (mut a, _b) = connected_pair(now);
         a.poll_pull().unwrap();
         let big = "v".repeat(60_000);
-        let entries: Vec<_> = (0..30).map(|i| entry(&format!("k{i}"), 100 + i, 1, Some(json!(big)))).collect();
-        a.handle_changes(ChangeSet::Entries { entries, complete: None });
+        let entries: Vec<_> = (0..30)
+            .map(|i| entry(&format!("k{i}"), 100 + i, 1, Some(json!(big))))
+            .collect();
+        a.handle_changes(ChangeSet::Entries {
+            entries,
+            complete: None,
+        });
         assert!(a.queue_depth() > OUTBOUND_HIGH_WATER);
         assert_eq!(a.poll_pull(), None);
         a.poll_transmit(now, &mut Vec::new());
@@ -772,7 +885,9 @@ mod tests {
         let mut vector = VersionVector::new();
         vector.observe(stamp(500, 1));
         let snap = Snapshot {
-            entries: (0..3000).map(|i| entry(&format!("key/{i}"), 1 + i, 1, Some(json!("x".repeat(500))))).collect(),
+            entries: (0..3000)
+                .map(|i| entry(&format!("key/{i}"), 1 + i, 1, Some(json!("x".repeat(500)))))
+                .collect(),
             vector,
         };
         a.handle_snapshot(&snap);
@@ -803,18 +918,56 @@ mod tests {
         let now = Instant::now();
         let new = || Session::new(1, &VersionVector::new(), Some(2), now);
         let cases: Vec<(Vec<u8>, SyncError)> = vec![
-            ((MAX_FRAME as u32 + 1).to_be_bytes().to_vec(), SyncError::Malformed("frame length out of range")),
-            (vec![0, 0, 0, 1, 9], SyncError::Malformed("frame length out of range")),
+            (
+                (MAX_FRAME as u32 + 1).to_be_bytes().to_vec(),
+                SyncError::Malformed("frame length out of range"),
+            ),
+            (
+                vec![0, 0, 0, 1, 9],
+                SyncError::Malformed("frame length out of range"),
+            ),
             (frame(2, T_HELLO, &[]), SyncError::Incompatible(2)),
-            (frame(PROTOCOL_VERSION, T_PING, &[]), SyncError::Protocol("message before hello")),
-            (hello(3), SyncError::UnexpectedPeer { expected: 2, got: 3 }),
-            (frame(PROTOCOL_VERSION, T_HELLO, &[0, 0, 0, 2, 0]), SyncError::Malformed("truncated message")),
-            ([hello(2), hello(2)].concat(), SyncError::Protocol("second hello")),
-            ([hello(2), frame(PROTOCOL_VERSION, 99, &[])].concat(), SyncError::Malformed("unknown message type")),
-            ([hello(2), frame(PROTOCOL_VERSION, T_SNAP_END, &[])].concat(), SyncError::Protocol("end outside a snapshot")),
+            (
+                frame(PROTOCOL_VERSION, T_PING, &[]),
+                SyncError::Protocol("message before hello"),
+            ),
+            (
+                hello(3),
+                SyncError::UnexpectedPeer {
+                    expected: 2,
+                    got: 3,
+                },
+            ),
+            (
+                frame(PROTOCOL_VERSION, T_HELLO, &[0, 0, 0, 2, 0]),
+                SyncError::Malformed("truncated message"),
+            ),
+            (
+                [hello(2), hello(2)].concat(),
+                SyncError::Protocol("second hello"),
+            ),
+            (
+                [hello(2), frame(PROTOCOL_VERSION, 99, &[])].concat(),
+                SyncError::Malformed("unknown message type"),
+            ),
+            (
+                [hello(2), frame(PROTOCOL_VERSION, T_SNAP_END, &[])].concat(),
+                SyncError::Protocol("end outside a snapshot"),
+            ),
             // An entry claiming a 4 GB value.
             (
-                [hello(2), frame(PROTOCOL_VERSION, T_ENTRIES, &[0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, b'k', 0x7f, 0, 0, 0])].concat(),
+                [
+                    hello(2),
+                    frame(
+                        PROTOCOL_VERSION,
+                        T_ENTRIES,
+                        &[
+                            0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, b'k',
+                            0x7f, 0, 0, 0,
+                        ],
+                    ),
+                ]
+                .concat(),
                 SyncError::Malformed("value too large"),
             ),
         ];
@@ -829,7 +982,10 @@ mod tests {
         let last = bad_crc.len() - 1;
         bad_crc[last] ^= 1;
         let mut s = new();
-        assert_eq!(s.handle_bytes(now, &bad_crc), Err(SyncError::Malformed("checksum mismatch")));
+        assert_eq!(
+            s.handle_bytes(now, &bad_crc),
+            Err(SyncError::Malformed("checksum mismatch"))
+        );
         assert_eq!(s.stats().malformed, 1);
     }
 
@@ -837,7 +993,10 @@ mod tests {
     /// beyond the input. Seeded; the seed is printed on failure.
     #[test]
     fn garbage_never_panics() {
-        let seed: u64 = std::env::var("SYNC_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
+        let seed: u64 = std::env::var("SYNC_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let now = Instant::now();
         let mut valid = Session::new(2, &VersionVector::new(), None, now);
@@ -845,11 +1004,21 @@ mod tests {
         let mut template = Vec::new();
         valid.poll_transmit(now, &mut template);
         let mut w = Vec::new();
-        write_entries(&mut w, T_ENTRIES, &[entry("k", 1, 2, Some(json!([1, 2]))), entry("l", 2, 2, None)], Some(None));
+        write_entries(
+            &mut w,
+            T_ENTRIES,
+            &[
+                entry("k", 1, 2, Some(json!([1, 2]))),
+                entry("l", 2, 2, None),
+            ],
+            Some(None),
+        );
         template.extend(w);
         for i in 0..2000 {
             let mut bytes = if i % 2 == 0 {
-                (0..rng.random_range(0..64)).map(|_| rng.random()).collect::<Vec<u8>>()
+                (0..rng.random_range(0..64))
+                    .map(|_| rng.random())
+                    .collect::<Vec<u8>>()
             } else {
                 let mut t = template.clone();
                 for _ in 0..rng.random_range(1..4) {
@@ -860,8 +1029,13 @@ mod tests {
             };
             bytes.truncate(rng.random_range(0..=bytes.len()));
             let mut s = Session::new(1, &VersionVector::new(), None, now);
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.handle_bytes(now, &bytes)));
-            assert!(r.is_ok(), "panic with seed {seed}, iteration {i}, input {bytes:?}");
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                s.handle_bytes(now, &bytes)
+            }));
+            assert!(
+                r.is_ok(),
+                "panic with seed {seed}, iteration {i}, input {bytes:?}"
+            );
         }
     }
 
@@ -878,6 +1052,9 @@ mod tests {
         assert!(a.handle_timeout(dead).is_err());
         // b heard the ping at t1, so it waits longer.
         b.handle_timeout(dead).unwrap();
-        assert!(matches!(b.handle_timeout(t1 + IDLE_TIMEOUT), Err(SyncError::Timeout(_))));
+        assert!(matches!(
+            b.handle_timeout(t1 + IDLE_TIMEOUT),
+            Err(SyncError::Timeout(_))
+        ));
     }
 }

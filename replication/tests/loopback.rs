@@ -14,7 +14,10 @@ use serde_json::{Value, json};
 const ORIGINS: [u32; 3] = [0x0a60_0001, 0x0a60_0002, 0x0a60_0003];
 
 fn content(s: &Service) -> BTreeMap<String, Value> {
-    s.list(Namespace::Config, "").expect("list").into_iter().collect()
+    s.list(Namespace::Config, "")
+        .expect("list")
+        .into_iter()
+        .collect()
 }
 
 /// Wait (bounded) until every running service holds `want`.
@@ -26,7 +29,10 @@ async fn converge(services: &[&Service], want: &BTreeMap<String, Value>) {
         }
         if tokio::time::Instant::now() > deadline {
             let got: Vec<_> = services.iter().map(|s| content(s)).collect();
-            panic!("no convergence within 20 s: want {want:?}, got {got:?}; status {:?}", services.iter().map(|s| s.status()).collect::<Vec<_>>());
+            panic!(
+                "no convergence within 20 s: want {want:?}, got {got:?}; status {:?}",
+                services.iter().map(|s| s.status()).collect::<Vec<_>>()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -46,7 +52,11 @@ async fn three_services_converge_and_a_restarted_one_catches_up() {
         let store = Arc::new(Store::open(&path(i), origin).expect("open"));
         services.push(Service::start(store, any, vec![]).await.expect("start"));
     }
-    let addrs = [services[0].local_addr(), services[1].local_addr(), services[2].local_addr()];
+    let addrs = [
+        services[0].local_addr(),
+        services[1].local_addr(),
+        services[2].local_addr(),
+    ];
     for s in &services {
         s.set_peers(peers(&addrs));
     }
@@ -54,16 +64,44 @@ async fn three_services_converge_and_a_restarted_one_catches_up() {
     for (i, s) in services.iter().enumerate() {
         for k in 0..20 {
             let key = format!("bridge/p{i}-{k}");
-            s.write(Namespace::Config, &key, Some(json!({"capacity": k})), 0, Duration::ZERO).await.expect("write");
+            s.write(
+                Namespace::Config,
+                &key,
+                Some(json!({"capacity": k})),
+                0,
+                Duration::ZERO,
+            )
+            .await
+            .expect("write");
             want.insert(key, json!({"capacity": k}));
         }
     }
     // A write that waits until both other peers have it.
-    services[0].write(Namespace::Config, "alias/a", Some(json!("x")), 2, Duration::from_secs(20)).await.expect("replicated write");
+    services[0]
+        .write(
+            Namespace::Config,
+            "alias/a",
+            Some(json!("x")),
+            2,
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("replicated write");
     want.insert("alias/a".into(), json!("x"));
     assert!(matches!(
-        services[0].write(Namespace::Config, "k", Some(json!(1)), 3, Duration::from_secs(1)).await,
-        Err(WriteError::TooFewPeers { wanted: 3, configured: 2 })
+        services[0]
+            .write(
+                Namespace::Config,
+                "k",
+                Some(json!(1)),
+                3,
+                Duration::from_secs(1)
+            )
+            .await,
+        Err(WriteError::TooFewPeers {
+            wanted: 3,
+            configured: 2
+        })
     ));
     converge(&[&services[0], &services[1], &services[2]], &want).await;
 
@@ -75,39 +113,156 @@ async fn three_services_converge_and_a_restarted_one_catches_up() {
 
     for k in 0..30 {
         let key = format!("location/l{k}");
-        services[k % 2].write(Namespace::Config, &key, Some(json!(k)), 0, Duration::ZERO).await.expect("write");
+        services[k % 2]
+            .write(Namespace::Config, &key, Some(json!(k)), 0, Duration::ZERO)
+            .await
+            .expect("write");
         want.insert(key, json!(k));
     }
-    services[1].write(Namespace::Config, "bridge/p0-0", None, 0, Duration::ZERO).await.expect("delete");
+    services[1]
+        .write(Namespace::Config, "bridge/p0-0", None, 0, Duration::ZERO)
+        .await
+        .expect("delete");
     want.remove("bridge/p0-0");
     // Waiting for the stopped peer times out, but the write is durable and replicates.
-    let r = services[0].write(Namespace::Config, "alias/b", Some(json!("y")), 2, Duration::from_millis(300)).await;
-    assert!(matches!(r, Err(WriteError::NotReplicated { acked_by: 1, wanted: 2, .. })), "{r:?}");
+    let r = services[0]
+        .write(
+            Namespace::Config,
+            "alias/b",
+            Some(json!("y")),
+            2,
+            Duration::from_millis(300),
+        )
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(WriteError::NotReplicated {
+                acked_by: 1,
+                wanted: 2,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     want.insert("alias/b".into(), json!("y"));
     let st = services[0].status();
-    let p3 = st.peers.iter().find(|p| p.origin == ORIGINS[2]).expect("peer 3 listed");
+    let p3 = st
+        .peers
+        .iter()
+        .find(|p| p.origin == ORIGINS[2])
+        .expect("peer 3 listed");
     assert!(!p3.connected);
     assert!(p3.lag_entries.is_some_and(|n| n > 0), "{p3:?}");
 
     // Restart it on the same address from the same file.
     let store = Arc::new(Store::open(&path(2), ORIGINS[2]).expect("reopen"));
-    let third = Service::start(store, addrs[2], peers(&addrs)).await.expect("restart");
+    let third = Service::start(store, addrs[2], peers(&addrs))
+        .await
+        .expect("restart");
     converge(&[&services[0], &services[1], &third], &want).await;
 
     // Status: everyone connected, counters moving, lag drained, serialisable for status --json.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let st = services[0].status();
-        let ok = st.peers.len() == 2 && st.peers.iter().all(|p| p.connected && p.lag_entries == Some(0) && p.bytes_sent > 0 && p.entries_sent > 0 && p.last_sync_unix_ms.is_some());
+        let ok = st.peers.len() == 2
+            && st.peers.iter().all(|p| {
+                p.connected
+                    && p.lag_entries == Some(0)
+                    && p.bytes_sent > 0
+                    && p.entries_sent > 0
+                    && p.last_sync_unix_ms.is_some()
+            });
         if ok {
             let json = serde_json::to_value(&st).expect("json");
-            assert!(json["peers"][0]["bytes_received"].as_u64().is_some_and(|n| n > 0), "{json}");
+            assert!(
+                json["peers"][0]["bytes_received"]
+                    .as_u64()
+                    .is_some_and(|n| n > 0),
+                "{json}"
+            );
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "status never settled: {st:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status never settled: {st:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     third.shutdown().await;
+    for s in services {
+        s.shutdown().await;
+    }
+}
+
+/// SPEC §2 rule 6: a standalone peer with its own configuration joins a 2-peer cluster: its shared
+/// content is replaced by the cluster's (the daemon takes the backup first, from `snapshot()`),
+/// and its writes after the join replicate normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_peer_takes_the_clusters_content() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let mut services = Vec::new();
+    for (i, &origin) in ORIGINS.iter().enumerate() {
+        let store =
+            Arc::new(Store::open(&dir.path().join(format!("p{i}.redb")), origin).expect("open"));
+        services.push(Service::start(store, any, vec![]).await.expect("start"));
+    }
+    let addrs = [
+        services[0].local_addr(),
+        services[1].local_addr(),
+        services[2].local_addr(),
+    ];
+    let pair = vec![(ORIGINS[0], addrs[0]), (ORIGINS[1], addrs[1])];
+    services[0].set_peers(pair.clone());
+    services[1].set_peers(pair);
+    services[0]
+        .write(
+            Namespace::Config,
+            "bridge/cluster",
+            Some(json!(1)),
+            1,
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("write");
+    // The standalone peer's own configuration, which the join must replace.
+    services[2]
+        .write(
+            Namespace::Config,
+            "bridge/mine",
+            Some(json!(2)),
+            0,
+            Duration::ZERO,
+        )
+        .await
+        .expect("write");
+    let backup = services[2].store().snapshot().expect("snapshot");
+    assert_eq!(backup.entries.len(), 1);
+
+    services[2]
+        .store()
+        .replace_all_async(Default::default())
+        .await
+        .expect("replace_all");
+    for s in &services {
+        s.set_peers(peers(&addrs));
+    }
+    let mut want = BTreeMap::from([("bridge/cluster".to_owned(), json!(1))]);
+    converge(&[&services[0], &services[1], &services[2]], &want).await;
+    services[2]
+        .write(
+            Namespace::Config,
+            "bridge/after",
+            Some(json!(3)),
+            2,
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("write after join");
+    want.insert("bridge/after".into(), json!(3));
+    converge(&[&services[0], &services[1], &services[2]], &want).await;
     for s in services {
         s.shutdown().await;
     }

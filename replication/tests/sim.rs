@@ -26,7 +26,14 @@ use tokio::sync::watch;
 const TICK_MS: u64 = 10;
 const BASE_WALL_MS: u64 = 1_700_000_000_000;
 const PAIRS: [(usize, usize); 3] = [(0, 1), (0, 2), (1, 2)];
-const KEYS: [&str; 6] = ["bridge/b1", "bridge/b2", "alias/a", "location/x", "conf/1", "conf/2"];
+const KEYS: [&str; 6] = [
+    "bridge/b1",
+    "bridge/b2",
+    "alias/a",
+    "location/x",
+    "conf/1",
+    "conf/2",
+];
 
 struct Node {
     origin: u32,
@@ -159,9 +166,17 @@ impl Sim {
     }
 
     fn write(&mut self, i: usize) {
-        let ns = if self.rng.random_bool(0.7) { Namespace::Config } else { Namespace::Conference };
+        let ns = if self.rng.random_bool(0.7) {
+            Namespace::Config
+        } else {
+            Namespace::Conference
+        };
         let key = KEYS[self.rng.random_range(0..KEYS.len())].to_owned();
-        let value = if self.rng.random_bool(0.2) { None } else { Some(json!({"w": self.writes.len(), "by": i})) };
+        let value = if self.rng.random_bool(0.2) {
+            None
+        } else {
+            Some(json!({"w": self.writes.len(), "by": i}))
+        };
         let wall = self.wall(i);
         let store = self.nodes[i].store.as_ref().expect("up");
         let before = store.get_entry(ns, &key).expect("read").map(|e| e.stamp);
@@ -171,9 +186,18 @@ impl Sim {
         }
         .expect("write");
         if let Some(b) = before {
-            assert!(stamp > b, "seed {}: write {stamp} does not order after {b} which its writer had seen", self.seed);
+            assert!(
+                stamp > b,
+                "seed {}: write {stamp} does not order after {b} which its writer had seen",
+                self.seed
+            );
         }
-        self.writes.push(Write { ns, key, value, stamp });
+        self.writes.push(Write {
+            ns,
+            key,
+            value,
+            stamp,
+        });
         self.stats.writes += 1;
     }
 
@@ -191,19 +215,40 @@ impl Sim {
 
     fn restart(&mut self, i: usize) {
         let n = &mut self.nodes[i];
-        n.store = Some(Store::open(&n.path, n.origin).unwrap_or_else(|e| panic!("seed {}: reopen: {e}", self.seed)));
+        n.store = Some(
+            Store::open(&n.path, n.origin)
+                .unwrap_or_else(|e| panic!("seed {}: reopen: {e}", self.seed)),
+        );
     }
 
     fn connect(&mut self, p: usize) {
         let (a, b) = PAIRS[p];
         let now = self.now();
-        let (Some(sa), Some(sb)) = (&self.nodes[a].store, &self.nodes[b].store) else { return };
+        let (Some(sa), Some(sb)) = (&self.nodes[a].store, &self.nodes[b].store) else {
+            return;
+        };
         let ea = End {
-            session: Session::new(self.nodes[a].origin, &sa.vector().expect("vector"), Some(self.nodes[b].origin), now),
+            session: Session::new(
+                self.nodes[a].origin,
+                &sa.vector().expect("vector"),
+                Some(self.nodes[b].origin),
+                now,
+            ),
             changes: sa.subscribe(),
         };
-        let eb = End { session: Session::new(self.nodes[b].origin, &sb.vector().expect("vector"), None, now), changes: sb.subscribe() };
-        self.conns[p] = Some(Conn { ends: [ea, eb], pipes: [Pipe::default(), Pipe::default()] });
+        let eb = End {
+            session: Session::new(
+                self.nodes[b].origin,
+                &sb.vector().expect("vector"),
+                None,
+                now,
+            ),
+            changes: sb.subscribe(),
+        };
+        self.conns[p] = Some(Conn {
+            ends: [ea, eb],
+            pipes: [Pipe::default(), Pipe::default()],
+        });
     }
 
     /// Run the driver of one end: store changes, events, pulls, timers, transmit. Returns whether
@@ -216,7 +261,9 @@ impl Sim {
         let t_ms = self.t_ms;
         let seed = self.seed;
         let node = &mut self.nodes[node_idx];
-        let Some(conn) = self.conns[p].as_mut() else { return (false, false) };
+        let Some(conn) = self.conns[p].as_mut() else {
+            return (false, false);
+        };
         let store = node.store.as_ref().expect("connected node is up");
         let end = &mut conn.ends[side];
         let mut moved = false;
@@ -228,12 +275,16 @@ impl Sim {
             moved = true;
             match ev {
                 SyncEvent::EntriesReceived { entries, seen } => {
-                    store.apply_remote(entries, seen, wall).unwrap_or_else(|e| panic!("seed {seed}: apply: {e}"));
+                    store
+                        .apply_remote(entries, seen, wall)
+                        .unwrap_or_else(|e| panic!("seed {seed}: apply: {e}"));
                     end.session.handle_applied(store.vector().expect("vector"));
                 }
                 SyncEvent::SnapshotReceived(snap) => {
                     self.stats.snapshots += 1;
-                    store.apply_snapshot(snap, wall).unwrap_or_else(|e| panic!("seed {seed}: snapshot: {e}"));
+                    store
+                        .apply_snapshot(snap, wall)
+                        .unwrap_or_else(|e| panic!("seed {seed}: snapshot: {e}"));
                     end.session.handle_applied(store.vector().expect("vector"));
                 }
                 SyncEvent::PeerAcked(v) => {
@@ -248,14 +299,18 @@ impl Sim {
         while let Some(pull) = end.session.poll_pull() {
             moved = true;
             match pull {
-                Pull::Changes { since, limit } => {
-                    end.session.handle_changes(store.changes_since(&since, limit).expect("changes"))
-                }
-                Pull::Snapshot => end.session.handle_snapshot(&store.snapshot().expect("snapshot")),
+                Pull::Changes { since, limit } => end
+                    .session
+                    .handle_changes(store.changes_since(&since, limit).expect("changes")),
+                Pull::Snapshot => end
+                    .session
+                    .handle_snapshot(&store.snapshot().expect("snapshot")),
                 other => panic!("seed {seed}: unexpected pull {other:?}"),
             }
         }
-        if end.session.poll_timeout().is_some_and(|t| t <= now) && end.session.handle_timeout(now).is_err() {
+        if end.session.poll_timeout().is_some_and(|t| t <= now)
+            && end.session.handle_timeout(now).is_err()
+        {
             self.stats.timeouts += 1;
             return (false, true);
         }
@@ -277,14 +332,23 @@ impl Sim {
         }
         let now = self.now();
         let t = self.t_ms;
-        let Some(conn) = self.conns[p].as_mut() else { return (false, false) };
+        let Some(conn) = self.conns[p].as_mut() else {
+            return (false, false);
+        };
         let mut moved = false;
         for side in 0..2 {
-            while conn.pipes[side].queue.front().is_some_and(|(at, _)| *at <= t) {
+            while conn.pipes[side]
+                .queue
+                .front()
+                .is_some_and(|(at, _)| *at <= t)
+            {
                 let (_, bytes) = conn.pipes[side].queue.pop_front().expect("front");
                 moved = true;
                 if let Err(e) = conn.ends[1 - side].session.handle_bytes(now, &bytes) {
-                    panic!("seed {}: healthy link delivered bytes the session refused: {e}", self.seed);
+                    panic!(
+                        "seed {}: healthy link delivered bytes the session refused: {e}",
+                        self.seed
+                    );
                 }
             }
         }
@@ -328,7 +392,8 @@ impl Sim {
             }
         }
         for i in 0..3 {
-            if self.nodes[i].store.is_none() && (self.t_ms >= self.nodes[i].down_until_ms || !chaos) {
+            if self.nodes[i].store.is_none() && (self.t_ms >= self.nodes[i].down_until_ms || !chaos)
+            {
                 self.restart(i);
             }
         }
@@ -336,13 +401,16 @@ impl Sim {
             self.collect_tombstones();
         }
         let mut moved = false;
-        for p in 0..3 {
-            let (a, b) = PAIRS[p];
+        for (p, &(a, b)) in PAIRS.iter().enumerate() {
             if self.excluded.is_some_and(|(k, _)| k == a || k == b) {
                 self.conns[p] = None;
                 continue;
             }
-            if self.conns[p].is_none() && !self.cut[p] && self.nodes[a].store.is_some() && self.nodes[b].store.is_some() {
+            if self.conns[p].is_none()
+                && !self.cut[p]
+                && self.nodes[a].store.is_some()
+                && self.nodes[b].store.is_some()
+            {
                 self.connect(p);
                 moved = true;
             }
@@ -361,7 +429,12 @@ impl Sim {
             }
         }
         self.t_ms += TICK_MS;
-        moved || self.conns.iter().flatten().any(|c| c.pipes.iter().any(|p| !p.queue.is_empty()))
+        moved
+            || self
+                .conns
+                .iter()
+                .flatten()
+                .any(|c| c.pipes.iter().any(|p| !p.queue.is_empty()))
     }
 
     /// Peer `k` joins again: its shared content is replaced by the cluster's.
@@ -371,11 +444,15 @@ impl Sim {
             .map(|i| match &self.nodes[i].store {
                 Some(s) => s.vector().expect("vector"),
                 // A crashed peer keeps its file: what it had is what its reopened store has.
-                None => Store::open(&self.nodes[i].path, self.nodes[i].origin).expect("peek").vector().expect("vector"),
+                None => Store::open(&self.nodes[i].path, self.nodes[i].origin)
+                    .expect("peek")
+                    .vector()
+                    .expect("vector"),
             })
             .collect();
         // Writes no other peer had seen exist only on `k` and are discarded by the join.
-        self.writes.retain(|w| others.iter().any(|v| v.covers(w.stamp)));
+        self.writes
+            .retain(|w| others.iter().any(|v| v.covers(w.stamp)));
         let store = self.nodes[k].store.as_ref().expect("up");
         store.replace_all(Default::default()).expect("replace_all");
         self.excluded = None;
@@ -394,7 +471,8 @@ impl Sim {
                 .map(|m| m.origin)
                 .filter(|&o| o != n.origin && (Some(n.origin) == excluded || Some(o) != excluded))
                 .collect();
-            let acked: Option<Vec<VersionVector>> = others.iter().map(|o| n.acked.get(o).cloned()).collect();
+            let acked: Option<Vec<VersionVector>> =
+                others.iter().map(|o| n.acked.get(o).cloned()).collect();
             if let Some(acked) = acked {
                 self.stats.collected += store.gc_tombstones(acked).expect("gc") as u64;
             }
@@ -415,7 +493,10 @@ impl Sim {
                 }
             }
         }
-        panic!("seed {}: the cluster did not settle within 200 s of virtual time after healing", self.seed);
+        panic!(
+            "seed {}: the cluster did not settle within 200 s of virtual time after healing",
+            self.seed
+        );
     }
 
     fn check(&self) {
@@ -426,11 +507,16 @@ impl Sim {
                 *slot = w;
             }
         }
-        let vectors: Vec<VersionVector> = self.nodes.iter().map(|n| n.store.as_ref().expect("up").vector().expect("vector")).collect();
+        let vectors: Vec<VersionVector> = self
+            .nodes
+            .iter()
+            .map(|n| n.store.as_ref().expect("up").vector().expect("vector"))
+            .collect();
         for n in &self.nodes {
             let store = n.store.as_ref().expect("up");
             for ns in Namespace::ALL {
-                let have: BTreeMap<String, Value> = store.list(ns, "").expect("list").into_iter().collect();
+                let have: BTreeMap<String, Value> =
+                    store.list(ns, "").expect("list").into_iter().collect();
                 let want: BTreeMap<String, Value> = expected
                     .iter()
                     .filter(|((wns, _), _)| *wns == ns)
@@ -448,7 +534,11 @@ impl Sim {
 
 fn run_seed(seed: u64) -> Stats {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xC0FF_EE00);
-    let skews = [rng.random_range(-5000..=5000), rng.random_range(-5000..=5000), rng.random_range(-5000..=5000)];
+    let skews = [
+        rng.random_range(-5000..=5000),
+        rng.random_range(-5000..=5000),
+        rng.random_range(-5000..=5000),
+    ];
     let mut sim = Sim::new(seed, skews);
     for _ in 0..4000 {
         sim.tick(true);
@@ -462,7 +552,10 @@ fn seeds() -> Vec<u64> {
     if let Some(s) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         return vec![s];
     }
-    let n = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+    let n = std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
     (0..n).collect()
 }
 
@@ -482,8 +575,14 @@ fn random_faults_converge_without_losing_acknowledged_writes() {
     eprintln!("{} seeds: {total:?}", seeds.len());
     // The run must really have exercised the faults it claims to survive.
     if seeds.len() >= 50 {
-        assert!(total.writes > 0 && total.crashes > 0 && total.partitions > 0, "{total:?}");
-        assert!(total.timeouts > 0 && total.snapshots > 0 && total.collected > 0, "{total:?}");
+        assert!(
+            total.writes > 0 && total.crashes > 0 && total.partitions > 0,
+            "{total:?}"
+        );
+        assert!(
+            total.timeouts > 0 && total.snapshots > 0 && total.collected > 0,
+            "{total:?}"
+        );
     }
 }
 
@@ -498,16 +597,36 @@ fn clock_skew_of_five_seconds_does_not_make_later_writes_lose() {
     let mut last: Option<Hlc> = None;
     for (step, &i) in order.iter().enumerate() {
         let wall = sim.wall(i);
-        let s = sim.nodes[i].store.as_ref().expect("up").put(Namespace::Config, key, json!(step), wall).expect("put");
+        let s = sim.nodes[i]
+            .store
+            .as_ref()
+            .expect("up")
+            .put(Namespace::Config, key, json!(step), wall)
+            .expect("put");
         if let Some(l) = last {
             assert!(s > l, "step {step}: {s} must order after {l}");
         }
         last = Some(s);
-        sim.writes.push(Write { ns: Namespace::Config, key: key.into(), value: Some(json!(step)), stamp: s });
+        sim.writes.push(Write {
+            ns: Namespace::Config,
+            key: key.into(),
+            value: Some(json!(step)),
+            stamp: s,
+        });
         sim.settle();
         for n in &sim.nodes {
-            let got = n.store.as_ref().expect("up").get(Namespace::Config, key).expect("get");
-            assert_eq!(got, Some(json!(step)), "step {step}: peer {} has an older value", n.origin);
+            let got = n
+                .store
+                .as_ref()
+                .expect("up")
+                .get(Namespace::Config, key)
+                .expect("get");
+            assert_eq!(
+                got,
+                Some(json!(step)),
+                "step {step}: peer {} has an older value",
+                n.origin
+            );
         }
         // The next write happens 1 ms of real time later.
         sim.t_ms += 1;
