@@ -2,11 +2,13 @@
 //! bridges (UAS, one instance per loopback address), confmesh sits in between with an in-memory
 //! conference directory and ledger standing in for the replicated store.
 //!
+//! One test puts two peers' bandwidth services (UDP 1719 on loopback) under the B2BUAs instead.
+//!
 //! Every sipp runs with a global timeout and is stopped by PID when the test ends. Each test uses
 //! its own 127.0.x.0/24 so the tests can run in parallel.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -14,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use confmesh::b2bua::core::CoreConfig;
 use confmesh::b2bua::routing::rank_bridges;
-use confmesh::b2bua::{B2buaService, B2buaSettings, MemoryDirectory, MemoryLedger, RoutingConfig};
+use confmesh::b2bua::{B2buaService, B2buaSettings, BandwidthLedger, MemoryDirectory, MemoryLedger, RoutingConfig};
+use confmesh::bandwidth::{BandwidthService, BandwidthSettings};
 use confmesh::sip::transaction::TimerConfig;
 use serde_json::json;
 use tokio::sync::watch;
@@ -102,9 +105,14 @@ impl Drop for Sipp {
 }
 
 fn routing(net: u8, bridges: &[(&str, u8)]) -> RoutingConfig {
+    routing_limited(net, bridges, 100_000)
+}
+
+/// Calls take 768 kbps of location "default", which allows `limit_kbps`.
+fn routing_limited(net: u8, bridges: &[(&str, u8)], limit_kbps: u64) -> RoutingConfig {
     let mut entries = vec![
         ("alias/meet".to_owned(), json!({"pattern": "^meet\\.(\\d+)@", "conference": "meet-$1", "call_kbps": 768, "location": "default"})),
-        ("location/default".to_owned(), json!({"limit_kbps": 100_000})),
+        ("location/default".to_owned(), json!({"limit_kbps": limit_kbps})),
     ];
     for (name, host) in bridges {
         entries.push((format!("bridge/{name}"), json!({"uri": format!("sip:127.0.{net}.{host}:5060"), "capacity": 20})));
@@ -114,7 +122,7 @@ fn routing(net: u8, bridges: &[(&str, u8)]) -> RoutingConfig {
     cfg
 }
 
-async fn start_b2bua(addr: &str, cfg: RoutingConfig, dir: MemoryDirectory, ledger: MemoryLedger, t1: Duration) -> B2buaService {
+async fn start_b2bua<L: BandwidthLedger>(addr: &str, cfg: RoutingConfig, dir: MemoryDirectory, ledger: L, t1: Duration) -> B2buaService {
     // The sender is dropped at once: the configuration stays as given.
     let (_, rx) = watch::channel(Arc::new(cfg));
     let settings = B2buaSettings {
@@ -200,7 +208,6 @@ async fn one_conference_one_bridge_from_two_peers() {
     // Every call ended on both legs: the directory is empty again and bandwidth is back to zero.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(dir.snapshot().is_empty(), "{:?}", dir.snapshot());
-    use confmesh::b2bua::BandwidthLedger;
     assert_eq!(ledger.usage_kbps("default"), 0);
     p1.shutdown().await;
     p2.shutdown().await;
@@ -285,4 +292,72 @@ async fn dead_bridge_is_replaced_by_the_next() {
     assert_eq!(st.stats.bridge_failovers, 1);
     assert_eq!(st.bridges.get("b1"), Some(&false), "{st:?}");
     p.shutdown().await;
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Acceptance 5 over loopback: two peers, each with its own bandwidth service exchanging usage on
+/// UDP, admit calls into one location. With one call held on each peer the location is full: the
+/// next call is refused with 503 and a Warning naming the location on either peer; when a call
+/// ends on peer 1, peer 2 admits again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn location_limit_across_two_peers_over_bandwidth_updates() {
+    if !have_sipp() {
+        return;
+    }
+    let net = 66;
+    let mgmt = [Ipv4Addr::new(127, 0, 66, 101), Ipv4Addr::new(127, 0, 66, 102)];
+    let port = UdpSocket::bind(SocketAddrV4::new(mgmt[0], 0)).unwrap().local_addr().unwrap().port();
+    let bw: Vec<BandwidthService> = mgmt
+        .iter()
+        .map(|m| {
+            let mut s = BandwidthSettings::new(*m, port, &mgmt);
+            s.interval = Duration::from_millis(200);
+            BandwidthService::start_with(s).expect("bind bandwidth service")
+        })
+        .collect();
+    bw[0].set_peer_key(mgmt[1], zeroize::Zeroizing::new([6; 32])).unwrap();
+    bw[1].set_peer_key(mgmt[0], zeroize::Zeroizing::new([6; 32])).unwrap();
+    let (l1, l2) = (bw[0].ledger(), bw[1].ledger());
+    // Two calls of 768 kbps fit in 1600, a third does not.
+    let cfg = routing_limited(net, &[("b1", 2)], 1600);
+    let dir = MemoryDirectory::default();
+    let p1 = start_b2bua("127.0.66.1:5060", cfg.clone(), dir.clone(), l1.clone(), Duration::from_millis(500)).await;
+    let p2 = start_b2bua("127.0.66.11:5060", cfg, dir.clone(), l2.clone(), Duration::from_millis(500)).await;
+    let _bridge = uas(net, 2, "uas_answer.xml");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut held1 = uac(net, 21, "127.0.66.1:5060", "uac_hold.xml", "meet.1", 1, &["-d", "2500"]);
+    until("peer 2 hears of peer 1's call", || l2.usage_kbps("default") == 768).await;
+    let mut held2 = uac(net, 22, "127.0.66.11:5060", "uac_hold.xml", "meet.1", 1, &["-d", "5000"]);
+    until("peer 1 hears of peer 2's call", || l1.usage_kbps("default") == 1536).await;
+    let mut refused1 = uac(net, 23, "127.0.66.1:5060", "uac_refused.xml", "meet.2", 1, &[]);
+    let mut refused2 = uac(net, 24, "127.0.66.11:5060", "uac_refused.xml", "meet.1", 1, &[]);
+    expect_success(&mut refused1).await;
+    expect_success(&mut refused2).await;
+    assert!(held1.child.try_wait().unwrap().is_none(), "the first call is still up while the others are refused");
+
+    expect_success(&mut held1).await;
+    until("peer 2 hears that peer 1's call ended", || l2.usage_kbps("default") == 768).await;
+    let mut again = uac(net, 25, "127.0.66.11:5060", "uac_call.xml", "meet.3", 1, &[]);
+    expect_success(&mut again).await;
+    expect_success(&mut held2).await;
+    wait_idle(&p1, 2).await;
+    wait_idle(&p2, 3).await;
+    until("both peers see the location empty", || l1.usage_kbps("default") == 0 && l2.usage_kbps("default") == 0).await;
+    let st = bw[0].status();
+    assert_eq!(st.counters.dropped_forged + st.counters.dropped_replayed + st.counters.dropped_malformed, 0, "{st:?}");
+    assert!(st.counters.accepted > 0 && st.counters.sent > 0);
+    p1.shutdown().await;
+    p2.shutdown().await;
+    for s in bw {
+        s.shutdown().await;
+    }
 }
