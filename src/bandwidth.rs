@@ -57,6 +57,7 @@ use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
 use crate::b2bua::BandwidthLedger;
+use crate::metrics::{Kind as MetricKind, MetricsPage};
 
 /// The well-known port of bandwidth updates (SPEC.md §3).
 pub const BANDWIDTH_PORT: u16 = 1719;
@@ -245,6 +246,65 @@ pub struct BandwidthStatus {
     pub peers: Vec<PeerStatus>,
     /// Counters, including drops by reason.
     pub counters: BandwidthCounters,
+}
+
+impl BandwidthStatus {
+    /// Appends the bandwidth metrics to `/metrics`, each with the help text that says what it
+    /// means, so that the daemon does not have to know the fields.
+    pub fn write_metrics(&self, page: &mut MetricsPage) {
+        for (family, label, table, what) in [
+            ("confmesh_bandwidth_location", "location", &self.locations, "location"),
+            ("confmesh_bandwidth_bridge", "bridge", &self.bridges, "bridge"),
+        ] {
+            let kbps = format!("{family}_kbps");
+            page.family(&kbps, MetricKind::Gauge, &format!("Bandwidth in use per {what} (scope=local: this peer's calls; cluster: all peers' latest reports)"));
+            for (name, u) in table {
+                page.sample(&kbps, &[(label, name), ("scope", "local")], u.local_kbps as f64);
+                page.sample(&kbps, &[(label, name), ("scope", "cluster")], u.cluster_kbps as f64);
+            }
+            let calls = format!("{family}_calls");
+            page.family(&calls, MetricKind::Gauge, &format!("Calls per {what} (scope as for {kbps})"));
+            for (name, u) in table {
+                page.sample(&calls, &[(label, name), ("scope", "local")], u.local_calls as f64);
+                page.sample(&calls, &[(label, name), ("scope", "cluster")], u.cluster_calls as f64);
+            }
+        }
+        let age = "confmesh_bandwidth_peer_update_age_seconds";
+        page.family(age, MetricKind::Gauge, "Seconds since the last accepted bandwidth update from each peer (absent: none yet)");
+        for p in &self.peers {
+            if let Some(ms) = p.last_update_age_ms {
+                page.sample(age, &[("peer", &p.addr.to_string())], ms as f64 / 1000.0);
+            }
+        }
+        let c = &self.counters;
+        for (name, help, value) in [
+            ("confmesh_bandwidth_datagrams_sent_total", "Bandwidth-update datagrams sent to peers", c.sent),
+            ("confmesh_bandwidth_send_errors_total", "Bandwidth-update datagrams the socket refused to send", c.send_errors),
+            ("confmesh_bandwidth_datagrams_accepted_total", "Bandwidth-update datagrams accepted from peers", c.accepted),
+            ("confmesh_bandwidth_expired_entries_total", "Peer usage entries forgotten after three missed intervals", c.expired_entries),
+            (
+                "confmesh_bandwidth_local_refused_total",
+                "Reservations refused because the name is too long or the local table is full (configuration problem)",
+                c.local_refused,
+            ),
+        ] {
+            page.family(name, MetricKind::Counter, help).sample(name, &[], value as f64);
+        }
+        let dropped = "confmesh_bandwidth_datagrams_dropped_total";
+        page.family(dropped, MetricKind::Counter, "Bandwidth-update datagrams dropped without effect, by reason");
+        for (reason, value) in [
+            ("oversize", c.dropped_oversize),
+            ("malformed", c.dropped_malformed),
+            ("address-mismatch", c.dropped_address_mismatch),
+            ("unknown-peer", c.dropped_unknown_peer),
+            ("no-key", c.dropped_no_key),
+            ("forged", c.dropped_forged),
+            ("replayed", c.dropped_replayed),
+            ("entry-limit", c.dropped_entry_limit),
+        ] {
+            page.sample(dropped, &[("reason", reason)], value as f64);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -1465,6 +1525,30 @@ mod tests {
         assert_eq!(b.usage_kbps(last), 6);
         assert_eq!(b.counters().dropped_malformed, 3);
         assert_eq!(b.counters().dropped_entry_limit, 1);
+    }
+
+    #[test]
+    fn metrics_name_every_drop_reason_and_both_scopes() {
+        let mut p = Pair::new();
+        p.a.reserve("hq", 700, 4000).unwrap();
+        p.exchange();
+        p.b.reserve("hq", 300, 4000).unwrap();
+        let _ = p.b.handle_datagram(p.now, A, &[0u8; 10]);
+        let mut page = MetricsPage::default();
+        p.b.status(p.now).write_metrics(&mut page);
+        let text = page.finish();
+        for line in [
+            "confmesh_bandwidth_location_kbps{location=\"hq\",scope=\"local\"} 300",
+            "confmesh_bandwidth_location_kbps{location=\"hq\",scope=\"cluster\"} 1000",
+            "confmesh_bandwidth_location_calls{location=\"hq\",scope=\"cluster\"} 2",
+            "confmesh_bandwidth_peer_update_age_seconds{peer=\"10.96.0.1\"} 0",
+            "confmesh_bandwidth_datagrams_dropped_total{reason=\"malformed\"} 1",
+            "confmesh_bandwidth_datagrams_dropped_total{reason=\"forged\"} 0",
+            "confmesh_bandwidth_datagrams_accepted_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(!text.contains("10.96.0.3"), "no age for a peer never heard");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::core::{B2bua, B2buaEvent, B2buaStats, BridgeProbe, CallInfo, CoreConfig};
 use super::routing::{BandwidthLedger, ConferenceDirectory, HealthTable, Router, RoutingConfig};
+use crate::metrics::{Kind as MetricKind, MetricsPage};
 use crate::sip::transport::{Inbound, SipSockets, TransportStats};
 
 /// Received messages waiting for the core; beyond this the socket readers wait (UDP then drops
@@ -41,6 +42,40 @@ pub struct B2buaStatus {
     pub bridges: BTreeMap<String, bool>,
     /// Socket-layer counters.
     pub transport: TransportStats,
+}
+
+impl B2buaStatus {
+    /// Appends the B2BUA metrics to `/metrics`, each with the help text that says what it means.
+    pub fn write_metrics(&self, page: &mut MetricsPage) {
+        let s = &self.stats;
+        for (name, help, value) in [
+            ("confmesh_sip_calls_active", "Calls in progress (routing, ringing or connected)", s.calls_active as u64),
+            ("confmesh_sip_transactions", "Live SIP transactions", s.transactions as u64),
+        ] {
+            page.family(name, MetricKind::Gauge, help).sample(name, &[], value as f64);
+        }
+        let t = &self.transport;
+        for (name, help, value) in [
+            ("confmesh_sip_calls_total", "INVITEs that started a call", s.calls_total),
+            ("confmesh_sip_calls_answered_total", "Calls a bridge answered", s.calls_answered),
+            ("confmesh_sip_calls_failed_total", "Calls refused by routing, admission (404, 488, 503) or a bridge", s.calls_failed),
+            ("confmesh_sip_calls_cancelled_total", "Calls cancelled by the caller before an answer", s.calls_cancelled),
+            ("confmesh_sip_bridge_failovers_total", "Calls moved to another bridge because the first failed", s.bridge_failovers),
+            ("confmesh_sip_parse_errors_total", "SIP messages that did not parse", s.parse_errors),
+            ("confmesh_sip_overloaded_total", "Requests refused statelessly at the call or transaction limits", s.overloaded),
+            ("confmesh_sip_retransmissions_total", "Retransmissions sent by the transaction layer", s.retransmissions),
+            ("confmesh_sip_framing_errors_total", "TCP streams closed because they could not be framed", t.framing_errors),
+            ("confmesh_sip_send_failures_total", "SIP messages dropped: queue full or connection failed", t.send_failures),
+            ("confmesh_sip_refused_connections_total", "TCP connections refused at the connection limit", t.refused_connections),
+        ] {
+            page.family(name, MetricKind::Counter, help).sample(name, &[], value as f64);
+        }
+        let up = "confmesh_sip_bridge_up";
+        page.family(up, MetricKind::Gauge, "1 when the bridge answers OPTIONS probes, 0 when it does not");
+        for (bridge, is_up) in &self.bridges {
+            page.sample(up, &[("bridge", bridge)], if *is_up { 1.0 } else { 0.0 });
+        }
+    }
 }
 
 /// A running B2BUA. Dropping it without [`B2buaService::shutdown`] aborts the task.
@@ -183,6 +218,34 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
         };
         if let Ok(mut g) = self.status.lock() {
             *g = s;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_carry_counters_and_bridge_health() {
+        let mut st = B2buaStatus::default();
+        st.stats.calls_active = 2;
+        st.stats.calls_failed = 5;
+        st.transport.send_failures = 1;
+        st.bridges.insert("b1".into(), true);
+        st.bridges.insert("b2".into(), false);
+        let mut page = MetricsPage::default();
+        st.write_metrics(&mut page);
+        let text = page.finish();
+        for line in [
+            "confmesh_sip_calls_active 2",
+            "confmesh_sip_calls_failed_total 5",
+            "confmesh_sip_send_failures_total 1",
+            "confmesh_sip_bridge_up{bridge=\"b1\"} 1",
+            "confmesh_sip_bridge_up{bridge=\"b2\"} 0",
+            "# TYPE confmesh_sip_calls_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
     }
 }
