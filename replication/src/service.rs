@@ -588,10 +588,10 @@ async fn run_connection(
                 out_off += n;
                 Ok(())
             }
-            Ev::Changed => {
-                session.notify_store_changed();
-                Ok(())
-            }
+            Ev::Changed => store
+                .vector()
+                .map(|v| session.notify_store_changed(v))
+                .map_err(ConnError::from),
             Ev::Timer => session.handle_timeout(now).map_err(ConnError::from),
             Ev::Stop => Err(ConnError::Shutdown),
         };

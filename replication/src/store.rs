@@ -839,11 +839,9 @@ impl Writer<'_> {
             let mut floor = read_vector(&path, &meta, META_GC_FLOOR)?;
             for (op, result) in ops.iter_mut() {
                 let r = self.one(op, &mut t, &mut vector, &mut floor)?;
-                if let Ok(Reply::Count(n)) = &r {
-                    changed |= *n > 0 || matches!(op, Op::ReplaceAll { .. });
-                } else {
-                    changed |= r.is_ok();
-                }
+                // Remote batches count even when every entry lost: the vector moved, and peers
+                // are told (acknowledgements). Collecting nothing changes nothing.
+                changed |= r.is_ok() && !matches!((&*op, &r), (Op::Gc { .. }, Ok(Reply::Count(0))));
                 *result = Some(r);
             }
             let put =

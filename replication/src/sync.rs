@@ -23,8 +23,6 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::hlc::{HLC_BYTES, Hlc};
 use crate::model::{Entry, MAX_KEY_BYTES, MAX_VALUE_BYTES, Namespace, VersionVector};
 use crate::store::{ChangeSet, Snapshot};
@@ -106,7 +104,7 @@ pub enum Pull {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum SyncEvent {
-    /// The peer introduced itself.
+    /// The peer introduced itself. Followed by [`SyncEvent::PeerAcked`] with the same vector.
     Connected {
         /// Its origin id.
         peer: u32,
@@ -146,8 +144,8 @@ pub struct SessionStats {
 ///
 /// Driver loop, in this order: feed received bytes with [`Session::handle_bytes`]; act on every
 /// [`Session::poll_event`] (apply, then [`Session::handle_applied`]); answer every
-/// [`Session::poll_pull`] from the store; call [`Session::notify_store_changed`] when the store
-/// committed something; send what [`Session::poll_transmit`] gives; sleep until the next read,
+/// [`Session::poll_pull`] from the store; call [`Session::notify_store_changed`] with the store's
+/// vector when the store committed something; send what [`Session::poll_transmit`] gives; sleep until the next read,
 /// store change or [`Session::poll_timeout`], then call [`Session::handle_timeout`].
 #[derive(Debug)]
 pub struct Session {
@@ -163,6 +161,7 @@ pub struct Session {
     inbuf: Vec<u8>,
     out: Vec<u8>,
     ack_pending: Option<VersionVector>,
+    last_ack: Option<VersionVector>,
     ping_pending: bool,
     snapshot_rx: Option<(Snapshot, usize)>,
     events: VecDeque<SyncEvent>,
@@ -193,6 +192,7 @@ impl Session {
             inbuf: Vec::new(),
             out: Vec::new(),
             ack_pending: None,
+            last_ack: None,
             ping_pending: false,
             snapshot_rx: None,
             events: VecDeque::new(),
@@ -235,10 +235,12 @@ impl Session {
         }
         self.last_rx = now;
         self.stats.bytes_received += data.len() as u64;
-        self.inbuf.extend_from_slice(data);
+        // Taken out while frames are parsed so that they can be read in place (no copy per frame).
+        let mut inbuf = std::mem::take(&mut self.inbuf);
+        inbuf.extend_from_slice(data);
         let mut pos = 0;
         let result = loop {
-            let Some(rest) = self.inbuf.get(pos..) else {
+            let Some(rest) = inbuf.get(pos..) else {
                 break Ok(());
             };
             let Some(len_bytes) = rest.get(..4) else {
@@ -252,13 +254,13 @@ impl Session {
             let Some(body) = rest.get(4..4 + len) else {
                 break Ok(());
             };
-            let body = body.to_vec();
             pos += 4 + len;
-            if let Err(e) = self.frame(&body) {
+            if let Err(e) = self.frame(body) {
                 break Err(e);
             }
         };
-        self.inbuf.drain(..pos.min(self.inbuf.len()));
+        inbuf.drain(..pos.min(inbuf.len()));
+        self.inbuf = inbuf;
         if let Err(e) = &result {
             if matches!(e, SyncError::Malformed(_)) {
                 self.stats.malformed += 1;
@@ -304,10 +306,15 @@ impl Session {
                 }
                 self.peer = Some(origin);
                 self.estimate = vector.clone();
+                // A hello vector is read from the peer's committed store: it is an
+                // acknowledgement too (a writer waiting for "k peers have it" may be waiting for
+                // exactly this, when the write reached the peer through a third one).
+                self.acked = Some(vector.clone());
                 self.events.push_back(SyncEvent::Connected {
                     peer: origin,
-                    vector,
+                    vector: vector.clone(),
                 });
+                self.events.push_back(SyncEvent::PeerAcked(vector));
             }
             T_ENTRIES => {
                 if self.snapshot_rx.is_some() {
@@ -386,14 +393,19 @@ impl Session {
     }
 
     /// The driver applied the received entries or snapshot durably; `local` is the store's vector
-    /// now. Queues an acknowledgement (coalesced: only the latest vector is sent).
+    /// now. Queues an acknowledgement (coalesced: only the latest vector is sent, and not twice).
     pub fn handle_applied(&mut self, local: VersionVector) {
-        self.ack_pending = Some(local);
+        if self.last_ack.as_ref() != Some(&local) {
+            self.ack_pending = Some(local);
+        }
     }
 
-    /// The store committed something: new writes may have to be streamed to the peer.
-    pub fn notify_store_changed(&mut self) {
+    /// The store committed something and its vector is now `local`: new writes may have to be
+    /// streamed to the peer, and the peer is told what we hold — it may have reached us through a
+    /// third peer, and a writer waiting for "k peers have it" counts on this acknowledgement.
+    pub fn notify_store_changed(&mut self, local: VersionVector) {
         self.dirty = true;
+        self.handle_applied(local);
     }
 
     /// What to read from the store next, if anything. `None` while the outbound queue is above
@@ -473,6 +485,7 @@ impl Session {
             let mut f = FrameWriter::start(&mut self.out, T_ACK);
             f.vector(&v);
             f.finish();
+            self.last_ack = Some(v);
         }
         if std::mem::take(&mut self.ping_pending) && self.out.is_empty() {
             FrameWriter::start(&mut self.out, T_PING).finish();
@@ -528,11 +541,17 @@ fn write_entries(
         let count_at = f.placeholder_u16();
         let mut n: u16 = 0;
         while let Some((e, tail)) = rest.split_first() {
-            let size = entry_size(e);
-            if f.payload_len() + size + vector_size_bound(complete) > MAX_PAYLOAD || n == u16::MAX {
+            if n == u16::MAX {
                 break;
             }
+            // Encode in place (the value's JSON is produced once), and take it back if the frame
+            // overflowed. An entry alone always fits: keys and values are bounded far below.
+            let mark = f.out.len();
             f.entry(e);
+            if n > 0 && f.payload_len() + vector_size_bound(complete) > MAX_PAYLOAD {
+                f.out.truncate(mark);
+                break;
+            }
             n += 1;
             rest = tail;
         }
@@ -560,15 +579,6 @@ fn vector_size_bound(complete: Option<Option<&VersionVector>>) -> usize {
         Some(None) => 1,
         None => 0,
     }
-}
-
-fn value_json(v: &Value) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
-}
-
-fn entry_size(e: &Entry) -> usize {
-    let value = e.value.as_ref().map_or(0, |v| value_json(v).len());
-    1 + HLC_BYTES + 2 + e.key.len() + 4 + value
 }
 
 /// Builds one frame at the end of the outbound queue.
@@ -623,9 +633,15 @@ impl<'a> FrameWriter<'a> {
         match &e.value {
             None => self.u32(TOMBSTONE_LEN),
             Some(v) => {
-                let j = value_json(v);
-                self.u32(j.len() as u32);
-                self.bytes(&j);
+                let at = self.out.len();
+                self.u32(0);
+                // Writing JSON into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut *self.out, v);
+                // Values are at most MAX_VALUE_BYTES (checked by the store).
+                let len = (self.out.len() - at - 4) as u32;
+                if let Some(slot) = self.out.get_mut(at..at + 4) {
+                    slot.copy_from_slice(&len.to_be_bytes());
+                }
             }
         }
     }
@@ -732,7 +748,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn stamp(wall_ms: u64, origin: u32) -> Hlc {
         Hlc {
@@ -772,6 +788,8 @@ mod tests {
             b.poll_event(),
             Some(SyncEvent::Connected { peer: 1, .. })
         ));
+        let empty = Some(SyncEvent::PeerAcked(VersionVector::new()));
+        assert_eq!((a.poll_event(), b.poll_event()), (empty.clone(), empty));
         (a, b)
     }
 
@@ -808,12 +826,24 @@ mod tests {
         assert_eq!(a.acked(), Some(&v));
         // Caught up: nothing to pull until the store changes.
         assert_eq!(a.poll_pull(), None);
-        a.notify_store_changed();
+        // The store changed (say a third peer's write arrived): a tells b what it holds now.
+        let mut v2 = v.clone();
+        v2.observe(stamp(50, 3));
+        a.notify_store_changed(v2.clone());
         let Some(Pull::Changes { since, .. }) = a.poll_pull() else {
             panic!()
         };
         assert_eq!(since, v);
-        // Nothing new: no frame at all.
+        // b already had that write: no entries, and no vector news either.
+        a.handle_changes(ChangeSet::Entries {
+            entries: vec![],
+            complete: Some(v.clone()),
+        });
+        pump(now, &mut a, &mut b).unwrap();
+        assert_eq!(b.poll_event(), Some(SyncEvent::PeerAcked(v2.clone())));
+        // The same vector again: no frame at all.
+        a.notify_store_changed(v2);
+        a.poll_pull().unwrap();
         a.handle_changes(ChangeSet::Entries {
             entries: vec![],
             complete: Some(v),

@@ -251,7 +251,7 @@ async fn a_joining_peer_takes_the_clusters_content() {
     }
     let mut want = BTreeMap::from([("bridge/cluster".to_owned(), json!(1))]);
     converge(&[&services[0], &services[1], &services[2]], &want).await;
-    services[2]
+    let r = services[2]
         .write(
             Namespace::Config,
             "bridge/after",
@@ -259,8 +259,12 @@ async fn a_joining_peer_takes_the_clusters_content() {
             2,
             Duration::from_secs(20),
         )
-        .await
-        .expect("write after join");
+        .await;
+    if let Err(e) = r {
+        let st: Vec<_> = services.iter().map(|s| s.status()).collect();
+        let v: Vec<_> = services.iter().map(|s| s.store().vector()).collect();
+        panic!("write after join: {e}; status {st:#?}; vectors {v:?}");
+    }
     want.insert("bridge/after".into(), json!(3));
     converge(&[&services[0], &services[1], &services[2]], &want).await;
     for s in services {

@@ -269,7 +269,8 @@ impl Sim {
         let mut moved = false;
         if end.changes.has_changed().unwrap_or(false) {
             end.changes.borrow_and_update();
-            end.session.notify_store_changed();
+            end.session
+                .notify_store_changed(store.vector().expect("vector"));
         }
         while let Some(ev) = end.session.poll_event() {
             moved = true;
