@@ -27,9 +27,13 @@
 //! The key is per peer pair, derived by the IKE engine from the IKE SA with that peer. Both
 //! addresses are inside the MAC so that a datagram cannot be reflected back to its sender (both
 //! directions share the pair key) or redirected. The epoch is chosen by the sender at start (the
-//! driver uses the wall clock in microseconds) so a restarted sender is not taken for a replayer;
-//! a new key (new IKE SA) also resets the replay state, because nothing sent under the old key
-//! verifies under the new one.
+//! driver uses the wall clock in microseconds) so a restarted sender is not taken for a replayer.
+//! Replay state is kept per key: nothing sent under one key verifies under another.
+//!
+//! A rekey (new IKE SA) must not look like an attack: the two ends learn the new key up to a
+//! round trip apart. So the previous key keeps being accepted until the peer is heard under the
+//! new one, and this peer keeps *sending* under the previous key until it hears the new one from
+//! the peer or two periodic snapshots have passed, whichever comes first.
 //!
 //! A snapshot that does not fit in one datagram is split at entry boundaries so that no datagram
 //! exceeds the peer's path MTU minus the IPv4 and UDP headers; every datagram stands on its own
@@ -333,17 +337,39 @@ enum Kind {
     Bridge,
 }
 
+/// A pair key and the replay state of what was received under it. Not `Debug`: it is secret.
+struct KeySlot {
+    key: Zeroizing<[u8; 32]>,
+    /// Epoch and sequence number of the last datagram accepted under this key.
+    rx: Option<(u64, u64)>,
+}
+
+impl KeySlot {
+    fn verify(&self, signed: &[u8], tag: &[u8]) -> bool {
+        // The key schedule is built per datagram from the zeroized key (ring does not zeroize its
+        // own), so no long-lived copy of it stays in memory; verify compares in constant time.
+        hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, &self.key[..]), signed, tag).is_ok()
+    }
+}
+
+/// Periodic snapshots after a rekey during which this peer still sends under the previous key,
+/// unless the peer is heard under the new one first.
+const REKEY_SEND_GRACE: u8 = 2;
+
 /// One remote peer. Not `Debug`: it holds the key (see [`Bandwidth`]'s `Debug`).
 struct Peer {
     addr: Ipv4Addr,
-    key: Option<Zeroizing<[u8; 32]>>,
+    /// The newest key.
+    key: Option<KeySlot>,
+    /// The key before it, until the peer is heard under the newest.
+    prev: Option<KeySlot>,
+    /// Snapshots left that still go out under `prev` (see [`REKEY_SEND_GRACE`]).
+    send_prev: u8,
     path_mtu: u16,
     /// Last sequence number sent to it.
     tx_seq: u64,
     /// `Some(i)`: a snapshot is being sent to it and entry `i` comes next.
     tx_cursor: Option<usize>,
-    /// Epoch and sequence number of the last accepted datagram (reset with the key).
-    rx: Option<(u64, u64)>,
     /// Epoch of the last accepted datagram, kept across keys: a new one means the sender
     /// restarted and everything it reported before is void.
     epoch_seen: Option<u64>,
@@ -362,10 +388,11 @@ impl Peer {
         Peer {
             addr,
             key: None,
+            prev: None,
+            send_prev: 0,
             path_mtu: mtu,
             tx_seq: 0,
             tx_cursor: Some(0),
-            rx: None,
             epoch_seen: None,
             last_rx: None,
             snapshot: 0,
@@ -385,7 +412,6 @@ impl Peer {
     fn forget_usage(&mut self) {
         self.locations.clear();
         self.bridges.clear();
-        self.rx = None;
         self.epoch_seen = None;
         self.last_rx = None;
         self.snapshot_next = None;
@@ -478,16 +504,17 @@ impl Bandwidth {
     }
 
     /// Installs the key for the pair (this peer, `peer`), derived by the IKE engine from the IKE
-    /// SA with it. A different key than before restarts the replay state (nothing sent under the
-    /// old key verifies under the new one) and sends a snapshot at once.
+    /// SA with it, on every new IKE SA. Installing the key already in use changes nothing; a new
+    /// one starts the rollover described in the module doc and sends a snapshot at once.
     pub fn set_peer_key(&mut self, peer: Ipv4Addr, key: Zeroizing<[u8; 32]>) -> Result<(), BandwidthError> {
         let p = self.peer_mut(peer)?;
-        let changed = p.key.as_ref().is_none_or(|old| old[..] != key[..]);
-        if changed {
-            p.key = Some(key);
-            p.rx = None;
-            p.tx_cursor = Some(0);
+        if p.key.as_ref().is_some_and(|k| k.key[..] == key[..]) {
+            return Ok(());
         }
+        p.prev = p.key.take();
+        p.send_prev = if p.prev.is_some() { REKEY_SEND_GRACE } else { 0 };
+        p.key = Some(KeySlot { key, rx: None });
+        p.tx_cursor = Some(0);
         Ok(())
     }
 
@@ -496,6 +523,8 @@ impl Bandwidth {
     pub fn remove_peer_key(&mut self, peer: Ipv4Addr) -> Result<(), BandwidthError> {
         let p = self.peer_mut(peer)?;
         p.key = None;
+        p.prev = None;
+        p.send_prev = 0;
         p.forget_usage();
         Ok(())
     }
@@ -622,6 +651,9 @@ impl Bandwidth {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(due) = self.timers[Timer::Snapshot as usize] {
             if now >= due {
+                for p in &mut self.peers {
+                    p.send_prev = p.send_prev.saturating_sub(1);
+                }
                 self.changed();
                 // Keep the phase, but do not burst to catch up after a stall.
                 let next = due + self.config.interval;
@@ -663,7 +695,8 @@ impl Bandwidth {
         let (locations, bridges) = (&self.locations, &self.bridges);
         let total = locations.len() + bridges.len();
         for p in &mut self.peers {
-            let (Some(cursor), Some(key)) = (p.tx_cursor, p.key.as_ref()) else { continue };
+            let slot = if p.send_prev > 0 { p.prev.as_ref() } else { p.key.as_ref() };
+            let (Some(cursor), Some(KeySlot { key, .. })) = (p.tx_cursor, slot) else { continue };
             let Some(seq) = p.tx_seq.checked_add(1) else {
                 // 2^64 datagrams under one key: wait for the next key rather than wrap.
                 p.tx_cursor = None;
@@ -724,13 +757,15 @@ impl Bandwidth {
             return Err(DropReason::AddressMismatch);
         }
         let peer = self.peers.iter_mut().find(|p| p.addr == header.sender).ok_or(DropReason::UnknownPeer)?;
-        let key = peer.key.as_ref().ok_or(DropReason::NoKey)?;
+        let current = peer.key.as_ref().ok_or(DropReason::NoKey)?;
         // Header::parse checked the length, so the split cannot fail.
         let (signed, tag) = data.split_at(data.len() - TAG_LEN);
-        // The key schedule is built per datagram from the zeroized key (ring does not zeroize
-        // its own), so no long-lived copy of it stays in memory; verify compares in constant time.
-        hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, &key[..]), signed, tag).map_err(|_| DropReason::Forged)?;
-        let fresh = match peer.rx {
+        let under_current = current.verify(signed, tag);
+        if !under_current && !peer.prev.as_ref().is_some_and(|k| k.verify(signed, tag)) {
+            return Err(DropReason::Forged);
+        }
+        let slot_rx = if under_current { peer.key.as_ref().and_then(|k| k.rx) } else { peer.prev.as_ref().and_then(|k| k.rx) };
+        let fresh = match slot_rx {
             None => true,
             Some((epoch, seq)) => header.epoch > epoch || (header.epoch == epoch && header.seq > seq),
         };
@@ -789,7 +824,15 @@ impl Bandwidth {
             peer.bridges.retain(|_, e| e.snapshot == snapshot);
             peer.snapshot_next = None;
         }
-        peer.rx = Some((header.epoch, header.seq));
+        let slot = if under_current { &mut peer.key } else { &mut peer.prev };
+        if let Some(k) = slot {
+            k.rx = Some((header.epoch, header.seq));
+        }
+        if under_current {
+            // The peer has the new key: the old one is done with in both directions.
+            peer.prev = None;
+            peer.send_prev = 0;
+        }
         peer.epoch_seen = Some(header.epoch);
         peer.last_rx = Some(now);
         let slot = &mut self.timers[Timer::Expiry as usize];
@@ -1338,7 +1381,7 @@ mod tests {
     /// Everything B can observe of its view of A.
     fn view(b: &Bandwidth) -> (u64, usize, Option<(u64, u64)>) {
         let pa = b.peers.iter().find(|x| x.addr == A).unwrap();
-        (b.usage_kbps("hq"), pa.locations.len() + pa.bridges.len(), pa.rx)
+        (b.usage_kbps("hq"), pa.locations.len() + pa.bridges.len(), pa.key.as_ref().and_then(|k| k.rx))
     }
 
     #[test]
@@ -1435,6 +1478,31 @@ mod tests {
         let many: Vec<Ipv4Addr> = (1..=10).map(|i| Ipv4Addr::new(10, 1, 0, i)).collect();
         assert_eq!(b.set_peers(&many), Err(BandwidthError::TooManyPeers { given: 10, max: MAX_PEERS }));
         assert_eq!(b.peers.len(), 2, "the refused list changed nothing");
+    }
+
+    #[test]
+    fn rekey_drops_nothing_and_then_retires_the_old_key() {
+        let mut p = Pair::new();
+        p.a.reserve("hq", 500, 4000).unwrap();
+        let old = p.exchange().pop().unwrap();
+        // A learns the new key first, B a moment later; every datagram in between is accepted
+        // (exchange() fails on any drop).
+        p.a.set_peer_key(B, key(9)).unwrap();
+        p.exchange();
+        p.b.set_peer_key(A, key(9)).unwrap();
+        p.exchange();
+        assert_eq!(p.b.handle_datagram(p.now, A, &old), Err(DropReason::Replayed), "replay state survives the rollover");
+        for _ in 0..REKEY_SEND_GRACE {
+            p.advance(SECOND);
+            p.exchange();
+        }
+        for (c, peer) in [(&p.a, B), (&p.b, A)] {
+            let slot = c.peers.iter().find(|x| x.addr == peer).unwrap();
+            assert!(slot.prev.is_none() && slot.send_prev == 0, "both ends moved to the new key");
+        }
+        assert_eq!(p.b.handle_datagram(p.now, A, &old), Err(DropReason::Forged), "the old key is retired");
+        assert_eq!((p.a.counters().dropped_forged, p.b.counters().dropped_forged), (0, 1));
+        assert_eq!(p.b.usage_kbps("hq"), 500);
     }
 
     #[test]
@@ -1590,9 +1658,10 @@ mod tests {
         }
     }
 
-    /// Three peers reserve and release at random over a lossy, reordering link; once the link
-    /// heals, every peer's view converges on the truth within one interval, and no honest
-    /// datagram is ever taken for a forgery.
+    /// Three peers reserve and release at random over a lossy, reordering link while pairs rekey
+    /// (one end learning the new key a few steps after the other); once the link heals, every
+    /// peer's view converges on the truth within one interval, and no honest datagram is ever
+    /// taken for a forgery.
     fn simulate(seed: u64) {
         let mut rng = Rng(seed | 1);
         let t0 = Instant::now();
@@ -1601,6 +1670,7 @@ mod tests {
         for (i, c) in cores.iter_mut().enumerate() {
             for (j, peer) in addrs.iter().enumerate() {
                 if i != j {
+                    // Matches the initial key bytes of `pair_keys` below: 1, 2, 6.
                     c.set_peer_key(*peer, key((i.min(j) * 4 + i.max(j)) as u8)).unwrap();
                 }
             }
@@ -1611,10 +1681,27 @@ mod tests {
         let mut in_flight: Vec<(Instant, usize, Ipv4Addr, Vec<u8>)> = Vec::new();
         let mut now = t0;
         let mut buf = [0u8; 1500];
-        let (mut reserved, mut lost, mut refused) = (0u32, 0u32, 0u32);
+        let (mut reserved, mut lost, mut refused, mut rekeys) = (0u32, 0u32, 0u32, 0u32);
+        // Per pair (i < j): the current key byte, the step of its last rekey, and the step at
+        // which the second end installs the new key.
+        let mut pair_keys: Vec<(usize, usize, u8, u32, Option<u32>)> = vec![(0, 1, 1, 0, None), (0, 2, 2, 0, None), (1, 2, 6, 0, None)];
         for step in 0..600u32 {
             now += Duration::from_millis(rng.below(120));
             let lossy = step < 500;
+            for pk in &mut pair_keys {
+                let (i, j) = (pk.0, pk.1);
+                if pk.4 == Some(step) {
+                    cores[j].set_peer_key(addrs[i], key(pk.2)).unwrap();
+                    pk.4 = None;
+                } else if pk.4.is_none() && step >= pk.3 + 100 && rng.below(40) == 0 {
+                    // IKE SAs live for hours; here a rekey every ~6 s of virtual time at most.
+                    pk.2 = pk.2.wrapping_add(16);
+                    pk.3 = step;
+                    pk.4 = Some(step + 1 + rng.below(3) as u32);
+                    cores[i].set_peer_key(addrs[j], key(pk.2)).unwrap();
+                    rekeys += 1;
+                }
+            }
             let (p, l) = (rng.below(3) as usize, rng.below(3) as usize);
             if rng.below(2) == 0 {
                 let kbps = 100 * (1 + rng.below(8));
@@ -1646,7 +1733,10 @@ mod tests {
                 assert!(matches!(r, Ok(()) | Err(DropReason::Replayed)), "seed {seed}: {r:?}");
             }
         }
-        assert!(reserved > 50 && refused > 0 && lost > 50, "seed {seed}: a dull run ({reserved} reserved, {refused} refused, {lost} lost)");
+        assert!(
+            reserved > 50 && refused > 0 && lost > 50 && rekeys > 0,
+            "seed {seed}: a dull run ({reserved} reserved, {refused} refused, {lost} lost, {rekeys} rekeys)"
+        );
         // Healed: quiet for a little over one interval, delivering everything.
         let end = now + SECOND + SECOND / 10;
         while now < end {
