@@ -42,6 +42,15 @@
 //! with consecutive sequence numbers — it forgets every entry of that peer the snapshot did not
 //! carry, so a usage that ended (or a lost update) is corrected by the next snapshot, within one
 //! interval, and the three-interval expiry is only the backstop for a silent peer.
+//!
+//! # Known limits
+//!
+//! Admission is decided locally on the latest reports, without a round of agreement (a call
+//! must not wait for the other peers). Two peers admitting in the same instant can both pass
+//! before hearing of each other; the overshoot is at most the calls admitted within one one-way
+//! delay (≤ 15 ms between peers, SPEC.md §2.5) and is visible at once in the cluster-wide usage.
+//! The driver does not set `IP_MTU_DISCOVER` itself: on Linux, UDP sockets default to path-MTU
+//! discovery (DF set), and datagrams are framed to the path MTU so that none needs fragmenting.
 
 #![forbid(unsafe_code)]
 
