@@ -116,7 +116,7 @@ impl B2buaService {
         &self.local_addrs
     }
 
-    /// A snapshot at most [`STATUS_PERIOD`] old.
+    /// A snapshot at most 200 ms old (refreshed by the task, so reading it never waits for the core).
     pub fn status(&self) -> B2buaStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
