@@ -37,6 +37,11 @@ const META_VECTOR: &str = "vector";
 const META_GC_FLOOR: &str = "gc_floor";
 const META_CLOCK: &str = "clock";
 
+/// Most origins (replica ids) a store tracks: a few per peer over the cluster's life (a new one per
+/// join or restore). Bounds what a misbehaving peer can make the version vector — written with
+/// every commit and sent in every hello — grow to.
+pub const MAX_ORIGINS: usize = 1024;
+
 /// Flag byte after the stamp in a `data` record.
 const FLAG_TOMBSTONE: u8 = 0;
 const FLAG_VALUE: u8 = 1;
@@ -897,7 +902,7 @@ impl Writer<'_> {
                 seen,
                 wall_ms,
             } => {
-                if let Err(err) = self.check_remote(entries, seen.as_ref(), *wall_ms) {
+                if let Err(err) = self.check_remote(entries, seen.as_ref(), vector, *wall_ms) {
                     return Ok(Err(err));
                 }
                 let mut n = 0;
@@ -916,7 +921,7 @@ impl Writer<'_> {
             }
             Op::Snapshot { snapshot, wall_ms } => {
                 if let Err(err) =
-                    self.check_remote(&snapshot.entries, Some(&snapshot.vector), *wall_ms)
+                    self.check_remote(&snapshot.entries, Some(&snapshot.vector), vector, *wall_ms)
                 {
                     return Ok(Err(err));
                 }
@@ -1021,19 +1026,34 @@ impl Writer<'_> {
         }
     }
 
-    /// Refuse a remote batch whole if any entry breaks the limits or is too far in the future.
+    /// Refuse a remote batch whole if any entry breaks the limits, is too far in the future, or
+    /// would make the version vector track more than [`MAX_ORIGINS`] origins.
     fn check_remote(
         &self,
         entries: &[Entry],
         seen: Option<&VersionVector>,
+        vector: &VersionVector,
         wall_ms: u64,
     ) -> Result<(), StoreError> {
+        let mut new_origins = std::collections::BTreeSet::new();
+        let stamps = entries
+            .iter()
+            .map(|e| e.stamp)
+            .chain(seen.iter().flat_map(|v| v.iter().map(|(_, s)| s)));
+        for s in stamps {
+            self.clock.check(s, wall_ms)?;
+            if vector.get(s.origin) == Hlc::zero(s.origin) {
+                new_origins.insert(s.origin);
+            }
+        }
+        if vector.len() + new_origins.len() > MAX_ORIGINS {
+            return Err(StoreError::InvalidRemote(format!(
+                "{} new origins would exceed the limit of {MAX_ORIGINS}",
+                new_origins.len()
+            )));
+        }
         for e in entries {
             validate(e.ns, &e.key, e.value.as_ref()).map_err(StoreError::InvalidRemote)?;
-            self.clock.check(e.stamp, wall_ms)?;
-        }
-        for (_, s) in seen.iter().flat_map(|v| v.iter()) {
-            self.clock.check(s, wall_ms)?;
         }
         Ok(())
     }
@@ -1216,6 +1236,30 @@ mod tests {
             Err(StoreError::ClockSkew(_))
         ));
         assert_eq!(s.get(Namespace::Config, "g").unwrap(), None);
+    }
+
+    #[test]
+    fn refuses_a_flood_of_origins() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir, 1);
+        let flood: Vec<Entry> = (0..=MAX_ORIGINS as u32)
+            .map(|o| Entry {
+                ns: Namespace::Config,
+                key: format!("k{o}"),
+                value: None,
+                stamp: Hlc {
+                    wall_ms: T,
+                    logical: 0,
+                    origin: o + 100,
+                },
+            })
+            .collect();
+        assert!(matches!(
+            s.apply_remote(flood.clone(), None, T),
+            Err(StoreError::InvalidRemote(_))
+        ));
+        assert!(s.vector().unwrap().is_empty());
+        assert_eq!(s.apply_remote(flood[..10].to_vec(), None, T).unwrap(), 10);
     }
 
     #[test]
