@@ -89,7 +89,14 @@ fn latency_report() {
         for writers in [1usize, 64] {
             let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
             let store = open(&dir, batching);
-            let total = if writers == 1 { 300 } else { 6400 };
+            // `cargo bench` passes `--bench`; under `cargo test --all-targets` a small run only
+            // checks that the benchmark works.
+            let full = std::env::args().any(|a| a == "--bench");
+            let total = match (full, writers) {
+                (true, 1) => 300,
+                (true, _) => 6400,
+                (false, _) => 64,
+            };
             let (mut lat, wall) = run(&store, writers, total);
             lat.sort();
             let pct = |p: f64| {
