@@ -240,7 +240,11 @@ fn classify(path: &Path, e: redb::Error) -> StoreError {
 fn open_checked(path: &Path) -> Result<Database, StoreError> {
     let attempt = std::panic::catch_unwind(|| {
         let mut db = Database::create(path)?;
-        db.check_integrity()?;
+        if !db.check_integrity()? {
+            // redb found inconsistent allocator state and rebuilt it from the checksummed trees;
+            // no committed data was lost, but the operator should know the file was not clean.
+            tracing::warn!(path = %path.display(), "replicated store: file was repaired on open");
+        }
         Ok::<_, redb::DatabaseError>(db)
     });
     match attempt {

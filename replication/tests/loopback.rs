@@ -271,3 +271,71 @@ async fn a_joining_peer_takes_the_clusters_content() {
         s.shutdown().await;
     }
 }
+
+/// Garbage, and a well-formed hello from an origin that is not in the peer list, each end their
+/// connection (the service closes it) without disturbing the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_strangers_are_turned_away() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(Store::open(&dir.path().join("p.redb"), ORIGINS[1]).expect("open"));
+    let svc = Service::start(
+        store,
+        "127.0.0.1:0".parse().expect("addr"),
+        vec![(ORIGINS[0], "127.0.0.1:9".parse().expect("addr"))],
+    )
+    .await
+    .expect("start");
+    let stranger_hello = {
+        // version 1, type hello, origin 0x0a600063, empty vector, crc32 of the body.
+        let mut body = vec![1u8, 1];
+        body.extend(0x0a60_0063u32.to_be_bytes());
+        body.extend([0, 0]);
+        let crc = crc32fast::hash(&body);
+        body.extend(crc.to_be_bytes());
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend(body);
+        f
+    };
+    for bytes in [
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        vec![0xff; 64],
+        stranger_hello,
+    ] {
+        let mut s = tokio::net::TcpStream::connect(svc.local_addr())
+            .await
+            .expect("connect");
+        s.write_all(&bytes).await.expect("send");
+        let mut buf = vec![0u8; 4096];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // the service's own hello
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "the service kept a bad connection open: {bytes:?}"
+        );
+    }
+    svc.write(
+        Namespace::Config,
+        "still/works",
+        Some(json!(true)),
+        0,
+        Duration::ZERO,
+    )
+    .await
+    .expect("write");
+    assert_eq!(
+        svc.get(Namespace::Config, "still/works").expect("get"),
+        Some(json!(true))
+    );
+    let st = svc.status();
+    assert_eq!(st.peers.len(), 1);
+    assert!(!st.peers[0].connected);
+    svc.shutdown().await;
+}
