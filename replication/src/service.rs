@@ -115,6 +115,9 @@ pub struct PeerReplication {
     pub entries_sent: u64,
     /// Entries received from the peer since the service started.
     pub entries_received: u64,
+    /// Malformed frames received from the peer (each one ended a session): a damaged link or an
+    /// incompatible or misbehaving peer.
+    pub malformed_frames: u64,
     /// Unix time (ms) of the peer's last acknowledgement.
     pub last_sync_unix_ms: Option<u64>,
     /// Why the last session ended, if it did.
@@ -373,6 +376,7 @@ impl Service {
                         bytes_received: s.bytes_received,
                         entries_sent: s.entries_sent,
                         entries_received: s.entries_received,
+                        malformed_frames: s.malformed,
                         last_sync_unix_ms,
                         last_error,
                     })
