@@ -42,6 +42,10 @@ const META_CLOCK: &str = "clock";
 /// every commit and sent in every hello — grow to.
 pub const MAX_ORIGINS: usize = 1024;
 
+/// Size of the records one [`Store::changes_since`] returns at most (plus one entry): one pull
+/// fills about one sync frame, so a session's outbound queue stays near its high-water mark.
+pub const CHANGESET_MAX_BYTES: usize = 1024 * 1024;
+
 /// Flag byte after the stamp in a `data` record.
 const FLAG_TOMBSTONE: u8 = 0;
 const FLAG_VALUE: u8 = 1;
@@ -566,6 +570,10 @@ impl Store {
     /// Collect tombstones that every peer has seen. `acked` holds the latest acknowledged vector
     /// of EVERY current peer (not this one); with no peers nothing is collected (a later join must
     /// still learn of the deletions). Returns how many were collected. Blocking.
+    ///
+    /// A peer left out of `acked` (removed from the peer list) must, when it comes back, rejoin
+    /// with [`Store::replace_all`] (SPEC §2 rule 6): merging its own content instead could bring
+    /// back keys whose deletion it never saw and whose tombstone was collected meanwhile.
     pub fn gc_tombstones(&self, acked: Vec<VersionVector>) -> Result<usize, StoreError> {
         count(self.run(Op::Gc { acked }))
     }
@@ -645,8 +653,9 @@ impl Store {
         Ok(Snapshot { entries, vector })
     }
 
-    /// What a peer whose vector is `since` lacks: at most `limit` entries, per origin in stamp
-    /// order, or [`ChangeSet::SnapshotNeeded`] if tombstones it has not seen were collected.
+    /// What a peer whose vector is `since` lacks: at most `limit` entries and about
+    /// [`CHANGESET_MAX_BYTES`] of records, per origin in stamp order, or
+    /// [`ChangeSet::SnapshotNeeded`] if tombstones it has not seen were collected.
     pub fn changes_since(
         &self,
         since: &VersionVector,
@@ -662,6 +671,7 @@ impl Store {
         let data = txn.open_table(DATA).map_err(|e| self.err(e))?;
         let by_origin = txn.open_table(BY_ORIGIN).map_err(|e| self.err(e))?;
         let mut entries = Vec::new();
+        let mut bytes = 0usize;
         let mut truncated = false;
         'origins: for (origin, _) in vector.iter() {
             let (start, end) = origin_range(origin, since.get(origin));
@@ -669,7 +679,7 @@ impl Store {
                 .range::<&[u8]>((Bound::Excluded(&start[..]), Bound::Included(&end[..])))
                 .map_err(|e| self.err(e))?
             {
-                if entries.len() >= limit {
+                if entries.len() >= limit || bytes >= CHANGESET_MAX_BYTES {
                     truncated = true;
                     break 'origins;
                 }
@@ -677,6 +687,7 @@ impl Store {
                 let rec = data.get(dk.value()).map_err(|e| self.err(e))?;
                 let rec = rec
                     .ok_or_else(|| corrupt(&self.inner.path, "index points to a missing entry"))?;
+                bytes += dk.value().len() + rec.value().len();
                 entries.push(decode_entry(&self.inner.path, dk.value(), rec.value())?);
             }
         }
@@ -1282,6 +1293,32 @@ mod tests {
             assert_eq!(snaps[0], snaps[1], "seed {seed}");
             assert_eq!(snaps[0], snaps[2], "seed {seed}");
         }
+    }
+
+    #[test]
+    fn change_sets_are_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir, 1);
+        for i in 0..40 {
+            s.put(
+                Namespace::Config,
+                &format!("big/{i}"),
+                json!("v".repeat(60_000)),
+                T,
+            )
+            .unwrap();
+        }
+        let ChangeSet::Entries { entries, complete } =
+            s.changes_since(&VersionVector::new(), 512).unwrap()
+        else {
+            panic!("no snapshot expected")
+        };
+        assert!(
+            entries.len() > 10 && entries.len() < 40,
+            "{}",
+            entries.len()
+        );
+        assert_eq!(complete, None);
     }
 
     #[test]
