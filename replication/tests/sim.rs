@@ -1,6 +1,8 @@
 //! Deterministic simulation of a 3-peer cluster: real stores on disk, sans-IO sync sessions over a
 //! virtual network with delays, partitions (black holes, as TCP sees them) and heals, crashes with
-//! restart from the database file, tombstone collection, and clocks skewed by up to ±5 s.
+//! restart from the database file, tombstone collection, a peer removed from the others' lists
+//! and re-added (it rejoins: its content is replaced and it catches up by snapshot), and clocks
+//! skewed by up to ±5 s.
 //!
 //! Invariants checked at the end of every seed, after healing everything: all peers hold the same
 //! live content, and that content is exactly "for every key, the acknowledged write with the
