@@ -26,7 +26,7 @@ use tokio::task::AbortHandle;
 
 use crate::hlc::Hlc;
 use crate::model::{Namespace, VersionVector};
-use crate::store::{Store, StoreError};
+use crate::store::{Seen, Store, StoreError};
 use crate::sync::{Pull, Session, SessionStats, SyncError, SyncEvent};
 
 /// First reconnect delay; doubled after every failure up to [`MAX_BACKOFF`].
@@ -514,6 +514,8 @@ enum ConnError {
     Unknown(u32),
     #[error("shutting down")]
     Shutdown,
+    #[error("the local content was replaced (join or restore): resyncing")]
+    Replaced,
 }
 
 /// Drive one connection until it ends. `expected` is the peer we dialled; `permit` bounds
@@ -530,6 +532,9 @@ async fn run_connection(
     let (mut rd, mut wr) = stream.into_split();
     let mut changes = store.subscribe();
     let mut shutdown = shared.shutdown.clone();
+    // The epoch first, then the vector: if the content is replaced in between, the epoch is stale
+    // and this session ends at the next change instead of trusting a wrong picture.
+    let epoch = store.epoch();
     let mut session = Session::new(shared.origin, &store.vector()?, expected, Instant::now());
     // Handed to the peer table once the peer is known; dropped there to end this connection.
     let (lifeline, mut kill) = watch::channel(());
@@ -543,7 +548,7 @@ async fn run_connection(
             shared,
             &mut session,
             &mut peer,
-            id,
+            (id, epoch),
             &mut permit,
             &mut lifeline,
         )
@@ -592,6 +597,9 @@ async fn run_connection(
                 out_off += n;
                 Ok(())
             }
+            // After a replace_all (join, restore) both sides' pictures of each other are wrong:
+            // start over with fresh hellos.
+            Ev::Changed if store.epoch() != epoch => Err(ConnError::Replaced),
             Ev::Changed => store
                 .vector()
                 .map(|v| session.notify_store_changed(v))
@@ -624,7 +632,7 @@ async fn drive(
     shared: &Arc<Shared>,
     session: &mut Session,
     peer: &mut Option<u32>,
-    id: u64,
+    (id, epoch): (u64, u64),
     permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
     lifeline: &mut Option<watch::Sender<()>>,
 ) -> Result<(), ConnError> {
@@ -643,6 +651,7 @@ async fn drive(
                 drop(permit.take());
             }
             SyncEvent::EntriesReceived { entries, seen } => {
+                let seen = seen.map(|vector| Seen { vector, epoch });
                 store.apply_remote_async(entries, seen, unix_ms()).await?;
                 session.handle_applied(store.vector()?);
             }

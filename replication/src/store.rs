@@ -129,6 +129,18 @@ pub struct Snapshot {
     pub vector: VersionVector,
 }
 
+/// A sender's claim, carried by the last batch of a catch-up ([`ChangeSet::Entries::complete`]),
+/// that after these entries this peer holds everything `vector` summarises. The sender computed
+/// it from what this peer held when the session began, so it is honoured only if this store's
+/// content was not replaced since then.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Seen {
+    /// The sender's vector.
+    pub vector: VersionVector,
+    /// [`Store::epoch`] when the session began (read before the hello's vector).
+    pub epoch: u64,
+}
+
 /// What a peer lacks, as computed by [`Store::changes_since`].
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -156,7 +168,7 @@ enum Op {
     },
     Remote {
         entries: Vec<Entry>,
-        seen: Option<VersionVector>,
+        seen: Option<Seen>,
         wall_ms: u64,
     },
     Snapshot {
@@ -186,6 +198,8 @@ struct Inner {
     path: PathBuf,
     origin: u32,
     changes: watch::Sender<u64>,
+    /// Number of committed [`Store::replace_all`] calls since open (see [`Seen`]).
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// The durable replicated store of one peer.
@@ -397,6 +411,7 @@ impl Store {
             path: path.to_path_buf(),
             origin,
             changes,
+            epoch: 0.into(),
         });
         let (tx, rx) = mpsc::channel(options.queue.max(1));
         let w = Arc::clone(&inner);
@@ -503,14 +518,21 @@ impl Store {
         )
     }
 
+    /// Which content generation this store is in: changes with every [`Store::replace_all`].
+    /// A sync session reads it (before the vector it sends in its hello) and hands it back in
+    /// [`Seen`]; a driver ends sessions whose epoch is no longer current.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Apply entries received from a peer (last writer wins); returns how many replaced local
-    /// versions. `seen` is the sender's vector when these entries complete what this peer lacked
-    /// ([`ChangeSet::Entries::complete`]): it is merged into ours in the same transaction. All or
-    /// nothing: a batch with an invalid or too-far-future entry is refused whole. Blocking.
+    /// versions. `seen` comes with the last batch of a catch-up: its vector is merged into ours in
+    /// the same transaction (unless its epoch is stale). All or nothing: a batch with an invalid or
+    /// too-far-future entry is refused whole. Blocking.
     pub fn apply_remote(
         &self,
         entries: Vec<Entry>,
-        seen: Option<VersionVector>,
+        seen: Option<Seen>,
         wall_ms: u64,
     ) -> Result<usize, StoreError> {
         count(self.run(Op::Remote {
@@ -524,7 +546,7 @@ impl Store {
     pub async fn apply_remote_async(
         &self,
         entries: Vec<Entry>,
-        seen: Option<VersionVector>,
+        seen: Option<Seen>,
         wall_ms: u64,
     ) -> Result<usize, StoreError> {
         count(
@@ -827,6 +849,8 @@ impl Tables<'_> {
 struct Writer<'a> {
     inner: &'a Inner,
     clock: HlcClock,
+    /// The epoch including replacements in the batch being built; published after commit.
+    epoch: u64,
 }
 
 /// Outcome of executing one request inside the batch transaction.
@@ -917,7 +941,13 @@ impl Writer<'_> {
                 seen,
                 wall_ms,
             } => {
-                if let Err(err) = self.check_remote(entries, seen.as_ref(), vector, *wall_ms) {
+                // The sender's claim rests on what it believed we held when the session began:
+                // void if our content was replaced since.
+                let seen = seen
+                    .as_ref()
+                    .filter(|s| s.epoch == self.epoch)
+                    .map(|s| &s.vector);
+                if let Err(err) = self.check_remote(entries, seen, vector, *wall_ms) {
                     return Ok(Err(err));
                 }
                 let mut n = 0;
@@ -1010,6 +1040,7 @@ impl Writer<'_> {
                     replica = replica.wrapping_add(1);
                 }
                 self.clock.rebase(replica);
+                self.epoch += 1;
                 Ok(Ok(Reply::Count(snapshot.entries.len())))
             }
             Op::Gc { acked } => {
@@ -1087,7 +1118,11 @@ fn origin_stamp(k: &[u8]) -> Option<Hlc> {
 }
 
 fn writer_loop(inner: &Inner, mut rx: mpsc::Receiver<Request>, clock: HlcClock, max_batch: usize) {
-    let mut w = Writer { inner, clock };
+    let mut w = Writer {
+        inner,
+        clock,
+        epoch: 0,
+    };
     let mut ops = Vec::with_capacity(max_batch);
     let mut replies = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
@@ -1103,8 +1138,14 @@ fn writer_loop(inner: &Inner, mut rx: mpsc::Receiver<Request>, clock: HlcClock, 
             }
         }
         let clock_before = w.clock.clone();
+        let epoch_before = w.epoch;
         match w.batch(&mut ops) {
             Ok(changed) => {
+                // Published only now that the replacement is durable: a session that reads the
+                // new epoch then reads the new content.
+                inner
+                    .epoch
+                    .store(w.epoch, std::sync::atomic::Ordering::Release);
                 // Announce the change before answering, so that a caller who sees its write
                 // acknowledged also sees the notification (the simulation relies on this order).
                 if changed {
@@ -1118,6 +1159,7 @@ fn writer_loop(inner: &Inner, mut rx: mpsc::Receiver<Request>, clock: HlcClock, 
                 tracing::error!(error = %err, "replicated store: commit failed");
                 // Nothing of the batch is durable: forget the stamps it issued.
                 w.clock = clock_before;
+                w.epoch = epoch_before;
                 let detail = err.to_string();
                 for reply in replies.drain(..) {
                     let _ = reply.send(Err(match &err {
@@ -1319,6 +1361,33 @@ mod tests {
             entries.len()
         );
         assert_eq!(complete, None);
+    }
+
+    #[test]
+    fn a_claim_from_before_a_replacement_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir, 1);
+        let before = s.epoch();
+        s.replace_all(Snapshot::default()).unwrap();
+        assert_eq!(s.epoch(), before + 1);
+        let mut v = VersionVector::new();
+        v.observe(Hlc {
+            wall_ms: T,
+            logical: 0,
+            origin: 7,
+        });
+        let stale = Seen {
+            vector: v.clone(),
+            epoch: before,
+        };
+        s.apply_remote(vec![], Some(stale), T).unwrap();
+        assert!(!s.vector().unwrap().dominates(&v));
+        let fresh = Seen {
+            vector: v.clone(),
+            epoch: s.epoch(),
+        };
+        s.apply_remote(vec![], Some(fresh), T).unwrap();
+        assert!(s.vector().unwrap().dominates(&v));
     }
 
     #[test]

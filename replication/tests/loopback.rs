@@ -339,3 +339,74 @@ async fn garbage_and_strangers_are_turned_away() {
     assert!(!st.peers[0].connected);
     svc.shutdown().await;
 }
+
+/// A peer restores an older backup while connected: its sessions start over, and it gets back
+/// everything written since the backup (the cluster's newer versions win).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restoring_a_backup_while_connected_resyncs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let mut services = Vec::new();
+    for (i, &origin) in ORIGINS.iter().enumerate() {
+        let store =
+            Arc::new(Store::open(&dir.path().join(format!("r{i}.redb")), origin).expect("open"));
+        services.push(Service::start(store, any, vec![]).await.expect("start"));
+    }
+    let addrs = [
+        services[0].local_addr(),
+        services[1].local_addr(),
+        services[2].local_addr(),
+    ];
+    for s in &services {
+        s.set_peers(peers(&addrs));
+    }
+    let all = [&services[0], &services[1], &services[2]];
+    let mut want = BTreeMap::new();
+    for k in 0..5 {
+        let key = format!("a/{k}");
+        services[k % 3]
+            .write(
+                Namespace::Config,
+                &key,
+                Some(json!(k)),
+                2,
+                Duration::from_secs(20),
+            )
+            .await
+            .expect("write");
+        want.insert(key, json!(k));
+    }
+    converge(&all, &want).await;
+    let backup = services[1].store().snapshot().expect("backup");
+    for k in 0..5 {
+        for (i, s) in services.iter().enumerate() {
+            let key = format!("after/{i}-{k}");
+            s.write(Namespace::Config, &key, Some(json!(k)), 0, Duration::ZERO)
+                .await
+                .expect("write");
+            want.insert(key, json!(k));
+        }
+    }
+    services[2]
+        .write(
+            Namespace::Config,
+            "a/1",
+            Some(json!("newer")),
+            0,
+            Duration::ZERO,
+        )
+        .await
+        .expect("write");
+    want.insert("a/1".into(), json!("newer"));
+    converge(&all, &want).await;
+
+    services[1]
+        .store()
+        .replace_all_async(backup)
+        .await
+        .expect("restore");
+    converge(&all, &want).await;
+    for s in services {
+        s.shutdown().await;
+    }
+}

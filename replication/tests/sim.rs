@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use confmesh_replication::hlc::Hlc;
 use confmesh_replication::model::{Namespace, VersionVector};
-use confmesh_replication::store::Store;
+use confmesh_replication::store::{Seen, Store};
 use confmesh_replication::sync::{Pull, Session, SyncEvent};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -58,6 +58,8 @@ struct Pipe {
 struct End {
     session: Session,
     changes: watch::Receiver<u64>,
+    /// The store's epoch when the session began (see `Seen`).
+    epoch: u64,
 }
 
 struct Conn {
@@ -230,6 +232,7 @@ impl Sim {
             return;
         };
         let ea = End {
+            epoch: sa.epoch(),
             session: Session::new(
                 self.nodes[a].origin,
                 &sa.vector().expect("vector"),
@@ -239,6 +242,7 @@ impl Sim {
             changes: sa.subscribe(),
         };
         let eb = End {
+            epoch: sb.epoch(),
             session: Session::new(
                 self.nodes[b].origin,
                 &sb.vector().expect("vector"),
@@ -279,7 +283,14 @@ impl Sim {
             match ev {
                 SyncEvent::EntriesReceived { entries, seen } => {
                     store
-                        .apply_remote(entries, seen, wall)
+                        .apply_remote(
+                            entries,
+                            seen.map(|vector| Seen {
+                                vector,
+                                epoch: end.epoch,
+                            }),
+                            wall,
+                        )
                         .unwrap_or_else(|e| panic!("seed {seed}: apply: {e}"));
                     end.session.handle_applied(store.vector().expect("vector"));
                 }
