@@ -16,10 +16,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use confmesh_dataplane::{Event as OverlayEvent, FaultConfig, Overlay, OverlayConfig, PeerAddrs};
+use confmesh_ike::{Endpoint, EndpointConfig, Event as IkeEvent, PeerConfig};
+use zeroize::Zeroizing;
 
 use crate::config::{ClusterSettings, Config, OVERLAY_PREFIX_LEN};
 use crate::control::{self, Call, Request};
 use crate::eventlog::{LogKind, Logs, Severity, rfc3339, wall_ms};
+use crate::keylog::KeyLog;
 use crate::live::{self, MembershipChange};
 use crate::membership::{Hello, IkeState, LocalIdentity, Membership, MembershipEvent, MAX_HELLO_LEN};
 use crate::status::{AlarmStatus, PeerStatus, Status};
@@ -66,6 +69,7 @@ struct Daemon {
     opts: Options,
     config: Config,
     logs: Logs,
+    keylog: Option<KeyLog>,
     cluster: Option<ClusterState>,
 }
 
@@ -75,6 +79,9 @@ struct ClusterState {
     membership: Membership,
     hello: Arc<UdpSocket>,
     overlay: Overlay,
+    /// The IKE engine and its UDP 500 socket on the management address.
+    ike: Endpoint,
+    ike_socket: Arc<UdpSocket>,
     /// Tasks feeding [`Input`]s from this cluster's sockets and cores; stopped when it goes.
     feeders: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -94,6 +101,8 @@ enum Input {
     Hello(Vec<u8>, SocketAddr),
     /// An event of the dataplane.
     Overlay(OverlayEvent),
+    /// A datagram on UDP 500.
+    Ike(Vec<u8>, SocketAddr),
 }
 
 /// Inputs queued for the state loop; feeders wait when it is full (backpressure, bounded memory).
@@ -109,9 +118,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     std::fs::create_dir_all(&state_dir).map_err(io(format!("cannot create state_dir {}", state_dir.display())))?;
     let logs = Logs::open(&state_dir, &config.peer.hostname, config.peer.syslog.clone())
         .map_err(io(format!("cannot open the logs under {}", state_dir.display())))?;
-    if opts.keylog.is_some() {
-        tracing::warn!("key logging is on: SA keys are written to the key log; use this for debugging only");
-    }
+    let keylog = match &opts.keylog {
+        Some(path) => {
+            tracing::warn!(path = %path.display(), "key logging is on: SA keys are written to the key log; use this for debugging only");
+            Some(KeyLog::open(path).map_err(io(format!("cannot open the key log {}", path.display())))?)
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let (calls_tx, mut calls) = mpsc::channel::<Call>(32);
     let socket_path = config.peer.control_socket.clone();
@@ -126,7 +139,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .map_err(io(format!("cannot listen for the admin API on {} (admin.listen)", config.admin.listen)))?;
     let admin = tokio::spawn(crate::admin::serve(admin_listener, calls_tx.clone(), stop_rx.clone()));
     let (inputs_tx, mut inputs) = mpsc::channel(INPUT_QUEUE);
-    let mut daemon = Daemon { inputs: inputs_tx, opts, config, logs, cluster: None };
+    let mut daemon = Daemon { inputs: inputs_tx, opts, config, logs, keylog, cluster: None };
     let cluster = daemon.config.cluster.clone();
     daemon.logs.append(
         LogKind::Events,
@@ -141,7 +154,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(io("cannot watch SIGINT"))?;
     let mut sighup = signal(SignalKind::hangup()).map_err(io("cannot watch SIGHUP"))?;
     loop {
-        let deadline = daemon.cluster.as_ref().map(|c| c.membership.poll_timeout());
+        let deadline = daemon.cluster.as_ref().map(|c| match c.ike.poll_timeout() {
+            Some(t) => t.min(c.membership.poll_timeout()),
+            None => c.membership.poll_timeout(),
+        });
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
                 let answer = daemon.handle_request(request).await;
@@ -150,6 +166,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             Some(input) = inputs.recv() => match input {
                 Input::Hello(bytes, from) => daemon.handle_hello(&bytes, from),
                 Input::Overlay(event) => daemon.handle_overlay(event),
+                Input::Ike(bytes, from) => daemon.handle_ike_datagram(&bytes, from),
             },
             _ = sleep_until(deadline) => {}
             _ = sigterm.recv() => break,
@@ -163,6 +180,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         daemon.drive().await;
     }
     daemon.logs.append(LogKind::Events, Severity::Notice, "confmesh stopping");
+    daemon.leave_quietly();
     let _ = stop_tx.send(true);
     drop(calls_tx);
     drop(calls);
@@ -193,6 +211,66 @@ async fn feed_hellos(socket: Arc<UdpSocket>, inputs: mpsc::Sender<Input>) {
             }
         }
     }
+}
+
+/// Reads IKE datagrams and hands them to the state loop. Anything larger than this is no IKEv1
+/// message this engine would accept (MODP-4096 messages are under 1 KiB).
+const MAX_IKE_DATAGRAM: usize = 4096;
+
+async fn feed_ike(socket: Arc<UdpSocket>, inputs: mpsc::Sender<Input>) {
+    let mut buf = vec![0u8; MAX_IKE_DATAGRAM];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((len, from)) if len < MAX_IKE_DATAGRAM => {
+                if inputs.send(Input::Ike(buf[..len].to_vec(), from)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => tracing::debug!("oversize IKE datagram dropped"),
+            Err(e) => {
+                tracing::debug!("IKE socket: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Reads the pre-shared key; surrounding whitespace (a trailing newline) is not part of it.
+fn read_psk(path: &Path) -> Result<Zeroizing<Vec<u8>>, DaemonError> {
+    let raw = Zeroizing::new(std::fs::read(path).map_err(io(format!("cannot read cluster.psk_file {}", path.display())))?);
+    let start = raw.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(raw.len());
+    let end = raw.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    if end - start < 8 {
+        return Err(DaemonError::Config(crate::config::ConfigError {
+            field: "cluster.psk_file".into(),
+            message: format!("{} holds a key shorter than 8 bytes; put the same long random key on every peer", path.display()),
+        }));
+    }
+    Ok(Zeroizing::new(raw[start..end].to_vec()))
+}
+
+fn ike_protection(p: crate::config::Protection) -> confmesh_ike::Protection {
+    match p {
+        crate::config::Protection::Ah => confmesh_ike::Protection::Ah,
+        crate::config::Protection::EspGcm => confmesh_ike::Protection::EspGcm,
+    }
+}
+
+fn dataplane_protection(p: confmesh_ike::Protection) -> confmesh_dataplane::Protection {
+    match p {
+        confmesh_ike::Protection::Ah => confmesh_dataplane::Protection::Ah,
+        confmesh_ike::Protection::EspGcm => confmesh_dataplane::Protection::EspGcm,
+    }
+}
+
+/// 32 bytes from the OS for the IKE engine's CSPRNG.
+fn os_seed() -> Result<[u8; 32], DaemonError> {
+    use ring::rand::SecureRandom;
+    let mut seed = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut seed)
+        .map_err(|_| DaemonError::Io { what: "cannot read randomness from the OS".into(), source: std::io::Error::other("getrandom failed") })?;
+    Ok(seed)
 }
 
 /// Passes the dataplane's events to the state loop.
@@ -245,7 +323,23 @@ impl Daemon {
     /// Becomes (or stays) clustered with `settings`.
     async fn join(&mut self, settings: ClusterSettings) -> Result<(), DaemonError> {
         let peers = self.peer_overlays(&settings);
+        let psk = read_psk(&settings.psk_file)?;
+        let me = self.config.peer.mgmt_addr;
+        let now = Instant::now();
         if let Some(c) = &mut self.cluster {
+            if c.settings.protection != settings.protection {
+                return Err(DaemonError::Config(crate::config::ConfigError {
+                    field: "cluster.protection".into(),
+                    message: "changed; the protection of the SAs only changes with a restart of the daemon".into(),
+                }));
+            }
+            for gone in c.settings.peers.iter().filter(|p| !settings.peers.contains(p) && **p != me) {
+                c.ike.remove_peer(now, *gone);
+                c.overlay.remove_peer(*gone);
+            }
+            for &(addr, overlay) in peers.iter().filter(|p| p.0 != me) {
+                c.ike.set_peer(now, PeerConfig { addr, overlay, psk: psk.clone() });
+            }
             c.membership.set_peers(&peers);
             c.settings = settings;
             return Ok(());
@@ -264,19 +358,114 @@ impl Daemon {
                 .await
                 .map_err(io(format!("cannot bind the hello socket on the overlay address {hello_addr}")))?,
         );
+        let ike_addr = SocketAddrV4::new(me, confmesh_ike::IKE_PORT);
+        let ike_socket = Arc::new(
+            UdpSocket::bind(ike_addr).await.map_err(io(format!("cannot bind IKE on {ike_addr} (peer.mgmt_addr)")))?,
+        );
+        let mut ike_config = EndpointConfig::new(me, self.config.peer.overlay_addr);
+        ike_config.protection = ike_protection(settings.protection);
+        let mut ike = Endpoint::new(ike_config, os_seed()?);
+        for &(addr, overlay) in peers.iter().filter(|p| p.0 != me) {
+            ike.set_peer(now, PeerConfig { addr, overlay, psk: psk.clone() });
+        }
         let feeders = vec![
             tokio::spawn(feed_hellos(hello.clone(), self.inputs.clone())),
             tokio::spawn(feed_overlay_events(overlay_events, self.inputs.clone())),
+            tokio::spawn(feed_ike(ike_socket.clone(), self.inputs.clone())),
         ];
-        let membership = Membership::new(self.local_identity(&settings), &peers, self.config.peer.mtu, Instant::now());
-        self.cluster = Some(ClusterState { settings, membership, hello, overlay, feeders });
+        let membership = Membership::new(self.local_identity(&settings), &peers, self.config.peer.mtu, now);
+        self.cluster = Some(ClusterState { settings, membership, hello, overlay, ike, ike_socket, feeders });
         Ok(())
     }
 
     /// Leaves the cluster: stops talking to the other peers.
     fn leave(&mut self) {
-        if self.cluster.take().is_some() {
+        if self.leave_quietly() {
             self.logs.append(LogKind::Events, Severity::Notice, "left the cluster: now standalone");
+        }
+    }
+
+    /// Deletes every SA (the peers learn it from DELETE payloads at once) and drops the cluster
+    /// state. Returns whether there was one.
+    fn leave_quietly(&mut self) -> bool {
+        let Some(mut c) = self.cluster.take() else { return false };
+        c.ike.shutdown(Instant::now());
+        while let Some(t) = c.ike.poll_transmit() {
+            let _ = c.ike_socket.try_send_to(&t.payload, t.dst.into());
+        }
+        true
+    }
+
+    fn handle_ike_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
+        let Some(c) = &mut self.cluster else { return };
+        let SocketAddr::V4(from) = from else { return };
+        c.ike.handle(Instant::now(), from, bytes);
+    }
+
+    /// Turns an IKE event into dataplane SAs, key-log lines, membership state and log entries.
+    fn handle_ike_event(&mut self, event: IkeEvent) {
+        let me = self.config.peer.mgmt_addr;
+        let Some(c) = &mut self.cluster else { return };
+        match event {
+            IkeEvent::IkeUp { peer, icookie, rcookie, enc_key, .. } => {
+                if let Some(k) = &mut self.keylog {
+                    if let Err(e) = k.ike(&icookie, &rcookie, &enc_key[..]) {
+                        tracing::warn!("key log: {e}");
+                    }
+                }
+                self.logs.append(LogKind::Events, Severity::Info, format!("IKE phase 1 with {peer} established"));
+            }
+            IkeEvent::IkeDown { peer } => tracing::debug!(%peer, "IKE phase 1 SA gone"),
+            IkeEvent::ChildUp { peer, protection, outbound, inbound, lifetime, lifetime_kb } => {
+                let Some(v) = c.membership.peers().find(|v| v.addr == peer) else { return };
+                let addrs = PeerAddrs { mgmt: peer, overlay: v.overlay_addr };
+                let dp = dataplane_protection(protection);
+                // IKE rekeys on time itself; the dataplane's time limits are a backstop, its
+                // volume limits the only enforcement of the kilobyte lifetime.
+                let bytes = lifetime_kb.map_or(u64::MAX, |kb| kb.saturating_mul(1024));
+                let limits = confmesh_dataplane::Lifetime {
+                    soft_time: lifetime.mul_f64(0.97),
+                    hard_time: lifetime + std::time::Duration::from_secs(30),
+                    soft_bytes: bytes / 10 * 9,
+                    hard_bytes: bytes,
+                    ..confmesh_dataplane::Lifetime::default()
+                };
+                let out = confmesh_dataplane::SaParams { spi: outbound.spi, protection: dp, key: &outbound.key, lifetime: limits };
+                let inn = confmesh_dataplane::SaParams { spi: inbound.spi, protection: dp, key: &inbound.key, lifetime: limits };
+                if let Err(e) = c.overlay.install_sa_pair(addrs, &out, &inn) {
+                    tracing::error!(%peer, "cannot install the SA pair: {e}");
+                    return;
+                }
+                if let Some(k) = &mut self.keylog {
+                    let r = k
+                        .child(protection, me, peer, outbound.spi, &outbound.key)
+                        .and_then(|()| k.child(protection, peer, me, inbound.spi, &inbound.key));
+                    if let Err(e) = r {
+                        tracing::warn!("key log: {e}");
+                    }
+                }
+                c.membership.handle_ike(peer, IkeState::Established);
+                self.logs.append(
+                    LogKind::Events,
+                    Severity::Info,
+                    format!("SA pair with {peer} established (out {:08x}, in {:08x})", outbound.spi, inbound.spi),
+                );
+            }
+            IkeEvent::ChildDown { peer, protection, inbound_spi, reason, .. } => {
+                c.overlay.remove_inbound_sa(dataplane_protection(protection), inbound_spi);
+                tracing::debug!(%peer, ?reason, "SA {inbound_spi:08x} removed");
+            }
+            IkeEvent::PeerDead { peer } => {
+                c.overlay.remove_peer(peer);
+                c.membership.handle_ike(peer, IkeState::Connecting);
+                self.logs.append(LogKind::Events, Severity::Warning, format!("peer {peer} stopped answering dead-peer detection"));
+            }
+            IkeEvent::Failed { peer, reason } => {
+                if reason == confmesh_ike::Failure::AuthenticationFailed {
+                    c.membership.handle_ike(peer, IkeState::AuthenticationFailed);
+                }
+                self.logs.append(LogKind::Events, Severity::Warning, format!("IKE with {peer}: {reason}"));
+            }
         }
     }
 
@@ -300,6 +489,7 @@ impl Daemon {
                 self.logs.append(LogKind::Events, Severity::Info, format!("path MTU to {peer} is now {path_mtu}"));
                 c.membership.set_path_mtu(peer, path_mtu);
             }
+            OverlayEvent::RekeyNeeded { peer, .. } => c.ike.rekey_child(Instant::now(), peer),
             other => tracing::debug!(?other, "dataplane event"),
         }
     }
@@ -312,6 +502,22 @@ impl Daemon {
         if c.membership.poll_timeout() <= now {
             c.membership.handle_timeout(now, wall);
         }
+        if c.ike.poll_timeout().is_some_and(|t| t <= now) {
+            c.ike.handle_timeout(now);
+        }
+        while let Some(t) = c.ike.poll_transmit() {
+            if let Err(e) = c.ike_socket.try_send_to(&t.payload, t.dst.into()) {
+                tracing::debug!(dst = %t.dst, "IKE datagram not sent: {e}");
+            }
+        }
+        let mut ike_events = Vec::new();
+        while let Some(e) = c.ike.poll_event() {
+            ike_events.push(e);
+        }
+        for e in ike_events {
+            self.handle_ike_event(e);
+        }
+        let Some(c) = &mut self.cluster else { return };
         for (_, overlay, hello) in c.membership.poll_transmit(now, wall) {
             let to = SocketAddrV4::new(overlay, HELLO_PORT);
             if let Err(e) = c.hello.try_send_to(&hello.encode(), to.into()) {

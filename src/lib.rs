@@ -17,6 +17,7 @@
 //! - [`control`]: the Unix control socket between the CLI and the daemon;
 //! - [`daemon`]: the state loop that owns the cluster state and drives the cores;
 //! - [`eventlog`]: durable per-peer event and configuration logs, remote syslog;
+//! - [`keylog`]: the SPEC.md §7 key log for Wireshark and independent verification;
 //! - [`live`]: membership changes applied live and written back to the configuration file;
 //! - [`sip`]: SIP parsing, framing, message building, transactions and sockets;
 //! - [`status`]: the status document (SPEC.md §7) and its table form.
@@ -29,6 +30,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod eventlog;
+pub mod keylog;
 pub mod live;
 pub mod membership;
 pub mod metrics;
