@@ -80,6 +80,35 @@ pub enum Request {
         /// Key prefix ("" for all).
         prefix: String,
     },
+    /// Create or replace an administrator account. The CLI hashes the password (Argon2id), so
+    /// the password itself never crosses the socket or reaches the daemon's memory.
+    AdminAdd {
+        /// Account name.
+        name: String,
+        /// The PHC string of the password's Argon2id hash.
+        hash: String,
+    },
+    /// Remove an administrator account.
+    AdminRemove {
+        /// Account name.
+        name: String,
+    },
+    /// The administrator account names.
+    AdminList,
+    /// Take a backup of this peer (configuration file and store, no logs) into `dir`.
+    Backup {
+        /// Where to write it (default: `<state_dir>/backups`).
+        dir: Option<std::path::PathBuf>,
+        /// A file holding the password that encrypts the backup; none = not encrypted.
+        password_file: Option<std::path::PathBuf>,
+    },
+    /// Restore a backup taken on this peer: configuration file and store, applied live.
+    Restore {
+        /// The backup file.
+        file: std::path::PathBuf,
+        /// A file holding its password, if it is encrypted.
+        password_file: Option<std::path::PathBuf>,
+    },
     /// Test and diagnosis: inject faults on the outbound path to a peer (all zero clears them).
     Faults {
         /// The peer's management address.

@@ -19,12 +19,17 @@ use confmesh_dataplane::{Event as OverlayEvent, FaultConfig, Overlay, OverlayCon
 use confmesh_ike::{Endpoint, EndpointConfig, Event as IkeEvent, PeerConfig};
 use zeroize::Zeroizing;
 
+use confmesh_replication::service::Service as Replication;
+use confmesh_replication::store::{Store, StoreError};
+
+use crate::bandwidth::{BANDWIDTH_PORT, BandwidthService};
 use crate::config::{ClusterSettings, Config, OVERLAY_PREFIX_LEN};
 use crate::control::{self, Call, Request};
 use crate::eventlog::{LogKind, Logs, Severity, rfc3339, wall_ms};
 use crate::keylog::KeyLog;
 use crate::live::{self, MembershipChange};
 use crate::membership::{Hello, IkeState, LocalIdentity, Membership, MembershipEvent, MAX_HELLO_LEN};
+use crate::shared::{self, REPLICATION_PORT};
 use crate::status::{AlarmStatus, PeerStatus, Status};
 
 /// UDP port of the hello exchange, on overlay addresses (so hellos travel inside AH).
@@ -48,6 +53,9 @@ pub enum DaemonError {
     /// The configuration was refused.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The replicated store could not be opened (damaged, locked by another process, I/O).
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// A local resource (socket, directory, device) could not be set up.
     #[error("{what}: {source}")]
     Io {
@@ -70,6 +78,10 @@ struct Daemon {
     config: Config,
     logs: Logs,
     keylog: Option<KeyLog>,
+    /// Shared configuration and conference status, replicated while clustered.
+    store: Arc<Store>,
+    /// Usage updates on UDP 1719 and the cluster-wide admission ledger.
+    bandwidth: BandwidthService,
     cluster: Option<ClusterState>,
 }
 
@@ -82,13 +94,18 @@ struct ClusterState {
     /// The IKE engine and its UDP 500 socket on the management address.
     ike: Endpoint,
     ike_socket: Arc<UdpSocket>,
+    /// Sync sessions of the store with the other peers, over the overlay.
+    replication: Replication,
     /// Tasks feeding [`Input`]s from this cluster's sockets and cores; stopped when it goes.
-    feeders: Vec<tokio::task::JoinHandle<()>>,
+    _feeders: Feeders,
 }
 
-impl Drop for ClusterState {
+/// The cluster's feeder tasks, aborted when the cluster state goes.
+struct Feeders(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Feeders {
     fn drop(&mut self) {
-        for task in &self.feeders {
+        for task in &self.0 {
             task.abort();
         }
     }
@@ -125,6 +142,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
         None => None,
     };
+    let store = shared::open_store(&state_dir, config.peer.mgmt_addr).await?;
+    let others: Vec<Ipv4Addr> =
+        config.cluster.iter().flat_map(|c| c.peers.iter().copied()).filter(|p| *p != config.peer.mgmt_addr).collect();
+    let bandwidth = BandwidthService::start(config.peer.mgmt_addr, BANDWIDTH_PORT, &others)
+        .map_err(io(format!("cannot bind bandwidth updates on {}:{BANDWIDTH_PORT} (peer.mgmt_addr)", config.peer.mgmt_addr)))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (calls_tx, mut calls) = mpsc::channel::<Call>(32);
     let socket_path = config.peer.control_socket.clone();
@@ -139,7 +161,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .map_err(io(format!("cannot listen for the admin API on {} (admin.listen)", config.admin.listen)))?;
     let admin = tokio::spawn(crate::admin::serve(admin_listener, calls_tx.clone(), stop_rx.clone()));
     let (inputs_tx, mut inputs) = mpsc::channel(INPUT_QUEUE);
-    let mut daemon = Daemon { inputs: inputs_tx, opts, config, logs, keylog, cluster: None };
+    let mut daemon = Daemon { inputs: inputs_tx, opts, config, logs, keylog, store, bandwidth, cluster: None };
     let cluster = daemon.config.cluster.clone();
     daemon.logs.append(
         LogKind::Events,
@@ -160,8 +182,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         });
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
-                let answer = daemon.handle_request(request).await;
-                let _ = reply.send(answer);
+                if shared::is_store_request(&request) {
+                    let task = shared::answer(daemon.store.clone(), request);
+                    tokio::spawn(async move { let _ = reply.send(task.await); });
+                } else {
+                    let answer = daemon.handle_request(request).await;
+                    let _ = reply.send(answer);
+                }
             }
             Some(input) = inputs.recv() => match input {
                 Input::Hello(bytes, from) => daemon.handle_hello(&bytes, from),
@@ -180,7 +207,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         daemon.drive().await;
     }
     daemon.logs.append(LogKind::Events, Severity::Notice, "confmesh stopping");
-    daemon.leave_quietly();
+    daemon.leave_quietly().await;
+    let Daemon { bandwidth, store, .. } = daemon;
+    bandwidth.shutdown().await;
+    drop(store);
     let _ = stop_tx.send(true);
     drop(calls_tx);
     drop(calls);
@@ -336,12 +366,15 @@ impl Daemon {
             for gone in c.settings.peers.iter().filter(|p| !settings.peers.contains(p) && **p != me) {
                 c.ike.remove_peer(now, *gone);
                 c.overlay.remove_peer(*gone);
+                let _ = self.bandwidth.remove_peer_key(*gone);
             }
             for &(addr, overlay) in peers.iter().filter(|p| p.0 != me) {
                 c.ike.set_peer(now, PeerConfig { addr, overlay, psk: psk.clone() });
             }
             c.membership.set_peers(&peers);
+            c.replication.set_peers(sync_peers(&peers, me));
             c.settings = settings;
+            self.set_bandwidth_peers(&peers);
             return Ok(());
         }
         let local = PeerAddrs { mgmt: self.config.peer.mgmt_addr, overlay: self.config.peer.overlay_addr };
@@ -368,31 +401,120 @@ impl Daemon {
         for &(addr, overlay) in peers.iter().filter(|p| p.0 != me) {
             ike.set_peer(now, PeerConfig { addr, overlay, psk: psk.clone() });
         }
-        let feeders = vec![
+        let feeders = Feeders(vec![
             tokio::spawn(feed_hellos(hello.clone(), self.inputs.clone())),
             tokio::spawn(feed_overlay_events(overlay_events, self.inputs.clone())),
             tokio::spawn(feed_ike(ike_socket.clone(), self.inputs.clone())),
-        ];
+        ]);
+        let sync_addr = SocketAddrV4::new(self.config.peer.overlay_addr, REPLICATION_PORT);
+        let replication = Replication::start(self.store.clone(), sync_addr.into(), sync_peers(&peers, me))
+            .await
+            .map_err(|e| DaemonError::Io { what: "cannot start replication".into(), source: std::io::Error::other(e) })?;
         let membership = Membership::new(self.local_identity(&settings), &peers, self.config.peer.mtu, now);
-        self.cluster = Some(ClusterState { settings, membership, hello, overlay, ike, ike_socket, feeders });
+        self.cluster = Some(ClusterState { settings, membership, hello, overlay, ike, ike_socket, replication, _feeders: feeders });
+        self.set_bandwidth_peers(&peers);
         Ok(())
     }
 
+    fn set_bandwidth_peers(&self, peers: &[(Ipv4Addr, Ipv4Addr)]) {
+        let me = self.config.peer.mgmt_addr;
+        let others: Vec<Ipv4Addr> = peers.iter().map(|p| p.0).filter(|p| *p != me).collect();
+        if let Err(e) = self.bandwidth.set_peers(&others) {
+            tracing::error!("bandwidth updates: {e}");
+        }
+    }
+
+    /// Joining a cluster (SPEC.md §2 rule 6): back up this peer, then let the cluster's shared
+    /// configuration replace ours; it flows in once the sync sessions are up.
+    async fn take_cluster_content(&mut self) -> Result<(), String> {
+        let path = self.backup(None, None).await?;
+        self.store.replace_all_async(Default::default()).await.map_err(|e| e.to_string())?;
+        self.logs.append(
+            LogKind::Config,
+            Severity::Notice,
+            format!("joined a cluster: shared configuration replaced by the cluster's; the previous one is in {}", path.display()),
+        );
+        Ok(())
+    }
+
+    /// Writes a backup of this peer (configuration file and store; no logs) and returns its path.
+    async fn backup(&mut self, dir: Option<PathBuf>, password_file: Option<PathBuf>) -> Result<PathBuf, String> {
+        let password = password_file.as_deref().map(shared::read_password).transpose()?;
+        let config_text = std::fs::read(&self.opts.config_path)
+            .map_err(|e| format!("cannot read {}: {e}", self.opts.config_path.display()))?;
+        let store = self.store.clone();
+        let dir = dir.unwrap_or_else(|| shared::backup_dir(&self.config.peer.state_dir));
+        let (version, serial) = (self.opts.version.clone(), self.config.peer.serial.clone());
+        let path = tokio::task::spawn_blocking(move || {
+            let members = vec![
+                (shared::CONFIG_MEMBER.to_owned(), config_text),
+                (shared::STORE_MEMBER.to_owned(), shared::export(&store)?),
+            ];
+            crate::backup::create(&dir, &version, &serial, wall_ms(), &members, password.as_deref().map(|p| &p[..]))
+                .map_err(|e| format!("cannot write the backup in {}: {e}", dir.display()))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        self.logs.append(LogKind::Config, Severity::Notice, format!("backup written to {}", path.display()));
+        Ok(path)
+    }
+
+    /// Restores a backup of this peer: everything is checked first, so a refusal changes nothing.
+    async fn restore(&mut self, file: PathBuf, password_file: Option<PathBuf>) -> control::Reply {
+        let password = password_file.as_deref().map(shared::read_password).transpose()?;
+        let serial = self.config.peer.serial.clone();
+        let f = file.clone();
+        let (manifest, members) =
+            tokio::task::spawn_blocking(move || crate::backup::open(&f, password.as_deref().map(|p| &p[..]), &serial))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("restore refused, nothing changed: {e}"))?;
+        let member = |name: &str| {
+            members
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| b.as_slice())
+                .ok_or_else(|| format!("restore refused, nothing changed: the backup has no {name}"))
+        };
+        let text = std::str::from_utf8(member(shared::CONFIG_MEMBER)?)
+            .map_err(|_| "restore refused, nothing changed: the backup's configuration is not UTF-8".to_owned())?
+            .to_owned();
+        let serial = self.config.peer.serial.clone();
+        let config = Config::parse(&text, || Some(serial)).map_err(|e| format!("restore refused, nothing changed: {e}"))?;
+        self.check_live_change(&config).map_err(|e| format!("restore refused, nothing changed: {e}"))?;
+        let snapshot = shared::import(member(shared::STORE_MEMBER)?).map_err(|e| format!("restore refused, nothing changed: {e}"))?;
+        self.store.replace_all_async(snapshot).await.map_err(|e| format!("restore failed: {e}"))?;
+        live::write_atomically(&self.opts.config_path, &text)
+            .map_err(|e| format!("store restored, but cannot write {}: {e}", self.opts.config_path.display()))?;
+        self.logs.append(
+            LogKind::Config,
+            Severity::Notice,
+            format!("restored backup {} taken {} (version {})", file.display(), manifest.created, manifest.version),
+        );
+        self.apply(config).await.map_err(|e| e.to_string())?;
+        Ok(json!({ "restored": file, "created": manifest.created }))
+    }
+
     /// Leaves the cluster: stops talking to the other peers.
-    fn leave(&mut self) {
-        if self.leave_quietly() {
+    async fn leave(&mut self) {
+        if self.leave_quietly().await {
             self.logs.append(LogKind::Events, Severity::Notice, "left the cluster: now standalone");
         }
     }
 
     /// Deletes every SA (the peers learn it from DELETE payloads at once) and drops the cluster
     /// state. Returns whether there was one.
-    fn leave_quietly(&mut self) -> bool {
+    async fn leave_quietly(&mut self) -> bool {
         let Some(mut c) = self.cluster.take() else { return false };
         c.ike.shutdown(Instant::now());
         while let Some(t) = c.ike.poll_transmit() {
             let _ = c.ike_socket.try_send_to(&t.payload, t.dst.into());
         }
+        if let Err(e) = self.bandwidth.set_peers(&[]) {
+            tracing::error!("bandwidth updates: {e}");
+        }
+        let ClusterState { replication, .. } = c;
+        replication.shutdown().await;
         true
     }
 
@@ -407,7 +529,10 @@ impl Daemon {
         let me = self.config.peer.mgmt_addr;
         let Some(c) = &mut self.cluster else { return };
         match event {
-            IkeEvent::IkeUp { peer, icookie, rcookie, enc_key, .. } => {
+            IkeEvent::IkeUp { peer, icookie, rcookie, enc_key, bandwidth_key } => {
+                if let Err(e) = self.bandwidth.set_peer_key(peer, bandwidth_key) {
+                    tracing::warn!(%peer, "bandwidth updates: {e}");
+                }
                 if let Some(k) = &mut self.keylog {
                     if let Err(e) = k.ike(&icookie, &rcookie, &enc_key[..]) {
                         tracing::warn!("key log: {e}");
@@ -457,6 +582,7 @@ impl Daemon {
             }
             IkeEvent::PeerDead { peer } => {
                 c.overlay.remove_peer(peer);
+                let _ = self.bandwidth.remove_peer_key(peer);
                 c.membership.handle_ike(peer, IkeState::Connecting);
                 self.logs.append(LogKind::Events, Severity::Warning, format!("peer {peer} stopped answering dead-peer detection"));
             }
@@ -488,6 +614,9 @@ impl Daemon {
             OverlayEvent::PathMtuChanged { peer, path_mtu } => {
                 self.logs.append(LogKind::Events, Severity::Info, format!("path MTU to {peer} is now {path_mtu}"));
                 c.membership.set_path_mtu(peer, path_mtu);
+                if let Err(e) = self.bandwidth.set_path_mtu(peer, path_mtu) {
+                    tracing::debug!(%peer, "bandwidth updates: {e}");
+                }
             }
             OverlayEvent::RekeyNeeded { peer, .. } => c.ike.rekey_child(Instant::now(), peer),
             other => tracing::debug!(?other, "dataplane event"),
@@ -552,11 +681,18 @@ impl Daemon {
             Request::Standalone => self.change(MembershipChange::Standalone).await,
             Request::Reload => self.reload().await.map(|()| json!("reloaded")).map_err(|e| e.to_string()),
             Request::Metrics => Ok(Value::String(self.metrics())),
-            Request::AdminHash { .. }
+            Request::Backup { dir, password_file } => {
+                self.backup(dir, password_file).await.map(|p| json!({ "backup": p }))
+            }
+            Request::Restore { file, password_file } => self.restore(file, password_file).await,
+            other @ (Request::AdminHash { .. }
+            | Request::AdminAdd { .. }
+            | Request::AdminRemove { .. }
+            | Request::AdminList
             | Request::ConfigGet { .. }
             | Request::ConfigSet { .. }
             | Request::ConfigDelete { .. }
-            | Request::ConfigList { .. } => Err("the shared configuration store is not running in this build".into()),
+            | Request::ConfigList { .. }) => shared::answer(self.store.clone(), other).await,
             Request::Faults { peer, delay_ms, jitter_ms, loss_pct } => {
                 let Some(c) = &self.cluster else { return Err("standalone: there is no peer to inject faults towards".into()) };
                 if !c.settings.peers.contains(&peer) || peer == self.config.peer.mgmt_addr {
@@ -604,6 +740,13 @@ impl Daemon {
     /// Re-reads the configuration file and applies what changed.
     async fn reload(&mut self) -> Result<(), DaemonError> {
         let config = Config::load(&self.opts.config_path)?;
+        self.check_live_change(&config)?;
+        self.logs.append(LogKind::Config, Severity::Notice, "configuration reloaded");
+        self.apply(config).await
+    }
+
+    /// Refuses a new configuration that changes what only a restart can change.
+    fn check_live_change(&self, config: &Config) -> Result<(), DaemonError> {
         let restart_needed = [
             ("peer.mgmt_addr", config.peer.mgmt_addr != self.config.peer.mgmt_addr),
             ("peer.overlay_addr", config.peer.overlay_addr != self.config.peer.overlay_addr),
@@ -616,16 +759,27 @@ impl Daemon {
                 message: "changed; this setting only takes effect after a restart of the daemon".into(),
             }));
         }
-        self.logs.append(LogKind::Config, Severity::Notice, "configuration reloaded");
-        self.apply(config).await
+        Ok(())
     }
 
     async fn apply(&mut self, config: Config) -> Result<(), DaemonError> {
         let cluster = config.cluster.clone();
+        let me = config.peer.mgmt_addr;
+        // From standalone into a list with other peers: this peer joins an existing cluster. A
+        // list of only itself makes it a cluster's first peer, whose configuration is kept.
+        let joining = self.cluster.is_none() && cluster.as_ref().is_some_and(|c| c.peers.iter().any(|p| *p != me));
         self.config = config;
         match cluster {
-            Some(settings) => self.join(settings).await?,
-            None => self.leave(),
+            Some(settings) => {
+                if joining {
+                    self.take_cluster_content().await.map_err(|e| DaemonError::Io {
+                        what: "cannot take the cluster's shared configuration".into(),
+                        source: std::io::Error::other(e),
+                    })?;
+                }
+                self.join(settings).await?
+            }
+            None => self.leave().await,
         }
         Ok(())
     }
@@ -750,8 +904,20 @@ impl Daemon {
             peers,
             alarms,
             conferences: Vec::new(),
+            replication: self.cluster.as_ref().and_then(|c| serde_json::to_value(c.replication.status()).ok()),
+            bandwidth: serde_json::to_value(self.bandwidth.status()).ok(),
         }
     }
+}
+
+/// The store's sync peers: every other peer of the list at its overlay address. All of them,
+/// not only the active ones, so that no deletion is forgotten while a peer is away.
+fn sync_peers(peers: &[(Ipv4Addr, Ipv4Addr)], me: Ipv4Addr) -> Vec<(u32, SocketAddr)> {
+    peers
+        .iter()
+        .filter(|p| p.0 != me)
+        .map(|&(mgmt, overlay)| (u32::from(mgmt), SocketAddrV4::new(overlay, REPLICATION_PORT).into()))
+        .collect()
 }
 
 /// Where the control socket of the daemon configured by `config` is.

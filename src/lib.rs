@@ -34,5 +34,6 @@ pub mod keylog;
 pub mod live;
 pub mod membership;
 pub mod metrics;
+pub mod shared;
 pub mod sip;
 pub mod status;

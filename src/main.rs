@@ -85,6 +85,41 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Shared configuration (replicated to every peer).
+    Config {
+        #[command(subcommand)]
+        op: ConfigOp,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Administrator accounts of the admin API (shared configuration).
+    Admin {
+        #[command(subcommand)]
+        op: AdminOp,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Back up this peer: configuration file and store, no logs.
+    Backup {
+        /// Encrypt the backup with the password in this file.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Directory to write it to (default: <state_dir>/backups).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Restore a backup taken on this peer, live.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The password file, for an encrypted backup.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Inject delay, jitter and loss on the outbound path to a peer (tests; all zero clears).
     Faults {
         /// The peer's management address.
@@ -115,6 +150,52 @@ enum PeersOp {
         /// The peer's management address.
         addr: Ipv4Addr,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigOp {
+    /// Print one value as JSON.
+    Get {
+        /// The key, e.g. bridge/b1.
+        key: String,
+    },
+    /// Set a value; returns once it is durable on this peer.
+    Set {
+        /// The key.
+        key: String,
+        /// The value as JSON, e.g. '{"uri": "sip:10.96.4.1:5060", "capacity": 20}'.
+        value: String,
+    },
+    /// Delete a key.
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Print every key under a prefix, one "KEY JSON" line each.
+    List {
+        /// Key prefix (default: all).
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminOp {
+    /// Create or replace an account.
+    Add {
+        /// Account name.
+        name: String,
+        /// File holding the password (hashed here with Argon2id; never sent anywhere).
+        #[arg(long)]
+        password_file: PathBuf,
+    },
+    /// Remove an account.
+    Remove {
+        /// Account name.
+        name: String,
+    },
+    /// List the account names.
+    List,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -177,10 +258,62 @@ fn main() -> ExitCode {
             })
         }
         Command::Reload { target } => client(target, Request::Reload, |_| "ok: reloaded".into()),
+        Command::Config { op, target } => config_command(op, target),
+        Command::Admin { op, target } => admin_command(op, target),
+        Command::Backup { password_file, dir, target } => {
+            let (password_file, dir) = (password_file.map(absolute), dir.map(absolute));
+            client(target, Request::Backup { dir, password_file }, |v| v["backup"].as_str().unwrap_or("").to_owned())
+        }
+        Command::Restore { file, password_file, target } => {
+            let req = Request::Restore { file: absolute(file), password_file: password_file.map(absolute) };
+            client(target, req, |v| format!("restored {}", v["restored"].as_str().unwrap_or("")))
+        }
         Command::Faults { peer, delay_ms, jitter_ms, loss_pct, target } => {
             client(target, Request::Faults { peer, delay_ms, jitter_ms, loss_pct }, |_| "ok".into())
         }
     }
+}
+
+fn config_command(op: ConfigOp, target: Target) -> ExitCode {
+    match op {
+        ConfigOp::Get { key } => client(target, Request::ConfigGet { key }, |v| v.to_string()),
+        ConfigOp::Set { key, value } => match serde_json::from_str(&value) {
+            Ok(value) => client(target, Request::ConfigSet { key, value }, |_| String::new()),
+            Err(e) => fail(format!("the value is not JSON ({e}); quote strings, e.g. '\"text\"'")),
+        },
+        ConfigOp::Delete { key } => client(target, Request::ConfigDelete { key }, |_| String::new()),
+        ConfigOp::List { prefix } => client(target, Request::ConfigList { prefix }, |v| {
+            v.as_object().map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join("\n")).unwrap_or_default()
+        }),
+    }
+}
+
+fn admin_command(op: AdminOp, target: Target) -> ExitCode {
+    match op {
+        AdminOp::Add { name, password_file } => {
+            let password = match std::fs::read_to_string(&password_file) {
+                Ok(p) => zeroize::Zeroizing::new(p),
+                Err(e) => return fail(format!("cannot read {}: {e}", password_file.display())),
+            };
+            let password = password.trim_end_matches(['\n', '\r']);
+            if password.len() < 8 {
+                return fail(format!("the password in {} is shorter than 8 characters", password_file.display()));
+            }
+            match confmesh::admin::hash_password(password) {
+                Ok(hash) => client(target, Request::AdminAdd { name, hash }, |_| String::new()),
+                Err(e) => fail(e),
+            }
+        }
+        AdminOp::Remove { name } => client(target, Request::AdminRemove { name }, |_| String::new()),
+        AdminOp::List => client(target, Request::AdminList, |v| {
+            v.as_array().map(|a| a.iter().filter_map(|n| n.as_str()).collect::<Vec<_>>().join("\n")).unwrap_or_default()
+        }),
+    }
+}
+
+/// Paths go to the daemon, which may run in another directory.
+fn absolute(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

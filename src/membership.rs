@@ -524,6 +524,10 @@ impl Membership {
             (Some(h), _) if h.peer_list_hash != self.list_hash => {
                 (Some(NotActiveReason::PeerListMismatch), Some("the peer lists differ; make them identical".to_owned()))
             }
+            // Heard one way only so far: latency and skew are unknown until a hello comes back.
+            _ if view.rtt_ms.is_none() => {
+                (Some(NotActiveReason::Unreachable), Some("no hello round trip measured yet".to_owned()))
+            }
             _ => match alarms.first() {
                 Some((AlarmKind::ClockSkew, d)) => (Some(NotActiveReason::ClockSkew), Some(d.clone())),
                 Some((AlarmKind::Latency, d)) => (Some(NotActiveReason::Latency), Some(d.clone())),

@@ -24,6 +24,12 @@ pub struct Status {
     /// Conferences known to this peer and where they are hosted.
     #[serde(default)]
     pub conferences: Vec<ConferenceStatus>,
+    /// The replicated store: per-peer lag, queue depth, bytes and entries, last sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<serde_json::Value>,
+    /// Bandwidth in use per location and bridge, this peer's and the cluster's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<serde_json::Value>,
 }
 
 /// One peer in [`Status::peers`].
