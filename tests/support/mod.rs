@@ -182,6 +182,20 @@ impl Daemon {
         }
     }
 
+    /// Waits up to `limit` for the daemon to exit on its own (e.g. refusing to start).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.spawn(None);

@@ -1,0 +1,213 @@
+//! Issue 5 acceptance 3 and 4 over the real overlay (AH between peers, in network namespaces, as
+//! root; CI does): a peer killed with SIGKILL in the middle of a stream of writes converges after
+//! a restart without losing an acknowledged write; a damaged store file stops the daemon with a
+//! clear message; a standalone peer joining a cluster takes the cluster's shared configuration
+//! after an automatic backup of its own, and keeps its peer-specific settings.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+fn cli_in(ns: &str, config: &Path, args: &[&str]) -> Output {
+    Command::new("ip")
+        .args(["netns", "exec", ns, BIN])
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run confmesh client")
+}
+
+fn set(d: &Daemon, key: &str, value: &str) {
+    let out = d.cli(&["config", "set", key, value]);
+    assert!(out.status.success(), "config set {key} on p{}: {}", d.i, String::from_utf8_lossy(&out.stderr));
+}
+
+/// `config list PREFIX` of a daemon as a map, or `None` if it does not answer.
+fn list(d: &Daemon, prefix: &str) -> Option<BTreeMap<String, Value>> {
+    let out = d.cli(&["config", "list", prefix]);
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8(out.stdout).ok()?;
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_owned(), serde_json::from_str(v).ok()?))
+        })
+        .collect()
+}
+
+fn all_active(d: &[&Daemon]) -> bool {
+    d.iter().all(|x| d.iter().all(|y| x.i == y.i || shows(x, y.i, "active", None)))
+}
+
+/// Writes `prefix/NNNN` keys to one daemon until `stop`, recording the acknowledged ones.
+fn writer(ns: String, config: PathBuf, prefix: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        for n in 0..2000u32 {
+            if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                break;
+            }
+            let key = format!("{prefix}/{n:04}");
+            if cli_in(&ns, &config, &["config", "set", &key, &n.to_string()]).status.success() {
+                acked.push(key);
+            } else {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        acked
+    })
+}
+
+#[test]
+fn killed_mid_stream_peer_converges_and_damaged_store_is_refused() {
+    if !require_root("killed_mid_stream_peer_converges_and_damaged_store_is_refused") {
+        return;
+    }
+    let topo = Topology::up("cmrk", 3);
+    let mut d: Vec<Daemon> = (1..=3).map(|i| Daemon::start(&topo, &PeerSpec::new(i, &[1, 2, 3]))).collect();
+    let refs: Vec<&Daemon> = d.iter().collect();
+    assert!(wait_until(Duration::from_secs(20), || all_active(&refs)), "cluster did not form: {}", d[2].log());
+
+    // Writers on peer 3 (the one that crashes) and on peer 1 (what peer 3 must catch up on).
+    let stop = Arc::new(AtomicBool::new(false));
+    let w3 = writer(d[2].ns.clone(), d[2].config.clone(), "on3", stop.clone());
+    let w1 = writer(d[0].ns.clone(), d[0].config.clone(), "on1", stop.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    d[2].kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    d[2].restart();
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let acked3 = w3.join().unwrap();
+    let acked1 = w1.join().unwrap();
+    assert!(acked3.len() >= 10 && acked1.len() >= 20, "too few writes: {} on p3, {} on p1", acked3.len(), acked1.len());
+
+    // Every peer converges to the same content, holding every acknowledged write.
+    let mut last = Vec::new();
+    let converged = wait_until(Duration::from_secs(30), || {
+        last = d.iter().map(|x| list(x, "on").unwrap_or_default()).collect();
+        last.iter().all(|m| m == &last[0]) && acked3.iter().chain(&acked1).all(|k| last[0].contains_key(k))
+    });
+    assert!(
+        converged,
+        "not converged: sizes {:?}, acked {} + {}; missing on p3: {:?}\n{}",
+        last.iter().map(BTreeMap::len).collect::<Vec<_>>(),
+        acked3.len(),
+        acked1.len(),
+        acked3.iter().chain(&acked1).filter(|k| !last[2].contains_key(*k)).take(5).collect::<Vec<_>>(),
+        d[2].log()
+    );
+    let status = d[0].status().unwrap();
+    let repl = &status["replication"];
+    assert!(repl.is_object(), "replication status missing: {status}");
+
+    // A damaged store file is detected and reported, and the daemon does not start on it.
+    d[2].stop();
+    let store = d[2].dir.join("state").join("store.redb");
+    let mut bytes = std::fs::read(&store).unwrap();
+    let len = bytes.len();
+    for i in (len / 4..len * 3 / 4).step_by(61) {
+        bytes[i] ^= 0xff;
+    }
+    std::fs::write(&store, &bytes).unwrap();
+    d[2].restart();
+    let exit = d[2].wait_exit(Duration::from_secs(10));
+    assert!(exit.is_some_and(|s| !s.success()), "daemon ran on a damaged store: {exit:?}\n{}", d[2].log());
+    let log = d[2].log();
+    assert!(log.contains("damaged") && log.contains("store.redb"), "no clear message: {log}");
+}
+
+/// The store member of a backup file, as JSON.
+fn backup_store(path: &Path) -> Value {
+    let gz = std::fs::File::open(path).unwrap();
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(gz));
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.path().unwrap().to_string_lossy() == "store.json" {
+            let mut s = String::new();
+            entry.read_to_string(&mut s).unwrap();
+            return serde_json::from_str(&s).unwrap();
+        }
+    }
+    panic!("no store.json in {}", path.display());
+}
+
+#[test]
+fn standalone_peer_joining_takes_the_clusters_configuration() {
+    if !require_root("standalone_peer_joining_takes_the_clusters_configuration") {
+        return;
+    }
+    let topo = Topology::up("cmrj", 3);
+    let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[1, 2]));
+    let d2 = Daemon::start(&topo, &PeerSpec::new(2, &[1, 2]));
+    let d3 = Daemon::start(&topo, &PeerSpec::new(3, &[]));
+    assert!(wait_until(Duration::from_secs(20), || all_active(&[&d1, &d2])), "1+2 did not form: {}", d1.log());
+    let bridge = r#"{"uri": "sip:10.96.4.1:5060", "capacity": 20}"#;
+    set(&d1, "bridge/b1", bridge);
+    set(&d3, "bridge/own", r#"{"uri": "sip:10.96.4.2:5060", "capacity": 5}"#);
+    set(&d3, "location/own", r#"{"limit_kbps": 1000}"#);
+    let peer_part = |d: &Daemon| {
+        let text = std::fs::read_to_string(&d.config).unwrap();
+        text.split("[cluster]").next().unwrap().trim_end().to_owned()
+    };
+    let before = peer_part(&d3);
+
+    // The cluster adds peer 3; peer 3 lists the cluster and reloads (SPEC §2 rule 6).
+    for d in [&d1, &d2] {
+        let out = d.cli(&["peers", "add", "10.96.0.3"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = std::fs::read_to_string(&d3.config).unwrap();
+    std::fs::write(
+        &d3.config,
+        format!(
+            "{text}\n[cluster]\npeers = [\"10.96.0.1\", \"10.96.0.2\", \"10.96.0.3\"]\npsk_file = \"{}\"\nlicence = \"full\"\n",
+            d3.psk_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(&d3.psk_file, PeerSpec::new(3, &[]).psk).unwrap();
+    let out = d3.cli(&["reload"]);
+    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+
+    assert!(wait_until(Duration::from_secs(20), || all_active(&[&d1, &d2, &d3])), "3 did not join: {}", d3.log());
+    let mut seen = None;
+    let took = wait_until(Duration::from_secs(15), || {
+        seen = list(&d3, "");
+        seen.as_ref().is_some_and(|m| m.contains_key("bridge/b1") && !m.contains_key("bridge/own"))
+    });
+    assert!(took, "peer 3 did not take the cluster's configuration: {seen:?}");
+    assert_eq!(list(&d3, "").unwrap(), list(&d1, "").unwrap());
+    assert!(!list(&d1, "").unwrap().contains_key("bridge/own"), "the joiner's old configuration leaked into the cluster");
+
+    // Its old shared configuration is in the automatic backup; its peer-specific part is unchanged.
+    let backups: Vec<PathBuf> = std::fs::read_dir(d3.dir.join("state/backups"))
+        .expect("no backup directory")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("_backup.tar.gz"))
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    let name = backups[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.contains("_CMT3_"), "backup name carries the serial: {name}");
+    let old = backup_store(&backups[0]).to_string();
+    assert!(old.contains("bridge/own") && old.contains("location/own"), "backup lacks the old configuration: {old}");
+    assert_eq!(peer_part(&d3), before);
+    let s = d3.status().unwrap();
+    assert_eq!(s["hostname"], "conductor3");
+    let log = String::from_utf8(d3.cli(&["log", "config"]).stdout).unwrap();
+    assert!(log.contains("joined a cluster"), "{log}");
+}
