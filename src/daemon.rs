@@ -837,6 +837,29 @@ impl Daemon {
                 }
             }
         }
+        if let Some(c) = &self.cluster {
+            let repl = c.replication.status();
+            let peer = |origin: u32| Ipv4Addr::from(origin).to_string();
+            let gauges: [(&str, Kind, &str, fn(&confmesh_replication::service::PeerReplication) -> Option<f64>); 8] = [
+                ("confmesh_replication_connected", Kind::Gauge, "1 while a sync session with the peer is up.", |r| Some(f64::from(u8::from(r.connected)))),
+                ("confmesh_replication_lag_entries", Kind::Gauge, "Entries this peer holds that the peer has not acknowledged.", |r| r.lag_entries.map(|l| l as f64)),
+                ("confmesh_replication_queue_bytes", Kind::Gauge, "Bytes queued for the peer, not yet written to its socket.", |r| Some(r.queue_depth as f64)),
+                ("confmesh_replication_sent_bytes_total", Kind::Counter, "Sync bytes sent to the peer.", |r| Some(r.bytes_sent as f64)),
+                ("confmesh_replication_received_bytes_total", Kind::Counter, "Sync bytes received from the peer.", |r| Some(r.bytes_received as f64)),
+                ("confmesh_replication_sent_entries_total", Kind::Counter, "Entries sent to the peer.", |r| Some(r.entries_sent as f64)),
+                ("confmesh_replication_received_entries_total", Kind::Counter, "Entries received from the peer.", |r| Some(r.entries_received as f64)),
+                ("confmesh_replication_last_sync_timestamp_seconds", Kind::Gauge, "Unix time of the peer's last acknowledgement.", |r| r.last_sync_unix_ms.map(|t| t as f64 / 1e3)),
+            ];
+            for (name, kind, help, get) in gauges {
+                m.family(name, kind, help);
+                for r in &repl.peers {
+                    if let Some(v) = get(r) {
+                        m.sample(name, &[("peer", &peer(r.origin))], v);
+                    }
+                }
+            }
+        }
+        self.bandwidth.status().write_metrics(&mut m);
         m.family("confmesh_alarms", Kind::Gauge, "Raised alarms by kind and peer (1 per raised alarm).");
         for a in &status.alarms {
             m.sample("confmesh_alarms", &[("kind", &a.kind), ("peer", &a.peer.to_string())], 1.0);
