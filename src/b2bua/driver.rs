@@ -31,6 +31,20 @@ pub struct B2buaSettings {
     pub core: CoreConfig,
 }
 
+/// The SIP port on every rendezvous address (RFC 3261 default; the VCS's neighbour zone uses it).
+pub const SIP_PORT: u16 = 5060;
+
+impl B2buaSettings {
+    /// Production settings: UDP and TCP port 5060 on each rendezvous address, `hostname` in
+    /// Warning headers, the core's default limits, timers and OPTIONS interval.
+    pub fn on_rendezvous(rendezvous: &[std::net::Ipv4Addr], hostname: &str) -> B2buaSettings {
+        B2buaSettings {
+            listen: rendezvous.iter().map(|a| SocketAddr::new((*a).into(), SIP_PORT)).collect(),
+            core: CoreConfig { hostname: hostname.to_owned(), ..CoreConfig::default() },
+        }
+    }
+}
+
 /// What the B2BUA shows in `confmesh status --json`, the status page and `/metrics`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct B2buaStatus {

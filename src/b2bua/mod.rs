@@ -5,11 +5,18 @@
 //!   [`routing::BandwidthLedger`] traits the replicated store and the bandwidth service implement;
 //! - [`core`]: the sans-IO B2BUA (dialogs, CANCEL, re-INVITE, bridge health by OPTIONS);
 //! - [`driver`]: [`driver::B2buaService`], the tokio task that owns the sockets and runs the
-//!   core, routing each call on the directory and ledger it is given.
+//!   core, routing each call on the directory and ledger it is given;
+//! - [`store_directory`]: the conference directory and the routing configuration on the
+//!   replicated store;
+//! - [`cluster`]: [`start_on_store`], the entry point the daemon uses.
 
+pub mod cluster;
 pub mod core;
 pub mod driver;
 pub mod routing;
+pub mod store_directory;
 
-pub use driver::{B2buaService, B2buaSettings, B2buaStatus};
+pub use cluster::{StartError, StoreB2bua, start_on_store};
+pub use driver::{B2buaService, B2buaSettings, B2buaStatus, SIP_PORT};
+pub use store_directory::{RoutingConfigLoader, StoreDirectory};
 pub use routing::{BandwidthLedger, ConferenceDirectory, MemoryDirectory, MemoryLedger, RoutingConfig};

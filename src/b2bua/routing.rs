@@ -215,6 +215,9 @@ pub trait ConferenceDirectory: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<u32>, DirectoryError>> + Send;
     /// Counts one call less; at zero the conference ends and its placement is removed.
     fn remove_participant(&self, conference: &str, bridge: &str) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+    /// Removes the conference's placement on `bridge` if the conference has no calls yet (it has
+    /// not started), so that it can be placed on another bridge when that one is down.
+    fn abandon(&self, conference: &str, bridge: &str) -> impl Future<Output = Result<(), DirectoryError>> + Send;
     /// Calls in all conferences placed on `bridge`, cluster-wide (capacity checks).
     fn bridge_load(&self, bridge: &str) -> impl Future<Output = Result<u32, DirectoryError>> + Send;
 }
@@ -289,6 +292,14 @@ impl ConferenceDirectory for MemoryDirectory {
                     m.remove(conference);
                 }
             }
+        }
+        Ok(())
+    }
+
+    async fn abandon(&self, conference: &str, bridge: &str) -> Result<(), DirectoryError> {
+        let mut m = self.lock()?;
+        if m.get(conference).is_some_and(|p| p.bridge == bridge && p.participants == 0) {
+            m.remove(conference);
         }
         Ok(())
     }
@@ -495,20 +506,26 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Router<D, L> {
     /// part for its Request-URI.
     async fn place(&self, cfg: &RoutingConfig, conference: &str, failed: &[String]) -> Result<(BridgeConfig, String), RouteDecision> {
         let unavailable = |e: DirectoryError| reject(503, "Service Unavailable", e.to_string());
+        let mut abandoned = false;
         for _ in 0..MAX_PLACEMENT_ATTEMPTS {
             let placement = self.directory.placement(conference).await.map_err(unavailable)?;
             let bridge = match placement {
                 Some(p) => {
-                    let Some(b) = cfg.bridges.get(&p.bridge) else {
-                        return Err(reject(503, "Service Unavailable", format!("conference {conference} is on unknown bridge {}", p.bridge)));
-                    };
-                    if failed.contains(&b.name) || !self.health.is_up(&b.name) {
+                    let usable = cfg.bridges.get(&p.bridge).filter(|b| !failed.contains(&b.name) && self.health.is_up(&b.name));
+                    let Some(b) = usable else {
+                        // Not started yet: it may move to another bridge (once; a placement that
+                        // comes back was claimed again by a peer with calls in it).
+                        if p.participants == 0 && !abandoned {
+                            abandoned = true;
+                            self.directory.abandon(conference, &p.bridge).await.map_err(unavailable)?;
+                            continue;
+                        }
                         return Err(reject(
                             503,
                             "Service Unavailable",
-                            format!("bridge {} of conference {conference} is unavailable", b.name),
+                            format!("bridge {} of conference {conference} is unavailable", p.bridge),
                         ));
-                    }
+                    };
                     let load = self.directory.bridge_load(&b.name).await.map_err(unavailable)?;
                     if load >= b.capacity {
                         return Err(reject(503, "Service Unavailable", format!("bridge {} of conference {conference} is full", b.name)));
