@@ -1333,7 +1333,12 @@ impl Endpoint {
             let spi = u32::from_be_bytes([spi[0], spi[1], spi[2], spi[3]]);
             let protection = self.cfg.protection;
             let Some(p) = self.peers.get_mut(&ip) else { return };
-            if let Some(k) = p.children.iter().position(|c| c.outbound_spi == spi) {
+            // RFC 2408 leaves open which SPI of the pair a DELETE names. The peer's inbound SPI
+            // (our outbound) is the usual choice; strongSwan names our inbound SPI when it could
+            // not install the pair. Both identify the pair: our inbound SPIs are unique here.
+            let k = p.children.iter().position(|c| c.outbound_spi == spi);
+            let k = k.or_else(|| p.children.iter().position(|c| c.inbound_spi == spi));
+            if let Some(k) = k {
                 let c = p.children.remove(k);
                 // A pair that lived a while was a normal delete: the next failure starts the
                 // back-off afresh.
