@@ -22,6 +22,7 @@ use zeroize::Zeroizing;
 use confmesh_replication::service::Service as Replication;
 use confmesh_replication::store::{Store, StoreError};
 
+use crate::b2bua::{B2buaSettings, StoreB2bua, start_on_store};
 use crate::bandwidth::{BANDWIDTH_PORT, BandwidthService};
 use crate::config::{ClusterSettings, Config, OVERLAY_PREFIX_LEN};
 use crate::control::{self, Call, Request};
@@ -82,6 +83,8 @@ struct Daemon {
     store: Arc<Store>,
     /// Usage updates on UDP 1719 and the cluster-wide admission ledger.
     bandwidth: BandwidthService,
+    /// The SIP B2BUA on the rendezvous addresses, routing on the store and the bandwidth ledger.
+    b2bua: StoreB2bua,
     cluster: Option<ClusterState>,
 }
 
@@ -94,8 +97,9 @@ struct ClusterState {
     /// The IKE engine and its UDP 500 socket on the management address.
     ike: Endpoint,
     ike_socket: Arc<UdpSocket>,
-    /// Sync sessions of the store with the other peers, over the overlay.
-    replication: Replication,
+    /// Sync sessions of the store with the other peers, over the overlay (shared with the B2BUA,
+    /// whose placement claims wait for the connected peers).
+    replication: Arc<Replication>,
     /// Tasks feeding [`Input`]s from this cluster's sockets and cores; stopped when it goes.
     _feeders: Feeders,
 }
@@ -147,6 +151,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         config.cluster.iter().flat_map(|c| c.peers.iter().copied()).filter(|p| *p != config.peer.mgmt_addr).collect();
     let bandwidth = BandwidthService::start(config.peer.mgmt_addr, BANDWIDTH_PORT, &others)
         .map_err(io(format!("cannot bind bandwidth updates on {}:{BANDWIDTH_PORT} (peer.mgmt_addr)", config.peer.mgmt_addr)))?;
+    let sip = B2buaSettings::on_rendezvous(&config.peer.rendezvous_addrs, &config.peer.hostname);
+    let b2bua = start_on_store(store.clone(), bandwidth.ledger(), sip)
+        .await
+        .map_err(|e| DaemonError::Io { what: "cannot start the SIP B2BUA".into(), source: std::io::Error::other(e) })?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (calls_tx, mut calls) = mpsc::channel::<Call>(32);
     let socket_path = config.peer.control_socket.clone();
@@ -161,7 +169,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .map_err(io(format!("cannot listen for the admin API on {} (admin.listen)", config.admin.listen)))?;
     let admin = tokio::spawn(crate::admin::serve(admin_listener, calls_tx.clone(), stop_rx.clone()));
     let (inputs_tx, mut inputs) = mpsc::channel(INPUT_QUEUE);
-    let mut daemon = Daemon { inputs: inputs_tx, opts, config, logs, keylog, store, bandwidth, cluster: None };
+    let mut daemon = Daemon { inputs: inputs_tx, opts, config, logs, keylog, store, bandwidth, b2bua, cluster: None };
     let cluster = daemon.config.cluster.clone();
     daemon.logs.append(
         LogKind::Events,
@@ -208,7 +216,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     daemon.logs.append(LogKind::Events, Severity::Notice, "confmesh stopping");
     daemon.leave_quietly().await;
-    let Daemon { bandwidth, store, .. } = daemon;
+    let Daemon { bandwidth, store, b2bua, .. } = daemon;
+    b2bua.shutdown().await;
     bandwidth.shutdown().await;
     drop(store);
     let _ = stop_tx.send(true);
@@ -409,7 +418,9 @@ impl Daemon {
         let sync_addr = SocketAddrV4::new(self.config.peer.overlay_addr, REPLICATION_PORT);
         let replication = Replication::start(self.store.clone(), sync_addr.into(), sync_peers(&peers, me))
             .await
+            .map(Arc::new)
             .map_err(|e| DaemonError::Io { what: "cannot start replication".into(), source: std::io::Error::other(e) })?;
+        self.b2bua.set_replication(Some(replication.clone()));
         let membership = Membership::new(self.local_identity(&settings), &peers, self.config.peer.mtu, now);
         self.cluster = Some(ClusterState { settings, membership, hello, overlay, ike, ike_socket, replication, _feeders: feeders });
         self.set_bandwidth_peers(&peers);
@@ -514,7 +525,11 @@ impl Daemon {
             tracing::error!("bandwidth updates: {e}");
         }
         let ClusterState { replication, .. } = c;
-        replication.shutdown().await;
+        self.b2bua.set_replication(None);
+        // A placement claim in flight may still hold it for a moment; dropping stops its tasks.
+        if let Ok(replication) = Arc::try_unwrap(replication) {
+            replication.shutdown().await;
+        }
         true
     }
 
@@ -860,6 +875,7 @@ impl Daemon {
             }
         }
         self.bandwidth.status().write_metrics(&mut m);
+        self.b2bua.status().write_metrics(&mut m);
         m.family("confmesh_alarms", Kind::Gauge, "Raised alarms by kind and peer (1 per raised alarm).");
         for a in &status.alarms {
             m.sample("confmesh_alarms", &[("kind", &a.kind), ("peer", &a.peer.to_string())], 1.0);
@@ -926,7 +942,7 @@ impl Daemon {
             mode: mode_name(&self.config.cluster).into(),
             peers,
             alarms,
-            conferences: Vec::new(),
+            conferences: self.b2bua.conferences(),
             replication: self.cluster.as_ref().and_then(|c| serde_json::to_value(c.replication.status()).ok()),
             bandwidth: serde_json::to_value(self.bandwidth.status()).ok(),
         }
