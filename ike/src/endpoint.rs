@@ -1574,7 +1574,10 @@ impl Endpoint {
                 self.peer_dead(now, ip);
                 continue;
             }
-            p.next_dpd = Some(now + dpd);
+            // The verdict comes 2.5 intervals after the peer was last heard, not at the next probe
+            // after that: up to half an interval sooner.
+            let verdict = p.last_alive.map(|t| t + dpd.mul_f64(2.5));
+            p.next_dpd = min_opt(Some(now + dpd), verdict);
             p.dpd_seq = p.dpd_seq.wrapping_add(1);
             let seq = p.dpd_seq.to_be_bytes();
             if let Some(i) = self.current_sa(ip).filter(|&i| self.sas[i].peer_dpd) {
