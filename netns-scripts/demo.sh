@@ -61,7 +61,7 @@ psk_file = "$run/psk"
 licence = "full"
 protection = "ah"
 TOML
-    ip netns exec "$P"p$i "$bin" run --config "$d/confmesh.toml" --keylog "$d/keylog" 2>"$d/daemon.log" &
+    ip netns exec "$P"p$i "$bin" run --config "$d/confmesh.toml" --keylog "$d/keylog" </dev/null >/dev/null 2>"$d/daemon.log" &
     echo $! > "$d/pid"
 done
 

@@ -100,12 +100,12 @@ impl Status {
     pub fn to_table(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "{} — confmesh {} — {}", self.hostname, self.version, self.mode);
-        let _ = writeln!(out, "{:<15} {:<15} {:>8} {:>9} {:>5}  {:<14} STATUS", "PEER", "OVERLAY", "RTT", "SKEW", "PMTU", "IKE");
+        let _ = writeln!(out, "{:<15} {:<15} {:>8} {:>9} {:>5}  {:<26} STATUS", "PEER", "OVERLAY", "RTT", "SKEW", "PMTU", "IKE (SAs)");
         for p in &self.peers {
             let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}ms"));
             let _ = writeln!(
                 out,
-                "{:<15} {:<15} {:>8} {:>9} {:>5}  {:<14} {}",
+                "{:<15} {:<15} {:>8} {:>9} {:>5}  {:<26} {}",
                 p.addr,
                 p.overlay_addr,
                 ms(p.rtt_ms),
