@@ -731,10 +731,8 @@ impl Endpoint {
             match p.kind {
                 wire::PL_ID => id = Some(p.body),
                 wire::PL_HASH => hash = Some(p.body),
-                wire::PL_NOTIFY => {
-                    if wire::notify(p.body).is_ok_and(|n| n.kind == wire::N_INITIAL_CONTACT) {
-                        initial_contact = true;
-                    }
+                wire::PL_NOTIFY if wire::notify(p.body).is_ok_and(|n| n.kind == wire::N_INITIAL_CONTACT) => {
+                    initial_contact = true;
                 }
                 _ => {}
             }

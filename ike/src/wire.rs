@@ -117,7 +117,7 @@ impl Header {
             return Err(Malformed);
         }
         let length = be32(h, 24)?;
-        if usize::try_from(length).map_or(true, |l| l != d.len()) {
+        if usize::try_from(length).ok() != Some(d.len()) {
             return Err(Malformed);
         }
         let mut icookie = [0u8; 8];

@@ -19,6 +19,9 @@ fn overlay(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, i)
 }
 
+/// One child SA pair as a node sees it: outbound SPI and key, inbound SPI and key.
+type ChildView = (u32, Vec<u8>, u32, Vec<u8>);
+
 /// A deterministic network: per-datagram loss, duplication and delay jitter from a seeded LCG.
 struct Net {
     now: Instant,
@@ -140,8 +143,8 @@ impl Net {
     }
 
     /// The child SAs each node currently believes in: (node, peer) → (outbound spi, key, inbound spi, key).
-    fn children(&self) -> BTreeMap<(Ipv4Addr, Ipv4Addr), Vec<(u32, Vec<u8>, u32, Vec<u8>)>> {
-        let mut m: BTreeMap<(Ipv4Addr, Ipv4Addr), Vec<(u32, Vec<u8>, u32, Vec<u8>)>> = BTreeMap::new();
+    fn children(&self) -> BTreeMap<(Ipv4Addr, Ipv4Addr), Vec<ChildView>> {
+        let mut m: BTreeMap<(Ipv4Addr, Ipv4Addr), Vec<ChildView>> = BTreeMap::new();
         for (node, e) in &self.events {
             match e {
                 Event::ChildUp { peer, outbound, inbound, .. } => m.entry((*node, *peer)).or_default().push((
