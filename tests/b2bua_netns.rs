@@ -154,7 +154,7 @@ fn delete(d: &Daemon, key: &str) {
 fn replicated(daemons: &[&Daemon], entries: &BTreeMap<String, Value>) {
     let same = |d: &Daemon| {
         let mut got = BTreeMap::new();
-        for prefix in ["bridge/", "alias/", "location/"] {
+        for prefix in ["bridge/", "alias/", "location/", "sip/"] {
             let out = d.cli(&["config", "list", prefix]);
             if !out.status.success() {
                 return false;
@@ -252,6 +252,8 @@ fn conference_routing_across_two_peers() {
         ("b4", Sipp::bridge(&topo, 2, 5062)),
     ]);
     let mut entries = alias_and_location(1_000_000);
+    // Bridges probed every second (a bridge that dies is noticed within two).
+    entries.insert("sip/options_interval_ms".into(), json!(1000));
     for (name, host, port) in [("b1", 1, 5060), ("b2", 2, 5060), ("b3", 1, 5062), ("b4", 2, 5062)] {
         entries.insert(format!("bridge/{name}"), json!({"uri": format!("sip:10.96.4.{host}:{port}"), "capacity": 50}));
     }
@@ -347,8 +349,8 @@ fn conference_routing_across_two_peers() {
     // Acceptance 3: bridge down before its conference starts → another bridge.
     bridges.get_mut("b1").unwrap().stop();
     assert!(
-        wait_until(Duration::from_secs(20), || ds.iter().all(|d| bridge_up(&topo, d, "b1") == Some(false))),
-        "b1 not seen down by OPTIONS"
+        wait_until(Duration::from_secs(6), || ds.iter().all(|d| bridge_up(&topo, d, "b1") == Some(false))),
+        "b1 not seen down by OPTIONS every second"
     );
     let down = conference_on(&cfg, "h", "b1");
     Sipp::vcs(&topo, 1, "uac_call.xml", &format!("meet.{down}"), 1, &[]).expect_success();

@@ -286,6 +286,24 @@ impl B2bua {
         self.next_probe = (!self.cfg.options_interval.is_zero()).then_some(now);
     }
 
+    /// Changes the interval of the OPTIONS probes (zero stops probing; every bridge then counts
+    /// as healthy until a call to it fails). A new interval probes at once.
+    pub fn set_options_interval(&mut self, now: Instant, interval: Duration) {
+        if interval == self.cfg.options_interval {
+            return;
+        }
+        self.cfg.options_interval = interval;
+        if interval.is_zero() {
+            self.next_probe = None;
+            self.probe_txns.clear();
+            for p in &mut self.probes {
+                p.outstanding = None;
+            }
+        } else if self.probe_local.is_some() {
+            self.next_probe = Some(now);
+        }
+    }
+
     /// Counters now.
     pub fn stats(&self) -> B2buaStats {
         B2buaStats {

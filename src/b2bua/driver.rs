@@ -120,7 +120,16 @@ impl B2buaService {
         let status = Arc::new(Mutex::new(B2buaStatus::default()));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let router = Arc::new(Router { directory, ledger, health: Arc::new(HealthTable::default()) });
-        let run = Run { core: B2bua::new(core_cfg), sockets, router, config, status: status.clone(), probe_from: local_addrs.first().copied() };
+        let default_options_interval = core_cfg.options_interval;
+        let run = Run {
+            core: B2bua::new(core_cfg),
+            sockets,
+            router,
+            config,
+            status: status.clone(),
+            probe_from: local_addrs.first().copied(),
+            default_options_interval,
+        };
         let task = tokio::spawn(run.run(in_rx, shutdown_rx));
         Ok(B2buaService { status, shutdown, task: Some(task), local_addrs })
     }
@@ -160,6 +169,8 @@ struct Run<D, L> {
     config: watch::Receiver<Arc<RoutingConfig>>,
     status: Arc<Mutex<B2buaStatus>>,
     probe_from: Option<SocketAddr>,
+    /// The probe interval when shared configuration sets none.
+    default_options_interval: Duration,
 }
 
 impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
@@ -215,12 +226,14 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
     fn apply_config(&mut self) {
         let cfg = self.config.borrow_and_update().clone();
         let Some(local) = self.probe_from else { return };
+        let now = Instant::now();
+        self.core.set_options_interval(now, cfg.options_interval.unwrap_or(self.default_options_interval));
         let probes = cfg
             .bridges
             .values()
             .map(|b| BridgeProbe { name: b.name.clone(), uri: b.uri.clone(), dest: b.addr, transport: b.transport })
             .collect();
-        self.core.set_bridges(Instant::now(), local, probes);
+        self.core.set_bridges(now, local, probes);
     }
 
     fn publish_status(&self) {

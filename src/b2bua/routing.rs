@@ -22,6 +22,12 @@ use crate::sip::Transport;
 
 /// Attempts at placing one call before giving up with 503 (bounds directory round trips).
 const MAX_PLACEMENT_ATTEMPTS: usize = 4;
+/// Shared-configuration key of the bridges' OPTIONS probe interval, in ms (0 stops probing).
+pub const OPTIONS_INTERVAL_KEY: &str = "sip/options_interval_ms";
+/// Shortest non-zero probe interval accepted (a typo must not flood the bridges).
+const MIN_OPTIONS_INTERVAL_MS: u64 = 200;
+/// Longest probe interval accepted (a bridge that died must be noticed within the hour).
+const MAX_OPTIONS_INTERVAL_MS: u64 = 3_600_000;
 
 /// A bridge from `bridge/<name>` in shared configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +75,9 @@ pub struct RoutingConfig {
     pub aliases: Vec<AliasConfig>,
     /// Locations by name.
     pub locations: BTreeMap<String, LocationConfig>,
+    /// Interval of the bridges' OPTIONS health probes from `sip/options_interval_ms`; `None` when
+    /// not configured (the B2BUA's own default applies).
+    pub options_interval: Option<std::time::Duration>,
 }
 
 /// A configuration entry that could not be used; the rest of the configuration still applies.
@@ -109,7 +118,8 @@ struct RawLocation {
 
 impl RoutingConfig {
     /// Builds the routing view from shared-configuration entries (`bridge/…`, `alias/…`,
-    /// `location/…`; other keys are ignored). Bad entries are skipped and reported.
+    /// `location/…`, `sip/options_interval_ms`; other keys are ignored). Bad entries are skipped
+    /// and reported.
     pub fn from_entries<'a, I>(entries: I) -> (RoutingConfig, Vec<RoutingConfigError>)
     where
         I: IntoIterator<Item = (&'a str, &'a serde_json::Value)>,
@@ -153,6 +163,16 @@ impl RoutingConfig {
                         Err(e) => errors.push(err(format!("pattern is not a valid regular expression: {e}"))),
                     },
                     Err(e) => errors.push(err(format!("expected {{\"pattern\": …, \"conference\": …}}: {e}"))),
+                }
+            } else if key == OPTIONS_INTERVAL_KEY {
+                match value.as_u64() {
+                    Some(0) => cfg.options_interval = Some(std::time::Duration::ZERO),
+                    Some(ms) if (MIN_OPTIONS_INTERVAL_MS..=MAX_OPTIONS_INTERVAL_MS).contains(&ms) => {
+                        cfg.options_interval = Some(std::time::Duration::from_millis(ms));
+                    }
+                    _ => errors.push(err(format!(
+                        "expected a number of milliseconds from {MIN_OPTIONS_INTERVAL_MS} to {MAX_OPTIONS_INTERVAL_MS}, or 0 to stop probing; got {value}"
+                    ))),
                 }
             } else if let Some(name) = key.strip_prefix("location/") {
                 match serde_json::from_value::<RawLocation>(value.clone()) {
@@ -608,6 +628,23 @@ mod tests {
         let (c, errors) = RoutingConfig::from_entries(entries.iter().map(|(k, v)| (k.as_str(), v)));
         assert_eq!(errors.len(), 1, "{errors:?}");
         c
+    }
+
+    #[test]
+    fn options_interval_is_bounded() {
+        let parse = |v: serde_json::Value| {
+            let entries = [(OPTIONS_INTERVAL_KEY, v)];
+            RoutingConfig::from_entries(entries.iter().map(|(k, v)| (*k, v)))
+        };
+        assert_eq!(parse(json!(1500)).0.options_interval, Some(std::time::Duration::from_millis(1500)));
+        assert_eq!(parse(json!(0)).0.options_interval, Some(std::time::Duration::ZERO));
+        for bad in [json!(5), json!(-1), json!("1s"), json!(7_200_000)] {
+            let (c, errors) = parse(bad.clone());
+            assert_eq!(c.options_interval, None, "{bad}");
+            assert_eq!(errors.len(), 1, "{bad}");
+            assert_eq!(errors[0].key, OPTIONS_INTERVAL_KEY);
+        }
+        assert_eq!(cfg().options_interval, None);
     }
 
     fn router() -> Router<MemoryDirectory, MemoryLedger> {

@@ -55,8 +55,9 @@ use crate::status::ConferenceStatus;
 pub const CLAIM_PREFIX: &str = "place/";
 /// Key prefix of per-peer participant counts.
 pub const CALLS_PREFIX: &str = "calls/";
-/// Shared-configuration prefixes the routing configuration is built from (SPEC.md §7).
-const CONFIG_PREFIXES: [&str; 3] = ["bridge/", "alias/", "location/"];
+/// Shared-configuration prefixes the routing configuration is built from (SPEC.md §7, and
+/// `sip/options_interval_ms`).
+const CONFIG_PREFIXES: [&str; 4] = ["bridge/", "alias/", "location/", "sip/"];
 
 /// Longest wait for connected peers to acknowledge a claim; beyond it the claim stands locally
 /// (a slow or partitioned peer must not hold up calls).
@@ -574,7 +575,7 @@ impl StoreDirectory {
     }
 }
 
-/// Reads the routing entries of shared configuration (`bridge/`, `alias/`, `location/`).
+/// Reads the routing entries of shared configuration (`bridge/`, `alias/`, `location/`, `sip/`).
 fn read_routing_entries(store: &Store) -> Result<Vec<(String, Value)>, StoreError> {
     let mut entries = Vec::new();
     for prefix in CONFIG_PREFIXES {
