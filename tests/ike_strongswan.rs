@@ -277,7 +277,7 @@ impl UdpPeer {
     }
 
     fn last_state(&self) -> String {
-        self.output().lines().filter(|l| l.starts_with("state ")).last().unwrap_or_default().to_owned()
+        self.output().lines().rfind(|l| l.starts_with("state ")).unwrap_or_default().to_owned()
     }
 
     fn running(&mut self) -> bool {

@@ -1285,10 +1285,19 @@ impl Endpoint {
                             }
                         }
                         // Error notifications: the peer refused our Quick Mode (or could not
-                        // install it): drop the exchange and try again later.
+                        // install it): drop the exchange and try again later. strongSwan names
+                        // the SPI of the refused pair; without one (or a match) every open
+                        // exchange under this SA goes, as nothing tells them apart.
                         k if k < 8192 => {
                             let i = self.find_sa(ip, &h.icookie, &h.rcookie).ok_or(Malformed)?;
-                            self.sas[i].quick.retain(|q| !q.open);
+                            let spi = <[u8; 4]>::try_from(n.spi).ok().map(u32::from_be_bytes);
+                            let named = |q: &Quick| {
+                                spi.is_some_and(|s| {
+                                    q.my_spi == s || q.pending.as_ref().is_some_and(|c| c.outbound.spi == s)
+                                })
+                            };
+                            let any_named = self.sas[i].quick.iter().any(|q| q.open && named(q));
+                            self.sas[i].quick.retain(|q| !q.open || (any_named && !named(q)));
                             let reason = if k == wire::N_NO_PROPOSAL_CHOSEN {
                                 Failure::NoProposalChosen { by_peer: true }
                             } else if k == wire::N_INVALID_ID_INFORMATION {

@@ -519,6 +519,8 @@ pub(crate) fn notify_body(protocol: u8, spi: &[u8], kind: u16, data: &[u8]) -> V
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Notify<'a> {
     pub(crate) kind: u16,
+    /// The SPI the notification is about (empty, 4 bytes of a child SA, 16 of cookies).
+    pub(crate) spi: &'a [u8],
     pub(crate) data: &'a [u8],
 }
 
@@ -526,8 +528,9 @@ pub(crate) struct Notify<'a> {
 pub(crate) fn notify(b: &[u8]) -> Result<Notify<'_>, Malformed> {
     let spi_len = usize::from(*b.get(5).ok_or(Malformed)?);
     let kind = be16(b, 6)?;
+    let spi = b.get(8..8 + spi_len).ok_or(Malformed)?;
     let data = b.get(8 + spi_len..).ok_or(Malformed)?;
-    Ok(Notify { kind, data })
+    Ok(Notify { kind, spi, data })
 }
 
 /// A delete payload body for one SPI (4 bytes) or one ISAKMP SA (16 bytes of cookies).
