@@ -853,6 +853,34 @@ impl Daemon {
             }
         }
         if let Some(c) = &self.cluster {
+            let states: Vec<_> = others.iter().filter_map(|p| c.ike.peer_state(p.addr).map(|s| (p.addr.to_string(), s))).collect();
+            m.family("confmesh_ike_established", Kind::Gauge, "1 while a phase-1 SA with the peer is established.");
+            for (addr, s) in &states {
+                m.sample("confmesh_ike_established", &[("peer", addr)], f64::from(u8::from(s.ike_established)));
+            }
+            let counters: [(&str, &str, fn(&confmesh_ike::PeerCounters) -> u64); 10] = [
+                ("confmesh_ike_datagrams_in_total", "IKE datagrams received from the peer.", |c| c.datagrams_in),
+                ("confmesh_ike_datagrams_out_total", "IKE datagrams sent to the peer, retransmissions included.", |c| c.datagrams_out),
+                ("confmesh_ike_retransmits_total", "IKE retransmissions to the peer.", |c| c.retransmits),
+                ("confmesh_ike_malformed_total", "IKE datagrams from the peer that were malformed or matched no exchange.", |c| c.malformed),
+                ("confmesh_ike_auth_failures_total", "Phase-1 exchanges with the peer that failed authentication.", |c| c.auth_failures),
+                ("confmesh_ike_timeouts_total", "IKE exchanges with the peer that timed out.", |c| c.timeouts),
+                ("confmesh_ike_sa_established_total", "Phase-1 SAs established with the peer.", |c| c.ike_established),
+                ("confmesh_ike_child_established_total", "Child SA pairs established with the peer.", |c| c.child_established),
+                ("confmesh_ike_dpd_sent_total", "Dead-peer-detection probes sent to the peer.", |c| c.dpd_sent),
+                ("confmesh_ike_deletes_received_total", "DELETE payloads received from the peer.", |c| c.deletes_received),
+            ];
+            for (name, help, get) in counters {
+                m.family(name, Kind::Counter, help);
+                for (addr, s) in &states {
+                    m.sample(name, &[("peer", addr)], get(&s.counters) as f64);
+                }
+            }
+            let e = c.ike.counters();
+            m.family("confmesh_ike_dropped_total", Kind::Counter, "IKE datagrams dropped before any exchange, by reason.");
+            for (reason, n) in [("unknown-source", e.unknown_source), ("refused-exchange", e.refused_exchange), ("half-open-limit", e.half_open_refused)] {
+                m.sample("confmesh_ike_dropped_total", &[("reason", reason)], n as f64);
+            }
             let repl = c.replication.status();
             let peer = |origin: u32| Ipv4Addr::from(origin).to_string();
             let gauges: [(&str, Kind, &str, fn(&confmesh_replication::service::PeerReplication) -> Option<f64>); 8] = [

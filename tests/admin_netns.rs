@@ -62,7 +62,7 @@ fn metrics_parse_page_validates_and_api_needs_an_account() {
     let (code, metrics) = curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]);
     assert_eq!(code, 200, "{metrics}");
     let families = python(PARSE_METRICS, &metrics);
-    for f in ["confmesh_info", "confmesh_peer_active", "confmesh_peer_rtt_seconds", "confmesh_peer_sas", "confmesh_replication_connected"] {
+    for f in ["confmesh_info", "confmesh_peer_active", "confmesh_peer_rtt_seconds", "confmesh_peer_sas", "confmesh_replication_connected", "confmesh_ike_established"] {
         assert!(families.lines().any(|l| l == f), "{f} missing from /metrics families:\n{families}");
     }
 

@@ -1632,3 +1632,106 @@ impl Endpoint {
         self.sas.retain(|s| s.peer != ip);
     }
 }
+
+/// What other implementations do that two confmesh endpoints never do to each other, simulated by
+/// one endpoint sending what strongSwan's charon was seen to send (tests/ike_strongswan.rs).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DhGroup;
+
+    const A: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
+
+    fn endpoint(local: Ipv4Addr, peer: Ipv4Addr, seed: u8, now: Instant, passive: bool) -> Endpoint {
+        let overlay = |a: Ipv4Addr| Ipv4Addr::new(198, 18, 0, a.octets()[3]);
+        let cfg = EndpointConfig { group: DhGroup::Curve25519, passive, ..EndpointConfig::new(local, overlay(local)) };
+        let mut e = Endpoint::new(cfg, [seed; 32]);
+        e.set_peer(now, PeerConfig { addr: peer, overlay: overlay(peer), psk: Zeroizing::new(b"k".to_vec()) });
+        e
+    }
+
+    /// Delivers everything queued, both ways, until both are quiet; returns the events of `a`.
+    fn settle(a: &mut Endpoint, b: &mut Endpoint, now: Instant) -> Vec<Event> {
+        let mut events = Vec::new();
+        for _ in 0..32 {
+            let mut moved = false;
+            for e in [&mut *a, &mut *b] {
+                if e.poll_timeout().is_some_and(|t| t <= now) {
+                    e.handle_timeout(now);
+                }
+            }
+            while let Some(t) = a.poll_transmit() {
+                b.handle(now, SocketAddrV4::new(A, IKE_PORT), &t.payload);
+                moved = true;
+            }
+            while let Some(t) = b.poll_transmit() {
+                a.handle(now, SocketAddrV4::new(B, IKE_PORT), &t.payload);
+                moved = true;
+            }
+            events.extend(std::iter::from_fn(|| a.poll_event()));
+            while b.poll_event().is_some() {}
+            if !moved {
+                break;
+            }
+        }
+        events
+    }
+
+    fn established_pair() -> (Endpoint, Endpoint, Instant) {
+        let now = Instant::now();
+        // a is passive (like the udp_peer example against charon): b starts everything.
+        let (mut a, mut b) = (endpoint(A, B, 1, now, true), endpoint(B, A, 2, now, false));
+        let events = settle(&mut a, &mut b, now);
+        assert!(events.iter().any(|e| matches!(e, Event::ChildUp { .. })), "{events:?}");
+        (a, b, now)
+    }
+
+    #[test]
+    fn a_delete_naming_our_inbound_spi_removes_the_pair() {
+        let (mut a, mut b, now) = established_pair();
+        let inbound = a.peers[&B].children[0].inbound_spi;
+        // b names the SPI it sends with (a's inbound), as charon does for a pair it could not install.
+        let i = b.current_sa(A).unwrap();
+        let mut c = Chain::new();
+        c.push(wire::PL_DELETE, &wire::delete_body(wire::PROTO_AH, &inbound.to_be_bytes()));
+        b.send_info(i, &c);
+        let events = settle(&mut a, &mut b, now);
+        assert!(
+            events.iter().any(|e| matches!(e, Event::ChildDown { inbound_spi, reason: ChildDownReason::DeletedByPeer, .. } if *inbound_spi == inbound)),
+            "{events:?}"
+        );
+        assert_eq!(a.peer_state(B).unwrap().children, 0);
+    }
+
+    #[test]
+    fn a_refusal_naming_an_spi_drops_only_that_exchange() {
+        let (mut a, mut b, now) = established_pair();
+        // b opens a Quick Mode that a answers (a holds it open for QM3), and a opens its own.
+        assert!(b.start_quick(now, A));
+        let qm1 = b.poll_transmit().unwrap();
+        a.handle(now, SocketAddrV4::new(B, IKE_PORT), &qm1.payload);
+        let _qm2 = a.poll_transmit().unwrap();
+        assert!(a.start_quick(now, B));
+        let _ = a.poll_transmit().unwrap();
+        assert_eq!(a.peer_state(B).unwrap().exchanges_in_progress, 2);
+        // b refuses its own exchange after QM2, naming the SPI it proposed.
+        let proposed = b.sas[b.current_sa(A).unwrap()].quick.iter().find(|q| q.open).unwrap().my_spi;
+        let i = b.current_sa(A).unwrap();
+        b.send_notify_protected(i, wire::PROTO_AH, wire::N_NO_PROPOSAL_CHOSEN, &[]);
+        let refusal = b.poll_transmit().unwrap();
+        // send_notify_protected carries no SPI for AH; build the named one like charon's.
+        let mut c = Chain::new();
+        c.push(wire::PL_NOTIFY, &wire::notify_body(wire::PROTO_AH, &proposed.to_be_bytes(), wire::N_NO_PROPOSAL_CHOSEN, &[]));
+        b.send_info(i, &c);
+        let named = b.poll_transmit().unwrap();
+        a.handle(now, SocketAddrV4::new(B, IKE_PORT), &named.payload);
+        let s = a.peer_state(B).unwrap();
+        assert_eq!((s.exchanges_in_progress, s.counters.malformed), (1, 0), "only the named exchange goes");
+        let own = &a.sas[a.current_sa(B).unwrap()].quick;
+        assert!(own.iter().filter(|q| q.open).all(|q| q.initiator), "a's own exchange stays open");
+        // Without an SPI nothing tells the exchanges apart: all open ones go.
+        a.handle(now, SocketAddrV4::new(B, IKE_PORT), &refusal.payload);
+        assert_eq!(a.peer_state(B).unwrap().exchanges_in_progress, 0);
+    }
+}

@@ -102,9 +102,10 @@ impl StoreB2bua {
         self.b2bua.local_addrs()
     }
 
-    /// Calls, counters and bridge health (at most 200 ms old).
+    /// Calls, counters and bridge health (at most 200 ms old), conferences and placement
+    /// counters (read from the store now).
     pub fn status(&self) -> B2buaStatus {
-        self.b2bua.status()
+        B2buaStatus { conferences: self.conferences(), directory: Some(self.directory.stats()), ..self.b2bua.status() }
     }
 
     /// The conferences of the cluster with their bridge and calls (status JSON `conferences`);

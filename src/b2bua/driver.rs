@@ -13,6 +13,8 @@ use tokio::task::JoinHandle;
 
 use super::core::{B2bua, B2buaEvent, B2buaStats, BridgeProbe, CallInfo, CoreConfig};
 use super::routing::{BandwidthLedger, ConferenceDirectory, HealthTable, Router, RoutingConfig};
+use super::store_directory::DirectoryStats;
+use crate::status::ConferenceStatus;
 use crate::metrics::{Kind as MetricKind, MetricsPage};
 use crate::sip::transport::{Inbound, SipSockets, TransportStats};
 
@@ -56,6 +58,11 @@ pub struct B2buaStatus {
     pub bridges: BTreeMap<String, bool>,
     /// Socket-layer counters.
     pub transport: TransportStats,
+    /// Conferences with their bridge and cluster-wide calls (filled in by
+    /// [`super::StoreB2bua::status`]; empty with other directories).
+    pub conferences: Vec<ConferenceStatus>,
+    /// Placement counters of the store directory, when routing on the store.
+    pub directory: Option<DirectoryStats>,
 }
 
 impl B2buaStatus {
@@ -88,6 +95,24 @@ impl B2buaStatus {
         page.family(up, MetricKind::Gauge, "1 when the bridge answers OPTIONS probes, 0 when it does not");
         for (bridge, is_up) in &self.bridges {
             page.sample(up, &[("bridge", bridge)], if *is_up { 1.0 } else { 0.0 });
+        }
+        let Some(d) = &self.directory else { return };
+        let n = "confmesh_conferences";
+        page.family(n, MetricKind::Gauge, "Conferences placed on a bridge, cluster-wide").sample(n, &[], self.conferences.len() as f64);
+        let calls = "confmesh_conference_calls";
+        page.family(calls, MetricKind::Gauge, "Calls in a conference, cluster-wide, by conference and its bridge");
+        for c in &self.conferences {
+            page.sample(calls, &[("conference", &c.name), ("bridge", &c.bridge)], f64::from(c.calls));
+        }
+        for (name, kind, help, value) in [
+            ("confmesh_conference_claims_total", MetricKind::Counter, "Placements of new conferences claimed by this peer", d.claims),
+            ("confmesh_conference_claims_lost_total", MetricKind::Counter, "Claims of this peer that lost to another peer's earlier claim", d.claims_lost),
+            ("confmesh_conference_placement_conflicts", MetricKind::Gauge, "Conferences in which this peer carries calls on another bridge than the placement", d.placement_conflicts),
+            ("confmesh_conference_repairs_total", MetricKind::Counter, "Placements claimed again because they vanished under this peer's calls", d.repairs),
+            ("confmesh_conference_orphans_removed_total", MetricKind::Counter, "Conferences removed because nobody had calls in them", d.orphans_removed),
+            ("confmesh_conference_malformed_entries_total", MetricKind::Counter, "Conference status entries in the store that did not parse", d.malformed_entries),
+        ] {
+            page.family(name, kind, help).sample(name, &[], value as f64);
         }
     }
 }
@@ -242,6 +267,7 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
             calls: self.core.calls(),
             bridges: self.router.health.snapshot(),
             transport: self.sockets.stats(),
+            ..B2buaStatus::default()
         };
         if let Ok(mut g) = self.status.lock() {
             *g = s;
@@ -261,6 +287,8 @@ mod tests {
         st.transport.send_failures = 1;
         st.bridges.insert("b1".into(), true);
         st.bridges.insert("b2".into(), false);
+        st.conferences.push(ConferenceStatus { name: "meet-1".into(), bridge: "b2".into(), calls: 3 });
+        st.directory = Some(DirectoryStats { claims: 4, claims_lost: 1, ..DirectoryStats::default() });
         let mut page = MetricsPage::default();
         st.write_metrics(&mut page);
         let text = page.finish();
@@ -271,6 +299,10 @@ mod tests {
             "confmesh_sip_bridge_up{bridge=\"b1\"} 1",
             "confmesh_sip_bridge_up{bridge=\"b2\"} 0",
             "# TYPE confmesh_sip_calls_total counter",
+            "confmesh_conferences 1",
+            "confmesh_conference_calls{conference=\"meet-1\",bridge=\"b2\"} 3",
+            "confmesh_conference_claims_lost_total 1",
+            "# TYPE confmesh_conference_placement_conflicts gauge",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
