@@ -83,6 +83,9 @@ fn derive_key(password: &[u8], salt: &[u8]) -> Result<Zeroizing<[u8; 32]>, Strin
     Ok(key)
 }
 
+/// The files of a backup: name in the archive and contents.
+pub type Members = Vec<(String, Vec<u8>)>;
+
 /// Writes a backup of `members` into `dir` and returns its path. The file is written to a
 /// temporary name, synced and renamed, so a crash never leaves a half backup under the real name.
 pub fn create(
@@ -145,7 +148,7 @@ pub fn create(
 
 /// Reads and checks a backup for the peer with serial `expected_serial`; returns its manifest and
 /// members only if everything is right.
-pub fn open(path: &Path, password: Option<&[u8]>, expected_serial: &str) -> Result<(Manifest, Vec<(String, Vec<u8>)>), RestoreError> {
+pub fn open(path: &Path, password: Option<&[u8]>, expected_serial: &str) -> Result<(Manifest, Members), RestoreError> {
     let len = std::fs::metadata(path)?.len();
     if len > MAX_BACKUP_BYTES {
         return Err(RestoreError::Damaged(format!("{len} bytes is larger than any backup ({MAX_BACKUP_BYTES} at most)")));
@@ -203,7 +206,7 @@ pub fn open(path: &Path, password: Option<&[u8]>, expected_serial: &str) -> Resu
 mod tests {
     use super::*;
 
-    fn members() -> Vec<(String, Vec<u8>)> {
+    fn members() -> Members {
         vec![("confmesh.toml".into(), b"[peer]\nhostname=\"c1\"\n".to_vec()), ("store.json".into(), br#"{"bridge/b1":{}}"#.to_vec())]
     }
 

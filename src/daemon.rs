@@ -800,7 +800,7 @@ impl Daemon {
     }
 
     fn metrics(&self) -> String {
-        use crate::metrics::{Kind, MetricsPage};
+        use crate::metrics::{Kind, MetricsPage, PeerMetric};
         let status = self.status();
         let mut m = MetricsPage::default();
         m.family("confmesh_info", Kind::Gauge, "Always 1; labels carry the version and mode of this peer.").sample(
@@ -831,26 +831,21 @@ impl Daemon {
             m.sample("confmesh_peer_sas", &[("peer", &p.addr.to_string())], f64::from(p.sas));
         }
         if let Some(c) = &self.cluster {
-            let reports: Vec<_> = others.iter().filter_map(|p| c.overlay.peer_report(p.addr).map(|r| (p.addr.to_string(), r))).collect();
-            let counters: [(&str, &str, fn(&confmesh_dataplane::PeerCounters) -> u64); 11] = [
-                ("confmesh_dataplane_tx_packets_total", "Protected packets sent to the peer.", |c| c.tx_packets),
-                ("confmesh_dataplane_tx_bytes_total", "Bytes of protected packets sent to the peer.", |c| c.tx_bytes),
-                ("confmesh_dataplane_rx_packets_total", "Packets from the peer that verified and were delivered.", |c| c.rx_packets),
-                ("confmesh_dataplane_rx_bytes_total", "Bytes of packets from the peer that verified.", |c| c.rx_bytes),
-                ("confmesh_dataplane_icv_failures_total", "Packets from the peer whose ICV/tag did not verify (dropped).", |c| c.icv_failures),
-                ("confmesh_dataplane_replay_drops_total", "Packets from the peer dropped by the anti-replay window.", |c| c.replay_drops),
-                ("confmesh_dataplane_malformed_total", "Malformed packets from the peer (dropped).", |c| c.malformed),
-                ("confmesh_dataplane_no_sa_total", "Packets to or from the peer with no SA to use (dropped).", |c| c.no_sa),
-                ("confmesh_dataplane_oversize_total", "Inner packets too large for the path MTU, answered with ICMP.", |c| c.oversize),
-                ("confmesh_dataplane_pmtu_updates_total", "Path MTU changes towards the peer.", |c| c.pmtu_updates),
-                ("confmesh_dataplane_fragmentation_attempts_total", "Outer packets the kernel would have fragmented (refused, never sent).", |c| c.fragmentation_attempts),
+            let reports: Vec<_> = others.iter().filter_map(|p| c.overlay.peer_report(p.addr).map(|r| (p.addr.to_string(), r.status.counters))).collect();
+            let dataplane: [PeerMetric<confmesh_dataplane::PeerCounters>; 11] = [
+                ("confmesh_dataplane_tx_packets_total", Kind::Counter, "Protected packets sent to the peer.", |c| Some(c.tx_packets as f64)),
+                ("confmesh_dataplane_tx_bytes_total", Kind::Counter, "Bytes of protected packets sent to the peer.", |c| Some(c.tx_bytes as f64)),
+                ("confmesh_dataplane_rx_packets_total", Kind::Counter, "Packets from the peer that verified and were delivered.", |c| Some(c.rx_packets as f64)),
+                ("confmesh_dataplane_rx_bytes_total", Kind::Counter, "Bytes of packets from the peer that verified.", |c| Some(c.rx_bytes as f64)),
+                ("confmesh_dataplane_icv_failures_total", Kind::Counter, "Packets from the peer whose ICV/tag did not verify (dropped).", |c| Some(c.icv_failures as f64)),
+                ("confmesh_dataplane_replay_drops_total", Kind::Counter, "Packets from the peer dropped by the anti-replay window.", |c| Some(c.replay_drops as f64)),
+                ("confmesh_dataplane_malformed_total", Kind::Counter, "Malformed packets from the peer (dropped).", |c| Some(c.malformed as f64)),
+                ("confmesh_dataplane_no_sa_total", Kind::Counter, "Packets to or from the peer with no SA to use (dropped).", |c| Some(c.no_sa as f64)),
+                ("confmesh_dataplane_oversize_total", Kind::Counter, "Inner packets too large for the path MTU, answered with ICMP.", |c| Some(c.oversize as f64)),
+                ("confmesh_dataplane_pmtu_updates_total", Kind::Counter, "Path MTU changes towards the peer.", |c| Some(c.pmtu_updates as f64)),
+                ("confmesh_dataplane_fragmentation_attempts_total", Kind::Counter, "Outer packets the kernel would have fragmented (refused, never sent).", |c| Some(c.fragmentation_attempts as f64)),
             ];
-            for (name, help, get) in counters {
-                m.family(name, Kind::Counter, help);
-                for (addr, r) in &reports {
-                    m.sample(name, &[("peer", addr)], get(&r.status.counters) as f64);
-                }
-            }
+            m.per_peer(&dataplane, &reports);
         }
         if let Some(c) = &self.cluster {
             let states: Vec<_> = others.iter().filter_map(|p| c.ike.peer_state(p.addr).map(|s| (p.addr.to_string(), s))).collect();
@@ -858,24 +853,20 @@ impl Daemon {
             for (addr, s) in &states {
                 m.sample("confmesh_ike_established", &[("peer", addr)], f64::from(u8::from(s.ike_established)));
             }
-            let counters: [(&str, &str, fn(&confmesh_ike::PeerCounters) -> u64); 10] = [
-                ("confmesh_ike_datagrams_in_total", "IKE datagrams received from the peer.", |c| c.datagrams_in),
-                ("confmesh_ike_datagrams_out_total", "IKE datagrams sent to the peer, retransmissions included.", |c| c.datagrams_out),
-                ("confmesh_ike_retransmits_total", "IKE retransmissions to the peer.", |c| c.retransmits),
-                ("confmesh_ike_malformed_total", "IKE datagrams from the peer that were malformed or matched no exchange.", |c| c.malformed),
-                ("confmesh_ike_auth_failures_total", "Phase-1 exchanges with the peer that failed authentication.", |c| c.auth_failures),
-                ("confmesh_ike_timeouts_total", "IKE exchanges with the peer that timed out.", |c| c.timeouts),
-                ("confmesh_ike_sa_established_total", "Phase-1 SAs established with the peer.", |c| c.ike_established),
-                ("confmesh_ike_child_established_total", "Child SA pairs established with the peer.", |c| c.child_established),
-                ("confmesh_ike_dpd_sent_total", "Dead-peer-detection probes sent to the peer.", |c| c.dpd_sent),
-                ("confmesh_ike_deletes_received_total", "DELETE payloads received from the peer.", |c| c.deletes_received),
+            let ike: [PeerMetric<confmesh_ike::PeerCounters>; 10] = [
+                ("confmesh_ike_datagrams_in_total", Kind::Counter, "IKE datagrams received from the peer.", |c| Some(c.datagrams_in as f64)),
+                ("confmesh_ike_datagrams_out_total", Kind::Counter, "IKE datagrams sent to the peer, retransmissions included.", |c| Some(c.datagrams_out as f64)),
+                ("confmesh_ike_retransmits_total", Kind::Counter, "IKE retransmissions to the peer.", |c| Some(c.retransmits as f64)),
+                ("confmesh_ike_malformed_total", Kind::Counter, "IKE datagrams from the peer that were malformed or matched no exchange.", |c| Some(c.malformed as f64)),
+                ("confmesh_ike_auth_failures_total", Kind::Counter, "Phase-1 exchanges with the peer that failed authentication.", |c| Some(c.auth_failures as f64)),
+                ("confmesh_ike_timeouts_total", Kind::Counter, "IKE exchanges with the peer that timed out.", |c| Some(c.timeouts as f64)),
+                ("confmesh_ike_sa_established_total", Kind::Counter, "Phase-1 SAs established with the peer.", |c| Some(c.ike_established as f64)),
+                ("confmesh_ike_child_established_total", Kind::Counter, "Child SA pairs established with the peer.", |c| Some(c.child_established as f64)),
+                ("confmesh_ike_dpd_sent_total", Kind::Counter, "Dead-peer-detection probes sent to the peer.", |c| Some(c.dpd_sent as f64)),
+                ("confmesh_ike_deletes_received_total", Kind::Counter, "DELETE payloads received from the peer.", |c| Some(c.deletes_received as f64)),
             ];
-            for (name, help, get) in counters {
-                m.family(name, Kind::Counter, help);
-                for (addr, s) in &states {
-                    m.sample(name, &[("peer", addr)], get(&s.counters) as f64);
-                }
-            }
+            let ike_counters: Vec<_> = states.iter().map(|(a, s)| (a.clone(), s.counters)).collect();
+            m.per_peer(&ike, &ike_counters);
             let e = c.ike.counters();
             m.family("confmesh_ike_dropped_total", Kind::Counter, "IKE datagrams dropped before any exchange, by reason.");
             for (reason, n) in [("unknown-source", e.unknown_source), ("refused-exchange", e.refused_exchange), ("half-open-limit", e.half_open_refused)] {
@@ -883,7 +874,7 @@ impl Daemon {
             }
             let repl = c.replication.status();
             let peer = |origin: u32| Ipv4Addr::from(origin).to_string();
-            let gauges: [(&str, Kind, &str, fn(&confmesh_replication::service::PeerReplication) -> Option<f64>); 8] = [
+            let replication: [PeerMetric<confmesh_replication::service::PeerReplication>; 8] = [
                 ("confmesh_replication_connected", Kind::Gauge, "1 while a sync session with the peer is up.", |r| Some(f64::from(u8::from(r.connected)))),
                 ("confmesh_replication_lag_entries", Kind::Gauge, "Entries this peer holds that the peer has not acknowledged.", |r| r.lag_entries.map(|l| l as f64)),
                 ("confmesh_replication_queue_bytes", Kind::Gauge, "Bytes queued for the peer, not yet written to its socket.", |r| Some(r.queue_depth as f64)),
@@ -893,14 +884,8 @@ impl Daemon {
                 ("confmesh_replication_received_entries_total", Kind::Counter, "Entries received from the peer.", |r| Some(r.entries_received as f64)),
                 ("confmesh_replication_last_sync_timestamp_seconds", Kind::Gauge, "Unix time of the peer's last acknowledgement.", |r| r.last_sync_unix_ms.map(|t| t as f64 / 1e3)),
             ];
-            for (name, kind, help, get) in gauges {
-                m.family(name, kind, help);
-                for r in &repl.peers {
-                    if let Some(v) = get(r) {
-                        m.sample(name, &[("peer", &peer(r.origin))], v);
-                    }
-                }
-            }
+            let rows: Vec<_> = repl.peers.into_iter().map(|r| (peer(r.origin), r)).collect();
+            m.per_peer(&replication, &rows);
         }
         self.bandwidth.status().write_metrics(&mut m);
         self.b2bua.status().write_metrics(&mut m);

@@ -5,6 +5,10 @@
 
 use std::fmt::Write as _;
 
+/// A per-peer metric read from a row of type `T`: name, kind, help, and how to read the value
+/// (`None` leaves that peer out of the family).
+pub type PeerMetric<T> = (&'static str, Kind, &'static str, fn(&T) -> Option<f64>);
+
 /// A metrics page under construction.
 #[derive(Debug, Default)]
 pub struct MetricsPage {
@@ -50,6 +54,20 @@ impl MetricsPage {
             self.out.push_str(" NaN\n");
         } else {
             let _ = writeln!(self.out, " {value}");
+        }
+        self
+    }
+
+    /// One family per entry of `metrics`, each with a sample per `(peer, row)`: the tables of
+    /// per-peer counters stay one line per metric.
+    pub fn per_peer<T>(&mut self, metrics: &[PeerMetric<T>], rows: &[(String, T)]) -> &mut Self {
+        for (name, kind, help, get) in metrics {
+            self.family(name, *kind, help);
+            for (peer, row) in rows {
+                if let Some(v) = get(row) {
+                    self.sample(name, &[("peer", peer)], v);
+                }
+            }
         }
         self
     }
