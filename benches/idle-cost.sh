@@ -19,7 +19,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 link_counters() { # packets bytes, summed over the router's peer links (both directions)
     local p=0 b=0
     for i in 1 2 3; do
-        read -r rxb rxp txb txp < <(ip netns exec "${P}r" cat /sys/class/net/p$i/statistics/{rx_bytes,rx_packets,tx_bytes,tx_packets} | tr '\n' ' ')
+        read -r rxb rxp txb txp <<<"$(ip netns exec "${P}r" cat /sys/class/net/p$i/statistics/{rx_bytes,rx_packets,tx_bytes,tx_packets} | tr '\n' ' ')"
         p=$((p + rxp + txp)); b=$((b + rxb + txb))
     done
     echo "$p $b"
@@ -35,7 +35,7 @@ for i in 1 2 3; do
     t1=$(ticks "$pid")
     rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
     cpu=$(awk -v a="${t0[$i]}" -v b="$t1" -v hz="$hz" -v d="$D" 'BEGIN {printf "%.3f", 100 * (b - a) / hz / d}')
-    printf '  conductor%d: RSS %.1f MB, CPU %s%% of a core\n' "$i" "$(echo "$rss / 1024" | bc -l)" "$cpu"
+    printf '  conductor%d: RSS %.1f MB, CPU %s%% of a core\n' "$i" "$(awk -v k="$rss" 'BEGIN {print k / 1024}')" "$cpu"
 done
 # Each packet crosses two router links (in on one, out on another): halve to count it once.
 awk -v p=$((p1 - p0)) -v b=$((b1 - b0)) -v d="$D" 'BEGIN {printf "  wire: %.1f packets/s, %.0f bytes/s (cluster total)\n", p / 2 / d, b / 2 / d}'
