@@ -135,6 +135,7 @@ nft_snap "$WORK/nft.selftest"
 SELFTEST=$(awk 'NR==FNR { a[$1] = $2; next } $1 == "n_frag4" { print $2 - a[$1] }' "$WORK/nft.0" "$WORK/nft.selftest")
 [ "$SELFTEST" -ge 2 ] || { echo "replication-netns.sh: the fragment counter did not see a fragmented ping ($SELFTEST)" >&2; exit 1; }
 
+LOAD0=$(cut -d' ' -f1 /proc/loadavg)
 # ---- confmesh --------------------------------------------------------------------------------
 printf '%s' "$PSK" > "$WORK/psk"
 for i in 1 2 3; do
@@ -170,11 +171,19 @@ sys.exit(0 if ok else 1)' 2>/dev/null || return 1
 }
 wait_until 60 cm_ready || { echo "confmesh: the cluster did not form; logs:" >&2; tail -n 20 "$WORK"/cm*/log >&2; exit 1; }
 echo "confmesh: cluster up (AH overlay); writing for ${D}s with $WRITERS writers, ${KEY_SIZE} B keys, ${VALUE_SIZE} B values" >&2
+cm_status() { # SUFFIX: every peer's status document
+    local i
+    for i in 1 2 3; do
+        ip netns exec "${P}p$i" "$CONFMESH_BIN" status --json --config "$WORK/cm$i/confmesh.toml" > "$WORK/cmstatus.$i.$1"
+    done
+}
+cm_status 0
 nft_snap "$WORK/nft.cm0"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
     --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers "$WRITERS" \
     --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh.json"
 nft_snap "$WORK/nft.cm1"
+cm_status 1
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
     --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers 0 \
     --duration "$LIGHT" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh-light.json"
@@ -217,6 +226,7 @@ ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system etcd --target 10.96.0.1:
 stop_all
 
 # ---- report ----------------------------------------------------------------------------------
+echo "load average (1 min) at the start $LOAD0, at the end $(cut -d' ' -f1 /proc/loadavg) on $(nproc) cores: anything else running skews both systems" >&2
 $PY - "$WORK" "$SELFTEST" <<'EOF'
 import json, sys
 work, selftest = sys.argv[1], int(sys.argv[2])
@@ -237,13 +247,15 @@ for r, (a, b), wire in ((cm, ("cm0", "cm1"), "n_ah"), (et, ("et0", "et1"), "n_et
     rows.append(dict(r=r, pk=pk, by=by, frag=f4 + f6, allp=allp))
 fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
 print(f"replicated writes, 3 peers in namespaces, {cm['writers']} writers on peer 1, {cm['key_size']} B keys, "
-      f"{cm['value_size']} B values, {cm['window_s']:.0f} s each; lag = ack on peer 1 -> visible on peer 2")
-print(f"{'system':<22} {'writes/s':>9} {'repl/s':>9} {'ack p50/p99 ms':>15} {'lag p50/p99 ms':>16} {'samples':>7} "
+      f"{cm['value_size']} B values, {cm['window_s']:.1f} s (confmesh) and {et['window_s']:.1f} s (etcd) from the first "
+      f"write to the last acknowledgement; lag = ack on peer 1 -> visible on peer 2")
+print(f"{'system':<22} {'writes/s':>9} {'repl/s':>9} {'ack p50/p99/max ms':>19} {'lag p50/p99 ms':>16} {'samples':>7} "
       f"{'B/write':>8} {'pkts/write':>10} {'fragments':>9}")
+ack = lambda r: f"{fmt(r['ack_ms']['p50'], 2)}/{fmt(r['ack_ms']['p99'], 1)}/{fmt(r['ack_ms'].get('max'), 0)}"
 for x, name in zip(rows, ("confmesh (AH overlay)", "etcd (plain TCP)")):
     r = x["r"]
     print(f"{name:<22} {r['writes_per_s']:>9.0f} {fmt(r['replicated_writes_per_s'], 0):>9} "
-          f"{fmt(r['ack_ms']['p50'], 2) + '/' + fmt(r['ack_ms']['p99'], 1):>15} "
+          f"{ack(r):>19} "
           f"{fmt(r['lag_ms']['p50'], 2) + '/' + fmt(r['lag_ms']['p99'], 1):>16} {r['lag_ms']['samples']:>7} "
           f"{x['by'] / r['acked']:>8.0f} {x['pk'] / r['acked']:>10.2f} {x['frag']:>9}")
     if r["errors"] or r["lag_ms"]["timeouts"] or r["replicated_writes_per_s"] is None:
@@ -252,7 +264,7 @@ for x, name in zip(rows, ("confmesh (AH overlay)", "etcd (plain TCP)")):
 for name, f in (("confmesh, probe alone", "confmesh-light"), ("etcd, probe alone", "etcd-light")):
     r = json.load(open(f"{work}/{f}.json"))
     print(f"{name:<22} {r['writes_per_s']:>9.0f} {fmt(r['replicated_writes_per_s'], 0):>9} "
-          f"{fmt(r['ack_ms']['p50'], 2) + '/' + fmt(r['ack_ms']['p99'], 1):>15} "
+          f"{ack(r):>19} "
           f"{fmt(r['lag_ms']['p50'], 2) + '/' + fmt(r['lag_ms']['p99'], 1):>16} {r['lag_ms']['samples']:>7}"
           + (f"  ({r['lag_ms']['timeouts']} probes not visible within 5 s)" if r['lag_ms']['timeouts'] else ""))
 c, e = rows[0]["r"], rows[1]["r"]
@@ -265,6 +277,14 @@ print(f"confmesh counters on peer 1 per write: sync-stream bytes sent {k['sync_b
       f"(= {k['sync_bytes_sent'] / max(k['sync_entries_sent'], 1):.0f} per entry per peer), received {k['sync_bytes_received'] / n:.1f}; "
       f"AH packets sent {k['dataplane_tx_packets_total'] / n:.2f}, received {k['dataplane_rx_packets_total'] / n:.2f}; "
       f"fragmentation attempts {k['dataplane_fragmentation_attempts_total']:.0f}, oversize {k['dataplane_oversize_total']:.0f}")
+def sent(i, j, suffix):  # entries peer i sent to peer j, from peer i's status
+    s = json.load(open(f"{work}/cmstatus.{i}.{suffix}"))
+    origin = (10 << 24) | (96 << 16) | j
+    return sum(p["entries_sent"] for p in s["replication"]["peers"] if p["origin"] == origin)
+relayed = sum(sent(i, j, 1) - sent(i, j, 0) for i, j in ((2, 3), (3, 2)))
+direct = sum(sent(1, j, 1) - sent(1, j, 0) for j in (2, 3))
+print(f"confmesh entries per write sent by peer 1 to peers 2 and 3: {direct / n:.2f}; relayed between peers 2 and 3: "
+      f"{relayed / n:.2f} (every copy is sync-stream bytes and AH packets on the wire)")
 print(f"fragments on the wire (IPv4 MF/offset, IPv6 fragment header) during confmesh: {rows[0]['frag']}, during etcd: "
       f"{rows[1]['frag']} (the counter saw {selftest} fragments of a 3000-byte ping before the run)")
 ratio = lambda a, b: "-" if a is None or b in (None, 0) else f"{a / b:.2f}"

@@ -615,7 +615,7 @@ async fn write(
         "writes_per_s": acked as f64 / window,
         "replicated_s": drained.map(|t| t.duration_since(start).as_secs_f64()),
         "replicated_writes_per_s": drained.map(|t| acked as f64 / t.duration_since(start).as_secs_f64()),
-        "ack_ms": {"p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99)},
+        "ack_ms": {"p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": latencies.last()},
         "lag_ms": {"p50": percentile(&lags, 0.5), "p90": percentile(&lags, 0.9), "p99": percentile(&lags, 0.99),
                    "max": lags.last(), "samples": lags.len(), "timeouts": timeouts},
         "reconnects": reconnects,
