@@ -3,13 +3,16 @@
 # each of three peers, waits until every peer shows the other two as Active and prints the status
 # from each. `demo.sh stop` stops the daemons (by the PIDs it recorded) and removes the topology.
 #
-# Usage: sudo netns-scripts/demo.sh [start|stop] (prefix from CONFMESH_DEMO_PREFIX, default "cm")
+# Usage: sudo netns-scripts/demo.sh [start|stop] (prefix from CONFMESH_DEMO_PREFIX, default "cm";
+# CONFMESH_DEMO_KEYLOG=1 also writes each daemon's SA keys to run/<prefix>/p*/keylog, for
+# Wireshark/tshark — off by default, as in production).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 P=${CONFMESH_DEMO_PREFIX:-cm}
 run="$here/run/$P"
 bin="$root/target/release/confmesh"
+keylog=${CONFMESH_DEMO_KEYLOG:-0}
 
 stop() {
     if [ -d "$run" ]; then
@@ -61,7 +64,9 @@ psk_file = "$run/psk"
 licence = "full"
 protection = "ah"
 TOML
-    ip netns exec "$P"p$i "$bin" run --config "$d/confmesh.toml" --keylog "$d/keylog" </dev/null >/dev/null 2>"$d/daemon.log" &
+    keylog_args=()
+    [ "$keylog" = 1 ] && keylog_args=(--keylog "$d/keylog")
+    ip netns exec "$P"p$i "$bin" run --config "$d/confmesh.toml" "${keylog_args[@]}" </dev/null >/dev/null 2>"$d/daemon.log" &
     echo $! > "$d/pid"
 done
 
@@ -95,6 +100,6 @@ The cluster is up. Look around:
   sudo ip netns exec ${P}p1 $bin log events --config $run/p1/confmesh.toml
   sudo ip netns exec ${P}r tcpdump -ni p2 ip proto 51        # the wire: only AH
   sudo $here/path.sh $P 3 cut                                # partition peer 3 (heal: ... heal)
-  daemon logs: $run/p*/daemon.log    key logs: $run/p*/keylog
+  daemon logs: $run/p*/daemon.log$([ "$keylog" = 1 ] && echo "    key logs: $run/p*/keylog")
 Stop it: sudo $0 stop
 TXT

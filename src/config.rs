@@ -456,6 +456,20 @@ fn validate_cluster(raw: RawCluster, peer: &PeerSettings) -> Result<Option<Clust
         }
         peers.push(addr);
     }
+    // Overlay addresses keep the low 17 bits of the management address: two peers that share
+    // them would share an overlay address and never both become Active.
+    for (i, a) in peers.iter().enumerate() {
+        if let Some(b) = peers[..i].iter().find(|&&b| default_overlay_addr(b) == default_overlay_addr(*a)) {
+            return Err(ConfigError::new(
+                "cluster.peers",
+                format!(
+                    "{b} and {a} both map to overlay address {}; management addresses of one cluster must differ in their low {} bits",
+                    default_overlay_addr(*a),
+                    32 - OVERLAY_PREFIX_LEN
+                ),
+            ));
+        }
+    }
     if peers.len() > MAX_PEERS {
         return Err(ConfigError::new(
             "cluster.peers",
@@ -560,6 +574,7 @@ protection = "ah"
             ("own address missing", r#"peers = ["10.96.0.2","10.96.0.3"]"#, "cluster.peers"),
             ("too many peers", r#"peers = ["10.96.0.1","10.96.0.2","10.96.0.3","10.96.0.4"]"#, "cluster.peers"),
             ("duplicate peer", r#"peers = ["10.96.0.1","10.96.0.1"]"#, "cluster.peers"),
+            ("overlay collision", r#"peers = ["10.96.0.1","10.98.0.1"]"#, "cluster.peers"),
             ("not an address", r#"peers = ["10.96.0.1","conductor2"]"#, "cluster.peers"),
             ("select with three", r#"licence = "select""#, "cluster.licence"),
             ("essentials clustered", r#"licence = "essentials""#, "cluster.licence"),

@@ -119,6 +119,12 @@ pub enum Request {
         jitter_ms: u32,
         /// Loss probability, percent.
         loss_pct: f64,
+        /// Duplication probability, percent.
+        #[serde(default)]
+        duplicate_pct: f64,
+        /// Reordering probability, percent: such a packet is held back so later ones overtake it.
+        #[serde(default)]
+        reorder_pct: f64,
     },
 }
 

@@ -97,6 +97,8 @@ struct ClusterState {
     /// The IKE engine and its UDP 500 socket on the management address.
     ike: Endpoint,
     ike_socket: Arc<UdpSocket>,
+    /// What UDP 500 accepts before anything is copied or queued.
+    ike_gate: Arc<IkeGate>,
     /// Sync sessions of the store with the other peers, over the overlay (shared with the B2BUA,
     /// whose placement claims wait for the connected peers).
     replication: Arc<Replication>,
@@ -256,13 +258,49 @@ async fn feed_hellos(socket: Arc<UdpSocket>, inputs: mpsc::Sender<Input>) {
 /// message this engine would accept (MODP-4096 messages are under 1 KiB).
 const MAX_IKE_DATAGRAM: usize = 4096;
 
-async fn feed_ike(socket: Arc<UdpSocket>, inputs: mpsc::Sender<Input>) {
+/// The first filter on UDP 500, in the feeder task: a datagram from an address that is not a
+/// peer is dropped before it is copied, and one that finds the state loop's queue full is dropped
+/// rather than waited for (IKE retransmits), so that a flood on UDP 500 never delays hellos.
+#[derive(Debug, Default)]
+struct IkeGate {
+    peers: std::sync::RwLock<Vec<Ipv4Addr>>,
+    unknown_source: std::sync::atomic::AtomicU64,
+    queue_full: std::sync::atomic::AtomicU64,
+}
+
+impl IkeGate {
+    fn set_peers(&self, peers: impl Iterator<Item = Ipv4Addr>) {
+        if let Ok(mut p) = self.peers.write() {
+            *p = peers.collect();
+        }
+    }
+
+    fn admits(&self, from: SocketAddr) -> bool {
+        let known = match from {
+            SocketAddr::V4(a) => self.peers.read().is_ok_and(|p| p.contains(a.ip())),
+            SocketAddr::V6(_) => false,
+        };
+        if !known {
+            self.unknown_source.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        known
+    }
+}
+
+async fn feed_ike(socket: Arc<UdpSocket>, gate: Arc<IkeGate>, inputs: mpsc::Sender<Input>) {
     let mut buf = vec![0u8; MAX_IKE_DATAGRAM];
     loop {
         match socket.recv_from(&mut buf).await {
             Ok((len, from)) if len < MAX_IKE_DATAGRAM => {
-                if inputs.send(Input::Ike(buf[..len].to_vec(), from)).await.is_err() {
-                    return;
+                if !gate.admits(from) {
+                    continue;
+                }
+                match inputs.try_send(Input::Ike(buf[..len].to_vec(), from)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        gate.queue_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
             }
             Ok(_) => tracing::debug!("oversize IKE datagram dropped"),
@@ -381,6 +419,7 @@ impl Daemon {
                 c.ike.set_peer(now, PeerConfig { addr, overlay, psk: psk.clone() });
             }
             c.membership.set_peers(&peers);
+            c.ike_gate.set_peers(peers.iter().map(|p| p.0).filter(|&p| p != me));
             c.replication.set_peers(sync_peers(&peers, me));
             c.settings = settings;
             self.set_bandwidth_peers(&peers);
@@ -394,12 +433,14 @@ impl Daemon {
             mtu: self.config.peer.mtu,
         })
         .map_err(|e| DaemonError::Io { what: "cannot start the overlay".into(), source: std::io::Error::other(e) })?;
+        // Hellos and the store's sync listen on the overlay's TUN device only: a packet addressed
+        // to an overlay address but arriving on another interface did not come through an SA.
         let hello_addr = SocketAddrV4::new(self.config.peer.overlay_addr, HELLO_PORT);
-        let hello = Arc::new(
-            UdpSocket::bind(hello_addr)
-                .await
-                .map_err(io(format!("cannot bind the hello socket on the overlay address {hello_addr}")))?,
-        );
+        let hello = UdpSocket::bind(hello_addr)
+            .await
+            .map_err(io(format!("cannot bind the hello socket on the overlay address {hello_addr}")))?;
+        hello.bind_device(Some(TUN_NAME.as_bytes())).map_err(io(format!("cannot bind the hello socket to {TUN_NAME}")))?;
+        let hello = Arc::new(hello);
         let ike_addr = SocketAddrV4::new(me, confmesh_ike::IKE_PORT);
         let ike_socket = Arc::new(
             UdpSocket::bind(ike_addr).await.map_err(io(format!("cannot bind IKE on {ike_addr} (peer.mgmt_addr)")))?,
@@ -410,19 +451,28 @@ impl Daemon {
         for &(addr, overlay) in peers.iter().filter(|p| p.0 != me) {
             ike.set_peer(now, PeerConfig { addr, overlay, psk: psk.clone() });
         }
+        let ike_gate = Arc::new(IkeGate::default());
+        ike_gate.set_peers(peers.iter().map(|p| p.0).filter(|&p| p != me));
         let feeders = Feeders(vec![
             tokio::spawn(feed_hellos(hello.clone(), self.inputs.clone())),
             tokio::spawn(feed_overlay_events(overlay_events, self.inputs.clone())),
-            tokio::spawn(feed_ike(ike_socket.clone(), self.inputs.clone())),
+            tokio::spawn(feed_ike(ike_socket.clone(), ike_gate.clone(), self.inputs.clone())),
         ]);
         let sync_addr = SocketAddrV4::new(self.config.peer.overlay_addr, REPLICATION_PORT);
-        let replication = Replication::start(self.store.clone(), sync_addr.into(), sync_peers(&peers, me))
-            .await
+        let sync_listener = tokio::net::TcpSocket::new_v4()
+            .and_then(|s| {
+                s.set_reuseaddr(true)?;
+                s.bind_device(Some(TUN_NAME.as_bytes()))?;
+                s.bind(sync_addr.into())?;
+                s.listen(64)
+            })
+            .map_err(io(format!("cannot listen for the store's sync on {sync_addr} ({TUN_NAME})")))?;
+        let replication = Replication::with_listener(self.store.clone(), sync_listener, sync_peers(&peers, me))
             .map(Arc::new)
             .map_err(|e| DaemonError::Io { what: "cannot start replication".into(), source: std::io::Error::other(e) })?;
         self.b2bua.set_replication(Some(replication.clone()));
         let membership = Membership::new(self.local_identity(&settings), &peers, self.config.peer.mtu, now);
-        self.cluster = Some(ClusterState { settings, membership, hello, overlay, ike, ike_socket, replication, _feeders: feeders });
+        self.cluster = Some(ClusterState { settings, membership, hello, overlay, ike, ike_socket, ike_gate, replication, _feeders: feeders });
         self.set_bandwidth_peers(&peers);
         Ok(())
     }
@@ -708,26 +758,31 @@ impl Daemon {
             | Request::ConfigSet { .. }
             | Request::ConfigDelete { .. }
             | Request::ConfigList { .. }) => shared::answer(self.store.clone(), other).await,
-            Request::Faults { peer, delay_ms, jitter_ms, loss_pct } => {
+            Request::Faults { peer, delay_ms, jitter_ms, loss_pct, duplicate_pct, reorder_pct } => {
                 let Some(c) = &self.cluster else { return Err("standalone: there is no peer to inject faults towards".into()) };
                 if !c.settings.peers.contains(&peer) || peer == self.config.peer.mgmt_addr {
                     return Err(format!("{peer} is not another peer of this cluster"));
                 }
-                if !(0.0..=100.0).contains(&loss_pct) {
-                    return Err(format!("loss {loss_pct}% is not a percentage"));
+                for (what, pct) in [("loss", loss_pct), ("duplicate", duplicate_pct), ("reorder", reorder_pct)] {
+                    if !(0.0..=100.0).contains(&pct) {
+                        return Err(format!("--{what}-pct {pct} is not a percentage; use 0 to 100"));
+                    }
                 }
                 let faults = FaultConfig {
                     delay: std::time::Duration::from_millis(u64::from(delay_ms)),
                     jitter: std::time::Duration::from_millis(u64::from(jitter_ms)),
                     loss: loss_pct / 100.0,
+                    duplicate: duplicate_pct / 100.0,
+                    reorder: reorder_pct / 100.0,
                     seed: u64::from(u32::from(peer)) ^ wall_ms(),
-                    ..FaultConfig::default()
                 };
                 c.overlay.set_faults(peer, faults);
                 self.logs.append(
                     LogKind::Events,
                     Severity::Warning,
-                    format!("fault injection towards {peer}: delay {delay_ms} ms, jitter {jitter_ms} ms, loss {loss_pct}%"),
+                    format!(
+                        "fault injection towards {peer}: delay {delay_ms} ms, jitter {jitter_ms} ms, loss {loss_pct}%, duplicate {duplicate_pct}%, reorder {reorder_pct}%"
+                    ),
                 );
                 Ok(json!("ok"))
             }
@@ -869,7 +924,13 @@ impl Daemon {
             m.per_peer(&ike, &ike_counters);
             let e = c.ike.counters();
             m.family("confmesh_ike_dropped_total", Kind::Counter, "IKE datagrams dropped before any exchange, by reason.");
-            for (reason, n) in [("unknown-source", e.unknown_source), ("refused-exchange", e.refused_exchange), ("half-open-limit", e.half_open_refused)] {
+            let gate = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+            for (reason, n) in [
+                ("unknown-source", e.unknown_source + gate(&c.ike_gate.unknown_source)),
+                ("queue-full", gate(&c.ike_gate.queue_full)),
+                ("refused-exchange", e.refused_exchange),
+                ("half-open-limit", e.half_open_refused),
+            ] {
                 m.sample("confmesh_ike_dropped_total", &[("reason", reason)], n as f64);
             }
             let repl = c.replication.status();

@@ -91,7 +91,13 @@ pub struct Logs {
     hostname: String,
     syslog: Vec<SyslogTarget>,
     udp: Option<UdpSocket>,
+    /// Messages for TCP collectors, sent by a thread of their own so that a dead collector never
+    /// stalls the caller (the daemon's state loop); full means dropped.
+    tcp: Option<std::sync::mpsc::SyncSender<(SocketAddr, String)>>,
 }
+
+/// Syslog messages waiting for TCP collectors, at most.
+const TCP_QUEUE: usize = 256;
 
 impl Logs {
     /// Opens (creating) the logs under `<state_dir>/log`.
@@ -103,6 +109,19 @@ impl Logs {
         } else {
             None
         };
+        let tcp = if syslog.iter().any(|t| t.transport == SyslogTransport::Tcp) {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(SocketAddr, String)>(TCP_QUEUE);
+            std::thread::Builder::new().name("syslog-tcp".into()).spawn(move || {
+                for (addr, msg) in rx {
+                    if let Err(e) = send_tcp(addr, &msg) {
+                        tracing::debug!(collector = %addr, "syslog send failed: {e}");
+                    }
+                }
+            })?;
+            Some(tx)
+        } else {
+            None
+        };
         Ok(Logs {
             events: open_append(&dir.join(LogKind::Events.file_name()))?,
             config: open_append(&dir.join(LogKind::Config.file_name()))?,
@@ -110,6 +129,7 @@ impl Logs {
             hostname: hostname.to_owned(),
             syslog,
             udp,
+            tcp,
         })
     }
 
@@ -167,7 +187,9 @@ impl Logs {
         for target in &self.syslog {
             let sent = match target.transport {
                 SyslogTransport::Udp => self.udp.as_ref().map_or(Ok(()), |s| s.send_to(msg.as_bytes(), target.addr).map(drop)),
-                SyslogTransport::Tcp => send_tcp(target.addr, &msg),
+                SyslogTransport::Tcp => self.tcp.as_ref().map_or(Ok(()), |q| {
+                    q.try_send((target.addr, msg.clone())).map_err(|_| io::Error::other("TCP syslog queue full; message dropped"))
+                }),
             };
             if let Err(e) = sent {
                 tracing::debug!(collector = %target.addr, "syslog send failed: {e}");
@@ -283,5 +305,22 @@ mod tests {
         let msg = std::str::from_utf8(&buf[..n]).unwrap();
         assert!(msg.starts_with("<132>1 "), "{msg}");
         assert!(msg.contains(" conductor1 confmesh ") && msg.ends_with("event - alarm raised: latency"), "{msg}");
+    }
+
+    #[test]
+    fn syslog_tcp_is_octet_counted_and_sent_off_the_caller() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = SyslogTarget { transport: SyslogTransport::Tcp, addr: collector.local_addr().unwrap() };
+        let mut logs = Logs::open(dir.path(), "conductor2", vec![target]).unwrap();
+        logs.append(LogKind::Config, Severity::Notice, "peers remove 10.96.0.3");
+        let (mut conn, _) = collector.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut got = String::new();
+        conn.read_to_string(&mut got).unwrap();
+        let (len, msg) = got.split_once(' ').unwrap();
+        assert_eq!(len.parse::<usize>().unwrap(), msg.len(), "{got}");
+        assert!(msg.starts_with("<133>1 ") && msg.ends_with("config - peers remove 10.96.0.3"), "{msg}");
     }
 }

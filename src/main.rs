@@ -120,7 +120,8 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Inject delay, jitter and loss on the outbound path to a peer (tests; all zero clears).
+    /// Inject delay, jitter, loss, duplication and reordering on the outbound path to a peer
+    /// (tests and diagnosis on kernels without netem; all zero clears).
     Faults {
         /// The peer's management address.
         peer: Ipv4Addr,
@@ -133,6 +134,12 @@ enum Command {
         /// Loss, percent.
         #[arg(long, default_value_t = 0.0)]
         loss_pct: f64,
+        /// Duplication, percent.
+        #[arg(long, default_value_t = 0.0)]
+        duplicate_pct: f64,
+        /// Reordering, percent (such a packet is held back so that later ones overtake it).
+        #[arg(long, default_value_t = 0.0)]
+        reorder_pct: f64,
         #[command(flatten)]
         target: Target,
     },
@@ -268,8 +275,8 @@ fn main() -> ExitCode {
             let req = Request::Restore { file: absolute(file), password_file: password_file.map(absolute) };
             client(target, req, |v| format!("restored {}", v["restored"].as_str().unwrap_or("")))
         }
-        Command::Faults { peer, delay_ms, jitter_ms, loss_pct, target } => {
-            client(target, Request::Faults { peer, delay_ms, jitter_ms, loss_pct }, |_| "ok".into())
+        Command::Faults { peer, delay_ms, jitter_ms, loss_pct, duplicate_pct, reorder_pct, target } => {
+            client(target, Request::Faults { peer, delay_ms, jitter_ms, loss_pct, duplicate_pct, reorder_pct }, |_| "ok".into())
         }
     }
 }

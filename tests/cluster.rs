@@ -185,15 +185,21 @@ fn reduced_path_mtu_stays_active_without_fragments() {
     }
     let topo = Topology::up("cmmt", 2);
     topo.path(2, &["mtu", "1280"]);
-    // Count fragments crossing the router while the cluster forms and runs.
+    // Capture everything crossing the router while the cluster forms and runs; fragments are
+    // looked for when reading it back, so an empty or missing capture cannot pass as "none".
     let pcap = topo.dir.path().join("router.pcap");
     let mut dump = std::process::Command::new("ip")
         .args(["netns", "exec", &topo.ns("r"), "tcpdump", "-U", "-n", "-i", "any", "-w"])
         .arg(&pcap)
-        .arg("ip[6:2] & 0x3fff != 0")
+        .arg("ip")
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("tcpdump");
+    if !wait_until(Duration::from_secs(5), || pcap.exists()) {
+        let _ = dump.kill();
+        let _ = dump.wait();
+        panic!("tcpdump did not start");
+    }
     std::thread::sleep(Duration::from_millis(500));
     let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[1, 2]));
     let d2 = Daemon::start(&topo, &PeerSpec::new(2, &[1, 2]));
@@ -209,8 +215,15 @@ fn reduced_path_mtu_stays_active_without_fragments() {
     let _ = std::process::Command::new("kill").arg(dump.id().to_string()).status();
     let _ = dump.wait();
     assert!(ok, "{:#?}\n{:#?}", d1.peer(2), d2.peer(1));
-    let frags = std::process::Command::new("tcpdump").args(["-n", "-r"]).arg(&pcap).output().unwrap();
-    assert!(frags.stdout.is_empty(), "fragments on the wire:\n{}", String::from_utf8_lossy(&frags.stdout));
+    let read = |filter: &str| {
+        let out = std::process::Command::new("tcpdump").args(["-n", "-r"]).arg(&pcap).arg(filter).output().expect("tcpdump -r");
+        assert!(out.status.success(), "tcpdump -r failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ah = read("ip proto 51").lines().count();
+    assert!(ah > 10, "the capture holds only {ah} AH packets: it did not see the cluster");
+    let frags = read("ip[6:2] & 0x3fff != 0");
+    assert!(frags.is_empty(), "fragments on the wire:\n{frags}");
 }
 
 #[test]

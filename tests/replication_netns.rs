@@ -211,3 +211,23 @@ fn standalone_peer_joining_takes_the_clusters_configuration() {
     let log = String::from_utf8(d3.cli(&["log", "config"]).stdout).unwrap();
     assert!(log.contains("joined a cluster"), "{log}");
 }
+
+/// The sync port (and the hellos) listen on the overlay's TUN device only: a host on the
+/// management network that routes an overlay address to a peer reaches nothing, while the other
+/// peer, through its AH SA, connects.
+#[test]
+fn sync_port_answers_only_through_the_overlay() {
+    if !require_root("sync_port_answers_only_through_the_overlay") {
+        return;
+    }
+    let topo = Topology::up("cmrs", 2);
+    let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[1, 2]));
+    let d2 = Daemon::start(&topo, &PeerSpec::new(2, &[1, 2]));
+    assert!(wait_until(Duration::from_secs(20), || all_active(&[&d1, &d2])), "1+2 did not form: {}", d1.log());
+    let connect = |ns: &str| topo.exec(ns, &["timeout", "3", "bash", "-c", "exec 3<>/dev/tcp/198.18.0.1/7002"]).status.success();
+    assert!(connect("p2"), "peer 2 cannot reach peer 1's sync port over the overlay");
+    let route = topo.exec("r", &["ip", "route", "add", "198.18.0.1/32", "dev", "p1"]);
+    assert!(route.status.success(), "{}", String::from_utf8_lossy(&route.stderr));
+    assert!(!connect("r"), "the sync port accepted a connection that did not come through an SA");
+    assert!(topo.exec("r", &["ping", "-c", "1", "-W", "2", "10.96.0.1"]).status.success(), "the router cannot reach peer 1 at all");
+}

@@ -208,8 +208,18 @@ impl Service {
                 addr: listen,
                 source,
             })?;
+        Self::with_listener(store, listener, peers)
+    }
+
+    /// As [`Service::start`], on a listener the caller prepared (the daemon binds it to the
+    /// overlay's TUN device, so that only traffic that came through an SA reaches it).
+    pub fn with_listener(
+        store: Arc<Store>,
+        listener: TcpListener,
+        peers: Vec<(u32, SocketAddr)>,
+    ) -> Result<Service, ServiceError> {
         let local_addr = listener.local_addr().map_err(|source| ServiceError::Bind {
-            addr: listen,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
         let (stop, shutdown) = watch::channel(false);
@@ -512,6 +522,12 @@ enum ConnError {
     Closed,
     #[error("peer {0} is not in the peer list")]
     Unknown(u32),
+    #[error("claims to be peer {peer} but connects from {from}, not from that peer's address {expected}")]
+    WrongSource {
+        peer: u32,
+        from: std::net::IpAddr,
+        expected: std::net::IpAddr,
+    },
     #[error("shutting down")]
     Shutdown,
     #[error("the local content was replaced (join or restore): resyncing")]
@@ -528,6 +544,7 @@ async fn run_connection(
     mut permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<(), ConnError> {
     let _ = stream.set_nodelay(true);
+    let remote = stream.peer_addr()?.ip();
     let store = &shared.store;
     let (mut rd, mut wr) = stream.into_split();
     let mut changes = store.subscribe();
@@ -548,7 +565,7 @@ async fn run_connection(
             shared,
             &mut session,
             &mut peer,
-            (id, epoch),
+            (id, epoch, remote),
             &mut permit,
             &mut lifeline,
         )
@@ -632,7 +649,7 @@ async fn drive(
     shared: &Arc<Shared>,
     session: &mut Session,
     peer: &mut Option<u32>,
-    (id, epoch): (u64, u64),
+    (id, epoch, remote): (u64, u64, std::net::IpAddr),
     permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
     lifeline: &mut Option<watch::Sender<()>>,
 ) -> Result<(), ConnError> {
@@ -642,6 +659,11 @@ async fn drive(
             SyncEvent::Connected { peer: p, .. } => {
                 let mut map = shared.peers();
                 let st = map.get_mut(&p).ok_or(ConnError::Unknown(p))?;
+                // A peer is who it claims to be only from its own address (over the overlay,
+                // that address is vouched for by the AH SA the packets arrived on).
+                if let Some(expected) = st.addr.map(|a| a.ip()).filter(|&a| a != remote) {
+                    return Err(ConnError::WrongSource { peer: p, from: remote, expected });
+                }
                 // The newer connection replaces an older one (restart, half-dead socket): replacing
                 // the older one's lifeline ends it.
                 let line = lifeline.take().ok_or(SyncError::Protocol("second hello"))?;
