@@ -45,9 +45,11 @@ fn psk_mismatch_is_authentication_failed_until_fixed_live() {
         return;
     }
     let topo = Topology::up("cmpk", 3);
-    let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[1, 2, 3]));
-    let d2 = Daemon::start(&topo, &PeerSpec::new(2, &[1, 2, 3]));
-    let mut bad = PeerSpec::new(3, &[1, 2, 3]);
+    // At debug level, so that a key slipping into any diagnostic would show.
+    let spec = |i| PeerSpec { log_level: "debug", ..PeerSpec::new(i, &[1, 2, 3]) };
+    let d1 = Daemon::start(&topo, &spec(1));
+    let d2 = Daemon::start(&topo, &spec(2));
+    let mut bad = spec(3);
     bad.psk = "a-different-pre-shared-key".into();
     let d3 = Daemon::start(&topo, &bad);
     let refused = wait_until(Duration::from_secs(20), || {
@@ -62,8 +64,15 @@ fn psk_mismatch_is_authentication_failed_until_fixed_live() {
     assert!(d3.cli(&["reload"]).status.success());
     let fixed = wait_until(Duration::from_secs(20), || all_active(&[&d1, &d2, &d3], &[1, 2, 3]));
     assert!(fixed, "{:#?}\n{:#?}", d1.peer(3), d3.peer(1));
+    let hex = |k: &str| k.bytes().map(|b| format!("{b:02x}")).collect::<String>();
     for d in [&d1, &d2, &d3] {
-        assert!(!d.log().contains("confmesh-test-psk"), "the key must never reach a log");
+        let logs = d.all_logs();
+        assert!(logs.contains("authentication failed"), "peer {}: the refusal is logged", d.i);
+        for key in [PeerSpec::new(1, &[]).psk, "a-different-pre-shared-key".into()] {
+            for form in [key.clone(), hex(&key), hex(&key).to_uppercase()] {
+                assert!(!logs.contains(&form), "peer {}: the key must never reach a log ({form})", d.i);
+            }
+        }
     }
 }
 

@@ -81,6 +81,8 @@ pub struct PeerSpec {
     pub psk: String,
     pub version: Option<String>,
     pub extra_cluster: String,
+    /// RUST_LOG of the daemon.
+    pub log_level: &'static str,
 }
 
 impl PeerSpec {
@@ -92,6 +94,7 @@ impl PeerSpec {
             psk: "confmesh-test-psk-0123456789abcdef".into(),
             version: None,
             extra_cluster: String::new(),
+            log_level: "info",
         }
     }
 }
@@ -103,6 +106,7 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub psk_file: PathBuf,
+    log_level: &'static str,
     child: Option<Child>,
 }
 
@@ -135,7 +139,7 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let mut d = Daemon { i: spec.i, ns: topo.ns(&format!("p{}", spec.i)), dir, config, psk_file, child: None };
+        let mut d = Daemon { i: spec.i, ns: topo.ns(&format!("p{}", spec.i)), dir, config, psk_file, log_level: spec.log_level, child: None };
         d.spawn(spec.version.as_deref());
         d
     }
@@ -147,7 +151,7 @@ impl Daemon {
             .arg(&self.config)
             .arg("--keylog")
             .arg(self.dir.join("keylog"))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", self.log_level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -225,6 +229,18 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Everything this daemon logged: stderr, and its event and configuration logs (rotated
+    /// files included).
+    pub fn all_logs(&self) -> String {
+        let mut all = self.log();
+        if let Ok(dir) = std::fs::read_dir(self.dir.join("state/log")) {
+            for f in dir.flatten() {
+                all.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
+            }
+        }
+        all
     }
 }
 
