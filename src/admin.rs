@@ -175,7 +175,20 @@ async fn config_get(State(state): State<AdminState>, headers: HeaderMap, Path(ke
     }
 }
 
-async fn config_put(State(state): State<AdminState>, headers: HeaderMap, Path(key): Path<String>, body: Bytes) -> Response {
+/// `?wait_peers=N` on a write: also wait until N other peers have it (as `--wait-peers`).
+#[derive(Debug, Default, serde::Deserialize)]
+struct WaitPeers {
+    #[serde(default)]
+    wait_peers: usize,
+}
+
+async fn config_put(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    Query(WaitPeers { wait_peers }): Query<WaitPeers>,
+    body: Bytes,
+) -> Response {
     if let Err(r) = authenticate(&state, &headers).await {
         return r;
     }
@@ -183,17 +196,22 @@ async fn config_put(State(state): State<AdminState>, headers: HeaderMap, Path(ke
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the body is not JSON: {e}")),
     };
-    match ask(&state, Request::ConfigSet { key, value }).await {
+    match ask(&state, Request::ConfigSet { key, value, wait_peers }).await {
         Ok(v) => Json(v).into_response(),
         Err(r) => r,
     }
 }
 
-async fn config_delete(State(state): State<AdminState>, headers: HeaderMap, Path(key): Path<String>) -> Response {
+async fn config_delete(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    Query(WaitPeers { wait_peers }): Query<WaitPeers>,
+) -> Response {
     if let Err(r) = authenticate(&state, &headers).await {
         return r;
     }
-    match ask(&state, Request::ConfigDelete { key }).await {
+    match ask(&state, Request::ConfigDelete { key, wait_peers }).await {
         Ok(v) => Json(v).into_response(),
         Err(r) => r,
     }

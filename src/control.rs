@@ -69,11 +69,18 @@ pub enum Request {
         key: String,
         /// The value as JSON.
         value: Value,
+        /// Also wait until this many other peers have the write (0: durable locally is enough).
+        #[serde(default)]
+        wait_peers: usize,
     },
-    /// Shared configuration: delete a key; answered once durable locally.
+    /// Shared configuration: delete a key; answered once durable locally (and on `wait_peers`
+    /// other peers).
     ConfigDelete {
         /// The key.
         key: String,
+        /// As for [`Request::ConfigSet`].
+        #[serde(default)]
+        wait_peers: usize,
     },
     /// Shared configuration: every key under a prefix.
     ConfigList {

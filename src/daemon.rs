@@ -193,7 +193,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         tokio::select! {
             Some((request, reply)) = calls.recv() => {
                 if shared::is_store_request(&request) {
-                    let task = shared::answer(daemon.store.clone(), request);
+                    let replication = daemon.cluster.as_ref().map(|c| c.replication.clone());
+                    let task = shared::answer(daemon.store.clone(), replication, request);
                     tokio::spawn(async move { let _ = reply.send(task.await); });
                 } else {
                     let answer = daemon.handle_request(request).await;
@@ -757,7 +758,10 @@ impl Daemon {
             | Request::ConfigGet { .. }
             | Request::ConfigSet { .. }
             | Request::ConfigDelete { .. }
-            | Request::ConfigList { .. }) => shared::answer(self.store.clone(), other).await,
+            | Request::ConfigList { .. }) => {
+                let replication = self.cluster.as_ref().map(|c| c.replication.clone());
+                shared::answer(self.store.clone(), replication, other).await
+            }
             Request::Faults { peer, delay_ms, jitter_ms, loss_pct, duplicate_pct, reorder_pct } => {
                 let Some(c) = &self.cluster else { return Err("standalone: there is no peer to inject faults towards".into()) };
                 if !c.settings.peers.contains(&peer) || peer == self.config.peer.mgmt_addr {

@@ -166,17 +166,23 @@ enum ConfigOp {
         /// The key, e.g. bridge/b1.
         key: String,
     },
-    /// Set a value; returns once it is durable on this peer.
+    /// Set a value; returns once it is durable on this peer (and on --wait-peers others).
     Set {
         /// The key.
         key: String,
         /// The value as JSON, e.g. '{"uri": "sip:10.96.4.1:5060", "capacity": 20}'.
         value: String,
+        /// Also wait (up to 5 s) until this many other peers have it.
+        #[arg(long, default_value_t = 0)]
+        wait_peers: usize,
     },
     /// Delete a key.
     Delete {
         /// The key.
         key: String,
+        /// Also wait (up to 5 s) until this many other peers have the deletion.
+        #[arg(long, default_value_t = 0)]
+        wait_peers: usize,
     },
     /// Print every key under a prefix, one "KEY JSON" line each.
     List {
@@ -284,11 +290,11 @@ fn main() -> ExitCode {
 fn config_command(op: ConfigOp, target: Target) -> ExitCode {
     match op {
         ConfigOp::Get { key } => client(target, Request::ConfigGet { key }, |v| v.to_string()),
-        ConfigOp::Set { key, value } => match serde_json::from_str(&value) {
-            Ok(value) => client(target, Request::ConfigSet { key, value }, |_| String::new()),
+        ConfigOp::Set { key, value, wait_peers } => match serde_json::from_str(&value) {
+            Ok(value) => client(target, Request::ConfigSet { key, value, wait_peers }, |_| String::new()),
             Err(e) => fail(format!("the value is not JSON ({e}); quote strings, e.g. '\"text\"'")),
         },
-        ConfigOp::Delete { key } => client(target, Request::ConfigDelete { key }, |_| String::new()),
+        ConfigOp::Delete { key, wait_peers } => client(target, Request::ConfigDelete { key, wait_peers }, |_| String::new()),
         ConfigOp::List { prefix } => client(target, Request::ConfigList { prefix }, |v| {
             v.as_object().map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join("\n")).unwrap_or_default()
         }),

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use confmesh_replication::model::Namespace;
+use confmesh_replication::service::{Service as Replication, WriteError};
 use confmesh_replication::store::{Snapshot, Store, StoreError};
 use serde_json::{Value, json};
 
@@ -54,24 +55,30 @@ pub fn is_store_request(request: &Request) -> bool {
     )
 }
 
-/// Answers a shared-configuration or administrator request; writes return once durable locally.
-pub async fn answer(store: Arc<Store>, request: Request) -> Reply {
+/// How long a write that waits for other peers waits at most; it stays durable locally and
+/// replicates later if they do not answer in time.
+const WAIT_PEERS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Answers a shared-configuration or administrator request; writes return once durable locally,
+/// or also on `wait_peers` other peers when asked (which needs the sync sessions, `replication`).
+pub async fn answer(store: Arc<Store>, replication: Option<Arc<Replication>>, request: Request) -> Reply {
+    let replication = replication.as_deref();
     match request {
         Request::ConfigGet { key } => {
             check_config_key(&key)?;
             get(&store, &key)?.ok_or_else(|| format!("not found: no shared configuration key {key}"))
         }
-        Request::ConfigSet { key, value } => {
+        Request::ConfigSet { key, value, wait_peers } => {
             check_config_key(&key)?;
             check_value(&key, &value)?;
-            write(&store, &key, Some(value)).await
+            write_waiting(&store, replication, &key, Some(value), wait_peers).await
         }
-        Request::ConfigDelete { key } => {
+        Request::ConfigDelete { key, wait_peers } => {
             check_config_key(&key)?;
             if get(&store, &key)?.is_none() {
                 return Err(format!("not found: no shared configuration key {key}"));
             }
-            write(&store, &key, None).await
+            write_waiting(&store, replication, &key, None, wait_peers).await
         }
         Request::ConfigList { prefix } => {
             let entries = store.list(Namespace::Config, &prefix).map_err(|e| e.to_string())?;
@@ -105,6 +112,26 @@ pub async fn answer(store: Arc<Store>, request: Request) -> Reply {
 
 fn get(store: &Store, key: &str) -> Result<Option<Value>, String> {
     store.get(Namespace::Config, key).map_err(|e| e.to_string())
+}
+
+async fn write_waiting(store: &Store, replication: Option<&Replication>, key: &str, value: Option<Value>, wait_peers: usize) -> Reply {
+    if wait_peers == 0 {
+        return write(store, key, value).await;
+    }
+    let Some(r) = replication else {
+        return Err(format!("--wait-peers {wait_peers}: this peer is standalone, there is no other peer to wait for"));
+    };
+    let stamp = r.write(Namespace::Config, key, value, wait_peers, WAIT_PEERS_TIMEOUT).await.map_err(|e| match e {
+        WriteError::TooFewPeers { configured, .. } => {
+            format!("--wait-peers {wait_peers}: the cluster has only {configured} other peers; nothing was written")
+        }
+        WriteError::NotReplicated { acked_by, .. } => format!(
+            "written and durable on this peer, but only {acked_by} of {wait_peers} other peers had it after {}s; it will replicate when they are back",
+            WAIT_PEERS_TIMEOUT.as_secs()
+        ),
+        other => other.to_string(),
+    })?;
+    Ok(json!({ "key": key, "stamp": stamp.to_string() }))
 }
 
 async fn write(store: &Store, key: &str, value: Option<Value>) -> Reply {
@@ -173,22 +200,24 @@ mod tests {
     async fn config_and_admin_requests() {
         let dir = tempfile::tempdir().unwrap();
         let store = open_store(dir.path(), Ipv4Addr::new(10, 96, 0, 1)).await.unwrap();
-        let ask = |r| answer(store.clone(), r);
+        let ask = |r| answer(store.clone(), None, r);
         let bridge = json!({"uri": "sip:10.96.4.1:5060", "capacity": 20});
-        ask(Request::ConfigSet { key: "bridge/b1".into(), value: bridge.clone() }).await.unwrap();
+        ask(Request::ConfigSet { key: "bridge/b1".into(), value: bridge.clone(), wait_peers: 0 }).await.unwrap();
+        let standalone = ask(Request::ConfigSet { key: "bridge/b1".into(), value: bridge.clone(), wait_peers: 1 }).await.unwrap_err();
+        assert!(standalone.contains("standalone"), "{standalone}");
         assert_eq!(ask(Request::ConfigGet { key: "bridge/b1".into() }).await.unwrap(), bridge);
-        let bad = ask(Request::ConfigSet { key: "bridge/b2".into(), value: json!({"uri": "sip:10.96.4.2"}) }).await.unwrap_err();
+        let bad = ask(Request::ConfigSet { key: "bridge/b2".into(), value: json!({"uri": "sip:10.96.4.2"}), wait_peers: 0 }).await.unwrap_err();
         assert!(bad.contains("bridge/b2") && bad.contains("capacity"), "{bad}");
         assert!(ask(Request::ConfigGet { key: "nope".into() }).await.unwrap_err().starts_with("not found"));
-        assert!(ask(Request::ConfigSet { key: "admin/x".into(), value: json!(1) }).await.is_err());
+        assert!(ask(Request::ConfigSet { key: "admin/x".into(), value: json!(1), wait_peers: 0 }).await.is_err());
         ask(Request::AdminAdd { name: "ops".into(), hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into() }).await.unwrap();
         assert!(ask(Request::AdminAdd { name: "ops".into(), hash: "plain".into() }).await.is_err());
         assert_eq!(ask(Request::AdminList).await.unwrap(), json!(["ops"]));
         assert!(ask(Request::AdminHash { name: "ops".into() }).await.unwrap().as_str().unwrap().starts_with("$argon2id$"));
         let list = ask(Request::ConfigList { prefix: String::new() }).await.unwrap();
         assert_eq!(list, json!({"bridge/b1": bridge}), "accounts stay out of config list");
-        ask(Request::ConfigDelete { key: "bridge/b1".into() }).await.unwrap();
-        assert!(ask(Request::ConfigDelete { key: "bridge/b1".into() }).await.unwrap_err().starts_with("not found"));
+        ask(Request::ConfigDelete { key: "bridge/b1".into(), wait_peers: 0 }).await.unwrap();
+        assert!(ask(Request::ConfigDelete { key: "bridge/b1".into(), wait_peers: 0 }).await.unwrap_err().starts_with("not found"));
         ask(Request::AdminRemove { name: "ops".into() }).await.unwrap();
         assert!(ask(Request::AdminHash { name: "ops".into() }).await.is_err());
         let snap = import(&export(&store).unwrap()).unwrap();

@@ -230,4 +230,17 @@ fn sync_port_answers_only_through_the_overlay() {
     assert!(route.status.success(), "{}", String::from_utf8_lossy(&route.stderr));
     assert!(!connect("r"), "the sync port accepted a connection that did not come through an SA");
     assert!(topo.exec("r", &["ping", "-c", "1", "-W", "2", "10.96.0.1"]).status.success(), "the router cannot reach peer 1 at all");
+
+    // A write that waits for the other peer is on it when acknowledged; with the peer gone it is
+    // refused as not replicated, yet durable here.
+    let out = d1.cli(&["config", "set", "location/waited", r#"{"limit_kbps": 64}"#, "--wait-peers", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let there = d2.cli(&["config", "get", "location/waited"]);
+    assert!(String::from_utf8_lossy(&there.stdout).contains("64"), "not on peer 2 when acknowledged");
+    let mut d2 = d2;
+    d2.kill();
+    let out = d1.cli(&["config", "set", "location/alone", r#"{"limit_kbps": 32}"#, "--wait-peers", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("durable on this peer"), "{err}");
+    assert!(d1.cli(&["config", "get", "location/alone"]).status.success(), "the write stays durable locally");
 }
