@@ -155,9 +155,104 @@ pub struct PeerSettings {
 pub struct AdminSettings {
     /// Where the admin HTTP API listens.
     pub listen: SocketAddr,
-    /// TLS certificate and key files; plain HTTP when absent.
-    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The TLS identity, loaded and checked; plain HTTP when absent.
+    pub tls: Option<AdminTls>,
 }
+
+/// The admin API's TLS identity from `[admin] tls_cert_file` and `tls_key_file`, read and checked
+/// when the configuration is loaded (certificate chain present, key readable and matching the
+/// certificate), so a daemon never starts serving plain HTTP, or nothing, because of a bad file.
+///
+/// `Debug` shows the paths only; the key stays inside the rustls configuration.
+#[derive(Clone)]
+pub struct AdminTls {
+    /// PEM file with the server certificate, then any intermediate certificates.
+    pub cert_file: PathBuf,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    server: std::sync::Arc<rustls::ServerConfig>,
+}
+
+impl AdminTls {
+    /// Reads and checks the two files and builds the server configuration (ring provider, TLS 1.2
+    /// and 1.3, ALPN `http/1.1`). A refusal names the field at fault and what to do.
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<AdminTls, ConfigError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let cert_field = "admin.tls_cert_file";
+        let key_field = "admin.tls_key_file";
+        let pem = std::fs::read(cert_file).map_err(|e| {
+            ConfigError::new(cert_field, format!("cannot read {}: {e}; point it at a readable PEM certificate file", cert_file.display()))
+        })?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().map_err(|e| {
+            ConfigError::new(cert_field, format!("{} is not valid PEM ({e}); give the certificate in PEM form", cert_file.display()))
+        })?;
+        if chain.is_empty() {
+            return Err(ConfigError::new(
+                cert_field,
+                format!("{} holds no \"BEGIN CERTIFICATE\" block; give the server certificate (then any intermediates) in PEM form", cert_file.display()),
+            ));
+        }
+        let key_pem = zeroize::Zeroizing::new(std::fs::read(key_file).map_err(|e| {
+            ConfigError::new(key_field, format!("cannot read {}: {e}; point it at a PEM private key readable by the daemon", key_file.display()))
+        })?);
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+            ConfigError::new(
+                key_field,
+                format!("{} holds no usable PEM private key ({e}); give the certificate's key as PKCS#8, PKCS#1 or SEC1 PEM", key_file.display()),
+            )
+        })?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        // with_single_cert loads the key with the provider and checks it against the certificate.
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::new(cert_field, format!("TLS is unavailable in this build: {e}")))?
+            .with_no_client_auth()
+            .with_single_cert(chain.clone(), key)
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => ConfigError::new(
+                    key_field,
+                    format!(
+                        "{} does not match the certificate in {}; use the key the certificate was issued for",
+                        key_file.display(),
+                        cert_file.display()
+                    ),
+                ),
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => ConfigError::new(
+                    cert_field,
+                    format!("{} is not a usable X.509 certificate ({e}); give the server certificate first, in PEM form", cert_file.display()),
+                ),
+                _ => ConfigError::new(
+                    key_field,
+                    format!("{} is not a usable private key ({e}); use an RSA, ECDSA (P-256/P-384) or Ed25519 key", key_file.display()),
+                ),
+            })?;
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(AdminTls { cert_file: cert_file.to_owned(), key_file: key_file.to_owned(), chain, server: std::sync::Arc::new(server) })
+    }
+
+    /// The rustls server configuration to accept connections with.
+    pub fn server_config(&self) -> std::sync::Arc<rustls::ServerConfig> {
+        self.server.clone()
+    }
+}
+
+impl fmt::Debug for AdminTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminTls").field("cert_file", &self.cert_file).field("key_file", &self.key_file).finish_non_exhaustive()
+    }
+}
+
+/// Two identities are equal when they come from the same files and carry the same certificates.
+impl PartialEq for AdminTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert_file == other.cert_file && self.key_file == other.key_file && self.chain == other.chain
+    }
+}
+
+impl Eq for AdminTls {}
 
 /// Cluster membership of a clustered peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -430,7 +525,7 @@ fn validate_admin(raw: RawAdmin, peer: &PeerSettings) -> Result<AdminSettings, C
     };
     let tls = match (raw.tls_cert_file, raw.tls_key_file) {
         (None, None) => None,
-        (Some(cert), Some(key)) => Some((cert, key)),
+        (Some(cert), Some(key)) => Some(AdminTls::load(&cert, &key)?),
         (Some(_), None) => return Err(ConfigError::new("admin.tls_key_file", "missing; TLS needs both tls_cert_file and tls_key_file")),
         (None, Some(_)) => return Err(ConfigError::new("admin.tls_cert_file", "missing; TLS needs both tls_cert_file and tls_key_file")),
     };
@@ -611,6 +706,55 @@ protection = "ah"
             assert_eq!(&err.field, field, "{name}: {err}");
             assert!(err.to_string().contains(field), "{name}: message must name the field: {err}");
         }
+    }
+
+    /// The TLS files are read and checked when the configuration is loaded; each bad file is
+    /// refused with the field at fault.
+    #[test]
+    fn admin_tls_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let a = rcgen::generate_simple_self_signed(vec!["conductor1".to_owned()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["conductor1".to_owned()]).unwrap();
+        let (a_crt, a_key) = (file("a.crt", &a.cert.pem()), file("a.key", &a.key_pair.serialize_pem()));
+        let b_key = file("b.key", &b.key_pair.serialize_pem());
+        let garbage = file("garbage", "not PEM at all\n");
+        let bad_der = file("bad.crt", "-----BEGIN CERTIFICATE-----\nAAECAwQF\n-----END CERTIFICATE-----\n");
+        let missing = dir.path().join("missing.pem");
+
+        let with_tls = |cert: &Path, key: &Path| {
+            let lines = format!("[admin]\ntls_cert_file = {:?}\ntls_key_file = {:?}", cert.display().to_string(), key.display().to_string());
+            parse(&GOOD.replacen("[admin]", &lines, 1))
+        };
+        let c = with_tls(&a_crt, &a_key).unwrap();
+        let tls = c.admin.tls.as_ref().expect("TLS configured");
+        assert_eq!((tls.cert_file.as_path(), tls.key_file.as_path()), (a_crt.as_path(), a_key.as_path()));
+        assert_eq!(tls.server_config().alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert!(!format!("{tls:?}").contains("PRIVATE"), "Debug shows paths only");
+        assert_eq!(parse(GOOD).unwrap().admin.tls, None, "plain HTTP when neither is set");
+
+        let cases: &[(&str, &Path, &Path, &str, &str)] = &[
+            ("cert unreadable", &missing, &a_key, "admin.tls_cert_file", "cannot read"),
+            ("cert not PEM", &garbage, &a_key, "admin.tls_cert_file", "BEGIN CERTIFICATE"),
+            ("key given as cert", &a_key, &a_key, "admin.tls_cert_file", "BEGIN CERTIFICATE"),
+            ("cert not X.509", &bad_der, &a_key, "admin.tls_cert_file", "certificate"),
+            ("key unreadable", &a_crt, &missing, "admin.tls_key_file", "cannot read"),
+            ("key not PEM", &a_crt, &garbage, "admin.tls_key_file", "private key"),
+            ("cert given as key", &a_crt, &a_crt, "admin.tls_key_file", "private key"),
+            ("key of another cert", &a_crt, &b_key, "admin.tls_key_file", "does not match"),
+        ];
+        for (name, cert, key, field, says) in cases {
+            let err = with_tls(cert, key).expect_err(name);
+            assert_eq!(&err.field, field, "{name}: {err}");
+            assert!(err.to_string().contains(field) && err.message.contains(says), "{name}: {err}");
+        }
+        // Only one of the two: refused before any file is read.
+        let only_key = GOOD.replacen("[admin]", &format!("[admin]\ntls_key_file = {:?}", a_key.display().to_string()), 1);
+        assert_eq!(parse(&only_key).unwrap_err().field, "admin.tls_cert_file");
     }
 
     #[test]

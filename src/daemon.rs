@@ -169,7 +169,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .map_err(io(format!("cannot listen for the admin API on {} (admin.listen)", config.admin.listen)))?;
-    let admin = tokio::spawn(crate::admin::serve(admin_listener, calls_tx.clone(), stop_rx.clone()));
+    let admin = tokio::spawn(crate::admin::serve(admin_listener, config.admin.tls.clone(), calls_tx.clone(), stop_rx.clone()));
     let (inputs_tx, mut inputs) = mpsc::channel(INPUT_QUEUE);
     let mut daemon = Daemon { inputs: inputs_tx, opts, config, logs, keylog, store, bandwidth, b2bua, cluster: None };
     let cluster = daemon.config.cluster.clone();

@@ -1,19 +1,28 @@
 //! Issue 4 acceptance 9 and the admin API of SPEC.md §7 on a real 2-peer cluster (as root; CI
 //! does): `/metrics` parses with the Prometheus project's own text-format parser, the status page
 //! is valid HTML (html5lib in strict mode), `/api/…` needs an administrator account, and shared
-//! configuration written through one peer's API is read back through the other's.
+//! configuration written through one peer's API is read back through the other's. And with
+//! `[admin] tls_cert_file`/`tls_key_file` the API is HTTPS only: curl with the CA file gets in,
+//! plain HTTP to the port gets nothing, and a capture on the router never holds the password.
 
 mod support;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use support::*;
 
 /// `curl` inside peer `i`'s namespace; returns (HTTP status, body).
 fn curl(topo: &Topology, i: u8, args: &[&str]) -> (u16, String) {
-    let out = topo.exec(&format!("p{i}"), &[&["curl", "-s", "-m", "10", "-w", "\n%{http_code}"], args].concat());
+    curl_in(topo, &format!("p{i}"), args)
+}
+
+/// `curl` inside namespace `ns` ("p1", "vcs", ...); returns (HTTP status, body), status 0 when
+/// no HTTP answer came.
+fn curl_in(topo: &Topology, ns: &str, args: &[&str]) -> (u16, String) {
+    let out = topo.exec(ns, &[&["curl", "-s", "-m", "10", "-w", "\n%{http_code}"], args].concat());
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_owned())
@@ -103,4 +112,137 @@ fn metrics_parse_page_validates_and_api_needs_an_account() {
     assert_eq!(code, 200);
     let gone = wait_until(Duration::from_secs(10), || curl(&topo, 2, &["-u", auth, "http://10.96.0.2:8443/api/v1/config/bridge/b1"]).0 == 404);
     assert!(gone, "the delete did not replicate");
+}
+
+/// tcpdump in the router's namespace, writing every packet to or from TCP port 8443 to a file;
+/// stopped by PID on drop. `--immediate-mode`: without it libpcap's ring hands packets over in
+/// blocks, and a tcpdump stopped right after the exchange writes none of them.
+struct Capture {
+    child: Option<Child>,
+    file: PathBuf,
+}
+
+impl Capture {
+    fn start(topo: &Topology, file: &Path) -> Capture {
+        let log = file.with_extension("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &topo.ns("r"), "tcpdump", "-i", "any", "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(file)
+            .args(["tcp", "port", "8443"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("run tcpdump");
+        let capture = Capture { child: Some(child), file: file.to_owned() };
+        let ready = wait_until(Duration::from_secs(10), || std::fs::read_to_string(&log).unwrap_or_default().contains("listening on"));
+        assert!(ready, "tcpdump did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        capture
+    }
+
+    /// Stops tcpdump (SIGTERM, bounded, then SIGKILL) and returns the raw capture file.
+    fn finish(mut self) -> Vec<u8> {
+        self.stop();
+        std::fs::read(&self.file).expect("read the capture")
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The ways a password sent with HTTP Basic can show on the wire.
+fn holds_credentials(capture: &[u8], user: &str, password: &str) -> bool {
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    contains(capture, password.as_bytes()) || contains(capture, basic.as_bytes()) || contains(capture, b"Authorization")
+}
+
+#[test]
+fn tls_admin_api_keeps_the_password_off_the_wire() {
+    if !require_root("tls_admin_api_keeps_the_password_off_the_wire") {
+        return;
+    }
+    let topo = Topology::up("cmat", 1);
+    let mut d1 = Daemon::start(&topo, &PeerSpec::new(1, &[]));
+    let plain_config = std::fs::read_to_string(&d1.config).unwrap();
+    let up = wait_until(Duration::from_secs(20), || curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0 == 200);
+    assert!(up, "admin API did not come up: {}", d1.log());
+    let password = "tls-netns-pass-5d2c9e";
+    let pw = d1.dir.join("admin-password");
+    std::fs::write(&pw, format!("{password}\n")).unwrap();
+    let out = d1.cli(&["admin", "add", "ops", "--password-file", pw.to_str().unwrap()]);
+    assert!(out.status.success(), "admin add: {}", String::from_utf8_lossy(&out.stderr));
+    let auth = format!("ops:{password}");
+
+    // The control, and the gap TLS closes: plain HTTP from the operator's machine (the vcs
+    // namespace) carries the password across the router, and the capture there finds it.
+    let capture = Capture::start(&topo, &topo.dir.path().join("plain.pcap"));
+    assert_eq!(curl_in(&topo, "vcs", &["-u", &auth, "http://10.96.0.1:8443/api/v1/status"]).0, 200);
+    let seen = capture.finish();
+    assert!(holds_credentials(&seen, "ops", password), "the capture method must see a password sent in clear ({} bytes captured)", seen.len());
+
+    // A certificate for the management address, made here; the key readable by its owner only.
+    let generated = rcgen::generate_simple_self_signed(vec!["10.96.0.1".to_owned()]).unwrap();
+    let (cert, key) = (d1.dir.join("admin.crt"), d1.dir.join("admin.key"));
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let admin = |cert: &Path, key: &Path| format!("{plain_config}\n[admin]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n", cert.display().to_string(), key.display().to_string());
+
+    // A key that is not a key: the daemon refuses to start and says which field.
+    d1.stop();
+    std::fs::write(&d1.config, admin(&cert, &cert)).unwrap();
+    d1.restart();
+    let status = d1.wait_exit(Duration::from_secs(20)).expect("the daemon must refuse a bad key, not run");
+    assert!(!status.success());
+    assert!(d1.log().contains("admin.tls_key_file"), "the refusal must name the field: {}", d1.log());
+
+    // The right files: HTTPS with the CA file.
+    std::fs::write(&d1.config, admin(&cert, &key)).unwrap();
+    d1.restart();
+    let ca = cert.to_str().unwrap();
+    let up = wait_until(Duration::from_secs(20), || curl_in(&topo, "vcs", &["--cacert", ca, "https://10.96.0.1:8443/metrics"]).0 == 200);
+    assert!(up, "HTTPS did not come up: {}", d1.log());
+
+    let capture = Capture::start(&topo, &topo.dir.path().join("tls.pcap"));
+    let (code, body) = curl_in(&topo, "vcs", &["--cacert", ca, "-u", &auth, "https://10.96.0.1:8443/api/v1/status"]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("conductor1"), "{body}");
+    let (code, page) = curl_in(&topo, "vcs", &["--cacert", ca, "-u", &auth, "https://10.96.0.1:8443/"]);
+    assert_eq!(code, 200);
+    assert_eq!(python(PARSE_HTML, &page).trim(), "valid");
+    assert_eq!(curl_in(&topo, "vcs", &["--cacert", ca, "-u", "ops:wrong", "https://10.96.0.1:8443/api/v1/status"]).0, 401);
+    assert_eq!(curl_in(&topo, "vcs", &["--cacert", ca, "-u", &format!("nobody:{password}"), "https://10.96.0.1:8443/api/v1/status"]).0, 401);
+    let seen = capture.finish();
+    let packets = Command::new("tcpdump").arg("-r").arg(topo.dir.path().join("tls.pcap")).output().unwrap();
+    let packets = String::from_utf8_lossy(&packets.stdout).lines().count();
+    assert!(packets >= 20, "the capture holds only {packets} packets");
+    assert!(!holds_credentials(&seen, "ops", password), "credentials crossed the router in clear over HTTPS");
+    assert!(!contains(&seen, b"HTTP/1.1"), "HTTP crossed the router in clear");
+
+    // Plain HTTP to the TLS port gets no HTTP answer; a client that does not trust the
+    // certificate is stopped before it sends anything.
+    let (code, body) = curl_in(&topo, "vcs", &["http://10.96.0.1:8443/metrics"]);
+    assert_eq!(code, 0, "plain HTTP was answered: {body}");
+    assert!(!body.contains("confmesh_info"), "{body}");
+    assert_eq!(curl_in(&topo, "vcs", &["https://10.96.0.1:8443/metrics"]).0, 0, "an untrusted certificate must fail verification");
 }
