@@ -1,5 +1,7 @@
 //! The transaction layer on a virtual clock: every RFC 3261 §17 timer fires when it should, UDP
 //! retransmits and TCP does not, retransmissions are absorbed, and the layer forgets transactions.
+//! Then the TCP transport on loopback: idle and trickling connections are closed, a connection
+//! with an INVITE pending is kept, and the connection limit evicts idle connections.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -226,4 +228,198 @@ fn transaction_count_is_bounded() {
     assert!(matches!(h.feed(&request("OPTIONS", "z9hG4bK2", "OPTIONS", ""), Transport::Udp), Incoming::Request(_)));
     assert_eq!(h.feed(&request("OPTIONS", "z9hG4bK3", "OPTIONS", ""), Transport::Udp), Incoming::Overloaded);
     assert!(h.txns.send_request(h.now, Bytes::from(request("OPTIONS", "z9hG4bK4", "OPTIONS", "")), h.peer, h.local, Transport::Udp).is_none());
+}
+
+// ---- The TCP transport on loopback (real sockets, shortened limits; every wait is bounded). ----
+
+mod tcp {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use confmesh::sip::transaction::Transmit;
+    use confmesh::sip::transport::{Inbound, SipSockets, TcpLimits};
+    use confmesh::sip::Transport;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::sync::mpsc;
+
+    /// The longest any wait in these tests may take before it counts as a failure.
+    const BOUND: Duration = Duration::from_secs(10);
+
+    async fn server(limits: TcpLimits) -> (SipSockets, mpsc::Receiver<Inbound>, SocketAddr) {
+        let (tx, rx) = mpsc::channel(64);
+        let s = SipSockets::bind_with(&["127.0.0.1:0".parse().unwrap()], tx, limits).await.unwrap();
+        let addr = s.local_addrs()[0];
+        (s, rx, addr)
+    }
+
+    fn message(method: &str, branch: &str) -> Vec<u8> {
+        format!(
+            "{method} sip:meet.1@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999;branch={branch}\r\n\
+             From: <sip:a@x>;tag=f1\r\nTo: <sip:meet.1@127.0.0.1>\r\nCall-ID: {branch}\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    /// Waits (bounded) until the server closes `c`: true on EOF or reset, false if it stays open.
+    async fn closed(c: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 512];
+        let end = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(end, c.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// The next message the server delivered from `src` (bounded wait).
+    async fn received_from(rx: &mut mpsc::Receiver<Inbound>, src: SocketAddr) -> Inbound {
+        let m = tokio::time::timeout(BOUND, rx.recv()).await.expect("a message within the bound").expect("server alive");
+        assert_eq!(m.src, src);
+        assert_eq!(m.transport, Transport::Tcp);
+        m
+    }
+
+    async fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let end = Instant::now() + BOUND;
+        while !f() {
+            assert!(Instant::now() < end, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_connection_is_closed() {
+        let idle = Duration::from_millis(300);
+        let (s, mut rx, addr) = server(TcpLimits { idle_timeout: idle, ..TcpLimits::default() }).await;
+        let start = Instant::now();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut active = TcpStream::connect(addr).await.unwrap();
+        active.write_all(&message("OPTIONS", "z9hG4bKidle1")).await.unwrap();
+        received_from(&mut rx, active.local_addr().unwrap()).await;
+        assert!(closed(&mut silent, BOUND).await, "a silent connection stays open");
+        assert!(start.elapsed() >= idle, "closed before the idle timeout");
+        // A connection that carried a message (and no INVITE) is idle afterwards too.
+        assert!(closed(&mut active, BOUND).await, "an idle connection after a message stays open");
+        let st = s.stats();
+        assert_eq!((st.tcp_idle_closed, st.tcp_incomplete_closed, st.tcp_evicted), (2, 0, 0));
+        wait_for("closed connections are forgotten", || s.tcp_connections() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn trickling_connection_is_cut() {
+        // Idle allowance far beyond the test: only the started-message bound can cut.
+        let limits = TcpLimits { idle_timeout: Duration::from_secs(120), message_timeout: Duration::from_millis(300), ..TcpLimits::default() };
+        let (s, _rx, addr) = server(limits).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"OPTIONS sip:meet.1@127.0.0.1 SIP/2.0\r\nX-Slow: ").await.unwrap();
+        let mut cut = false;
+        let mut buf = [0u8; 64];
+        // One byte every 20 ms (the stream never idles), at most 10 s of it.
+        for _ in 0..500 {
+            if c.write_all(b"a").await.is_err() {
+                cut = true;
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(20), c.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    cut = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert!(cut, "a message trickled forever keeps its connection");
+        let st = s.stats();
+        assert_eq!((st.tcp_incomplete_closed, st.tcp_idle_closed), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn pending_invite_keeps_the_connection_until_answered() {
+        let limits = TcpLimits { idle_timeout: Duration::from_millis(200), invite_timeout: Duration::from_secs(120), ..TcpLimits::default() };
+        let (s, mut rx, addr) = server(limits).await;
+        let mut caller = TcpStream::connect(addr).await.unwrap();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        caller.write_all(&message("INVITE", "z9hG4bKinv1")).await.unwrap();
+        let inv = received_from(&mut rx, caller.local_addr().unwrap()).await;
+        assert!(closed(&mut silent, BOUND).await);
+        // Well past the idle timeout, the caller's connection still works: it carries an INVITE.
+        caller.write_all(&message("OPTIONS", "z9hG4bKinv2")).await.unwrap();
+        received_from(&mut rx, caller.local_addr().unwrap()).await;
+        // A provisional response keeps it pending; the final one ends the INVITE.
+        let reply = |code: u16| {
+            let text = format!(
+                "SIP/2.0 {code} X\r\nVia: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKinv1\r\nFrom: <sip:a@x>;tag=f1\r\n\
+                 To: <sip:meet.1@127.0.0.1>;tag=b1\r\nCall-ID: z9hG4bKinv1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+            );
+            Transmit { dest: inv.src, local: inv.local, transport: Transport::Tcp, data: Bytes::from(text) }
+        };
+        s.send(reply(180));
+        s.send(reply(486));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        let end = tokio::time::Instant::now() + BOUND;
+        // Read both responses, then the close that follows one idle period later.
+        loop {
+            match tokio::time::timeout_at(end, caller.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("connection kept after the INVITE was answered"),
+            }
+        }
+        let text = String::from_utf8(got).unwrap();
+        assert!(text.starts_with("SIP/2.0 180 X\r\n") && text.contains("SIP/2.0 486 X\r\n"), "{text}");
+        assert_eq!(s.stats().tcp_idle_closed, 2);
+    }
+
+    #[tokio::test]
+    async fn limit_evicts_the_least_recently_active_idle_connection() {
+        let (s, mut rx, addr) = server(TcpLimits { max_connections: 3, ..TcpLimits::default() }).await;
+        let mut c1 = TcpStream::connect(addr).await.unwrap();
+        let mut others = Vec::new();
+        for _ in 0..2 {
+            others.push(TcpStream::connect(addr).await.unwrap());
+        }
+        wait_for("three connections registered", || s.tcp_connections() == 3).await;
+        // The other two carry a message after c1 connected, so c1 is the least recently active
+        // (the clock counts milliseconds: make sure one passes).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for (i, c) in others.iter_mut().enumerate() {
+            c.write_all(&message("OPTIONS", &format!("z9hG4bKev{i}"))).await.unwrap();
+            received_from(&mut rx, c.local_addr().unwrap()).await;
+        }
+        // The limit is full of idle connections: a new one is still served.
+        let mut late = TcpStream::connect(addr).await.unwrap();
+        late.write_all(&message("OPTIONS", "z9hG4bKlate")).await.unwrap();
+        received_from(&mut rx, late.local_addr().unwrap()).await;
+        assert!(closed(&mut c1, BOUND).await, "the oldest idle connection was not evicted");
+        for c in &mut others {
+            assert!(!closed(c, Duration::from_millis(50)).await, "a more recently active connection was evicted");
+        }
+        let st = s.stats();
+        assert_eq!((st.tcp_evicted, st.refused_connections), (1, 0));
+        assert_eq!(s.tcp_connections(), 3);
+    }
+
+    #[tokio::test]
+    async fn limit_refuses_when_every_connection_carries_an_invite() {
+        let (s, mut rx, addr) = server(TcpLimits { max_connections: 2, ..TcpLimits::default() }).await;
+        let mut callers = Vec::new();
+        for i in 0..2 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(&message("INVITE", &format!("z9hG4bKfull{i}"))).await.unwrap();
+            received_from(&mut rx, c.local_addr().unwrap()).await;
+            callers.push(c);
+        }
+        let mut late = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut late, BOUND).await, "a connection beyond the limit was kept");
+        let st = s.stats();
+        assert_eq!((st.refused_connections, st.tcp_evicted), (1, 0));
+        // The calls in progress keep their connections.
+        callers[0].write_all(&message("OPTIONS", "z9hG4bKfull9")).await.unwrap();
+        received_from(&mut rx, callers[0].local_addr().unwrap()).await;
+    }
 }

@@ -4,29 +4,93 @@
 //! TCP connections, inbound (from the VCS) and outbound (to bridges with `;transport=tcp`), are
 //! keyed by remote address so a response or in-dialog request reuses the connection the peer opened.
 //! Each connection has a bounded read buffer (one [`MAX_MESSAGE`] plus a read) and a bounded write
-//! queue; a stream that cannot be framed is answered 400 where possible and closed.
+//! queue; a stream that cannot be framed is answered 400 where possible and closed. How long a
+//! connection may stay silent or half-sent, and what happens at the connection limit, is
+//! [`TcpLimits`].
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
 use super::framing::{next_frame, Frame};
-use super::parse::{error_response, MAX_MESSAGE};
+use super::parse::{error_response, parse, Framing, Method, StartLine, MAX_MESSAGE};
 use super::transaction::Transmit;
 use super::Transport;
 
-/// Most simultaneous TCP connections; beyond it new ones are refused (closed at once).
+/// Most simultaneous TCP connections by default (see [`TcpLimits::max_connections`]).
 pub const MAX_TCP_CONNECTIONS: usize = 1024;
 /// Messages queued toward one TCP connection before further ones are dropped (the transaction
 /// layer retransmits nothing over TCP, so this only guards against a peer that stops reading).
 const TCP_WRITE_QUEUE: usize = 256;
+
+/// What a remote peer may hold of the TCP side, and for how long.
+///
+/// RFC 3261 §18 leaves connection lifetime to the implementation but expects a connection to stay
+/// open while it carries a transaction; a connection carrying none may be closed. So:
+///
+/// - a connection on which no complete message has passed (either way) for [`Self::idle_timeout`]
+///   is closed — 64·T1 = 32 s, the lifetime of a non-INVITE transaction (timer F), so a request
+///   and its final response always fit; CRLF keep-alives do not count as messages, or a peer could
+///   hold a socket forever with two bytes every 31 s;
+/// - while an INVITE on the connection awaits its final response (an INVITE went one way, no final
+///   response to INVITE came back the other way), the allowance is [`Self::invite_timeout`]
+///   instead, which covers timer C: a caller may ring for three minutes;
+/// - a message whose first byte has arrived must be complete within [`Self::message_timeout`], so
+///   a slowloris trickle (one byte every few seconds, never finishing a message) is cut even
+///   though bytes keep flowing;
+/// - at [`Self::max_connections`], a new connection **evicts the least recently active
+///   connection with no INVITE pending** instead of being refused; it is refused (and counted)
+///   only when every connection carries an INVITE.
+///
+/// On the last point we differ on purpose from Kamailio and OpenSIPS, whose `tcp_max_connections`
+/// refuses new connections at the limit and relies on a connection lifetime to free slots. With
+/// refusal, a peer that re-opens a thousand silent sockets every 32 s holds every slot forever and
+/// the VCS's TCP trunk cannot reconnect; with eviction such a peer can only close connections that
+/// are idle anyway, which costs a legitimate peer one reconnection (SIP over TCP opens a new
+/// connection whenever none exists, RFC 3261 §18.1.1), and never a call in progress. The same
+/// choice is made by HTTP servers (nginx reuses idle keep-alive connections when out of slots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpLimits {
+    /// Most simultaneous TCP connections, inbound and outbound together.
+    pub max_connections: usize,
+    /// Longest time without a complete message on a connection with no INVITE pending.
+    pub idle_timeout: Duration,
+    /// Longest time without a complete message while an INVITE awaits its final response.
+    pub invite_timeout: Duration,
+    /// Longest time from the first byte of a message to its last.
+    pub message_timeout: Duration,
+    /// Longest time one write may block on a peer that does not read; then the connection closes.
+    pub send_timeout: Duration,
+    /// Pause after a failed `accept` (EMFILE, ENFILE, ENOBUFS…), so the loop does not spin.
+    pub accept_backoff: Duration,
+}
+
+impl Default for TcpLimits {
+    fn default() -> Self {
+        TcpLimits {
+            max_connections: MAX_TCP_CONNECTIONS,
+            // 64 × T1 (500 ms): timer F, the lifetime of a non-INVITE transaction.
+            idle_timeout: Duration::from_secs(32),
+            // Timer C (181 s, see `TimerConfig`) plus one idle period for the final response.
+            invite_timeout: Duration::from_secs(181 + 32),
+            // A 64 KiB message needs milliseconds on the appliance's links; 10 s still covers three
+            // TCP retransmission back-offs (1 + 2 + 4 s) of a lossy path.
+            message_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(10),
+            accept_backoff: Duration::from_millis(100),
+        }
+    }
+}
 
 /// One message received: the core parses `data` itself.
 #[derive(Debug)]
@@ -46,41 +110,171 @@ pub struct Inbound {
 pub struct TransportStats {
     /// Stream bytes that could not be framed (connection closed).
     pub framing_errors: u64,
-    /// Messages dropped because a queue was full or a connection could not be opened.
+    /// Messages dropped because a queue was full, a write timed out or a connection could not be
+    /// opened.
     pub send_failures: u64,
-    /// TCP connections refused at [`MAX_TCP_CONNECTIONS`].
+    /// TCP connections refused at [`TcpLimits::max_connections`] because every connection had an
+    /// INVITE pending (none could be evicted).
     pub refused_connections: u64,
+    /// TCP connections closed after [`TcpLimits::idle_timeout`] (or
+    /// [`TcpLimits::invite_timeout`]) without a complete message.
+    pub tcp_idle_closed: u64,
+    /// TCP connections closed because a started message was not complete within
+    /// [`TcpLimits::message_timeout`] (slowloris).
+    pub tcp_incomplete_closed: u64,
+    /// Idle TCP connections closed to make room for a new one at the connection limit.
+    pub tcp_evicted: u64,
+    /// Failed `accept` calls, each followed by a [`TcpLimits::accept_backoff`] pause.
+    pub accept_errors: u64,
 }
 
-type Conns = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>>;
+/// The per-connection state shared by its reader, its writer and the admission check.
+#[derive(Debug)]
+struct ConnState {
+    /// Milliseconds since [`Shared::epoch`] at the last complete message, either way (or at the
+    /// connection's start).
+    last_message: AtomicU64,
+    /// INVITEs sent or received on this connection still awaiting a final response (saturating;
+    /// a miscount only moves the connection between the idle and the INVITE allowance).
+    invites: AtomicU32,
+    /// Tells the reader to close the connection (eviction, write timeout, shutdown).
+    close: Notify,
+    /// Tells the reader to recompute its deadline (the writer ended an INVITE).
+    wake: Notify,
+}
+
+impl ConnState {
+    /// Records a complete message that went either way; true when it ended the last pending
+    /// INVITE, which shortens the allowance (the reader must then recompute its deadline).
+    fn message(&self, now_ms: u64, data: &[u8]) -> bool {
+        self.last_message.store(now_ms, Ordering::Relaxed);
+        let delta = invite_delta(data);
+        if delta == 0 {
+            return false;
+        }
+        let before = self.invites.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            Some(if delta > 0 { n.saturating_add(1) } else { n.saturating_sub(1) })
+        });
+        delta < 0 && before == Ok(1)
+    }
+
+    /// When the connection must close unless a message completes first.
+    fn deadline(&self, shared: &Shared, started: Option<Instant>) -> Instant {
+        let l = &shared.limits;
+        let allowance = if self.invites.load(Ordering::Relaxed) > 0 { l.invite_timeout } else { l.idle_timeout };
+        let last = later(shared.epoch, Duration::from_millis(self.last_message.load(Ordering::Relaxed)));
+        let idle = later(last, allowance);
+        match started {
+            Some(t) => idle.min(later(t, l.message_timeout)),
+            None => idle,
+        }
+    }
+}
+
+/// `t + d`, saturating at a day past `t` for absurd configured durations.
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d).or_else(|| t.checked_add(Duration::from_secs(86_400))).unwrap_or(t)
+}
+
+/// +1 for an INVITE request, -1 for a final response to an INVITE, 0 for anything else (and for
+/// what does not parse: the core answers nothing it cannot parse, so it opens no transaction).
+fn invite_delta(data: &[u8]) -> i8 {
+    let Ok(m) = parse(data, Framing::Datagram) else { return 0 };
+    match m.start {
+        StartLine::Request { method: Method::Invite, .. } => 1,
+        StartLine::Response { code, .. } if code >= 200 && m.cseq().is_some_and(|(_, method)| method == "INVITE") => -1,
+        _ => 0,
+    }
+}
+
+/// One registered TCP connection.
+#[derive(Debug)]
+struct Conn {
+    queue: mpsc::Sender<Bytes>,
+    state: Arc<ConnState>,
+}
+
+/// What the sockets, the accept loops and every connection task share.
+#[derive(Debug)]
+struct Shared {
+    conns: Mutex<HashMap<SocketAddr, Conn>>,
+    stats: Mutex<TransportStats>,
+    inbound: mpsc::Sender<Inbound>,
+    limits: TcpLimits,
+    epoch: Instant,
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn count(&self, f: impl FnOnce(&mut TransportStats)) {
+        if let Ok(mut s) = self.stats.lock() {
+            f(&mut s);
+        }
+    }
+
+    /// Registers a connection, evicting the least recently active one without a pending INVITE if
+    /// the limit is reached (see [`TcpLimits`]). False when refused.
+    fn register(&self, peer: SocketAddr, conn: Conn) -> bool {
+        let Ok(mut conns) = self.conns.lock() else { return false };
+        if conns.len() >= self.limits.max_connections && !conns.contains_key(&peer) {
+            let victim = conns
+                .iter()
+                .filter(|(_, c)| c.state.invites.load(Ordering::Relaxed) == 0)
+                .min_by_key(|(_, c)| c.state.last_message.load(Ordering::Relaxed))
+                .map(|(a, _)| *a);
+            let Some(victim) = victim else {
+                drop(conns);
+                self.count(|s| s.refused_connections += 1);
+                return false;
+            };
+            if let Some(old) = conns.remove(&victim) {
+                old.state.close.notify_one();
+            }
+            self.count(|s| s.tcp_evicted += 1);
+        }
+        // Same peer address twice (two sends racing to open a connection): the newer one is
+        // registered; the older one keeps reading (a response may still come on it) until it
+        // idles out, outside the count.
+        conns.insert(peer, conn);
+        true
+    }
+}
 
 /// The sockets of one B2BUA: bound once, used by the driver task.
 pub struct SipSockets {
     udp: HashMap<SocketAddr, Arc<UdpSocket>>,
-    conns: Conns,
-    inbound: mpsc::Sender<Inbound>,
-    stats: Arc<Mutex<TransportStats>>,
+    shared: Arc<Shared>,
     tasks: JoinSet<()>,
 }
 
 impl SipSockets {
     /// Binds UDP and TCP on every address of `locals` and starts their readers; every message
-    /// goes to `inbound`. Fails (naming the address) if any bind fails.
+    /// goes to `inbound`. Fails (naming the address) if any bind fails. TCP uses the default
+    /// [`TcpLimits`].
     pub async fn bind(locals: &[SocketAddr], inbound: mpsc::Sender<Inbound>) -> io::Result<SipSockets> {
-        let mut s = SipSockets {
-            udp: HashMap::new(),
-            conns: Arc::new(Mutex::new(HashMap::new())),
+        SipSockets::bind_with(locals, inbound, TcpLimits::default()).await
+    }
+
+    /// [`SipSockets::bind`] with explicit TCP limits (tests shorten the timeouts).
+    pub async fn bind_with(locals: &[SocketAddr], inbound: mpsc::Sender<Inbound>, limits: TcpLimits) -> io::Result<SipSockets> {
+        let shared = Arc::new(Shared {
+            conns: Mutex::new(HashMap::new()),
+            stats: Mutex::new(TransportStats::default()),
             inbound,
-            stats: Arc::new(Mutex::new(TransportStats::default())),
-            tasks: JoinSet::new(),
-        };
+            limits,
+            epoch: Instant::now(),
+        });
+        let mut s = SipSockets { udp: HashMap::new(), shared, tasks: JoinSet::new() };
         for &local in locals {
             let udp = Arc::new(
                 UdpSocket::bind(local).await.map_err(|e| io::Error::new(e.kind(), format!("SIP UDP {local}: {e}")))?,
             );
             let local = udp.local_addr()?;
             s.udp.insert(local, udp.clone());
-            let tx = s.inbound.clone();
+            let tx = s.shared.inbound.clone();
             s.tasks.spawn(async move {
                 let mut buf = vec![0u8; MAX_MESSAGE + 1];
                 loop {
@@ -94,20 +288,16 @@ impl SipSockets {
             let sock = TcpSocket::new_v4()?;
             sock.set_reuseaddr(true)?;
             sock.bind(local).map_err(|e| io::Error::new(e.kind(), format!("SIP TCP {local}: {e}")))?;
-            let listener: TcpListener = sock.listen(128)?;
-            let (conns, tx, stats) = (s.conns.clone(), s.inbound.clone(), s.stats.clone());
-            s.tasks.spawn(async move {
-                loop {
-                    let Ok((stream, src)) = listener.accept().await else { continue };
-                    if conns.lock().map(|c| c.len()).unwrap_or(usize::MAX) >= MAX_TCP_CONNECTIONS {
-                        if let Ok(mut st) = stats.lock() {
-                            st.refused_connections += 1;
-                        }
-                        continue;
-                    }
-                    start_connection(stream, src, local, conns.clone(), tx.clone(), stats.clone());
-                }
-            });
+            let listener = Arc::new(sock.listen(128)?);
+            let shared = s.shared.clone();
+            s.tasks.spawn(accept_loop(
+                move || {
+                    let l: Arc<TcpListener> = listener.clone();
+                    async move { l.accept().await }
+                },
+                local,
+                shared,
+            ));
         }
         Ok(s)
     }
@@ -119,7 +309,12 @@ impl SipSockets {
 
     /// Current counters.
     pub fn stats(&self) -> TransportStats {
-        self.stats.lock().map(|s| *s).unwrap_or_default()
+        self.shared.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// TCP connections currently registered (inbound and outbound).
+    pub fn tcp_connections(&self) -> usize {
+        self.shared.conns.lock().map(|c| c.len()).unwrap_or(0)
     }
 
     /// Sends one message; never blocks the caller on a slow TCP peer.
@@ -129,35 +324,32 @@ impl SipSockets {
                 let sock = self.udp.get(&t.local).or_else(|| self.udp.values().next());
                 let sent = sock.is_some_and(|s| s.try_send_to(&t.data, t.dest).is_ok());
                 if !sent {
-                    self.count_failure();
+                    self.shared.count(|s| s.send_failures += 1);
                 }
             }
             Transport::Tcp => {
-                let existing = self.conns.lock().ok().and_then(|c| c.get(&t.dest).cloned());
+                let existing = self.shared.conns.lock().ok().and_then(|c| c.get(&t.dest).map(|c| c.queue.clone()));
                 match existing {
                     Some(q) => {
                         if q.try_send(t.data).is_err() {
-                            self.count_failure();
+                            self.shared.count(|s| s.send_failures += 1);
                         }
                     }
                     None => {
-                        let (conns, tx, stats) = (self.conns.clone(), self.inbound.clone(), self.stats.clone());
+                        let shared = self.shared.clone();
                         tokio::spawn(async move {
                             let connected = async {
                                 let sock = TcpSocket::new_v4()?;
                                 sock.bind(SocketAddr::new(t.local.ip(), 0))?;
                                 sock.connect(t.dest).await
                             };
-                            match tokio::time::timeout(std::time::Duration::from_secs(5), connected).await {
-                                Ok(Ok(stream)) => {
-                                    let q = start_connection(stream, t.dest, t.local, conns, tx, stats);
-                                    let _ = q.try_send(t.data);
-                                }
-                                _ => {
-                                    if let Ok(mut s) = stats.lock() {
-                                        s.send_failures += 1;
-                                    }
-                                }
+                            let queued = match tokio::time::timeout(Duration::from_secs(5), connected).await {
+                                Ok(Ok(stream)) => start_connection(stream, t.dest, t.local, &shared)
+                                    .is_some_and(|q| q.try_send(t.data).is_ok()),
+                                _ => false,
+                            };
+                            if !queued {
+                                shared.count(|s| s.send_failures += 1);
                             }
                         });
                     }
@@ -165,45 +357,83 @@ impl SipSockets {
             }
         }
     }
-
-    fn count_failure(&self) {
-        if let Ok(mut s) = self.stats.lock() {
-            s.send_failures += 1;
-        }
-    }
 }
 
 impl Drop for SipSockets {
     fn drop(&mut self) {
         self.tasks.abort_all();
+        if let Ok(mut conns) = self.shared.conns.lock() {
+            for (_, c) in conns.drain() {
+                c.state.close.notify_one();
+            }
+        }
     }
 }
 
-/// Registers a connection and spawns its reader and writer; returns its write queue.
-fn start_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-    conns: Conns,
-    inbound: mpsc::Sender<Inbound>,
-    stats: Arc<Mutex<TransportStats>>,
-) -> mpsc::Sender<Bytes> {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    let (qtx, mut qrx) = mpsc::channel::<Bytes>(TCP_WRITE_QUEUE);
-    if let Ok(mut c) = conns.lock() {
-        c.insert(peer, qtx.clone());
-    }
-    tokio::spawn(async move {
-        while let Some(b) = qrx.recv().await {
-            if wr.write_all(&b).await.is_err() {
-                break;
+/// Accepts connections until aborted. A failed accept (EMFILE when out of descriptors, ENFILE,
+/// ENOBUFS, ECONNABORTED…) is counted and followed by a pause, so the loop does not spin on an
+/// error that persists; the pending connection stays in the kernel's backlog meanwhile.
+async fn accept_loop<F, Fut>(mut accept: F, local: SocketAddr, shared: Arc<Shared>)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = io::Result<(TcpStream, SocketAddr)>>,
+{
+    loop {
+        match accept().await {
+            Ok((stream, src)) => {
+                // Refused: the stream is dropped, which closes it.
+                let _ = start_connection(stream, src, local, &shared);
+            }
+            Err(_) => {
+                shared.count(|s| s.accept_errors += 1);
+                tokio::time::sleep(shared.limits.accept_backoff).await;
             }
         }
+    }
+}
+
+/// Registers a connection and spawns its reader and writer; returns its write queue, or `None`
+/// when refused at the connection limit (the stream is then closed).
+fn start_connection(stream: TcpStream, peer: SocketAddr, local: SocketAddr, shared: &Arc<Shared>) -> Option<mpsc::Sender<Bytes>> {
+    let state = Arc::new(ConnState {
+        last_message: AtomicU64::new(shared.now_ms()),
+        invites: AtomicU32::new(0),
+        close: Notify::new(),
+        wake: Notify::new(),
     });
+    let (qtx, mut qrx) = mpsc::channel::<Bytes>(TCP_WRITE_QUEUE);
+    if !shared.register(peer, Conn { queue: qtx.clone(), state: state.clone() }) {
+        return None;
+    }
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    {
+        let (shared, state) = (shared.clone(), state.clone());
+        tokio::spawn(async move {
+            while let Some(b) = qrx.recv().await {
+                match tokio::time::timeout(shared.limits.send_timeout, wr.write_all(&b)).await {
+                    Ok(Ok(())) => {
+                        if b.as_ref() != b"\r\n" && state.message(shared.now_ms(), &b) {
+                            state.wake.notify_one();
+                        }
+                    }
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        // The peer stopped reading: give up on it rather than hold the socket.
+                        shared.count(|s| s.send_failures += 1);
+                        state.close.notify_one();
+                        break;
+                    }
+                }
+            }
+        });
+    }
     let writer = qtx.clone();
+    let shared = shared.clone();
     tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(8192);
+        // When the first byte of the message now in `buf` was seen.
+        let mut started: Option<Instant> = None;
         'conn: loop {
             loop {
                 match next_frame(&buf) {
@@ -216,8 +446,10 @@ fn start_connection(
                     }
                     Ok(Frame::Message(n)) => {
                         let data = buf.split_to(n.min(buf.len())).freeze();
+                        state.message(shared.now_ms(), &data);
+                        started = None;
                         let msg = Inbound { src: peer, local, transport: Transport::Tcp, data };
-                        if inbound.send(msg).await.is_err() {
+                        if shared.inbound.send(msg).await.is_err() {
                             break 'conn;
                         }
                     }
@@ -226,25 +458,116 @@ fn start_connection(
                         if error_response(&buf, e, &mut out) {
                             let _ = writer.try_send(Bytes::from(out));
                         }
-                        if let Ok(mut s) = stats.lock() {
-                            s.framing_errors += 1;
-                        }
+                        shared.count(|s| s.framing_errors += 1);
                         break 'conn;
                     }
                 }
             }
+            if buf.is_empty() {
+                started = None;
+            } else if started.is_none() {
+                started = Some(Instant::now());
+            }
             // The buffer holds less than one message (else it was framed or refused above).
             buf.reserve(8192);
-            match rd.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            let deadline = state.deadline(&shared, started);
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                },
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    // The writer may have moved the deadline while we slept.
+                    let now = Instant::now();
+                    if started.is_some_and(|t| now >= later(t, shared.limits.message_timeout)) {
+                        shared.count(|s| s.tcp_incomplete_closed += 1);
+                        break;
+                    }
+                    if now >= state.deadline(&shared, None) {
+                        shared.count(|s| s.tcp_idle_closed += 1);
+                        break;
+                    }
+                }
+                () = state.close.notified() => break,
+                () = state.wake.notified() => {}
             }
         }
-        if let Ok(mut c) = conns.lock() {
-            if c.get(&peer).is_some_and(|q| q.same_channel(&writer)) {
+        if let Ok(mut c) = shared.conns.lock() {
+            if c.get(&peer).is_some_and(|c| c.queue.same_channel(&writer)) {
                 c.remove(&peer);
             }
         }
     });
-    qtx
+    Some(qtx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn shared(limits: TcpLimits) -> (Arc<Shared>, mpsc::Receiver<Inbound>) {
+        let (tx, rx) = mpsc::channel(8);
+        let s = Shared {
+            conns: Mutex::new(HashMap::new()),
+            stats: Mutex::new(TransportStats::default()),
+            inbound: tx,
+            limits,
+            epoch: Instant::now(),
+        };
+        (Arc::new(s), rx)
+    }
+
+    /// A persistent accept error (EMFILE) is counted and paced by the back-off instead of spinning.
+    #[tokio::test]
+    async fn accept_errors_back_off() {
+        let backoff = Duration::from_millis(40);
+        let (shared, _rx) = shared(TcpLimits { accept_backoff: backoff, ..TcpLimits::default() });
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let accept = move || {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n >= 5 {
+                    std::future::pending::<()>().await;
+                }
+                Err::<(TcpStream, SocketAddr), _>(io::Error::from_raw_os_error(24))
+            }
+        };
+        let start = Instant::now();
+        let task = tokio::spawn(accept_loop(accept, "127.0.0.1:5060".parse().unwrap(), shared.clone()));
+        for _ in 0..1000 {
+            if calls.load(Ordering::SeqCst) > 5 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
+        assert_eq!(calls.load(Ordering::SeqCst), 6, "the loop went on after five errors");
+        assert_eq!(shared.stats.lock().unwrap().accept_errors, 5);
+        // Five errors, each followed by a pause, before the sixth call: at least five pauses.
+        assert!(start.elapsed() >= backoff * 5, "accept retried without pausing");
+    }
+
+    #[test]
+    fn invite_delta_counts_invites_and_their_final_responses() {
+        let invite = b"INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\nFrom: <sip:x@y>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+        let resp = |code: u16, method: &str| {
+            format!("SIP/2.0 {code} X\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\nFrom: <sip:x@y>;tag=1\r\nTo: <sip:a@b>;tag=2\r\nCall-ID: c\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n")
+        };
+        assert_eq!(invite_delta(invite), 1);
+        assert_eq!(invite_delta(resp(180, "INVITE").as_bytes()), 0);
+        assert_eq!(invite_delta(resp(200, "INVITE").as_bytes()), -1);
+        assert_eq!(invite_delta(resp(486, "INVITE").as_bytes()), -1);
+        assert_eq!(invite_delta(resp(200, "OPTIONS").as_bytes()), 0);
+        assert_eq!(invite_delta(b"INVITE garbage"), 0);
+        let state = ConnState { last_message: AtomicU64::new(0), invites: AtomicU32::new(0), close: Notify::new(), wake: Notify::new() };
+        assert!(!state.message(5, resp(200, "INVITE").as_bytes()));
+        assert_eq!(state.invites.load(Ordering::Relaxed), 0, "saturates at zero");
+        assert!(!state.message(7, invite));
+        assert_eq!((state.invites.load(Ordering::Relaxed), state.last_message.load(Ordering::Relaxed)), (1, 7));
+        assert!(!state.message(8, invite));
+        assert!(!state.message(9, resp(603, "INVITE").as_bytes()));
+        assert!(state.message(9, resp(200, "INVITE").as_bytes()), "the last INVITE answered");
+    }
 }
