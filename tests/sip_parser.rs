@@ -663,7 +663,7 @@ fn parse_head_ok(buf: &[u8]) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1500, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
 
     #[test]
     fn corpus_mutants_never_panic_nor_allocate_what_they_claim(
