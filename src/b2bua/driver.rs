@@ -88,6 +88,10 @@ impl B2buaStatus {
             ("confmesh_sip_framing_errors_total", "TCP streams closed because they could not be framed", t.framing_errors),
             ("confmesh_sip_send_failures_total", "SIP messages dropped: queue full or connection failed", t.send_failures),
             ("confmesh_sip_refused_connections_total", "TCP connections refused at the connection limit", t.refused_connections),
+            ("confmesh_sip_tcp_idle_closed_total", "TCP connections closed after carrying no message for the idle timeout", t.tcp_idle_closed),
+            ("confmesh_sip_tcp_incomplete_closed_total", "TCP connections closed because a started message did not complete in time", t.tcp_incomplete_closed),
+            ("confmesh_sip_tcp_evicted_total", "Idle TCP connections closed to make room for a new one at the limit", t.tcp_evicted),
+            ("confmesh_sip_accept_errors_total", "Failed TCP accepts (each followed by a short pause)", t.accept_errors),
         ] {
             page.family(name, MetricKind::Counter, help).sample(name, &[], value as f64);
         }
@@ -299,6 +303,7 @@ mod tests {
             "confmesh_sip_bridge_up{bridge=\"b1\"} 1",
             "confmesh_sip_bridge_up{bridge=\"b2\"} 0",
             "# TYPE confmesh_sip_calls_total counter",
+            "# TYPE confmesh_sip_tcp_evicted_total counter",
             "confmesh_conferences 1",
             "confmesh_conference_calls{conference=\"meet-1\",bridge=\"b2\"} 3",
             "confmesh_conference_claims_lost_total 1",
