@@ -86,6 +86,8 @@ cleanup() {
     if [ -n "${KEEP_WORK:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
+trap 'echo "replication-netns.sh: failed at line $LINENO (KEEP_WORK=1 keeps the logs)" >&2' ERR
 "$ROOT/netns-scripts/down.sh" "$P" >/dev/null 2>&1 || true
 "$ROOT/netns-scripts/up.sh" "$P" 3 >/dev/null
 
