@@ -16,7 +16,9 @@
 #   repl/s     acknowledged writes / time from the first write until every other peer holds all of
 #              them (confmesh: peer 1's replication status shows no entry unacknowledged by peers 2
 #              and 3; etcd: members 2 and 3 report the revision of the last acknowledged put).
-#   ack        latency of one write as its writer sees it, p50/p99.
+#   ack        latency of one write as its writer sees it, p50/p99/max.
+# confmesh runs the load twice: acknowledged once durable on peer 1 (the default), and with
+# `wait_peers: 1`, acknowledged once one other peer has it too (the analogue of etcd's majority).
 # Lag (the same for both): while the writers run, one more connection to peer 1 writes a probe key
 # (same sizes), takes the wall-clock time of its acknowledgement and hands it to a reader process in
 # peer 2's namespace, which polls peer 2 for that key (confmesh: `config-get` on peer 2's control
@@ -186,6 +188,12 @@ ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK
     --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh.json"
 nft_snap "$WORK/nft.cm1"
 cm_status 1
+# The same load, each write acknowledged once one other peer has it too (like etcd's majority).
+nft_snap "$WORK/nft.cw0"
+ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
+    --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers "$WRITERS" --wait-peers 1 \
+    --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh-wait1.json"
+nft_snap "$WORK/nft.cw1"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
     --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers 0 \
     --duration "$LIGHT" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh-light.json"
@@ -241,8 +249,9 @@ def snap(name):
 def delta(a, b, n):
     return snap(b)[n][0] - snap(a)[n][0], snap(b)[n][1] - snap(a)[n][1]
 cm, et = json.load(open(f"{work}/confmesh.json")), json.load(open(f"{work}/etcd.json"))
+cw = json.load(open(f"{work}/confmesh-wait1.json"))
 rows = []
-for r, (a, b), wire in ((cm, ("cm0", "cm1"), "n_ah"), (et, ("et0", "et1"), "n_etcdpeer")):
+for r, (a, b), wire in ((cm, ("cm0", "cm1"), "n_ah"), (et, ("et0", "et1"), "n_etcdpeer"), (cw, ("cw0", "cw1"), "n_ah")):
     pk, by = delta(a, b, wire)
     f4, f6 = delta(a, b, "n_frag4")[0], delta(a, b, "n_frag6")[0]
     allp = delta(a, b, "n_all")[0]
@@ -254,12 +263,12 @@ print(f"replicated writes, 3 peers in namespaces, {cm['writers']} writers on pee
 print(f"{'system':<22} {'writes/s':>9} {'repl/s':>9} {'ack p50/p99/max ms':>19} {'lag p50/p99 ms':>16} {'samples':>7} "
       f"{'B/write':>8} {'pkts/write':>10} {'fragments':>9}")
 ack = lambda r: f"{fmt(r['ack_ms']['p50'], 2)}/{fmt(r['ack_ms']['p99'], 1)}/{fmt(r['ack_ms'].get('max'), 0)}"
-for x, name in zip(rows, ("confmesh (AH overlay)", "etcd (plain TCP)")):
+for x, name in zip(rows, ("confmesh (AH overlay)", "etcd (plain TCP)", "confmesh wait_peers=1")):
     r = x["r"]
     print(f"{name:<22} {r['writes_per_s']:>9.0f} {fmt(r['replicated_writes_per_s'], 0):>9} "
           f"{ack(r):>19} "
           f"{fmt(r['lag_ms']['p50'], 2) + '/' + fmt(r['lag_ms']['p99'], 1):>16} {r['lag_ms']['samples']:>7} "
-          f"{x['by'] / r['acked']:>8.0f} {x['pk'] / r['acked']:>10.2f} {x['frag']:>9}")
+          f"{x['by'] / max(r['acked'], 1):>8.0f} {x['pk'] / max(r['acked'], 1):>10.2f} {x['frag']:>9}")
     if r["errors"] or r["lag_ms"]["timeouts"] or r["replicated_writes_per_s"] is None:
         print(f"  {name}: {r['errors']} failed writes (last: {r['last_error']}), {r['lag_ms']['timeouts']} probes "
               f"not visible within 5 s, {'not all replicated within 60 s' if r['replicated_writes_per_s'] is None else 'all replicated'}")
@@ -287,13 +296,15 @@ relayed = sum(sent(i, j, 1) - sent(i, j, 0) for i, j in ((2, 3), (3, 2)))
 direct = sum(sent(1, j, 1) - sent(1, j, 0) for j in (2, 3))
 print(f"confmesh entries per write sent by peer 1 to peers 2 and 3: {direct / n:.2f}; relayed between peers 2 and 3: "
       f"{relayed / n:.2f} (every copy is sync-stream bytes and AH packets on the wire)")
-print(f"fragments on the wire (IPv4 MF/offset, IPv6 fragment header) during confmesh: {rows[0]['frag']}, during etcd: "
+print(f"fragments on the wire (IPv4 MF/offset, IPv6 fragment header) during confmesh: {rows[0]['frag'] + rows[2]['frag']}, during etcd: "
       f"{rows[1]['frag']} (the counter saw {selftest} fragments of a 3000-byte ping before the run)")
 ratio = lambda a, b: "-" if a is None or b in (None, 0) else f"{a / b:.2f}"
 print(f"ratio confmesh/etcd: writes/s {ratio(c['writes_per_s'], e['writes_per_s'])} (goal >= 10), "
       f"repl/s {ratio(c['replicated_writes_per_s'], e['replicated_writes_per_s'])}, "
       f"lag p50 {ratio(c['lag_ms']['p50'], e['lag_ms']['p50'])} p99 {ratio(c['lag_ms']['p99'], e['lag_ms']['p99'])} (goal < 1), "
       f"bytes/write {ratio(rows[0]['by'] / c['acked'], rows[1]['by'] / e['acked'])}; "
-      f"probe alone: lag p50 {ratio(cl['lag_ms']['p50'], el['lag_ms']['p50'])} p99 {ratio(cl['lag_ms']['p99'], el['lag_ms']['p99'])}")
-print("acknowledged: confmesh once durable on peer 1 (replication asynchronous); etcd once committed by a majority (raft).")
+      f"probe alone: lag p50 {ratio(cl['lag_ms']['p50'], el['lag_ms']['p50'])} p99 {ratio(cl['lag_ms']['p99'], el['lag_ms']['p99'])}; "
+      f"confmesh wait_peers=1: writes/s {ratio(cw['writes_per_s'], e['writes_per_s'])}")
+print("acknowledged: confmesh once durable on peer 1 (replication asynchronous), with wait_peers=1 once durable on peer 1 and "
+      "one other peer; etcd once committed by a majority (raft: leader and one follower).")
 EOF

@@ -90,6 +90,9 @@ enum Mode {
         /// waited so far, at most 1 ms).
         #[arg(long, default_value_t = 100)]
         poll_us: u64,
+        /// confmesh only: each write is acknowledged once this many other peers have it too.
+        #[arg(long, default_value_t = 0)]
+        wait_peers: usize,
     },
     /// (Started by `write`.) Reads "KEY ACK_NS" lines and answers the lag in ns once KEY is visible.
     Read {
@@ -295,7 +298,8 @@ async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io
 
 /// A connection to one peer of either system, with the two operations the benchmark uses.
 enum Conn {
-    Confmesh(ControlConn),
+    /// With the `wait_peers` of its writes.
+    Confmesh(ControlConn, usize),
     Etcd(HttpConn),
 }
 
@@ -306,7 +310,7 @@ fn b64(s: &str) -> String {
 impl Conn {
     async fn open(system: System, target: &str) -> Result<Conn, String> {
         match system {
-            System::Confmesh => Ok(Conn::Confmesh(ControlConn::connect(PathBuf::from(target)).await?)),
+            System::Confmesh => Ok(Conn::Confmesh(ControlConn::connect(PathBuf::from(target)).await?, 0)),
             System::Etcd => {
                 let addr = target.parse().map_err(|e| format!("{target}: {e}"))?;
                 Ok(Conn::Etcd(HttpConn::connect(addr).await?))
@@ -316,7 +320,7 @@ impl Conn {
 
     fn reconnects(&self) -> u64 {
         match self {
-            Conn::Confmesh(c) => c.reconnects,
+            Conn::Confmesh(c, _) => c.reconnects,
             Conn::Etcd(c) => c.reconnects,
         }
     }
@@ -324,7 +328,10 @@ impl Conn {
     /// Writes `key`; on success returns the etcd revision of the write (0 for confmesh).
     async fn put(&mut self, key: &str, value: &str) -> Result<u64, String> {
         match self {
-            Conn::Confmesh(c) => c.call(&json!({"cmd": "config-set", "key": key, "value": value})).await.map(|_| 0),
+            Conn::Confmesh(c, 0) => c.call(&json!({"cmd": "config-set", "key": key, "value": value})).await.map(|_| 0),
+            Conn::Confmesh(c, wait) => {
+                c.call(&json!({"cmd": "config-set", "key": key, "value": value, "wait_peers": wait})).await.map(|_| 0)
+            }
             Conn::Etcd(c) => {
                 let (status, v) = c.post("/v3/kv/put", &json!({"key": b64(key), "value": b64(value)})).await?;
                 if status != 200 {
@@ -338,7 +345,7 @@ impl Conn {
     /// Whether `key` is visible on this peer (etcd: serializable read, i.e. the member's own state).
     async fn exists(&mut self, key: &str) -> Result<bool, String> {
         match self {
-            Conn::Confmesh(c) => match c.call(&json!({"cmd": "config-get", "key": key})).await {
+            Conn::Confmesh(c, _) => match c.call(&json!({"cmd": "config-get", "key": key})).await {
                 Ok(_) => Ok(true),
                 Err(e) if e.starts_with("not found") => Ok(false),
                 Err(e) => Err(e),
@@ -400,7 +407,7 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
 
 /// Peer 1's counters that the benchmark reports as deltas: (name, value).
 async fn confmesh_counters(c: &mut Conn) -> Result<Vec<(String, f64)>, String> {
-    let Conn::Confmesh(ctl) = c else { return Ok(Vec::new()) };
+    let Conn::Confmesh(ctl, _) = c else { return Ok(Vec::new()) };
     let status = ctl.call(&json!({"cmd": "status"})).await?;
     let mut out = Vec::new();
     let peers = status["replication"]["peers"].as_array().cloned().unwrap_or_default();
@@ -430,7 +437,7 @@ async fn confmesh_counters(c: &mut Conn) -> Result<Vec<(String, f64)>, String> {
 
 /// Whether every other peer has acknowledged every entry peer 1 holds.
 async fn confmesh_drained(c: &mut Conn) -> Result<bool, String> {
-    let Conn::Confmesh(ctl) = c else { return Ok(true) };
+    let Conn::Confmesh(ctl, _) = c else { return Ok(true) };
     let status = ctl.call(&json!({"cmd": "status"})).await?;
     let peers = status["replication"]["peers"].as_array().cloned().unwrap_or_default();
     Ok(!peers.is_empty() && peers.iter().all(|p| p["connected"] == true && p["lag_entries"].as_u64() == Some(0)))
@@ -452,6 +459,7 @@ async fn write(
     value_size: usize,
     probe_pause_ms: u64,
     poll_us: u64,
+    wait_peers: usize,
 ) -> Result<Value, String> {
     let sys = match system {
         System::Confmesh => "confmesh",
@@ -478,6 +486,9 @@ async fn write(
     let mut conns = Vec::new();
     for w in 0..=writers {
         let mut c = Conn::open(system, &target).await?;
+        if let Conn::Confmesh(_, wait) = &mut c {
+            *wait = wait_peers;
+        }
         c.put(&key(&format!("warm/{w:02}"), 0, key_size), &value(w as u64, value_size)).await?;
         conns.push(c);
     }
@@ -606,6 +617,7 @@ async fn write(
     Ok(json!({
         "system": sys,
         "writers": writers,
+        "wait_peers": wait_peers,
         "key_size": key_size,
         "value_size": value_size,
         "acked": acked,
@@ -667,6 +679,7 @@ fn main() {
             value_size,
             probe_pause_ms,
             poll_us,
+            wait_peers,
         } => tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime").block_on(
             async {
                 write(
@@ -681,6 +694,7 @@ fn main() {
                     value_size,
                     probe_pause_ms,
                     poll_us,
+                    wait_peers,
                 )
                 .await
                 .map(|v| println!("{v}"))
