@@ -228,6 +228,17 @@ fn transaction_count_is_bounded() {
     assert!(matches!(h.feed(&request("OPTIONS", "z9hG4bK2", "OPTIONS", ""), Transport::Udp), Incoming::Request(_)));
     assert_eq!(h.feed(&request("OPTIONS", "z9hG4bK3", "OPTIONS", ""), Transport::Udp), Incoming::Overloaded);
     assert!(h.txns.send_request(h.now, Bytes::from(request("OPTIONS", "z9hG4bK4", "OPTIONS", "")), h.peer, h.local, Transport::Udp).is_none());
+    // Requests that end calls still pass (in and out), up to a bound of their own.
+    assert!(matches!(h.feed(&request("BYE", "z9hG4bK5", "BYE", ""), Transport::Udp), Incoming::Request(_)));
+    assert!(h.txns.send_request(h.now, Bytes::from(request("BYE", "z9hG4bK6", "BYE", "")), h.peer, h.local, Transport::Udp).is_none(), "3 = 2 + 2/2: full");
+    let mut h = Harness { txns: Transactions::new(TimerConfig::default(), 4), ..Harness::new() };
+    for i in 0..4 {
+        assert!(matches!(h.feed(&request("INVITE", &format!("z9hG4bKi{i}"), "INVITE", ""), Transport::Udp), Incoming::Request(_)));
+    }
+    assert_eq!(h.feed(&request("INVITE", "z9hG4bKi9", "INVITE", ""), Transport::Udp), Incoming::Overloaded);
+    assert!(matches!(h.feed(&request("CANCEL", "z9hG4bKi0", "CANCEL", ""), Transport::Udp), Incoming::Cancel { .. }));
+    assert!(h.txns.send_request(h.now, Bytes::from(request("BYE", "z9hG4bKb1", "BYE", "")), h.peer, h.local, Transport::Udp).is_some());
+    assert_eq!(h.feed(&request("BYE", "z9hG4bKb2", "BYE", ""), Transport::Udp), Incoming::Overloaded, "6 = 4 + 4/2: full");
 }
 
 // ---- The TCP transport on loopback (real sockets, shortened limits; every wait is bounded). ----

@@ -192,6 +192,16 @@ impl Transactions {
         }
     }
 
+    /// The transaction count at which a request of `method` is refused. BYE and CANCEL end calls
+    /// and free what they hold, so they keep working above the limit for new work (up to half as
+    /// much again, still bounded): refusing them under overload would leave calls that never end.
+    fn limit_for(&self, method: Method) -> usize {
+        match method {
+            Method::Bye | Method::Cancel => self.max + self.max / 2,
+            _ => self.max,
+        }
+    }
+
     /// Live transactions (a gauge for metrics and leak tests).
     pub fn len(&self) -> usize {
         self.txns.len()
@@ -304,7 +314,7 @@ impl Transactions {
             }
             return Incoming::Ack;
         }
-        if self.txns.len() >= self.max {
+        if self.txns.len() >= self.limit_for(method) {
             return Incoming::Overloaded;
         }
         let id = self.alloc();
@@ -437,13 +447,13 @@ impl Transactions {
         local: SocketAddr,
         transport: Transport,
     ) -> Option<TxnId> {
-        let (key, invite) = {
+        let (key, invite, limit) = {
             let msg = parse(&request, Framing::Stream).ok()?;
             let StartLine::Request { method, method_token, .. } = msg.start else { return None };
             let key = Self::key_of(&msg, method_token)?;
-            (Key { sent_by: String::new(), ..key }, method == Method::Invite)
+            (Key { sent_by: String::new(), ..key }, method == Method::Invite, self.limit_for(method))
         };
-        if self.txns.len() >= self.max || self.client.contains_key(&key) {
+        if self.txns.len() >= limit || self.client.contains_key(&key) {
             return None;
         }
         let id = self.alloc();
