@@ -194,9 +194,17 @@ pub async fn serve(
 
 async fn serve_one(stream: UnixStream, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 + 1)).lines();
-    while let Some(line) = lines.next_line().await? {
-        let reply = match serde_json::from_str::<Request>(&line) {
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        // The bound is per request: a connection may carry any number of them.
+        line.clear();
+        if (&mut reader).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let too_long = line.len() > MAX_REQUEST;
+        let reply = match serde_json::from_slice::<Request>(&line) {
+            _ if too_long => Err(format!("request longer than {MAX_REQUEST} bytes")),
             Err(e) => Err(format!("bad request: {e}")),
             Ok(Request::AdminHash { .. }) => Err("password hashes are not served on the control socket".to_owned()),
             Ok(req) => {
@@ -215,8 +223,10 @@ async fn serve_one(stream: UnixStream, calls: mpsc::Sender<Call>) -> std::io::Re
         let mut out = serde_json::to_vec(&wire).map_err(std::io::Error::other)?;
         out.push(b'\n');
         write.write_all(&out).await?;
+        if too_long {
+            return Ok(());
+        }
     }
-    Ok(())
 }
 
 /// Sends one request to the daemon at `socket` and returns its answer.
@@ -286,6 +296,18 @@ mod tests {
         }
         assert_eq!(call(&path, &Request::Status).await.unwrap()["mode"], "standalone");
         assert_eq!(call(&path, &Request::Standalone).await.unwrap_err(), "no");
+        // One connection carries far more than MAX_REQUEST in all; only one request is bounded.
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let mut answers = BufReader::new(read).lines();
+        let request = format!("{}\n", serde_json::to_string(&Request::ConfigGet { key: "k".repeat(300) }).unwrap());
+        for _ in 0..2 * MAX_REQUEST / request.len() {
+            write.write_all(request.as_bytes()).await.unwrap();
+            assert!(answers.next_line().await.unwrap().unwrap().contains("no"));
+        }
+        write.write_all(&vec![b' '; MAX_REQUEST + 10]).await.unwrap();
+        write.write_all(b"\n").await.unwrap();
+        assert!(answers.next_line().await.unwrap().unwrap().contains("longer than"));
         stop_tx.send(true).unwrap();
         server.await.unwrap().unwrap();
         assert!(!path.exists());
