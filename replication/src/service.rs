@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
 use crate::hlc::Hlc;
-use crate::model::{Namespace, VersionVector};
+use crate::model::{Entry, Namespace, VersionVector};
 use crate::store::{Seen, Store, StoreError};
 use crate::sync::{Pull, Session, SessionStats, SyncError, SyncEvent};
 
@@ -654,7 +654,18 @@ async fn drive(
     lifeline: &mut Option<watch::Sender<()>>,
 ) -> Result<(), ConnError> {
     let store = &shared.store;
-    while let Some(ev) = session.poll_event() {
+    // Consecutive batches of entries (one read often holds several frames) go to the disk in one
+    // commit: a receiver that committed each frame alone fell behind a busy sender.
+    let mut received: Vec<Entry> = Vec::new();
+    let mut received_seen: Option<VersionVector> = None;
+    loop {
+        let ev = session.poll_event();
+        if !matches!(ev, Some(SyncEvent::EntriesReceived { .. })) && !received.is_empty() {
+            let seen = received_seen.take().map(|vector| Seen { vector, epoch });
+            store.apply_remote_async(std::mem::take(&mut received), seen, unix_ms()).await?;
+            session.handle_applied(store.vector()?);
+        }
+        let Some(ev) = ev else { break };
         match ev {
             SyncEvent::Connected { peer: p, .. } => {
                 let mut map = shared.peers();
@@ -673,9 +684,9 @@ async fn drive(
                 drop(permit.take());
             }
             SyncEvent::EntriesReceived { entries, seen } => {
-                let seen = seen.map(|vector| Seen { vector, epoch });
-                store.apply_remote_async(entries, seen, unix_ms()).await?;
-                session.handle_applied(store.vector()?);
+                received.extend(entries);
+                // A catch-up's closing vector holds for everything applied with it.
+                received_seen = seen.or(received_seen);
             }
             SyncEvent::SnapshotReceived(snapshot) => {
                 store.apply_snapshot_async(snapshot, unix_ms()).await?;
