@@ -905,27 +905,21 @@ impl Daemon {
                 ("confmesh_dataplane_fragmentation_attempts_total", Kind::Counter, "Outer packets the kernel would have fragmented (refused, never sent).", |c| Some(c.fragmentation_attempts as f64)),
             ];
             m.per_peer(&dataplane, &reports);
-        }
-        if let Some(c) = &self.cluster {
             let states: Vec<_> = others.iter().filter_map(|p| c.ike.peer_state(p.addr).map(|s| (p.addr.to_string(), s))).collect();
-            m.family("confmesh_ike_established", Kind::Gauge, "1 while a phase-1 SA with the peer is established.");
-            for (addr, s) in &states {
-                m.sample("confmesh_ike_established", &[("peer", addr)], f64::from(u8::from(s.ike_established)));
-            }
-            let ike: [PeerMetric<confmesh_ike::PeerCounters>; 10] = [
-                ("confmesh_ike_datagrams_in_total", Kind::Counter, "IKE datagrams received from the peer.", |c| Some(c.datagrams_in as f64)),
-                ("confmesh_ike_datagrams_out_total", Kind::Counter, "IKE datagrams sent to the peer, retransmissions included.", |c| Some(c.datagrams_out as f64)),
-                ("confmesh_ike_retransmits_total", Kind::Counter, "IKE retransmissions to the peer.", |c| Some(c.retransmits as f64)),
-                ("confmesh_ike_malformed_total", Kind::Counter, "IKE datagrams from the peer that were malformed or matched no exchange.", |c| Some(c.malformed as f64)),
-                ("confmesh_ike_auth_failures_total", Kind::Counter, "Phase-1 exchanges with the peer that failed authentication.", |c| Some(c.auth_failures as f64)),
-                ("confmesh_ike_timeouts_total", Kind::Counter, "IKE exchanges with the peer that timed out.", |c| Some(c.timeouts as f64)),
-                ("confmesh_ike_sa_established_total", Kind::Counter, "Phase-1 SAs established with the peer.", |c| Some(c.ike_established as f64)),
-                ("confmesh_ike_child_established_total", Kind::Counter, "Child SA pairs established with the peer.", |c| Some(c.child_established as f64)),
-                ("confmesh_ike_dpd_sent_total", Kind::Counter, "Dead-peer-detection probes sent to the peer.", |c| Some(c.dpd_sent as f64)),
-                ("confmesh_ike_deletes_received_total", Kind::Counter, "DELETE payloads received from the peer.", |c| Some(c.deletes_received as f64)),
+            let ike: [PeerMetric<confmesh_ike::PeerState>; 11] = [
+                ("confmesh_ike_established", Kind::Gauge, "1 while a phase-1 SA with the peer is established.", |s| Some(f64::from(u8::from(s.ike_established)))),
+                ("confmesh_ike_datagrams_in_total", Kind::Counter, "IKE datagrams received from the peer.", |s| Some(s.counters.datagrams_in as f64)),
+                ("confmesh_ike_datagrams_out_total", Kind::Counter, "IKE datagrams sent to the peer, retransmissions included.", |s| Some(s.counters.datagrams_out as f64)),
+                ("confmesh_ike_retransmits_total", Kind::Counter, "IKE retransmissions to the peer.", |s| Some(s.counters.retransmits as f64)),
+                ("confmesh_ike_malformed_total", Kind::Counter, "IKE datagrams from the peer that were malformed or matched no exchange.", |s| Some(s.counters.malformed as f64)),
+                ("confmesh_ike_auth_failures_total", Kind::Counter, "Phase-1 exchanges with the peer that failed authentication.", |s| Some(s.counters.auth_failures as f64)),
+                ("confmesh_ike_timeouts_total", Kind::Counter, "IKE exchanges with the peer that timed out.", |s| Some(s.counters.timeouts as f64)),
+                ("confmesh_ike_sa_established_total", Kind::Counter, "Phase-1 SAs established with the peer.", |s| Some(s.counters.ike_established as f64)),
+                ("confmesh_ike_child_established_total", Kind::Counter, "Child SA pairs established with the peer.", |s| Some(s.counters.child_established as f64)),
+                ("confmesh_ike_dpd_sent_total", Kind::Counter, "Dead-peer-detection probes sent to the peer.", |s| Some(s.counters.dpd_sent as f64)),
+                ("confmesh_ike_deletes_received_total", Kind::Counter, "DELETE payloads received from the peer.", |s| Some(s.counters.deletes_received as f64)),
             ];
-            let ike_counters: Vec<_> = states.iter().map(|(a, s)| (a.clone(), s.counters)).collect();
-            m.per_peer(&ike, &ike_counters);
+            m.per_peer(&ike, &states);
             let e = c.ike.counters();
             m.family("confmesh_ike_dropped_total", Kind::Counter, "IKE datagrams dropped before any exchange, by reason.");
             let gate = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);

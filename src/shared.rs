@@ -71,14 +71,14 @@ pub async fn answer(store: Arc<Store>, replication: Option<Arc<Replication>>, re
         Request::ConfigSet { key, value, wait_peers } => {
             check_config_key(&key)?;
             check_value(&key, &value)?;
-            write_waiting(&store, replication, &key, Some(value), wait_peers).await
+            write(&store, replication, &key, Some(value), wait_peers).await
         }
         Request::ConfigDelete { key, wait_peers } => {
             check_config_key(&key)?;
             if get(&store, &key)?.is_none() {
                 return Err(format!("not found: no shared configuration key {key}"));
             }
-            write_waiting(&store, replication, &key, None, wait_peers).await
+            write(&store, replication, &key, None, wait_peers).await
         }
         Request::ConfigList { prefix } => {
             let entries = store.list(Namespace::Config, &prefix).map_err(|e| e.to_string())?;
@@ -93,14 +93,14 @@ pub async fn answer(store: Arc<Store>, replication: Option<Arc<Replication>>, re
             if !hash.starts_with("$argon2id$") {
                 return Err("the password hash must be an Argon2id PHC string (use `confmesh admin add`)".into());
             }
-            write(&store, &admin_key(&name)?, Some(json!({ "argon2id": hash }))).await
+            write(&store, None, &admin_key(&name)?, Some(json!({ "argon2id": hash })), 0).await
         }
         Request::AdminRemove { name } => {
             let key = admin_key(&name)?;
             if get(&store, &key)?.is_none() {
                 return Err(format!("not found: no administrator {name}"));
             }
-            write(&store, &key, None).await
+            write(&store, None, &key, None, 0).await
         }
         Request::AdminList => {
             let entries = store.list(Namespace::Config, ADMIN_PREFIX).map_err(|e| e.to_string())?;
@@ -114,28 +114,26 @@ fn get(store: &Store, key: &str) -> Result<Option<Value>, String> {
     store.get(Namespace::Config, key).map_err(|e| e.to_string())
 }
 
-async fn write_waiting(store: &Store, replication: Option<&Replication>, key: &str, value: Option<Value>, wait_peers: usize) -> Reply {
-    if wait_peers == 0 {
-        return write(store, key, value).await;
-    }
-    let Some(r) = replication else {
-        return Err(format!("--wait-peers {wait_peers}: this peer is standalone, there is no other peer to wait for"));
+/// Writes (`Some`) or deletes (`None`) a shared-configuration key; answered once durable here and,
+/// if `wait_peers` > 0, on that many other peers (which needs the sync sessions, `replication`).
+async fn write(store: &Store, replication: Option<&Replication>, key: &str, value: Option<Value>, wait_peers: usize) -> Reply {
+    let stamp = if wait_peers == 0 {
+        store.write_async(Namespace::Config, key, value, wall_ms()).await.map_err(|e| e.to_string())?
+    } else {
+        let Some(r) = replication else {
+            return Err(format!("--wait-peers {wait_peers}: this peer is standalone, there is no other peer to wait for"));
+        };
+        r.write(Namespace::Config, key, value, wait_peers, WAIT_PEERS_TIMEOUT).await.map_err(|e| match e {
+            WriteError::TooFewPeers { configured, .. } => {
+                format!("--wait-peers {wait_peers}: the cluster has only {configured} other peers; nothing was written")
+            }
+            WriteError::NotReplicated { acked_by, .. } => format!(
+                "written and durable on this peer, but only {acked_by} of {wait_peers} other peers had it after {}s; it will replicate when they are back",
+                WAIT_PEERS_TIMEOUT.as_secs()
+            ),
+            other => other.to_string(),
+        })?
     };
-    let stamp = r.write(Namespace::Config, key, value, wait_peers, WAIT_PEERS_TIMEOUT).await.map_err(|e| match e {
-        WriteError::TooFewPeers { configured, .. } => {
-            format!("--wait-peers {wait_peers}: the cluster has only {configured} other peers; nothing was written")
-        }
-        WriteError::NotReplicated { acked_by, .. } => format!(
-            "written and durable on this peer, but only {acked_by} of {wait_peers} other peers had it after {}s; it will replicate when they are back",
-            WAIT_PEERS_TIMEOUT.as_secs()
-        ),
-        other => other.to_string(),
-    })?;
-    Ok(json!({ "key": key, "stamp": stamp.to_string() }))
-}
-
-async fn write(store: &Store, key: &str, value: Option<Value>) -> Reply {
-    let stamp = store.write_async(Namespace::Config, key, value, wall_ms()).await.map_err(|e| e.to_string())?;
     Ok(json!({ "key": key, "stamp": stamp.to_string() }))
 }
 
