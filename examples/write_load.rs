@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
@@ -55,45 +55,50 @@ enum System {
     Etcd,
 }
 
+/// What `write` does: which system, where, with what load.
+#[derive(Args)]
+struct WriteArgs {
+    #[arg(long, value_enum)]
+    system: System,
+    /// Peer 1: a control socket path (confmesh) or ADDR:PORT of the client URL (etcd).
+    #[arg(long)]
+    target: String,
+    /// The other members' client ADDR:PORT (etcd only), to wait until they hold every write.
+    #[arg(long, value_delimiter = ',')]
+    others: Vec<String>,
+    /// Namespace of peer 2, where the reader runs.
+    #[arg(long)]
+    reader_netns: String,
+    /// Peer 2, as --target.
+    #[arg(long)]
+    reader_target: String,
+    /// Connections writing back to back (0: only the lag probe writes, about 100 writes/s).
+    #[arg(long, default_value_t = 12)]
+    writers: usize,
+    /// Seconds of writing.
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    #[arg(long, default_value_t = 64)]
+    key_size: usize,
+    #[arg(long, default_value_t = 256)]
+    value_size: usize,
+    /// Pause between two lag probes, ms.
+    #[arg(long, default_value_t = 10)]
+    probe_pause_ms: u64,
+    /// Shortest pause between two reads of the reader, µs (it grows to a tenth of the time
+    /// waited so far, at most 1 ms).
+    #[arg(long, default_value_t = 100)]
+    poll_us: u64,
+    /// confmesh only: each write is acknowledged once this many other peers have it too.
+    #[arg(long, default_value_t = 0)]
+    wait_peers: usize,
+    
+}
+
 #[derive(Subcommand)]
 enum Mode {
     /// Write for a fixed time on peer 1 and measure lag to peer 2.
-    Write {
-        #[arg(long, value_enum)]
-        system: System,
-        /// Peer 1: a control socket path (confmesh) or ADDR:PORT of the client URL (etcd).
-        #[arg(long)]
-        target: String,
-        /// The other members' client ADDR:PORT (etcd only), to wait until they hold every write.
-        #[arg(long, value_delimiter = ',')]
-        others: Vec<String>,
-        /// Namespace of peer 2, where the reader runs.
-        #[arg(long)]
-        reader_netns: String,
-        /// Peer 2, as --target.
-        #[arg(long)]
-        reader_target: String,
-        /// Connections writing back to back (0: only the lag probe writes, about 100 writes/s).
-        #[arg(long, default_value_t = 12)]
-        writers: usize,
-        /// Seconds of writing.
-        #[arg(long, default_value_t = 20)]
-        duration: u64,
-        #[arg(long, default_value_t = 64)]
-        key_size: usize,
-        #[arg(long, default_value_t = 256)]
-        value_size: usize,
-        /// Pause between two lag probes, ms.
-        #[arg(long, default_value_t = 10)]
-        probe_pause_ms: u64,
-        /// Shortest pause between two reads of the reader, µs (it grows to a tenth of the time
-        /// waited so far, at most 1 ms).
-        #[arg(long, default_value_t = 100)]
-        poll_us: u64,
-        /// confmesh only: each write is acknowledged once this many other peers have it too.
-        #[arg(long, default_value_t = 0)]
-        wait_peers: usize,
-    },
+    Write(WriteArgs),
     /// (Started by `write`.) Reads "KEY ACK_NS" lines and answers the lag in ns once KEY is visible.
     Read {
         #[arg(long, value_enum)]
@@ -446,21 +451,21 @@ async fn confmesh_drained(c: &mut Conn) -> Result<bool, String> {
 // ---------------------------------------------------------------------------------------------
 // Modes
 
-#[allow(clippy::too_many_arguments)]
-async fn write(
-    system: System,
-    target: String,
-    others: Vec<String>,
-    reader_netns: String,
-    reader_target: String,
-    writers: usize,
-    duration: u64,
-    key_size: usize,
-    value_size: usize,
-    probe_pause_ms: u64,
-    poll_us: u64,
-    wait_peers: usize,
-) -> Result<Value, String> {
+async fn write(args: WriteArgs) -> Result<Value, String> {
+    let WriteArgs {
+        system,
+        target,
+        others,
+        reader_netns,
+        reader_target,
+        writers,
+        duration,
+        key_size,
+        value_size,
+        probe_pause_ms,
+        poll_us,
+        wait_peers,
+    } = args;
     let sys = match system {
         System::Confmesh => "confmesh",
         System::Etcd => "etcd",
@@ -667,39 +672,12 @@ async fn read(system: System, target: String, poll_us: u64) -> Result<(), String
 fn main() {
     let cli = Cli::parse();
     let result = match cli.mode {
-        Mode::Write {
-            system,
-            target,
-            others,
-            reader_netns,
-            reader_target,
-            writers,
-            duration,
-            key_size,
-            value_size,
-            probe_pause_ms,
-            poll_us,
-            wait_peers,
-        } => tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime").block_on(
-            async {
-                write(
-                    system,
-                    target,
-                    others,
-                    reader_netns,
-                    reader_target,
-                    writers,
-                    duration,
-                    key_size,
-                    value_size,
-                    probe_pause_ms,
-                    poll_us,
-                    wait_peers,
-                )
-                .await
-                .map(|v| println!("{v}"))
-            },
-        ),
+        Mode::Write(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async { write(args).await.map(|v| println!("{v}")) }),
         Mode::Read { system, target, poll_us } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
