@@ -490,11 +490,14 @@ impl Daemon {
     /// configuration replace ours; it flows in once the sync sessions are up.
     async fn take_cluster_content(&mut self) -> Result<(), String> {
         let path = self.backup(None, None).await?;
-        self.store.replace_all_async(Default::default()).await.map_err(|e| e.to_string())?;
+        self.store.join_async().await.map_err(|e| e.to_string())?;
         self.logs.append(
             LogKind::Config,
             Severity::Notice,
-            format!("joined a cluster: shared configuration replaced by the cluster's; the previous one is in {}", path.display()),
+            format!(
+                "joined a cluster: shared configuration replaced by the cluster's (writes wait until it has arrived); the previous one is in {}",
+                path.display()
+            ),
         );
         Ok(())
     }
@@ -854,6 +857,16 @@ impl Daemon {
                 self.join(settings).await?
             }
             None => self.leave().await,
+        }
+        // Alone (standalone, or the only peer in its list): no member will ever send this peer the
+        // cluster's content, so a join in progress ends here and writes are accepted again.
+        let alone = self.cluster.is_none() || self.config.cluster.as_ref().is_some_and(|c| c.peers.iter().all(|p| *p == me));
+        if alone && self.store.joining() {
+            self.store.stop_joining_async().await.map_err(|e| DaemonError::Io {
+                what: "cannot end the join".into(),
+                source: std::io::Error::other(e),
+            })?;
+            self.logs.append(LogKind::Config, Severity::Notice, "join abandoned: this peer is alone, its shared configuration accepts writes again");
         }
         Ok(())
     }

@@ -193,6 +193,14 @@ fn standalone_peer_joining_takes_the_clusters_configuration() {
     assert!(took, "peer 3 did not take the cluster's configuration: {seen:?}");
     assert_eq!(list(&d3, "").unwrap(), list(&d1, "").unwrap());
     assert!(!list(&d1, "").unwrap().contains_key("bridge/own"), "the joiner's old configuration leaked into the cluster");
+    // Joined: it took a member's snapshot and accepts writes again, which reach the cluster.
+    let status = d3.status().unwrap();
+    assert_eq!(status["replication"]["joining"], false, "{status}");
+    set(&d3, "bridge/b2", r#"{"uri": "sip:10.96.5.1:5060", "capacity": 10}"#);
+    assert!(
+        wait_until(Duration::from_secs(15), || list(&d1, "").is_some_and(|m| m.contains_key("bridge/b2"))),
+        "a write on the joined peer did not reach the cluster"
+    );
 
     // Its old shared configuration is in the automatic backup; its peer-specific part is unchanged.
     let backups: Vec<PathBuf> = std::fs::read_dir(d3.dir.join("state/backups"))

@@ -39,7 +39,8 @@
 //! let _ = svc.get(Namespace::Config, "bridge/b1")?;
 //! let _status = serde_json::to_value(svc.status())?; // per-peer lag, queue, bytes, entries, last sync
 //! // Join (SPEC §2 rule 6): back up `svc.store().snapshot()?` first, then
-//! svc.store().replace_all_async(Default::default()).await?; // the cluster's content flows in
+//! // the cluster's content flows in as a snapshot; local writes wait for it
+//! svc.store().join_async().await?;
 //! // Restore: `svc.store().replace_all_async(snapshot_from_backup).await?`.
 //! svc.shutdown().await;
 //! # Ok(()) }

@@ -129,6 +129,8 @@ pub struct PeerReplication {
 pub struct ReplicationStatus {
     /// This peer's origin id.
     pub origin: u32,
+    /// Joined a cluster and still waiting for a member's snapshot: writes are refused until then.
+    pub joining: bool,
     /// One record per configured peer, by origin id.
     pub peers: Vec<PeerReplication>,
 }
@@ -395,6 +397,7 @@ impl Service {
             .collect();
         ReplicationStatus {
             origin: self.shared.origin,
+            joining: self.shared.store.joining(),
             peers,
         }
     }
@@ -522,7 +525,9 @@ enum ConnError {
     Closed,
     #[error("peer {0} is not in the peer list")]
     Unknown(u32),
-    #[error("claims to be peer {peer} but connects from {from}, not from that peer's address {expected}")]
+    #[error(
+        "claims to be peer {peer} but connects from {from}, not from that peer's address {expected}"
+    )]
     WrongSource {
         peer: u32,
         from: std::net::IpAddr,
@@ -552,7 +557,14 @@ async fn run_connection(
     // The epoch first, then the vector: if the content is replaced in between, the epoch is stale
     // and this session ends at the next change instead of trusting a wrong picture.
     let epoch = store.epoch();
-    let mut session = Session::new(shared.origin, &store.vector()?, expected, Instant::now());
+    let joining = store.joining();
+    let mut session = Session::new(
+        shared.origin,
+        &store.vector()?,
+        joining,
+        expected,
+        Instant::now(),
+    );
     // Handed to the peer table once the peer is known; dropped there to end this connection.
     let (lifeline, mut kill) = watch::channel(());
     let mut lifeline = Some(lifeline);
@@ -619,7 +631,10 @@ async fn run_connection(
             Ev::Changed if store.epoch() != epoch => Err(ConnError::Replaced),
             Ev::Changed => store
                 .vector()
-                .map(|v| session.notify_store_changed(v))
+                .map(|v| {
+                    session.set_joining(store.joining());
+                    session.notify_store_changed(v);
+                })
                 .map_err(ConnError::from),
             Ev::Timer => session.handle_timeout(now).map_err(ConnError::from),
             Ev::Stop => Err(ConnError::Shutdown),
@@ -662,7 +677,9 @@ async fn drive(
         let ev = session.poll_event();
         if !matches!(ev, Some(SyncEvent::EntriesReceived { .. })) && !received.is_empty() {
             let seen = received_seen.take().map(|vector| Seen { vector, epoch });
-            store.apply_remote_async(std::mem::take(&mut received), seen, unix_ms()).await?;
+            store
+                .apply_remote_async(std::mem::take(&mut received), seen, unix_ms())
+                .await?;
             session.handle_applied(store.vector()?);
         }
         let Some(ev) = ev else { break };
@@ -673,7 +690,11 @@ async fn drive(
                 // A peer is who it claims to be only from its own address (over the overlay,
                 // that address is vouched for by the AH SA the packets arrived on).
                 if let Some(expected) = st.addr.map(|a| a.ip()).filter(|&a| a != remote) {
-                    return Err(ConnError::WrongSource { peer: p, from: remote, expected });
+                    return Err(ConnError::WrongSource {
+                        peer: p,
+                        from: remote,
+                        expected,
+                    });
                 }
                 // The newer connection replaces an older one (restart, half-dead socket): replacing
                 // the older one's lifeline ends it.

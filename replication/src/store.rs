@@ -13,7 +13,7 @@
 //!
 //! Tables: `data` (namespace tag + key → stamp, flag, JSON), `by_origin` (origin + stamp → data key,
 //! for every current entry), `tombstones` (the same, for deleted keys only, for collection), `meta`
-//! (version vector, collection floor, clock high-water mark).
+//! (version vector, collection floor, clock high-water mark, joining mark).
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,8 @@ const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const META_VECTOR: &str = "vector";
 const META_GC_FLOOR: &str = "gc_floor";
 const META_CLOCK: &str = "clock";
+/// Present while the peer is joining a cluster and has not yet merged a member's snapshot.
+const META_JOINING: &str = "joining";
 
 /// Most origins (replica ids) a store tracks: a few per peer over the cluster's life (a new one per
 /// join or restore). Bounds what a misbehaving peer can make the version vector — written with
@@ -93,6 +95,14 @@ pub enum StoreError {
     /// A peer's stamps are too far in the future; nothing of the batch was applied.
     #[error(transparent)]
     ClockSkew(#[from] HlcError),
+    /// This peer is joining a cluster and has not yet received the cluster's content. A write now
+    /// could be stamped below a deletion the cluster has already forgotten (collected tombstone)
+    /// and bring the deleted key back everywhere, so local writes wait for the first snapshot.
+    #[error(
+        "this peer is joining the cluster and has not yet received the cluster's shared data; \
+         writes are refused until it has (check with `confmesh status` that another peer is Active)"
+    )]
+    Joining,
     /// The store was closed (its writer thread has stopped) while the request was pending.
     #[error("replicated store is closed")]
     Closed,
@@ -177,7 +187,10 @@ enum Op {
     },
     ReplaceAll {
         snapshot: Snapshot,
+        /// Joining a cluster: local writes wait for a member's snapshot.
+        join: bool,
     },
+    StopJoining,
     Gc {
         acked: Vec<VersionVector>,
     },
@@ -200,6 +213,8 @@ struct Inner {
     changes: watch::Sender<u64>,
     /// Number of committed [`Store::replace_all`] calls since open (see [`Seen`]).
     epoch: std::sync::atomic::AtomicU64,
+    /// Whether a committed join still waits for a member's snapshot (see [`StoreError::Joining`]).
+    joining: std::sync::atomic::AtomicBool,
 }
 
 /// The durable replicated store of one peer.
@@ -383,18 +398,23 @@ impl Store {
     pub fn open_with(path: &Path, origin: u32, options: StoreOptions) -> Result<Store, StoreError> {
         let db = open_checked(path)?;
         let txn = db.begin_write().map_err(|e| classify(path, e.into()))?;
-        let clock_mark = {
+        let (clock_mark, joining) = {
             for def in [DATA, BY_ORIGIN, TOMBSTONES] {
                 txn.open_table(def).map_err(|e| classify(path, e.into()))?;
             }
             let meta = txn.open_table(META).map_err(|e| classify(path, e.into()))?;
             let mark = meta.get(META_CLOCK).map_err(|e| classify(path, e.into()))?;
-            match mark {
+            let mark = match mark {
                 Some(g) => Some(
                     Hlc::from_bytes(g.value()).ok_or_else(|| corrupt(path, "bad clock record"))?,
                 ),
                 None => None,
-            }
+            };
+            let joining = meta
+                .get(META_JOINING)
+                .map_err(|e| classify(path, e.into()))?
+                .is_some();
+            (mark, joining)
         };
         txn.commit().map_err(|e| classify(path, e.into()))?;
 
@@ -412,6 +432,7 @@ impl Store {
             origin,
             changes,
             epoch: 0.into(),
+            joining: joining.into(),
         });
         let (tx, rx) = mpsc::channel(options.queue.max(1));
         let w = Arc::clone(&inner);
@@ -525,6 +546,14 @@ impl Store {
         self.inner.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Whether this peer is joining a cluster and still waits for a member's snapshot: its sync
+    /// sessions ask for one, and local writes are refused ([`StoreError::Joining`]).
+    pub fn joining(&self) -> bool {
+        self.inner
+            .joining
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Apply entries received from a peer (last writer wins); returns how many replaced local
     /// versions. `seen` comes with the last batch of a catch-up: its vector is merged into ours in
     /// the same transaction (unless its epoch is stale). All or nothing: a batch with an invalid or
@@ -581,12 +610,54 @@ impl Store {
     /// carry a fresh replica id in their stamps' `origin` (so they cannot hide writes of the old id
     /// that other peers still hold and will send back). Blocking.
     pub fn replace_all(&self, snapshot: Snapshot) -> Result<(), StoreError> {
-        count(self.run(Op::ReplaceAll { snapshot })).map(drop)
+        count(self.run(Op::ReplaceAll {
+            snapshot,
+            join: false,
+        }))
+        .map(drop)
     }
 
-    /// [`Store::replace_all`] for async code (join, restore from the daemon).
+    /// [`Store::replace_all`] for async code (restore from the daemon).
     pub async fn replace_all_async(&self, snapshot: Snapshot) -> Result<(), StoreError> {
-        count(self.submit_async(Op::ReplaceAll { snapshot }).await).map(drop)
+        count(
+            self.submit_async(Op::ReplaceAll {
+                snapshot,
+                join: false,
+            })
+            .await,
+        )
+        .map(drop)
+    }
+
+    /// Join a cluster (SPEC §2 rule 6): drop the content, as [`Store::replace_all`] with an empty
+    /// snapshot, and refuse local writes until a member's snapshot has been merged. The members
+    /// may have collected tombstones this peer never saw; a write stamped before this peer learns
+    /// of them could order below such a deletion and resurrect the key. Survives a restart.
+    /// Blocking.
+    pub fn join(&self) -> Result<(), StoreError> {
+        count(self.run(Op::ReplaceAll {
+            snapshot: Snapshot::default(),
+            join: true,
+        }))
+        .map(drop)
+    }
+
+    /// [`Store::join`] for async code.
+    pub async fn join_async(&self) -> Result<(), StoreError> {
+        count(
+            self.submit_async(Op::ReplaceAll {
+                snapshot: Snapshot::default(),
+                join: true,
+            })
+            .await,
+        )
+        .map(drop)
+    }
+
+    /// Give up waiting for the cluster's content (the peer went standalone or is alone in its
+    /// list): local writes are accepted again.
+    pub async fn stop_joining_async(&self) -> Result<(), StoreError> {
+        count(self.submit_async(Op::StopJoining).await).map(drop)
     }
 
     /// Collect tombstones that every peer has seen. `acked` holds the latest acknowledged vector
@@ -851,6 +922,8 @@ struct Writer<'a> {
     clock: HlcClock,
     /// The epoch including replacements in the batch being built; published after commit.
     epoch: u64,
+    /// Joining state including the batch being built; persisted and published after commit.
+    joining: bool,
 }
 
 /// Outcome of executing one request inside the batch transaction.
@@ -905,6 +978,12 @@ impl Writer<'_> {
                 &serde_json::to_vec(&floor).unwrap_or_default(),
             )?;
             put(&mut meta, META_CLOCK, &self.clock.last().to_bytes())?;
+            if self.joining {
+                put(&mut meta, META_JOINING, &[1])?;
+            } else {
+                meta.remove(META_JOINING)
+                    .map_err(|x| classify(&path, x.into()))?;
+            }
         }
         txn.commit().map_err(|e| classify(&path, e.into()))?;
         Ok(changed)
@@ -925,6 +1004,9 @@ impl Writer<'_> {
                 value,
                 wall_ms,
             } => {
+                if self.joining {
+                    return Ok(Err(StoreError::Joining));
+                }
                 let stamp = self.clock.tick(*wall_ms);
                 let e = Entry {
                     ns: *ns,
@@ -995,9 +1077,16 @@ impl Writer<'_> {
                 for (_, s) in snapshot.vector.iter() {
                     self.clock.observe(s, *wall_ms)?;
                 }
+                // The clock is now past everything the source ever saw, collected deletions
+                // included: local writes order correctly again.
+                self.joining = false;
                 Ok(Ok(Reply::Count(n)))
             }
-            Op::ReplaceAll { snapshot } => {
+            Op::StopJoining => {
+                self.joining = false;
+                Ok(Ok(Reply::Count(0)))
+            }
+            Op::ReplaceAll { snapshot, join } => {
                 if let Some(e) = snapshot
                     .entries
                     .iter()
@@ -1041,9 +1130,15 @@ impl Writer<'_> {
                 }
                 self.clock.rebase(replica);
                 self.epoch += 1;
+                self.joining = *join;
                 Ok(Ok(Reply::Count(snapshot.entries.len())))
             }
             Op::Gc { acked } => {
+                // A joining peer holds nothing worth collecting yet, and an empty collection
+                // floor keeps it from ever asking its peers for a snapshot.
+                if self.joining {
+                    return Ok(Ok(Reply::Count(0)));
+                }
                 let Some(seen_by_all) = VersionVector::meet(acked.iter()) else {
                     return Ok(Ok(Reply::Count(0)));
                 };
@@ -1122,6 +1217,7 @@ fn writer_loop(inner: &Inner, mut rx: mpsc::Receiver<Request>, clock: HlcClock, 
         inner,
         clock,
         epoch: 0,
+        joining: inner.joining.load(std::sync::atomic::Ordering::Acquire),
     };
     let mut ops = Vec::with_capacity(max_batch);
     let mut replies = Vec::with_capacity(max_batch);
@@ -1139,6 +1235,7 @@ fn writer_loop(inner: &Inner, mut rx: mpsc::Receiver<Request>, clock: HlcClock, 
         }
         let clock_before = w.clock.clone();
         let epoch_before = w.epoch;
+        let joining_before = w.joining;
         match w.batch(&mut ops) {
             Ok(changed) => {
                 // Published only now that the replacement is durable: a session that reads the
@@ -1146,6 +1243,9 @@ fn writer_loop(inner: &Inner, mut rx: mpsc::Receiver<Request>, clock: HlcClock, 
                 inner
                     .epoch
                     .store(w.epoch, std::sync::atomic::Ordering::Release);
+                inner
+                    .joining
+                    .store(w.joining, std::sync::atomic::Ordering::Release);
                 // Announce the change before answering, so that a caller who sees its write
                 // acknowledged also sees the notification (the simulation relies on this order).
                 if changed {
@@ -1160,6 +1260,7 @@ fn writer_loop(inner: &Inner, mut rx: mpsc::Receiver<Request>, clock: HlcClock, 
                 // Nothing of the batch is durable: forget the stamps it issued.
                 w.clock = clock_before;
                 w.epoch = epoch_before;
+                w.joining = joining_before;
                 let detail = err.to_string();
                 for reply in replies.drain(..) {
                     let _ = reply.send(Err(match &err {
@@ -1388,6 +1489,76 @@ mod tests {
         };
         s.apply_remote(vec![], Some(fresh), T).unwrap();
         assert!(s.vector().unwrap().dominates(&v));
+    }
+
+    #[test]
+    fn a_joining_peer_refuses_writes_until_a_members_snapshot_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir, 1);
+        s.put(Namespace::Config, "own", json!(1), T).unwrap();
+        s.join().unwrap();
+        assert!(s.joining());
+        assert!(s.get(Namespace::Config, "own").unwrap().is_none());
+        assert!(matches!(
+            s.put(Namespace::Config, "a", json!(1), T),
+            Err(StoreError::Joining)
+        ));
+        assert!(matches!(
+            s.delete(Namespace::Conference, "a", T),
+            Err(StoreError::Joining)
+        ));
+        // Nothing to collect while joining; entries from peers are welcome.
+        assert_eq!(s.gc_tombstones(vec![VersionVector::new()]).unwrap(), 0);
+        let remote = Entry {
+            ns: Namespace::Config,
+            key: "b".into(),
+            value: Some(json!(2)),
+            stamp: Hlc {
+                wall_ms: T + 5,
+                logical: 0,
+                origin: 9,
+            },
+        };
+        s.apply_remote(vec![remote], None, T).unwrap();
+        assert!(s.joining());
+        drop(s);
+        let s = open(&dir, 1);
+        assert!(s.joining(), "the join must survive a restart");
+        // A member's snapshot carries every deletion it collected: the clock passes them.
+        let mut vector = VersionVector::new();
+        let collected = Hlc {
+            wall_ms: T + 60_000,
+            logical: 0,
+            origin: 9,
+        };
+        vector.observe(collected);
+        s.apply_snapshot(
+            Snapshot {
+                entries: vec![],
+                vector,
+            },
+            T + 60_000,
+        )
+        .unwrap();
+        assert!(!s.joining());
+        let stamp = s.put(Namespace::Config, "a", json!(1), T).unwrap();
+        assert!(stamp > collected, "{stamp} must order after {collected}");
+        drop(s);
+        assert!(!open(&dir, 1).joining());
+    }
+
+    #[test]
+    fn a_peer_that_gives_up_joining_accepts_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir, 1);
+        s.join().unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(s.stop_joining_async())
+            .unwrap();
+        assert!(!s.joining());
+        s.put(Namespace::Config, "a", json!(1), T).unwrap();
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! simulation test drives it over a virtual network.
 //!
 //! # Protocol
-//! On connect each side sends `Hello { origin, vector }`. Each side then sends the entries the other
-//! lacks according to that vector (read from its store in bounded batches), and after that streams
-//! new writes as they are committed. The receiver applies a batch durably, then acknowledges with
+//! On connect each side sends `Hello { origin, vector, joining }`. Each side then sends the entries
+//! the other lacks according to that vector (read from its store in bounded batches), and after that
+//! streams new writes as they are committed. A peer that is joining the cluster (see
+//! [`crate::store::Store::join`]) gets a snapshot from a peer that is not, whatever its vector. The receiver applies a batch durably, then acknowledges with
 //! its whole vector; acknowledgements drive "wait until k peers have it", tombstone collection and
 //! lag status. If the peer's vector is older than what tombstone collection kept, the sender sends a
 //! snapshot instead.
@@ -16,7 +17,7 @@
 //! resynchronised after a bad frame, so any malformed frame ends the session (counted, never a
 //! panic); the driver reconnects and the sync resumes from the vectors.
 //!
-//! Payloads are binary: a vector is `count: u16` then per origin `origin u32, wall_ms u64,
+//! Payloads are binary: a hello is `origin u32`, a vector, `joining u8`; a vector is `count: u16` then per origin `origin u32, wall_ms u64,
 //! logical u32`; an entry is `ns u8, stamp (16 bytes), key_len u16, key, value_len u32
 //! (0xFFFF_FFFF = tombstone), value as JSON`.
 
@@ -28,7 +29,7 @@ use crate::model::{Entry, MAX_KEY_BYTES, MAX_VALUE_BYTES, Namespace, VersionVect
 use crate::store::{ChangeSet, Snapshot};
 
 /// Protocol version carried in every frame; a peer speaking another version is refused.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest frame (bytes after the length field). Bounds what a peer can make us buffer per frame
 /// and keeps one frame well inside a TCP window.
 pub const MAX_FRAME: usize = 1024 * 1024;
@@ -158,6 +159,10 @@ pub struct Session {
     dirty: bool,
     pull_outstanding: bool,
     want_snapshot: bool,
+    /// Our store is joining: never serve a snapshot (we do not hold the cluster's content yet).
+    local_joining: bool,
+    /// The peer is joining and waits for a snapshot we have not sent yet.
+    peer_joining: bool,
     inbuf: Vec<u8>,
     out: Vec<u8>,
     ack_pending: Option<VersionVector>,
@@ -172,12 +177,14 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session for this peer (`origin`) whose store currently has `local`. `expected_peer` is the
-    /// origin id of the peer we dialled (`None` for an accepted connection: any peer may introduce
-    /// itself; the driver checks it against the peer list on [`SyncEvent::Connected`]).
+    /// A session for this peer (`origin`) whose store currently has `local` and is `joining` or not
+    /// ([`crate::store::Store::joining`]). `expected_peer` is the origin id of the peer we dialled
+    /// (`None` for an accepted connection: any peer may introduce itself; the driver checks it
+    /// against the peer list on [`SyncEvent::Connected`]).
     pub fn new(
         origin: u32,
         local: &VersionVector,
+        joining: bool,
         expected_peer: Option<u32>,
         now: Instant,
     ) -> Session {
@@ -189,6 +196,8 @@ impl Session {
             dirty: true,
             pull_outstanding: false,
             want_snapshot: false,
+            local_joining: joining,
+            peer_joining: false,
             inbuf: Vec::new(),
             out: Vec::new(),
             ack_pending: None,
@@ -204,8 +213,23 @@ impl Session {
         let mut f = FrameWriter::start(&mut s.out, T_HELLO);
         f.u32(origin);
         f.vector(local);
+        f.u8(u8::from(joining));
         f.finish();
         s
+    }
+
+    /// Our store stopped (or started) joining: once it holds the cluster's content it serves the
+    /// snapshot a joining peer is waiting for.
+    pub fn set_joining(&mut self, joining: bool) {
+        self.local_joining = joining;
+        self.offer_snapshot();
+    }
+
+    fn offer_snapshot(&mut self) {
+        if self.peer_joining && !self.local_joining {
+            self.peer_joining = false;
+            self.want_snapshot = true;
+        }
     }
 
     /// The peer's origin id, once it introduced itself.
@@ -295,6 +319,11 @@ impl Session {
                 }
                 let origin = r.u32()?;
                 let vector = r.vector()?;
+                let joining = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(SyncError::Malformed("bad flag")),
+                };
                 r.end()?;
                 if let Some(expected) = self.expected_peer {
                     if expected != origin {
@@ -305,6 +334,8 @@ impl Session {
                     }
                 }
                 self.peer = Some(origin);
+                self.peer_joining = joining;
+                self.offer_snapshot();
                 self.estimate = vector.clone();
                 // A hello vector is read from the peer's committed store: it is an
                 // acknowledgement too (a writer waiting for "k peers have it" may be waiting for
@@ -776,8 +807,8 @@ mod tests {
     }
 
     fn connected_pair(now: Instant) -> (Session, Session) {
-        let mut a = Session::new(1, &VersionVector::new(), Some(2), now);
-        let mut b = Session::new(2, &VersionVector::new(), None, now);
+        let mut a = Session::new(1, &VersionVector::new(), false, Some(2), now);
+        let mut b = Session::new(2, &VersionVector::new(), false, None, now);
         pump(now, &mut a, &mut b).unwrap();
         pump(now, &mut b, &mut a).unwrap();
         assert!(matches!(
@@ -791,6 +822,37 @@ mod tests {
         let empty = Some(SyncEvent::PeerAcked(VersionVector::new()));
         assert_eq!((a.poll_event(), b.poll_event()), (empty.clone(), empty));
         (a, b)
+    }
+
+    /// Hello from `a` (joining or not) to `b`; returns `b`'s first pull.
+    fn hello_then_pull(a_joining: bool, b_joining: bool) -> (Session, Option<Pull>) {
+        let now = Instant::now();
+        let mut a = Session::new(1, &VersionVector::new(), a_joining, Some(2), now);
+        let mut b = Session::new(2, &VersionVector::new(), b_joining, None, now);
+        pump(now, &mut a, &mut b).unwrap();
+        let pull = b.poll_pull();
+        (b, pull)
+    }
+
+    #[test]
+    fn a_joining_peer_gets_a_snapshot_only_from_a_peer_that_is_not_joining() {
+        assert_eq!(hello_then_pull(true, false).1, Some(Pull::Snapshot));
+        assert!(matches!(
+            hello_then_pull(false, false).1,
+            Some(Pull::Changes { .. })
+        ));
+        let (mut b, pull) = hello_then_pull(true, true);
+        assert!(matches!(pull, Some(Pull::Changes { .. })));
+        b.handle_changes(ChangeSet::Entries {
+            entries: vec![],
+            complete: Some(VersionVector::new()),
+        });
+        // Once `b` has the cluster's content it serves the snapshot `a` still waits for, once.
+        b.set_joining(false);
+        assert_eq!(b.poll_pull(), Some(Pull::Snapshot));
+        b.handle_snapshot(&Snapshot::default());
+        b.set_joining(false);
+        assert!(!matches!(b.poll_pull(), Some(Pull::Snapshot)));
     }
 
     #[test]
@@ -939,14 +1001,14 @@ mod tests {
 
     fn hello(origin: u32) -> Vec<u8> {
         let mut p = origin.to_be_bytes().to_vec();
-        p.extend([0, 0]);
+        p.extend([0, 0, 0]);
         frame(PROTOCOL_VERSION, T_HELLO, &p)
     }
 
     #[test]
     fn malformed_frames_end_the_session_with_a_reason() {
         let now = Instant::now();
-        let new = || Session::new(1, &VersionVector::new(), Some(2), now);
+        let new = || Session::new(1, &VersionVector::new(), false, Some(2), now);
         let cases: Vec<(Vec<u8>, SyncError)> = vec![
             (
                 (MAX_FRAME as u32 + 1).to_be_bytes().to_vec(),
@@ -956,7 +1018,7 @@ mod tests {
                 vec![0, 0, 0, 1, 9],
                 SyncError::Malformed("frame length out of range"),
             ),
-            (frame(2, T_HELLO, &[]), SyncError::Incompatible(2)),
+            (frame(1, T_HELLO, &[]), SyncError::Incompatible(1)),
             (
                 frame(PROTOCOL_VERSION, T_PING, &[]),
                 SyncError::Protocol("message before hello"),
@@ -971,6 +1033,10 @@ mod tests {
             (
                 frame(PROTOCOL_VERSION, T_HELLO, &[0, 0, 0, 2, 0]),
                 SyncError::Malformed("truncated message"),
+            ),
+            (
+                frame(PROTOCOL_VERSION, T_HELLO, &[0, 0, 0, 2, 0, 0, 2]),
+                SyncError::Malformed("bad flag"),
             ),
             (
                 [hello(2), hello(2)].concat(),
@@ -1029,7 +1095,7 @@ mod tests {
             .unwrap_or(0x5eed);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let now = Instant::now();
-        let mut valid = Session::new(2, &VersionVector::new(), None, now);
+        let mut valid = Session::new(2, &VersionVector::new(), false, None, now);
         valid.dirty = false;
         let mut template = Vec::new();
         valid.poll_transmit(now, &mut template);
@@ -1058,7 +1124,7 @@ mod tests {
                 t
             };
             bytes.truncate(rng.random_range(0..=bytes.len()));
-            let mut s = Session::new(1, &VersionVector::new(), None, now);
+            let mut s = Session::new(1, &VersionVector::new(), false, None, now);
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 s.handle_bytes(now, &bytes)
             }));

@@ -1,7 +1,8 @@
 //! Deterministic simulation of a 3-peer cluster: real stores on disk, sans-IO sync sessions over a
 //! virtual network with delays, partitions (black holes, as TCP sees them) and heals, crashes with
 //! restart from the database file, tombstone collection, a peer removed from the others' lists
-//! and re-added (it rejoins: its content is replaced and it catches up by snapshot), and clocks
+//! and re-added (it rejoins: its content is replaced, it refuses writes until it has caught up by
+//! snapshot — a write before that could order below a deletion the others collected), and clocks
 //! skewed by up to ±5 s.
 //!
 //! Invariants checked at the end of every seed, after healing everything: all peers hold the same
@@ -10,7 +11,8 @@
 //! write, its stamp must order after the version its writer held (causality despite skew).
 //!
 //! `cargo test -p confmesh-replication --test sim` runs 200 seeds; `SIM_SEED=n` reruns one seed;
-//! `SIM_SEEDS=n` changes how many run.
+//! `SIM_SEEDS=n` changes how many run; `SIM_TRACE=1` prints what happens
+//! (shown for a failing seed, or with `-- --nocapture`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -18,12 +20,22 @@ use std::time::{Duration, Instant};
 
 use confmesh_replication::hlc::Hlc;
 use confmesh_replication::model::{Namespace, VersionVector};
-use confmesh_replication::store::{Seen, Store};
+use confmesh_replication::store::{Seen, Store, StoreError};
 use confmesh_replication::sync::{Pull, Session, SyncEvent};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use tokio::sync::watch;
+
+/// `SIM_TRACE=1` prints the run's events (writes, crashes, exclusions, joins, snapshots,
+/// collections) to follow a failing seed.
+macro_rules! trace {
+    ($($arg:tt)*) => {
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!($($arg)*);
+        }
+    };
+}
 
 const TICK_MS: u64 = 10;
 const BASE_WALL_MS: u64 = 1_700_000_000_000;
@@ -103,6 +115,7 @@ struct Stats {
     collected: u64,
     exclusions: u64,
     joins: u64,
+    refused_joining: u64,
 }
 
 impl Stats {
@@ -115,6 +128,7 @@ impl Stats {
         self.collected += o.collected;
         self.exclusions += o.exclusions;
         self.joins += o.joins;
+        self.refused_joining += o.refused_joining;
     }
 }
 
@@ -184,11 +198,18 @@ impl Sim {
         let wall = self.wall(i);
         let store = self.nodes[i].store.as_ref().expect("up");
         let before = store.get_entry(ns, &key).expect("read").map(|e| e.stamp);
-        let stamp = match &value {
+        let stamp = match match &value {
             Some(v) => store.put(ns, &key, v.clone(), wall),
             None => store.delete(ns, &key, wall),
-        }
-        .expect("write");
+        } {
+            Ok(stamp) => stamp,
+            // Not acknowledged: a joining peer waits for the cluster's content.
+            Err(StoreError::Joining) => {
+                self.stats.refused_joining += 1;
+                return;
+            }
+            Err(e) => panic!("seed {}: write: {e}", self.seed),
+        };
         if let Some(b) = before {
             assert!(
                 stamp > b,
@@ -196,6 +217,10 @@ impl Sim {
                 self.seed
             );
         }
+        trace!(
+            "t={} node{i}: write {ns} {key} = {value:?} stamped {stamp}",
+            self.t_ms
+        );
         self.writes.push(Write {
             ns,
             key,
@@ -206,6 +231,7 @@ impl Sim {
     }
 
     fn crash(&mut self, i: usize) {
+        trace!("t={} node{i}: crash", self.t_ms);
         self.nodes[i].store = None;
         self.nodes[i].acked.clear();
         self.stats.crashes += 1;
@@ -236,6 +262,7 @@ impl Sim {
             session: Session::new(
                 self.nodes[a].origin,
                 &sa.vector().expect("vector"),
+                sa.joining(),
                 Some(self.nodes[b].origin),
                 now,
             ),
@@ -246,6 +273,7 @@ impl Sim {
             session: Session::new(
                 self.nodes[b].origin,
                 &sb.vector().expect("vector"),
+                sb.joining(),
                 None,
                 now,
             ),
@@ -275,6 +303,7 @@ impl Sim {
         let mut moved = false;
         if end.changes.has_changed().unwrap_or(false) {
             end.changes.borrow_and_update();
+            end.session.set_joining(store.joining());
             end.session
                 .notify_store_changed(store.vector().expect("vector"));
         }
@@ -296,6 +325,7 @@ impl Sim {
                 }
                 SyncEvent::SnapshotReceived(snap) => {
                     self.stats.snapshots += 1;
+                    trace!("t={t_ms} node{node_idx}: snapshot received");
                     store
                         .apply_snapshot(snap, wall)
                         .unwrap_or_else(|e| panic!("seed {seed}: snapshot: {e}"));
@@ -306,7 +336,12 @@ impl Sim {
                         node.acked.insert(peer, v);
                     }
                 }
-                SyncEvent::Connected { .. } => {}
+                SyncEvent::Connected { peer, .. } => {
+                    trace!(
+                        "t={t_ms} node{node_idx}: connected to {peer}, joining {}",
+                        store.joining()
+                    );
+                }
                 other => panic!("seed {seed}: unexpected event {other:?}"),
             }
         }
@@ -392,12 +427,19 @@ impl Sim {
             }
             if self.excluded.is_none() && self.rng.random_bool(0.0003) {
                 let k = self.rng.random_range(0..3);
-                self.excluded = Some((k, self.t_ms + self.rng.random_range(2000..15_000)));
-                let gone = self.nodes[k].origin;
-                for n in &mut self.nodes {
-                    n.acked.remove(&gone);
+                // Operators remove a peer from the lists of the peers that hold the cluster's
+                // content; if no other peer holds it yet (all are still joining), there is no
+                // cluster to remove it from.
+                let until = self.t_ms + self.rng.random_range(2000..15_000);
+                if (0..3).any(|i| i != k && !self.joining(i)) {
+                    self.excluded = Some((k, until));
+                    let gone = self.nodes[k].origin;
+                    for n in &mut self.nodes {
+                        n.acked.remove(&gone);
+                    }
+                    self.stats.exclusions += 1;
+                    trace!("t={} node{k}: removed from the others' lists", self.t_ms);
                 }
-                self.stats.exclusions += 1;
             }
         }
         if let Some((k, until)) = self.excluded {
@@ -451,6 +493,16 @@ impl Sim {
                 .any(|c| c.pipes.iter().any(|p| !p.queue.is_empty()))
     }
 
+    /// Whether peer `i` still waits for the cluster's content (a crashed peer's file says so).
+    fn joining(&self, i: usize) -> bool {
+        match &self.nodes[i].store {
+            Some(s) => s.joining(),
+            None => Store::open(&self.nodes[i].path, self.nodes[i].origin)
+                .expect("peek")
+                .joining(),
+        }
+    }
+
     /// Peer `k` joins again: its shared content is replaced by the cluster's.
     fn rejoin(&mut self, k: usize) {
         let others: Vec<VersionVector> = (0..3)
@@ -468,9 +520,10 @@ impl Sim {
         self.writes
             .retain(|w| others.iter().any(|v| v.covers(w.stamp)));
         let store = self.nodes[k].store.as_ref().expect("up");
-        store.replace_all(Default::default()).expect("replace_all");
+        store.join().expect("join");
         self.excluded = None;
         self.stats.joins += 1;
+        trace!("t={} node{k}: joins again", self.t_ms);
     }
 
     fn collect_tombstones(&mut self) {
@@ -488,7 +541,11 @@ impl Sim {
             let acked: Option<Vec<VersionVector>> =
                 others.iter().map(|o| n.acked.get(o).cloned()).collect();
             if let Some(acked) = acked {
-                self.stats.collected += store.gc_tombstones(acked).expect("gc") as u64;
+                let c = store.gc_tombstones(acked).expect("gc") as u64;
+                if c > 0 {
+                    trace!("t={} {}: collected {c} tombstones", self.t_ms, n.origin);
+                }
+                self.stats.collected += c;
             }
         }
     }
@@ -528,6 +585,12 @@ impl Sim {
             .collect();
         for n in &self.nodes {
             let store = n.store.as_ref().expect("up");
+            assert!(
+                !store.joining(),
+                "seed {}: peer {} still waits for the cluster's content after healing",
+                self.seed,
+                n.origin
+            );
             for ns in Namespace::ALL {
                 let have: BTreeMap<String, Value> =
                     store.list(ns, "").expect("list").into_iter().collect();
@@ -597,6 +660,7 @@ fn random_faults_converge_without_losing_acknowledged_writes() {
             total.timeouts > 0 && total.snapshots > 0 && total.collected > 0,
             "{total:?}"
         );
+        assert!(total.joins > 0 && total.refused_joining > 0, "{total:?}");
     }
 }
 
