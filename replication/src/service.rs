@@ -27,7 +27,7 @@ use tokio::task::AbortHandle;
 use crate::hlc::Hlc;
 use crate::model::{Entry, Namespace, VersionVector};
 use crate::store::{Seen, Store, StoreError};
-use crate::sync::{Pull, Session, SessionStats, SyncError, SyncEvent};
+use crate::sync::{Local, Pull, Session, SessionStats, SyncError, SyncEvent};
 
 /// First reconnect delay; doubled after every failure up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -557,14 +557,13 @@ async fn run_connection(
     // The epoch first, then the vector: if the content is replaced in between, the epoch is stale
     // and this session ends at the next change instead of trusting a wrong picture.
     let epoch = store.epoch();
-    let joining = store.joining();
-    let mut session = Session::new(
-        shared.origin,
-        &store.vector()?,
-        joining,
-        expected,
-        Instant::now(),
-    );
+    let local = Local {
+        origin: shared.origin,
+        replica: store.replica(),
+        joining: store.joining(),
+        vector: store.vector()?,
+    };
+    let mut session = Session::new(local, expected, Instant::now());
     // Handed to the peer table once the peer is known; dropped there to end this connection.
     let (lifeline, mut kill) = watch::channel(());
     let mut lifeline = Some(lifeline);
@@ -633,7 +632,7 @@ async fn run_connection(
                 .vector()
                 .map(|v| {
                     session.set_joining(store.joining());
-                    session.notify_store_changed(v);
+                    session.notify_store_changed(now, v);
                 })
                 .map_err(ConnError::from),
             Ev::Timer => session.handle_timeout(now).map_err(ConnError::from),
@@ -726,8 +725,12 @@ async fn drive(
     }
     while let Some(pull) = session.poll_pull() {
         match pull {
-            Pull::Changes { since, limit } => {
-                session.handle_changes(store.changes_since(&since, limit)?)
+            Pull::Changes {
+                since,
+                limit,
+                origins,
+            } => {
+                session.handle_changes(store.changes_since_of(&since, limit, origins.as_deref())?)
             }
             Pull::Snapshot => session.handle_snapshot(&store.snapshot()?),
         }

@@ -215,6 +215,8 @@ struct Inner {
     epoch: std::sync::atomic::AtomicU64,
     /// Whether a committed join still waits for a member's snapshot (see [`StoreError::Joining`]).
     joining: std::sync::atomic::AtomicBool,
+    /// The replica id local writes are stamped with (see [`Store::replica`]).
+    replica: std::sync::atomic::AtomicU32,
 }
 
 /// The durable replicated store of one peer.
@@ -433,6 +435,7 @@ impl Store {
             changes,
             epoch: 0.into(),
             joining: joining.into(),
+            replica: clock.last().origin.into(),
         });
         let (tx, rx) = mpsc::channel(options.queue.max(1));
         let w = Arc::clone(&inner);
@@ -544,6 +547,15 @@ impl Store {
     /// [`Seen`]; a driver ends sessions whose epoch is no longer current.
     pub fn epoch(&self) -> u64 {
         self.inner.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The id in the stamps of this store's local writes: the origin id until the content is
+    /// replaced, a fresh one after. Sync sessions stream these writes at once and leave other
+    /// origins' writes to their writers (see [`crate::sync`]).
+    pub fn replica(&self) -> u32 {
+        self.inner
+            .replica
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether this peer is joining a cluster and still waits for a member's snapshot: its sync
@@ -754,6 +766,17 @@ impl Store {
         since: &VersionVector,
         limit: usize,
     ) -> Result<ChangeSet, StoreError> {
+        self.changes_since_of(since, limit, None)
+    }
+
+    /// [`Store::changes_since`] restricted to the writes of `origins` (all if `None`); `complete`
+    /// is still the whole vector — the caller knows which part of it the entries cover.
+    pub fn changes_since_of(
+        &self,
+        since: &VersionVector,
+        limit: usize,
+        origins: Option<&[u32]>,
+    ) -> Result<ChangeSet, StoreError> {
         let txn = self.read()?;
         let meta = txn.open_table(META).map_err(|e| self.err(e))?;
         let floor = read_vector(&self.inner.path, &meta, META_GC_FLOOR)?;
@@ -767,6 +790,9 @@ impl Store {
         let mut bytes = 0usize;
         let mut truncated = false;
         'origins: for (origin, _) in vector.iter() {
+            if origins.is_some_and(|o| !o.contains(&origin)) {
+                continue;
+            }
             let (start, end) = origin_range(origin, since.get(origin));
             for item in by_origin
                 .range::<&[u8]>((Bound::Excluded(&start[..]), Bound::Included(&end[..])))
@@ -1246,6 +1272,9 @@ fn writer_loop(inner: &Inner, mut rx: mpsc::Receiver<Request>, clock: HlcClock, 
                 inner
                     .joining
                     .store(w.joining, std::sync::atomic::Ordering::Release);
+                inner
+                    .replica
+                    .store(w.clock.last().origin, std::sync::atomic::Ordering::Release);
                 // Announce the change before answering, so that a caller who sees its write
                 // acknowledged also sees the notification (the simulation relies on this order).
                 if changed {

@@ -5,7 +5,9 @@
 //! # Protocol
 //! On connect each side sends `Hello { origin, vector, joining }`. Each side then sends the entries
 //! the other lacks according to that vector (read from its store in bounded batches), and after that
-//! streams new writes as they are committed. A peer that is joining the cluster (see
+//! streams new writes as they are committed: its own writes at once, other origins' writes only
+//! if the peer still lacks them [`RELAY_HOLD`] later (in a full mesh their writer sends them; a
+//! peer cut off from the writer gets them through us). A peer that is joining the cluster (see
 //! [`crate::store::Store::join`]) gets a snapshot from a peer that is not, whatever its vector. The receiver applies a batch durably, then acknowledges with
 //! its whole vector; acknowledgements drive "wait until k peers have it", tombstone collection and
 //! lag status. If the peer's vector is older than what tombstone collection kept, the sender sends a
@@ -21,7 +23,7 @@
 //! logical u32`; an entry is `ns u8, stamp (16 bytes), key_len u16, key, value_len u32
 //! (0xFFFF_FFFF = tombstone), value as JSON`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::hlc::{HLC_BYTES, Hlc};
@@ -44,6 +46,10 @@ pub const MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
 /// Give up on a peer that sent nothing (not even a ping) for this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long another origin's write may be missing at the peer before we send it ourselves. Its
+/// writer normally does, and the peer's acknowledgement comes back well within this; relaying at
+/// once would send most writes twice to every peer of a 3-peer mesh.
+pub const RELAY_HOLD: Duration = Duration::from_millis(300);
 
 const FRAME_OVERHEAD: usize = 1 + 1 + 4;
 const MAX_PAYLOAD: usize = MAX_FRAME - FRAME_OVERHEAD;
@@ -90,12 +96,14 @@ pub enum SyncError {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Pull {
-    /// Call `store.changes_since(&since, limit)`.
+    /// Call `store.changes_since_of(&since, limit, origins.as_deref())`.
     Changes {
         /// What the peer is known to have.
         since: VersionVector,
         /// Most entries to return.
         limit: usize,
+        /// Only these origins' writes (`None`: all, for the catch-up after connecting).
+        origins: Option<Vec<u32>>,
     },
     /// Call `store.snapshot()`.
     Snapshot,
@@ -141,6 +149,19 @@ pub struct SessionStats {
     pub malformed: u64,
 }
 
+/// What a session needs to know of the local store when it starts.
+#[derive(Debug, Clone)]
+pub struct Local {
+    /// This peer's origin id, sent in the hello.
+    pub origin: u32,
+    /// The id the store stamps its own writes with ([`crate::store::Store::replica`]).
+    pub replica: u32,
+    /// The store's vector.
+    pub vector: VersionVector,
+    /// Whether the store is joining ([`crate::store::Store::joining`]).
+    pub joining: bool,
+}
+
 /// One sync session with one peer over one connection.
 ///
 /// Driver loop, in this order: feed received bytes with [`Session::handle_bytes`]; act on every
@@ -163,6 +184,19 @@ pub struct Session {
     local_joining: bool,
     /// The peer is joining and waits for a snapshot we have not sent yet.
     peer_joining: bool,
+    /// Our own writes' id: streamed at once.
+    replica: u32,
+    /// The store's vector, as last told.
+    local: VersionVector,
+    /// The catch-up after the hello (all origins) is done; from then on other origins are relayed
+    /// only when the peer lacks them for [`RELAY_HOLD`].
+    caught_up: bool,
+    /// Per other origin: since when the peer lacks its writes up to this stamp.
+    missing: BTreeMap<u32, (Instant, Hlc)>,
+    /// Other origins whose writes the peer lacked for [`RELAY_HOLD`]: pulled until complete.
+    relay: BTreeSet<u32>,
+    /// The origins of the outstanding pull (`None`: all).
+    pulled: Option<Vec<u32>>,
     inbuf: Vec<u8>,
     out: Vec<u8>,
     ack_pending: Option<VersionVector>,
@@ -177,17 +211,10 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session for this peer (`origin`) whose store currently has `local` and is `joining` or not
-    /// ([`crate::store::Store::joining`]). `expected_peer` is the origin id of the peer we dialled
-    /// (`None` for an accepted connection: any peer may introduce itself; the driver checks it
-    /// against the peer list on [`SyncEvent::Connected`]).
-    pub fn new(
-        origin: u32,
-        local: &VersionVector,
-        joining: bool,
-        expected_peer: Option<u32>,
-        now: Instant,
-    ) -> Session {
+    /// A session of this peer, whose store is described by `local`. `expected_peer` is the origin id
+    /// of the peer we dialled (`None` for an accepted connection: any peer may introduce itself;
+    /// the driver checks it against the peer list on [`SyncEvent::Connected`]).
+    pub fn new(local: Local, expected_peer: Option<u32>, now: Instant) -> Session {
         let mut s = Session {
             expected_peer,
             peer: None,
@@ -196,8 +223,14 @@ impl Session {
             dirty: true,
             pull_outstanding: false,
             want_snapshot: false,
-            local_joining: joining,
+            local_joining: local.joining,
             peer_joining: false,
+            replica: local.replica,
+            local: VersionVector::new(),
+            caught_up: false,
+            missing: BTreeMap::new(),
+            relay: BTreeSet::new(),
+            pulled: None,
             inbuf: Vec::new(),
             out: Vec::new(),
             ack_pending: None,
@@ -211,10 +244,11 @@ impl Session {
             stats: SessionStats::default(),
         };
         let mut f = FrameWriter::start(&mut s.out, T_HELLO);
-        f.u32(origin);
-        f.vector(local);
-        f.u8(u8::from(joining));
+        f.u32(local.origin);
+        f.vector(&local.vector);
+        f.u8(u8::from(local.joining));
         f.finish();
+        s.local = local.vector;
         s
     }
 
@@ -285,6 +319,7 @@ impl Session {
         };
         inbuf.drain(..pos.min(inbuf.len()));
         self.inbuf = inbuf;
+        self.note_missing(now);
         if let Err(e) = &result {
             if matches!(e, SyncError::Malformed(_)) {
                 self.stats.malformed += 1;
@@ -434,9 +469,27 @@ impl Session {
     /// The store committed something and its vector is now `local`: new writes may have to be
     /// streamed to the peer, and the peer is told what we hold — it may have reached us through a
     /// third peer, and a writer waiting for "k peers have it" counts on this acknowledgement.
-    pub fn notify_store_changed(&mut self, local: VersionVector) {
+    pub fn notify_store_changed(&mut self, now: Instant, local: VersionVector) {
         self.dirty = true;
+        self.local = local.clone();
         self.handle_applied(local);
+        self.note_missing(now);
+    }
+
+    /// Start the relay clock of every other origin whose writes the peer lacks, and stop those of
+    /// origins it has caught up with (from their writer, or from us).
+    fn note_missing(&mut self, now: Instant) {
+        if !self.caught_up {
+            return;
+        }
+        let estimate = &self.estimate;
+        self.missing
+            .retain(|&origin, (_, upto)| estimate.get(origin) < *upto);
+        for (origin, upto) in self.local.iter() {
+            if origin != self.replica && self.estimate.get(origin) < upto {
+                self.missing.entry(origin).or_insert((now, upto));
+            }
+        }
     }
 
     /// What to read from the store next, if anything. `None` while the outbound queue is above
@@ -458,9 +511,15 @@ impl Session {
         }
         self.dirty = false;
         self.pull_outstanding = true;
+        self.pulled = self.caught_up.then(|| {
+            std::iter::once(self.replica)
+                .chain(self.relay.iter().copied())
+                .collect()
+        });
         Some(Pull::Changes {
             since: self.estimate.clone(),
             limit: PULL_LIMIT,
+            origins: self.pulled.clone(),
         })
     }
 
@@ -470,6 +529,23 @@ impl Session {
         match changes {
             ChangeSet::SnapshotNeeded => self.want_snapshot = true,
             ChangeSet::Entries { entries, complete } => {
+                let pulled = self.pulled.take();
+                // A pull of some origins completes only their part of the vector.
+                let complete = match (&pulled, complete) {
+                    (Some(only), Some(v)) => {
+                        let mut part = VersionVector::new();
+                        for (_, upto) in v.iter().filter(|(o, _)| only.contains(o)) {
+                            part.observe(upto);
+                        }
+                        self.relay.retain(|o| !only.contains(o));
+                        Some(part)
+                    }
+                    (None, Some(v)) => {
+                        self.caught_up = true;
+                        Some(v)
+                    }
+                    (_, None) => None,
+                };
                 // An empty batch is worth sending only to tell the peer a vector it has not seen.
                 let news = complete
                     .as_ref()
@@ -537,7 +613,13 @@ impl Session {
         if self.dead.is_some() {
             return None;
         }
-        Some((self.last_tx + KEEPALIVE).min(self.last_rx + IDLE_TIMEOUT))
+        let relay = self
+            .missing
+            .values()
+            .map(|(since, _)| *since + RELAY_HOLD)
+            .min();
+        let t = (self.last_tx + KEEPALIVE).min(self.last_rx + IDLE_TIMEOUT);
+        Some(relay.map_or(t, |r| r.min(t)))
     }
 
     /// Timers: queue a keepalive when idle; end the session when the peer is silent too long.
@@ -553,6 +635,17 @@ impl Session {
         }
         if now.saturating_duration_since(self.last_tx) >= KEEPALIVE {
             self.ping_pending = true;
+        }
+        let due: Vec<u32> = self
+            .missing
+            .iter()
+            .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= RELAY_HOLD)
+            .map(|(o, _)| *o)
+            .collect();
+        for origin in due {
+            self.missing.remove(&origin);
+            self.relay.insert(origin);
+            self.dirty = true;
         }
         Ok(())
     }
@@ -798,6 +891,16 @@ mod tests {
         }
     }
 
+    /// A store with nothing in it, whose writes are stamped with its origin id.
+    fn local(origin: u32, joining: bool) -> Local {
+        Local {
+            origin,
+            replica: origin,
+            vector: VersionVector::new(),
+            joining,
+        }
+    }
+
     /// Move everything `from` has to send into `to`.
     fn pump(now: Instant, from: &mut Session, to: &mut Session) -> Result<usize, SyncError> {
         let mut buf = Vec::new();
@@ -807,8 +910,8 @@ mod tests {
     }
 
     fn connected_pair(now: Instant) -> (Session, Session) {
-        let mut a = Session::new(1, &VersionVector::new(), false, Some(2), now);
-        let mut b = Session::new(2, &VersionVector::new(), false, None, now);
+        let mut a = Session::new(local(1, false), Some(2), now);
+        let mut b = Session::new(local(2, false), None, now);
         pump(now, &mut a, &mut b).unwrap();
         pump(now, &mut b, &mut a).unwrap();
         assert!(matches!(
@@ -827,8 +930,8 @@ mod tests {
     /// Hello from `a` (joining or not) to `b`; returns `b`'s first pull.
     fn hello_then_pull(a_joining: bool, b_joining: bool) -> (Session, Option<Pull>) {
         let now = Instant::now();
-        let mut a = Session::new(1, &VersionVector::new(), a_joining, Some(2), now);
-        let mut b = Session::new(2, &VersionVector::new(), b_joining, None, now);
+        let mut a = Session::new(local(1, a_joining), Some(2), now);
+        let mut b = Session::new(local(2, b_joining), None, now);
         pump(now, &mut a, &mut b).unwrap();
         let pull = b.poll_pull();
         (b, pull)
@@ -859,7 +962,7 @@ mod tests {
     fn entries_flow_and_acks_come_back() {
         let now = Instant::now();
         let (mut a, mut b) = connected_pair(now);
-        let Some(Pull::Changes { since, limit }) = a.poll_pull() else {
+        let Some(Pull::Changes { since, limit, .. }) = a.poll_pull() else {
             panic!("no pull")
         };
         assert!(since.is_empty() && limit == PULL_LIMIT);
@@ -891,7 +994,7 @@ mod tests {
         // The store changed (say a third peer's write arrived): a tells b what it holds now.
         let mut v2 = v.clone();
         v2.observe(stamp(50, 3));
-        a.notify_store_changed(v2.clone());
+        a.notify_store_changed(now, v2.clone());
         let Some(Pull::Changes { since, .. }) = a.poll_pull() else {
             panic!()
         };
@@ -904,7 +1007,7 @@ mod tests {
         pump(now, &mut a, &mut b).unwrap();
         assert_eq!(b.poll_event(), Some(SyncEvent::PeerAcked(v2.clone())));
         // The same vector again: no frame at all.
-        a.notify_store_changed(v2);
+        a.notify_store_changed(now, v2);
         a.poll_pull().unwrap();
         a.handle_changes(ChangeSet::Entries {
             entries: vec![],
@@ -1008,7 +1111,7 @@ mod tests {
     #[test]
     fn malformed_frames_end_the_session_with_a_reason() {
         let now = Instant::now();
-        let new = || Session::new(1, &VersionVector::new(), false, Some(2), now);
+        let new = || Session::new(local(1, false), Some(2), now);
         let cases: Vec<(Vec<u8>, SyncError)> = vec![
             (
                 (MAX_FRAME as u32 + 1).to_be_bytes().to_vec(),
@@ -1095,7 +1198,7 @@ mod tests {
             .unwrap_or(0x5eed);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let now = Instant::now();
-        let mut valid = Session::new(2, &VersionVector::new(), false, None, now);
+        let mut valid = Session::new(local(2, false), None, now);
         valid.dirty = false;
         let mut template = Vec::new();
         valid.poll_transmit(now, &mut template);
@@ -1124,7 +1227,7 @@ mod tests {
                 t
             };
             bytes.truncate(rng.random_range(0..=bytes.len()));
-            let mut s = Session::new(1, &VersionVector::new(), false, None, now);
+            let mut s = Session::new(local(1, false), None, now);
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 s.handle_bytes(now, &bytes)
             }));

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use confmesh_replication::hlc::Hlc;
 use confmesh_replication::model::{Namespace, VersionVector};
 use confmesh_replication::store::{Seen, Store, StoreError};
-use confmesh_replication::sync::{Pull, Session, SyncEvent};
+use confmesh_replication::sync::{Local, Pull, Session, SyncEvent};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -129,6 +129,15 @@ impl Stats {
         self.exclusions += o.exclusions;
         self.joins += o.joins;
         self.refused_joining += o.refused_joining;
+    }
+}
+
+fn local(origin: u32, store: &Store) -> Local {
+    Local {
+        origin,
+        replica: store.replica(),
+        vector: store.vector().expect("vector"),
+        joining: store.joining(),
     }
 }
 
@@ -260,9 +269,7 @@ impl Sim {
         let ea = End {
             epoch: sa.epoch(),
             session: Session::new(
-                self.nodes[a].origin,
-                &sa.vector().expect("vector"),
-                sa.joining(),
+                local(self.nodes[a].origin, sa),
                 Some(self.nodes[b].origin),
                 now,
             ),
@@ -270,13 +277,7 @@ impl Sim {
         };
         let eb = End {
             epoch: sb.epoch(),
-            session: Session::new(
-                self.nodes[b].origin,
-                &sb.vector().expect("vector"),
-                sb.joining(),
-                None,
-                now,
-            ),
+            session: Session::new(local(self.nodes[b].origin, sb), None, now),
             changes: sb.subscribe(),
         };
         self.conns[p] = Some(Conn {
@@ -305,7 +306,7 @@ impl Sim {
             end.changes.borrow_and_update();
             end.session.set_joining(store.joining());
             end.session
-                .notify_store_changed(store.vector().expect("vector"));
+                .notify_store_changed(now, store.vector().expect("vector"));
         }
         while let Some(ev) = end.session.poll_event() {
             moved = true;
@@ -348,9 +349,15 @@ impl Sim {
         while let Some(pull) = end.session.poll_pull() {
             moved = true;
             match pull {
-                Pull::Changes { since, limit } => end
-                    .session
-                    .handle_changes(store.changes_since(&since, limit).expect("changes")),
+                Pull::Changes {
+                    since,
+                    limit,
+                    origins,
+                } => end.session.handle_changes(
+                    store
+                        .changes_since_of(&since, limit, origins.as_deref())
+                        .expect("changes"),
+                ),
                 Pull::Snapshot => end
                     .session
                     .handle_snapshot(&store.snapshot().expect("snapshot")),
@@ -662,6 +669,65 @@ fn random_faults_converge_without_losing_acknowledged_writes() {
         );
         assert!(total.joins > 0 && total.refused_joining > 0, "{total:?}");
     }
+}
+
+/// With every link up, each peer receives each other peer's write once: a peer relays another
+/// origin's writes only when the peer it talks to has not had them from their writer for a while.
+/// Relaying at once would send most writes twice to every peer of a 3-peer mesh.
+#[test]
+fn writes_are_not_relayed_while_every_link_is_up() {
+    let mut sim = Sim::new(7, [0, 0, 0]);
+    for t in 0..6000 {
+        // A write every 20 ms, in bursts, from every peer.
+        if t % 2 == 0 {
+            let i = sim.rng.random_range(0..3);
+            sim.write(i);
+        }
+        sim.tick(false);
+    }
+    sim.settle();
+    sim.check();
+    let received: u64 = sim
+        .conns
+        .iter()
+        .flatten()
+        .flat_map(|c| c.ends.iter())
+        .map(|e| e.session.stats().entries_received)
+        .sum();
+    // Each write must reach the two other peers.
+    let needed = 2 * sim.stats.writes;
+    let extra = received.saturating_sub(needed) as f64 / needed as f64;
+    eprintln!(
+        "{} writes, {received} entries received, {needed} needed: {:.1}% extra",
+        sim.stats.writes,
+        extra * 100.0
+    );
+    assert!(
+        extra < 0.05,
+        "{:.1}% of the entries received were copies",
+        extra * 100.0
+    );
+}
+
+/// Peer 3 cannot reach peer 1: peer 2 relays peer 1's writes to it, after the relay hold.
+#[test]
+fn writes_reach_a_peer_cut_off_from_their_writer_through_the_third() {
+    let mut sim = Sim::new(11, [0, 0, 0]);
+    sim.settle();
+    sim.cut[1] = true; // the pair (0, 2)
+    for _ in 0..50 {
+        sim.write(0);
+        sim.tick(false);
+    }
+    for _ in 0..100 {
+        sim.tick(false);
+    }
+    assert!(sim.cut[1], "the link must still be cut");
+    let v0 = sim.nodes[0].store.as_ref().unwrap().vector().unwrap();
+    let v2 = sim.nodes[2].store.as_ref().unwrap().vector().unwrap();
+    assert!(v2.dominates(&v0), "peer 3 lacks peer 1's writes: {v2:?} vs {v0:?}");
+    sim.settle();
+    sim.check();
 }
 
 /// Peer 1's clock is 5 s behind, peer 3's 5 s ahead. Peer 3 writes, peer 1 sees it and writes the
