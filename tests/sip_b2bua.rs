@@ -581,3 +581,81 @@ async fn location_limit_holds_across_two_peers_with_bandwidth_updates() {
     assert_eq!((s.locations["hq"].local_kbps, s.locations["hq"].cluster_kbps, s.locations["hq"].cluster_calls), (0, 2000, 2));
     assert_eq!(s.bridges.values().map(|b| b.cluster_kbps).sum::<u64>(), 2000, "per-bridge usage: {:?}", s.bridges);
 }
+
+/// Issue 6 bench finding: under overload every retransmission of a caller's BYE can be dropped
+/// before it reaches the core (full socket buffers), and nothing else ever ends an answered call:
+/// 142 calls stayed "connected" forever after a 3000 calls/s run. The maximum call duration
+/// bounds every call: both legs get a BYE and the call's resources go back.
+#[tokio::test]
+async fn established_call_with_a_lost_bye_ends_at_the_maximum_duration() {
+    let mut w = World::new(100_000);
+    assert!(!w.core.set_max_call_duration(Duration::ZERO), "zero refused");
+    assert!(w.core.set_max_call_duration(Duration::from_secs(120)));
+    let (bridge, ..) = connected_call(&mut w, 20).await;
+    w.out.clear();
+    // The caller's BYE never arrives. Nothing happens before the limit…
+    w.advance(Duration::from_secs(110)).await;
+    assert!(w.nothing_to(VCS, "BYE") && w.nothing_to("10.96.4.9:5060", "BYE") && w.nothing_to(&bridge, "BYE"));
+    assert_eq!(w.core.stats().calls_active, 1);
+    // …and at it, both legs hear a BYE.
+    w.advance(Duration::from_secs(11)).await;
+    let abye = w.take(VCS, "BYE");
+    assert_eq!(msg(&abye).call_id(), Some("vcs-call-20"));
+    let bbye = w.take(&bridge, "BYE");
+    assert_ne!(msg(&bbye).call_id(), Some("vcs-call-20"));
+    assert_eq!(w.core.stats().calls_expired, 1);
+    assert!(w.router.directory.snapshot().is_empty(), "participant released at the limit");
+    w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b"")).await;
+    w.recv(&bridge, Transport::Udp, &reply(&bbye, 200, None, None, b"")).await;
+    let st = w.core.stats();
+    assert_eq!((st.calls_active, st.transactions > 0), (0, true), "{st:?}");
+    // Every transaction lingers out: nothing of the call is left.
+    w.advance(Duration::from_secs(40)).await;
+    assert_eq!(w.core.stats().transactions, 0);
+}
+
+/// A call still ringing at the maximum duration: the caller gets 408, the bridge a CANCEL; a
+/// bridge that ignores the CANCEL does not keep the call (forgotten 64*T1 later, before timer C).
+#[tokio::test]
+async fn ringing_call_ends_at_the_maximum_duration_even_if_the_bridge_ignores_cancel() {
+    let mut w = World::new(100_000);
+    w.core.set_max_call_duration(Duration::from_secs(60));
+    let inv = invite(21, "meet.21");
+    w.recv(VCS, Transport::Udp, &inv).await;
+    let bridge = bridge_of(&w.cfg, "meet-21", 0);
+    let binv = w.take(&bridge, "INVITE");
+    w.recv(&bridge, Transport::Udp, &reply(&binv, 180, Some("bt"), None, b"")).await;
+    w.take(VCS, "180");
+    w.advance(Duration::from_secs(61)).await;
+    let a408 = w.take(VCS, "408");
+    assert!(msg(&a408).headers().iter().any(|h| h.name == "Warning" && h.value.contains("maximum call duration")));
+    w.take(&bridge, "CANCEL");
+    assert_eq!(w.core.stats().calls_active, 1, "waits for the bridge's 487");
+    w.advance(Duration::from_secs(33)).await;
+    assert_eq!(w.core.stats().calls_active, 0);
+    assert!(w.router.directory.snapshot().is_empty());
+}
+
+/// RFC 3261 §13.3.1.4 for a re-INVITE too: a 2xx we relayed and the re-INVITE's sender never
+/// acknowledged ends the call with BYE on both legs (after the ACK we owe the other leg).
+#[tokio::test]
+async fn unacknowledged_reinvite_answer_hangs_up_both_legs() {
+    let mut w = World::new(100_000);
+    let (bridge, _binv, a200, _b200) = connected_call(&mut w, 22).await;
+    let am = msg(&a200);
+    let reinv = in_dialog("INVITE", "sip:confmesh@10.96.1.1", "10.96.3.1:5060", am.header(Hdr::From).unwrap(), am.header(Hdr::To).unwrap(), "vcs-call-22", 2, "z9hG4bKre22", b"v=0\r\n");
+    w.recv(VCS, Transport::Udp, &reinv).await;
+    let breinv = w.take(&bridge, "INVITE");
+    w.recv(&bridge, Transport::Udp, &reply(&breinv, 200, None, Some(&format!("<sip:bridge@{bridge}>")), b"v=0\r\nanswer\r\n")).await;
+    w.take(VCS, "200");
+    w.out.retain(|t| label(&t.data) != "200");
+    // No ACK from the VCS: 64*T1 later the bridge gets its ACK and both legs a BYE.
+    w.advance(Duration::from_secs(33)).await;
+    assert_eq!(msg(&w.take(&bridge, "ACK")).cseq(), Some((2, "ACK")));
+    let bbye = w.take(&bridge, "BYE");
+    let abye = w.take(VCS, "BYE");
+    assert_eq!(w.core.stats().calls_unacknowledged, 1);
+    w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b"")).await;
+    w.recv(&bridge, Transport::Udp, &reply(&bbye, 200, None, None, b"")).await;
+    assert_eq!(w.core.stats().calls_active, 0);
+}

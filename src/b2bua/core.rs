@@ -15,7 +15,7 @@
 //!    (routing requests, resources to release, bridge health changes).
 #![forbid(unsafe_code)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -49,9 +49,21 @@ pub struct CoreConfig {
     /// Interval of the OPTIONS health probes to bridges; zero disables probing (every bridge is
     /// then healthy until a call to it times out).
     pub options_interval: Duration,
+    /// Consecutive unanswered OPTIONS probes after which a bridge counts as down (at least 1);
+    /// one answer brings it back up. See [`B2bua::set_options_failures`].
+    pub options_failures: u32,
+    /// Longest a call may last, from its INVITE: then both legs get a BYE (or the caller an error
+    /// and the bridge a CANCEL, if it is not answered yet), so that no call outlives a lost BYE.
+    /// Never zero (see [`B2bua::set_max_call_duration`]).
+    pub max_call_duration: Duration,
     /// Seeds tags, branches and Call-IDs (unique per instance; taken from the OS by the driver).
     pub seed: u64,
 }
+
+/// Default of [`CoreConfig::max_call_duration`]: a day, far beyond any conference.
+pub const DEFAULT_MAX_CALL_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// Default of [`CoreConfig::options_failures`].
+pub const DEFAULT_OPTIONS_FAILURES: u32 = 3;
 
 impl Default for CoreConfig {
     fn default() -> Self {
@@ -61,6 +73,8 @@ impl Default for CoreConfig {
             max_calls: 10_000,
             max_transactions: 200_000,
             options_interval: Duration::from_secs(5),
+            options_failures: DEFAULT_OPTIONS_FAILURES,
+            max_call_duration: DEFAULT_MAX_CALL_DURATION,
             seed: 0,
         }
     }
@@ -125,6 +139,11 @@ pub struct B2buaStats {
     pub overloaded: u64,
     /// Retransmissions sent by the transaction layer.
     pub retransmissions: u64,
+    /// Calls ended because they reached the maximum call duration.
+    pub calls_expired: u64,
+    /// Answered calls hung up because the caller never acknowledged the answer (RFC 3261
+    /// §13.3.1.4: no ACK within 64·T1).
+    pub calls_unacknowledged: u64,
     /// Live transactions.
     pub transactions: usize,
 }
@@ -205,6 +224,11 @@ struct Call {
     /// BYEs sent and not yet finished; the call is forgotten when none is left.
     byes: u32,
     txns: Vec<TxnId>,
+    /// When the INVITE arrived: the call expires at `started + max_call_duration`.
+    started: Instant,
+    /// Set when the call reached its maximum duration and was ended: the time after which it is
+    /// forgotten even if a BYE or the bridge's INVITE is still unfinished.
+    forget_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +240,8 @@ enum Role {
     /// A client transaction relaying a request from the other leg; the server transaction and
     /// the request it answers.
     Relay { server: TxnId, request: Bytes, reinvite: bool },
+    /// The server transaction of a re-INVITE we relayed: its 2xx must be acknowledged.
+    ReinviteServer,
 }
 
 #[derive(Debug)]
@@ -249,6 +275,12 @@ pub struct B2bua {
     probe_txns: HashMap<TxnId, usize>,
     probe_local: Option<SocketAddr>,
     next_probe: Option<Instant>,
+    /// Every call by its start: the first one is the next to reach the maximum duration (all
+    /// calls share the limit, so start order is expiry order, and a changed limit needs no
+    /// re-sorting).
+    by_start: BTreeSet<(Instant, CallId)>,
+    /// Calls ended at their maximum duration, by the time they are forgotten regardless.
+    forgetting: BTreeSet<(Instant, CallId)>,
     events: VecDeque<B2buaEvent>,
     stats: B2buaStats,
 }
@@ -268,6 +300,8 @@ impl B2bua {
             probe_txns: HashMap::new(),
             probe_local: None,
             next_probe: None,
+            by_start: BTreeSet::new(),
+            forgetting: BTreeSet::new(),
             events: VecDeque::new(),
             stats: B2buaStats::default(),
         }
@@ -305,6 +339,22 @@ impl B2bua {
         } else if self.probe_local.is_some() {
             self.next_probe = Some(now);
         }
+    }
+
+    /// Changes the maximum call duration; calls in progress are held to the new limit (counted
+    /// from their INVITE). Zero is refused (it would end every call at once): the limit stays.
+    pub fn set_max_call_duration(&mut self, limit: Duration) -> bool {
+        if limit.is_zero() {
+            return false;
+        }
+        self.cfg.max_call_duration = limit;
+        true
+    }
+
+    /// Changes how many consecutive probes a bridge may leave unanswered before it counts as
+    /// down (zero is taken as one).
+    pub fn set_options_failures(&mut self, n: u32) {
+        self.cfg.options_failures = n.max(1);
     }
 
     /// Counters now.
@@ -347,10 +397,9 @@ impl B2bua {
 
     /// When [`Self::handle_timeout`] must next be called.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        match (self.txns.poll_timeout(), self.next_probe) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let expiry = self.by_start.first().map(|&(started, _)| later(started, self.cfg.max_call_duration));
+        let forget = self.forgetting.first().map(|&(at, _)| at);
+        [self.txns.poll_timeout(), self.next_probe, expiry, forget].into_iter().flatten().min()
     }
 
     /// Fires due transaction timers and health probes.
@@ -364,6 +413,40 @@ impl B2bua {
         }
         if self.next_probe.is_some_and(|t| t <= now) {
             self.probe(now);
+        }
+        self.expire_calls(now);
+    }
+
+    /// Ends the calls that reached the maximum duration, and forgets those that still have not
+    /// finished ending 64·T1 later.
+    fn expire_calls(&mut self, now: Instant) {
+        while let Some(&(at, call_id)) = self.forgetting.first() {
+            if at > now {
+                break;
+            }
+            self.forgetting.pop_first();
+            if self.calls.contains_key(&call_id) {
+                tracing::warn!("a call past its maximum duration did not finish ending; forgotten");
+                self.remove_call(call_id);
+            }
+        }
+        while let Some(&(started, call_id)) = self.by_start.first() {
+            if later(started, self.cfg.max_call_duration) > now {
+                break;
+            }
+            self.by_start.pop_first();
+            let Some(call) = self.calls.get_mut(&call_id) else { continue };
+            let forget_at = later(now, self.cfg.timers.t1 * 64);
+            call.forget_at = Some(forget_at);
+            self.forgetting.insert((forget_at, call_id));
+            self.stats.calls_expired += 1;
+            tracing::info!(limit_s = self.cfg.max_call_duration.as_secs(), "call reached its maximum duration; hanging up");
+            if call.a_txn.is_some() {
+                // Not answered yet: the caller gets an error, a ringing bridge a CANCEL.
+                self.fail_a(now, call_id, 408, "maximum call duration reached");
+            } else {
+                self.end_call(now, call_id, None);
+            }
         }
     }
 
@@ -541,8 +624,11 @@ impl B2bua {
                 b_confirmed: false,
                 byes: 0,
                 txns: vec![id],
+                started: now,
+                forget_at: None,
             },
         );
+        self.by_start.insert((now, call));
         self.events.push_back(B2buaEvent::Route {
             call,
             request: RouteRequest { called, failed_bridges: Vec::new(), previous: None },
@@ -704,7 +790,7 @@ impl B2bua {
                 let reason = response_reason(msg);
                 self.respond_raw(now, server, &request, code, reason, &extra);
             }
-            Role::AInvite | Role::Cancel => {}
+            Role::AInvite | Role::Cancel | Role::ReinviteServer => {}
         }
     }
 
@@ -998,6 +1084,8 @@ impl B2bua {
                             call.txns.push(txn);
                             if reinvite {
                                 call.reinvite = Some((leg, cseq));
+                                call.txns.push(id);
+                                self.roles.insert(id, (call_id, Role::ReinviteServer));
                             }
                         }
                     }
@@ -1056,6 +1144,10 @@ impl B2bua {
 
     fn remove_call(&mut self, call_id: CallId) {
         if let Some(call) = self.calls.remove(&call_id) {
+            self.by_start.remove(&(call.started, call_id));
+            if let Some(at) = call.forget_at {
+                self.forgetting.remove(&(at, call_id));
+            }
             if let Some(route) = call.route {
                 self.events.push_back(B2buaEvent::Release(route));
             }
@@ -1102,16 +1194,33 @@ impl B2bua {
                 }
                 self.respond_raw(now, server, &request, 408, reason_phrase(408), &Extra::default());
             }
-            Role::Cancel | Role::AInvite => {}
+            Role::Cancel | Role::AInvite | Role::ReinviteServer => {}
         }
     }
 
+    /// A 2xx we sent to an INVITE was not acknowledged within 64·T1: RFC 3261 §13.3.1.4 wants the
+    /// dialog ended with BYE. The other leg's 2xx (which we hold unacknowledged until then) gets
+    /// its ACK first, so that both dialogs are confirmed and both hear a BYE.
     fn on_ack_timeout(&mut self, now: Instant, id: TxnId) {
-        let Some((call_id, Role::AInvite)) = self.roles.get(&id).cloned() else { return };
-        if self.calls.get(&call_id).is_some_and(|c| c.state == CallState::AwaitAck) {
-            tracing::info!("caller never acknowledged the answer; hanging up both legs");
-            self.send_ack(call_id, Leg::B, 1, None);
-            self.end_call(now, call_id, None);
+        let Some((call_id, role)) = self.roles.get(&id).cloned() else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        match role {
+            Role::AInvite if call.state == CallState::AwaitAck => {
+                tracing::info!("caller never acknowledged the answer; hanging up both legs");
+                self.stats.calls_unacknowledged += 1;
+                self.send_ack(call_id, Leg::B, 1, None);
+                self.end_call(now, call_id, None);
+            }
+            Role::ReinviteServer if call.reinvite_awaiting_ack => {
+                tracing::info!("a re-INVITE's answer was never acknowledged; hanging up both legs");
+                self.stats.calls_unacknowledged += 1;
+                if let Some((from, cseq)) = call.reinvite.take() {
+                    call.reinvite_awaiting_ack = false;
+                    self.send_ack(call_id, from.other(), cseq, None);
+                }
+                self.end_call(now, call_id, None);
+            }
+            _ => {}
         }
     }
 
@@ -1150,6 +1259,11 @@ impl B2bua {
             }
         }
     }
+}
+
+/// `t + d`, saturating at a day past `t` for absurd configured durations.
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d).or_else(|| t.checked_add(Duration::from_secs(86_400))).unwrap_or(t)
 }
 
 fn dialog(call: &Call, leg: Leg) -> Option<&Dialog> {

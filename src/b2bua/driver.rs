@@ -85,6 +85,8 @@ impl B2buaStatus {
             ("confmesh_sip_parse_errors_total", "SIP messages that did not parse", s.parse_errors),
             ("confmesh_sip_overloaded_total", "Requests refused statelessly at the call or transaction limits", s.overloaded),
             ("confmesh_sip_retransmissions_total", "Retransmissions sent by the transaction layer", s.retransmissions),
+            ("confmesh_sip_calls_expired_total", "Calls hung up at the maximum call duration (sip/max_call_duration_s)", s.calls_expired),
+            ("confmesh_sip_calls_unacknowledged_total", "Answered calls hung up because the 2xx was never acknowledged (64*T1)", s.calls_unacknowledged),
             ("confmesh_sip_framing_errors_total", "TCP streams closed because they could not be framed", t.framing_errors),
             ("confmesh_sip_send_failures_total", "SIP messages dropped: queue full or connection failed", t.send_failures),
             ("confmesh_sip_refused_connections_total", "TCP connections refused at the connection limit", t.refused_connections),
@@ -94,6 +96,12 @@ impl B2buaStatus {
             ("confmesh_sip_accept_errors_total", "Failed TCP accepts (each followed by a short pause)", t.accept_errors),
         ] {
             page.family(name, MetricKind::Counter, help).sample(name, &[], value as f64);
+        }
+        let by_state = "confmesh_sip_calls_by_state";
+        page.family(by_state, MetricKind::Gauge, "Calls in progress by state: routing, calling, connecting (answered, ACK awaited), connected, ending");
+        for state in ["routing", "calling", "connecting", "connected", "ending"] {
+            let n = self.calls.iter().filter(|c| c.state == state).count();
+            page.sample(by_state, &[("state", state)], n as f64);
         }
         let up = "confmesh_sip_bridge_up";
         page.family(up, MetricKind::Gauge, "1 when the bridge answers OPTIONS probes, 0 when it does not");
@@ -150,6 +158,8 @@ impl B2buaService {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let router = Arc::new(Router { directory, ledger, health: Arc::new(HealthTable::default()) });
         let default_options_interval = core_cfg.options_interval;
+        let default_options_failures = core_cfg.options_failures;
+        let default_max_call_duration = core_cfg.max_call_duration;
         let run = Run {
             core: B2bua::new(core_cfg),
             sockets,
@@ -158,6 +168,8 @@ impl B2buaService {
             status: status.clone(),
             probe_from: local_addrs.first().copied(),
             default_options_interval,
+            default_options_failures,
+            default_max_call_duration,
         };
         let task = tokio::spawn(run.run(in_rx, shutdown_rx));
         Ok(B2buaService { status, shutdown, task: Some(task), local_addrs })
@@ -200,6 +212,10 @@ struct Run<D, L> {
     probe_from: Option<SocketAddr>,
     /// The probe interval when shared configuration sets none.
     default_options_interval: Duration,
+    /// The unanswered probes before a bridge is down when shared configuration sets none.
+    default_options_failures: u32,
+    /// The maximum call duration when shared configuration sets none.
+    default_max_call_duration: Duration,
 }
 
 impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
@@ -254,6 +270,8 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
 
     fn apply_config(&mut self) {
         let cfg = self.config.borrow_and_update().clone();
+        self.core.set_options_failures(cfg.options_failures.unwrap_or(self.default_options_failures));
+        self.core.set_max_call_duration(cfg.max_call_duration.unwrap_or(self.default_max_call_duration));
         let Some(local) = self.probe_from else { return };
         let now = Instant::now();
         self.core.set_options_interval(now, cfg.options_interval.unwrap_or(self.default_options_interval));
@@ -289,6 +307,8 @@ mod tests {
         st.stats.calls_active = 2;
         st.stats.calls_failed = 5;
         st.transport.send_failures = 1;
+        st.stats.calls_expired = 3;
+        st.calls.push(CallInfo { conference: None, bridge: None, state: "connected" });
         st.bridges.insert("b1".into(), true);
         st.bridges.insert("b2".into(), false);
         st.conferences.push(ConferenceStatus { name: "meet-1".into(), bridge: "b2".into(), calls: 3 });
@@ -300,6 +320,9 @@ mod tests {
             "confmesh_sip_calls_active 2",
             "confmesh_sip_calls_failed_total 5",
             "confmesh_sip_send_failures_total 1",
+            "confmesh_sip_calls_expired_total 3",
+            "confmesh_sip_calls_by_state{state=\"connected\"} 1",
+            "confmesh_sip_calls_by_state{state=\"ending\"} 0",
             "confmesh_sip_bridge_up{bridge=\"b1\"} 1",
             "confmesh_sip_bridge_up{bridge=\"b2\"} 0",
             "# TYPE confmesh_sip_calls_total counter",

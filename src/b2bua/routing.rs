@@ -28,6 +28,18 @@ pub const OPTIONS_INTERVAL_KEY: &str = "sip/options_interval_ms";
 const MIN_OPTIONS_INTERVAL_MS: u64 = 200;
 /// Longest probe interval accepted (a bridge that died must be noticed within the hour).
 const MAX_OPTIONS_INTERVAL_MS: u64 = 3_600_000;
+/// Shared-configuration key of the maximum call duration, in seconds (default 86400, a day):
+/// a call still up after that long gets a BYE on both legs, so that a call whose hang-up was
+/// lost (every retransmission of a BYE dropped under overload, a caller that vanished) cannot
+/// hold bridge capacity and bandwidth forever. 0 is refused: it would end every call at once.
+pub const MAX_CALL_DURATION_KEY: &str = "sip/max_call_duration_s";
+/// Longest maximum call duration accepted: 30 days.
+const MAX_MAX_CALL_DURATION_S: u64 = 30 * 86_400;
+/// Shared-configuration key of the number of consecutive unanswered OPTIONS probes after which a
+/// bridge counts as down (default 3; one answer brings it back up).
+pub const OPTIONS_FAILURES_KEY: &str = "sip/options_failures";
+/// Most consecutive failures that may be asked for (a dead bridge must be noticed).
+const MAX_OPTIONS_FAILURES: u64 = 100;
 
 /// A bridge from `bridge/<name>` in shared configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +90,10 @@ pub struct RoutingConfig {
     /// Interval of the bridges' OPTIONS health probes from `sip/options_interval_ms`; `None` when
     /// not configured (the B2BUA's own default applies).
     pub options_interval: Option<std::time::Duration>,
+    /// From `sip/max_call_duration_s`; `None` when not configured (the B2BUA's default, a day).
+    pub max_call_duration: Option<std::time::Duration>,
+    /// From `sip/options_failures`; `None` when not configured (the B2BUA's default, 3).
+    pub options_failures: Option<u32>,
 }
 
 /// A configuration entry that could not be used; the rest of the configuration still applies.
@@ -118,7 +134,8 @@ struct RawLocation {
 
 impl RoutingConfig {
     /// Builds the routing view from shared-configuration entries (`bridge/…`, `alias/…`,
-    /// `location/…`, `sip/options_interval_ms`; other keys are ignored). Bad entries are skipped
+    /// `location/…`, `sip/options_interval_ms`, `sip/max_call_duration_s`, `sip/options_failures`;
+    /// other keys are ignored). Bad entries are skipped
     /// and reported.
     pub fn from_entries<'a, I>(entries: I) -> (RoutingConfig, Vec<RoutingConfigError>)
     where
@@ -172,6 +189,22 @@ impl RoutingConfig {
                     }
                     _ => errors.push(err(format!(
                         "expected a number of milliseconds from {MIN_OPTIONS_INTERVAL_MS} to {MAX_OPTIONS_INTERVAL_MS}, or 0 to stop probing; got {value}"
+                    ))),
+                }
+            } else if key == MAX_CALL_DURATION_KEY {
+                match value.as_u64() {
+                    Some(secs) if (1..=MAX_MAX_CALL_DURATION_S).contains(&secs) => {
+                        cfg.max_call_duration = Some(std::time::Duration::from_secs(secs));
+                    }
+                    _ => errors.push(err(format!(
+                        "expected a number of seconds from 1 to {MAX_MAX_CALL_DURATION_S} (0 would end every call at once; the default is 86400); got {value}"
+                    ))),
+                }
+            } else if key == OPTIONS_FAILURES_KEY {
+                match value.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                    Some(n) if (1..=MAX_OPTIONS_FAILURES).contains(&u64::from(n)) => cfg.options_failures = Some(n),
+                    _ => errors.push(err(format!(
+                        "expected a number of consecutive unanswered probes from 1 to {MAX_OPTIONS_FAILURES} (the default is 3); got {value}"
                     ))),
                 }
             } else if let Some(name) = key.strip_prefix("location/") {
@@ -645,6 +678,32 @@ mod tests {
             assert_eq!(errors[0].key, OPTIONS_INTERVAL_KEY);
         }
         assert_eq!(cfg().options_interval, None);
+    }
+
+    #[test]
+    fn max_call_duration_and_options_failures_are_bounded() {
+        let parse = |k: &'static str, v: serde_json::Value| {
+            let entries = [(k, v)];
+            RoutingConfig::from_entries(entries.iter().map(|(k, v)| (*k, v)))
+        };
+        assert_eq!(parse(MAX_CALL_DURATION_KEY, json!(3600)).0.max_call_duration, Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(parse(OPTIONS_FAILURES_KEY, json!(5)).0.options_failures, Some(5));
+        for (key, bad) in [
+            (MAX_CALL_DURATION_KEY, json!(0)),
+            (MAX_CALL_DURATION_KEY, json!(-5)),
+            (MAX_CALL_DURATION_KEY, json!("1h")),
+            (MAX_CALL_DURATION_KEY, json!(31 * 86_400)),
+            (OPTIONS_FAILURES_KEY, json!(0)),
+            (OPTIONS_FAILURES_KEY, json!(101)),
+            (OPTIONS_FAILURES_KEY, json!(1.5)),
+        ] {
+            let (c, errors) = parse(key, bad.clone());
+            assert_eq!((c.max_call_duration, c.options_failures), (None, None), "{key} {bad}");
+            assert_eq!(errors.len(), 1, "{key} {bad}");
+            assert!(errors[0].to_string().starts_with(&format!("configuration key {key}: expected")), "{}", errors[0]);
+        }
+        assert!(parse(MAX_CALL_DURATION_KEY, json!(0)).1[0].reason.contains("0 would end every call"));
+        assert_eq!((cfg().max_call_duration, cfg().options_failures), (None, None));
     }
 
     fn router() -> Router<MemoryDirectory, MemoryLedger> {
