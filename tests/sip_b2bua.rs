@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use confmesh::b2bua::core::{B2bua, B2buaEvent, CoreConfig};
+use confmesh::b2bua::core::{B2bua, B2buaEvent, BridgeProbe, CoreConfig};
 use confmesh::b2bua::routing::{rank_bridges, HealthTable, Router};
 use confmesh::b2bua::{BandwidthLedger, MemoryDirectory, MemoryLedger, RoutingConfig};
 use confmesh::bandwidth::{Bandwidth, BandwidthConfig, BandwidthLedgerHandle};
@@ -658,4 +658,82 @@ async fn unacknowledged_reinvite_answer_hangs_up_both_legs() {
     w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b"")).await;
     w.recv(&bridge, Transport::Udp, &reply(&bbye, 200, None, None, b"")).await;
     assert_eq!(w.core.stats().calls_active, 0);
+}
+
+/// A core probing one bridge every second; returns it with the first probe's Transmit.
+fn probing_core(failures: u32) -> (B2bua, Instant, Transmit) {
+    let cfg = CoreConfig { hostname: "cm1".into(), options_interval: Duration::from_secs(1), options_failures: failures, seed: 9, ..CoreConfig::default() };
+    let mut core = B2bua::new(cfg);
+    let now = Instant::now();
+    let probe = BridgeProbe { name: "b1".into(), uri: "sip:10.96.4.1:5060".into(), dest: a("10.96.4.1:5060"), transport: Transport::Udp };
+    core.set_bridges(now, a(ME), vec![probe]);
+    core.handle_timeout(now);
+    let t = core.poll_transmit().expect("first probe");
+    (core, now, t)
+}
+
+/// Bridge health events the core emitted since the last call.
+fn health_events(core: &mut B2bua) -> Vec<bool> {
+    let mut out = Vec::new();
+    while let Some(ev) = core.poll_event() {
+        if let B2buaEvent::BridgeHealth { up, .. } = ev {
+            out.push(up);
+        }
+    }
+    out
+}
+
+/// Issue 6 bench finding: under overload our own inbound queue drops OPTIONS replies, and one
+/// lost reply marked a working bridge down. Health is hysteretic now: down after N consecutive
+/// unanswered probes (3 by default), up at the first answer, and any answer counts, 503 included.
+#[test]
+fn bridge_health_is_hysteretic() {
+    let (mut core, mut now, p1) = probing_core(3);
+    let mut seen = std::collections::HashSet::new();
+    seen.insert(msg(&p1.data).call_id().unwrap().to_owned());
+    // One interval later: the probe sent then (retransmissions of older ones are skipped).
+    let mut step = |core: &mut B2bua, now: &mut Instant| -> Transmit {
+        *now += Duration::from_secs(1);
+        core.handle_timeout(*now);
+        let mut probe = None;
+        while let Some(t) = core.poll_transmit() {
+            let cid = msg(&t.data).call_id().unwrap().to_owned();
+            if label(&t.data) == "OPTIONS" && seen.insert(cid) {
+                probe = Some(t);
+            }
+        }
+        probe.expect("a new probe every interval")
+    };
+    let answer = |core: &mut B2bua, now: Instant, probe: &Transmit, code: u16| {
+        core.handle_datagram(now, a("10.96.4.1:5060"), a(ME), Transport::Udp, &reply(&probe.data, code, Some("o"), None, b""));
+    };
+    answer(&mut core, now, &p1, 200);
+    assert_eq!(health_events(&mut core), vec![true]);
+    let p2 = step(&mut core, &mut now);
+    let _p3 = step(&mut core, &mut now); // p2 unanswered: 1
+    let _p4 = step(&mut core, &mut now); // p3 unanswered: 2
+    assert_eq!(health_events(&mut core), Vec::<bool>::new(), "down after two consecutive misses");
+    // The late answer to a missed probe still proves the bridge alive: the count starts again.
+    answer(&mut core, now, &p2, 200);
+    let _p5 = step(&mut core, &mut now); // p4 unanswered: 1
+    let p6 = step(&mut core, &mut now); // p5 unanswered: 2
+    assert_eq!(health_events(&mut core), Vec::<bool>::new(), "the late answer did not reset the count");
+    let _p7 = step(&mut core, &mut now); // p6 unanswered: 3
+    assert_eq!(health_events(&mut core), vec![false], "down after three consecutive misses");
+    // A 503 is an answer: the bridge's SIP stack is alive (a call it refuses fails over anyway).
+    answer(&mut core, now, &p6, 503);
+    assert_eq!(health_events(&mut core), vec![true]);
+}
+
+/// With `sip/options_failures` = 1 a single unanswered probe is enough, as before.
+#[test]
+fn one_allowed_failure_marks_down_at_the_first_miss() {
+    let (mut core, mut now, first) = probing_core(1);
+    core.handle_datagram(now, a("10.96.4.1:5060"), a(ME), Transport::Udp, &reply(&first.data, 200, Some("o"), None, b""));
+    assert_eq!(health_events(&mut core), vec![true]);
+    now += Duration::from_secs(1);
+    core.handle_timeout(now);
+    now += Duration::from_secs(1);
+    core.handle_timeout(now);
+    assert_eq!(health_events(&mut core), vec![false]);
 }

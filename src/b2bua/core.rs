@@ -244,11 +244,23 @@ enum Role {
     ReinviteServer,
 }
 
+/// Health of one bridge, hysteretic: **down** only after [`CoreConfig::options_failures`]
+/// consecutive probes got no answer within one interval (or a call's INVITE to it timed out),
+/// **up** again at the first answer.
+///
+/// Any response counts as an answer, 503 and other errors included: the question a probe asks is
+/// whether the bridge's SIP stack is reachable and alive, and a 503 proves it is. Whether it will
+/// take a call is answered per call (a 503 to an INVITE moves that call to the next bridge, and
+/// capacity is held by the participant counts), so marking a bridge down on a 503 would only move
+/// conferences away from a bridge that is busy for a moment. A single lost reply proves little
+/// under load (our own inbound queue, or a full socket buffer, may drop it), hence the count.
 #[derive(Debug)]
 struct ProbeState {
     probe: BridgeProbe,
     outstanding: Option<(TxnId, Instant)>,
     up: Option<bool>,
+    /// Consecutive probes without an answer.
+    failures: u32,
 }
 
 /// Optional parts of a response we build.
@@ -272,7 +284,9 @@ pub struct B2bua {
     call_ids: HashMap<String, (CallId, Leg)>,
     roles: HashMap<TxnId, (CallId, Role)>,
     probes: Vec<ProbeState>,
-    probe_txns: HashMap<TxnId, usize>,
+    /// OPTIONS transactions in flight: the probe index, and whether the probe was already counted
+    /// as failed (it was unanswered after one interval; a late answer still counts as alive).
+    probe_txns: HashMap<TxnId, (usize, bool)>,
     probe_local: Option<SocketAddr>,
     next_probe: Option<Instant>,
     /// Every call by its start: the first one is the next to reach the maximum duration (all
@@ -315,8 +329,8 @@ impl B2bua {
         self.probes = bridges
             .into_iter()
             .map(|probe| {
-                let up = old.iter().find(|o| o.probe == probe).and_then(|o| o.up);
-                ProbeState { probe, outstanding: None, up }
+                let (up, failures) = old.iter().find(|o| o.probe == probe).map_or((None, 0), |o| (o.up, o.failures));
+                ProbeState { probe, outstanding: None, up, failures }
             })
             .collect();
         self.probe_local = Some(local);
@@ -744,11 +758,9 @@ impl B2bua {
     }
 
     fn on_response(&mut self, now: Instant, id: TxnId, msg: &Message<'_>) {
-        if let Some(&i) = self.probe_txns.get(&id) {
-            if msg.status().is_some_and(|c| c >= 200) {
-                self.probe_txns.remove(&id);
-                self.set_probe(i, true);
-            }
+        if let Some((i, _)) = self.probe_txns.remove(&id) {
+            // Any response, even a provisional or a 503, shows the bridge alive (see ProbeState).
+            self.probe_answered(i, id);
             return;
         }
         let Some((call_id, role)) = self.roles.get(&id).cloned() else { return };
@@ -925,17 +937,44 @@ impl B2bua {
         self.remove_call(call_id);
     }
 
+    /// A call's INVITE to the bridge got no response at all within 64·T1 (timer B, seven
+    /// retransmissions): as strong a sign as a run of lost probes, so down at once.
     fn mark_bridge(&mut self, name: &str, up: bool) {
+        let n = self.cfg.options_failures;
         if let Some(i) = self.probes.iter().position(|p| p.probe.name == name) {
+            if let Some(p) = self.probes.get_mut(i) {
+                p.failures = if up { 0 } else { n };
+            }
             self.set_probe(i, up);
         } else {
             self.events.push_back(B2buaEvent::BridgeHealth { bridge: name.to_owned(), up });
         }
     }
 
+    /// Probe `i` (transaction `txn`) got a response.
+    fn probe_answered(&mut self, i: usize, txn: TxnId) {
+        if let Some(p) = self.probes.get_mut(i) {
+            p.failures = 0;
+            if p.outstanding.is_some_and(|(t, _)| t == txn) {
+                p.outstanding = None;
+            }
+        }
+        self.set_probe(i, true);
+    }
+
+    /// Probe `i` went unanswered: one more failure; down once there are enough in a row.
+    fn probe_failed(&mut self, i: usize) {
+        let n = self.cfg.options_failures;
+        let Some(p) = self.probes.get_mut(i) else { return };
+        p.outstanding = None;
+        p.failures = p.failures.saturating_add(1);
+        if p.failures >= n {
+            self.set_probe(i, false);
+        }
+    }
+
     fn set_probe(&mut self, i: usize, up: bool) {
         if let Some(p) = self.probes.get_mut(i) {
-            p.outstanding = None;
             if p.up != Some(up) {
                 p.up = Some(up);
                 self.events.push_back(B2buaEvent::BridgeHealth { bridge: p.probe.name.clone(), up });
@@ -1169,8 +1208,10 @@ impl B2bua {
     }
 
     fn on_client_timeout(&mut self, now: Instant, id: TxnId) {
-        if let Some(i) = self.probe_txns.remove(&id) {
-            self.set_probe(i, false);
+        if let Some((i, counted)) = self.probe_txns.remove(&id) {
+            if !counted {
+                self.probe_failed(i);
+            }
             return;
         }
         let Some((call_id, role)) = self.roles.remove(&id) else { return };
@@ -1231,9 +1272,11 @@ impl B2bua {
             let Some(p) = self.probes.get(i) else { continue };
             if let Some((txn, sent)) = p.outstanding {
                 if now.saturating_duration_since(sent) >= self.cfg.options_interval {
-                    // No answer within one interval: down now, the transaction may still answer.
-                    self.probe_txns.remove(&txn);
-                    self.set_probe(i, false);
+                    // No answer within one interval: one failure; a late answer still counts.
+                    if let Some(e) = self.probe_txns.get_mut(&txn) {
+                        e.1 = true;
+                    }
+                    self.probe_failed(i);
                 } else {
                     continue;
                 }
@@ -1252,7 +1295,7 @@ impl B2bua {
                 .header("Accept", "application/sdp");
             w.finish(b"");
             if let Some(txn) = self.txns.send_request(now, Bytes::from(out), dest, local, transport) {
-                self.probe_txns.insert(txn, i);
+                self.probe_txns.insert(txn, (i, false));
                 if let Some(p) = self.probes.get_mut(i) {
                     p.outstanding = Some((txn, now));
                 }
