@@ -737,3 +737,35 @@ fn one_allowed_failure_marks_down_at_the_first_miss() {
     core.handle_timeout(now);
     assert_eq!(health_events(&mut core), vec![false]);
 }
+
+/// Over TCP the VCS's connection may be gone when we answer or hang up: every response then
+/// carries the Via sent-by port at the source address (RFC 3261 §18.2.2) and every in-dialog
+/// request the remote target's address, where the transport opens a new connection.
+#[tokio::test]
+async fn tcp_messages_to_the_caller_carry_where_to_reconnect() {
+    let mut w = World::new(100_000);
+    let src = "10.96.3.1:40001"; // the ephemeral port of the VCS's connection
+    let inv = String::from_utf8(invite(30, "meet.30"))
+        .unwrap()
+        .replace("SIP/2.0/UDP 10.96.3.1:5060", "SIP/2.0/TCP 10.96.3.1:5062")
+        .replace("<sip:caller@10.96.3.1:5060>", "<sip:caller@10.96.3.1:5070;transport=tcp>")
+        .replace("Record-Route: <sip:vcs-rr.example.com;lr>\r\n", "");
+    w.recv(src, Transport::Tcp, inv.as_bytes()).await;
+    let trying = w.out.iter().find(|t| label(&t.data) == "100").unwrap();
+    assert_eq!((trying.dest, trying.fallback), (a(src), Some(a("10.96.3.1:5062"))));
+    let bridge = bridge_of(&w.cfg, "meet-30", 0);
+    let binv = w.take(&bridge, "INVITE");
+    assert_eq!(w.out.iter().find(|t| t.dest == a(&bridge)).map(|t| t.fallback), None, "UDP: no fallback");
+    let b200 = reply(&binv, 200, Some("bt"), Some(&format!("<sip:bridge@{bridge}>")), b"v=0\r\n");
+    w.recv(&bridge, Transport::Udp, &b200).await;
+    let a200 = w.out.iter().find(|t| label(&t.data) == "200").unwrap().clone();
+    assert_eq!((a200.dest, a200.fallback), (a(src), Some(a("10.96.3.1:5062"))));
+    let am = msg(&a200.data);
+    let ack = in_dialog("ACK", "sip:confmesh@10.96.1.1", "10.96.3.1:5062", am.header(Hdr::From).unwrap(), am.header(Hdr::To).unwrap(), "vcs-call-30", 1, "z9hG4bKack30", b"");
+    w.recv(src, Transport::Tcp, &ack).await;
+    let bm = msg(&b200);
+    let bye = in_dialog("BYE", "sip:confmesh@10.96.1.1", &bridge, bm.header(Hdr::To).unwrap(), bm.header(Hdr::From).unwrap(), bm.call_id().unwrap(), 11, "z9hG4bKbye30", b"");
+    w.recv(&bridge, Transport::Udp, &bye).await;
+    let abye = w.out.iter().find(|t| label(&t.data) == "BYE").unwrap();
+    assert_eq!((abye.dest, abye.transport, abye.fallback), (a(src), Transport::Tcp, Some(a("10.96.3.1:5070"))));
+}

@@ -366,7 +366,7 @@ mod tcp {
                 "SIP/2.0 {code} X\r\nVia: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKinv1\r\nFrom: <sip:a@x>;tag=f1\r\n\
                  To: <sip:meet.1@127.0.0.1>;tag=b1\r\nCall-ID: z9hG4bKinv1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
             );
-            Transmit { dest: inv.src, local: inv.local, transport: Transport::Tcp, data: Bytes::from(text) }
+            Transmit::to(inv.src, inv.local, Transport::Tcp, Bytes::from(text))
         };
         s.send(reply(180));
         s.send(reply(486));
@@ -413,6 +413,51 @@ mod tcp {
         let st = s.stats();
         assert_eq!((st.tcp_evicted, st.refused_connections), (1, 0));
         assert_eq!(s.tcp_connections(), 3);
+    }
+
+    /// RFC 3261 §18.2.2: the connection a request came on has closed by the time its response is
+    /// ready, so the response goes over a new connection to the request's source address and its
+    /// top Via's sent-by port (where the caller listens), not to the closed connection's ephemeral
+    /// port.
+    #[tokio::test]
+    async fn response_after_the_connection_closed_goes_to_the_via_sent_by_port() {
+        use confmesh::sip::parse::{parse, Framing};
+        use confmesh::sip::transaction::{Incoming, TimerConfig, Transactions};
+        let (s, mut rx, addr) = server(TcpLimits::default()).await;
+        let caller_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listen_port = caller_listener.local_addr().unwrap().port();
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let invite = format!(
+            "INVITE sip:meet.1@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:{listen_port};branch=z9hG4bKgone\r\n\
+             From: <sip:a@x>;tag=f1\r\nTo: <sip:meet.1@127.0.0.1>\r\nCall-ID: gone\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+        );
+        c.write_all(invite.as_bytes()).await.unwrap();
+        let m = received_from(&mut rx, c.local_addr().unwrap()).await;
+        let mut txns = Transactions::new(TimerConfig::default(), 16);
+        let now = Instant::now();
+        let msg = parse(&m.data, Framing::Stream).unwrap();
+        let Incoming::Request(id) = txns.handle_message(now, &msg, m.src, m.local, Transport::Tcp) else { panic!("not a request") };
+        let resp = format!(
+            "SIP/2.0 486 Busy Here\r\nVia: SIP/2.0/TCP 127.0.0.1:{listen_port};branch=z9hG4bKgone\r\n\
+             From: <sip:a@x>;tag=f1\r\nTo: <sip:meet.1@127.0.0.1>;tag=t1\r\nCall-ID: gone\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+        );
+        assert!(txns.respond(now, id, 486, Bytes::from(resp)));
+        let t = txns.poll_transmit().unwrap();
+        assert_eq!((t.dest, t.fallback), (m.src, Some(SocketAddr::new(m.src.ip(), listen_port))));
+        // The caller's connection goes away before the response is sent.
+        drop(c);
+        wait_for("the closed connection is forgotten", || s.tcp_connections() == 0).await;
+        s.send(t);
+        let (mut back, _) = tokio::time::timeout(BOUND, caller_listener.accept()).await.expect("a new connection to the Via port").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(BOUND, back.read(&mut buf)).await.expect("the response").unwrap();
+            assert!(n > 0, "closed before the response");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"SIP/2.0 486 Busy Here\r\n"), "{}", String::from_utf8_lossy(&got));
+        assert_eq!(s.stats().send_failures, 0);
     }
 
     #[tokio::test]

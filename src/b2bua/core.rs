@@ -24,7 +24,7 @@ use bytes::Bytes;
 use super::routing::{Route, RouteDecision, RouteRequest};
 use crate::sip::build::{reason_phrase, MessageWriter};
 use crate::sip::parse::{self, error_response, Framing, Hdr, Message, Method, NameAddr, SipUri, StartLine};
-use crate::sip::transaction::{Incoming, TimerConfig, Transactions, Transmit, TxnEvent, TxnId};
+use crate::sip::transaction::{response_fallback, Incoming, TimerConfig, Transactions, Transmit, TxnEvent, TxnId};
 use crate::sip::Transport;
 
 /// Bridges tried for one call before the last failure is relayed to the caller.
@@ -491,7 +491,7 @@ impl B2bua {
                 tracing::debug!(%src, error = %e, "malformed SIP message");
                 let mut out = Vec::new();
                 if error_response(data, e, &mut out) {
-                    self.txns.send_stateless(Transmit { dest: src, local, transport, data: out.into() });
+                    self.txns.send_stateless(Transmit::to(src, local, transport, out.into()));
                 }
                 return;
             }
@@ -507,7 +507,8 @@ impl B2bua {
                 self.stats.overloaded += 1;
                 if msg.method().is_some_and(|m| m != Method::Ack) {
                     let data = response_bytes(&msg, 503, "Service Unavailable", &Extra::default());
-                    self.txns.send_stateless(Transmit { dest: src, local, transport, data });
+                    let fallback = response_fallback(&msg, src, transport);
+                    self.txns.send_stateless(Transmit { dest: src, local, transport, data, fallback });
                 }
             }
         }
@@ -1063,7 +1064,7 @@ impl B2bua {
         let idx = if leg == Leg::A { 0 } else { 1 };
         let Some(call) = self.calls.get(&call_id) else { return };
         if let (Some(ack), Some(d)) = (call.last_ack[idx].clone(), dialog(call, leg)) {
-            let t = Transmit { dest: dialog_dest(d), local: d.local, transport: d.transport, data: ack };
+            let t = Transmit { dest: dialog_dest(d), local: d.local, transport: d.transport, data: ack, fallback: dialog_fallback(d) };
             self.txns.send_stateless(t);
         }
     }
@@ -1074,7 +1075,7 @@ impl B2bua {
         let Some(call) = self.calls.get_mut(&call_id) else { return };
         let Some(d) = dialog(call, leg) else { return };
         let data = dialog_request(d, "ACK", cseq, &branch, body);
-        let t = Transmit { dest: dialog_dest(d), local: d.local, transport: d.transport, data: data.clone() };
+        let t = Transmit { dest: dialog_dest(d), local: d.local, transport: d.transport, data: data.clone(), fallback: dialog_fallback(d) };
         call.last_ack[if leg == Leg::A { 0 } else { 1 }] = Some(data);
         self.txns.send_stateless(t);
     }
@@ -1114,8 +1115,8 @@ impl B2bua {
                 other.local_cseq = other.local_cseq.saturating_add(1);
                 let cseq = other.local_cseq;
                 let data = dialog_request(other, method_token, cseq, &branch, Some((msg.header(Hdr::ContentType), msg.body)));
-                let (dest, local, transport) = (dialog_dest(other), other.local, other.transport);
-                match self.txns.send_request(now, data, dest, local, transport) {
+                let (dest, fallback, local, transport) = (dialog_dest(other), dialog_fallback(other), other.local, other.transport);
+                match self.txns.send_request_with_fallback(now, data, dest, fallback, local, transport) {
                     Some(txn) => {
                         let role = Role::Relay { server: id, request: Bytes::copy_from_slice(raw), reinvite };
                         self.roles.insert(txn, (call_id, role));
@@ -1170,8 +1171,8 @@ impl B2bua {
         let Some(d) = dialog_mut_opt(call, leg) else { return };
         d.local_cseq = d.local_cseq.saturating_add(1);
         let data = dialog_request(d, "BYE", d.local_cseq, &branch, None);
-        let (dest, local, transport) = (dialog_dest(d), d.local, d.transport);
-        match self.txns.send_request(now, data, dest, local, transport) {
+        let (dest, fallback, local, transport) = (dialog_dest(d), dialog_fallback(d), d.local, d.transport);
+        match self.txns.send_request_with_fallback(now, data, dest, fallback, local, transport) {
             Some(txn) => {
                 self.roles.insert(txn, (call_id, Role::Bye));
                 call.txns.push(txn);
@@ -1349,18 +1350,30 @@ fn dialog_dest(d: &Dialog) -> SocketAddr {
     if d.transport.is_reliable() {
         return d.peer;
     }
+    uri_dest(d).unwrap_or(d.peer)
+}
+
+/// Over TCP, where an in-dialog request goes once the connection the peer opened has closed: the
+/// first route or the remote target, when it is a literal address (RFC 3261 §12.2.1.1).
+fn dialog_fallback(d: &Dialog) -> Option<SocketAddr> {
+    if !d.transport.is_reliable() {
+        return None;
+    }
+    uri_dest(d).filter(|a| *a != d.peer)
+}
+
+/// The address of the first route, or of the remote target, when it is a literal IP address.
+fn uri_dest(d: &Dialog) -> Option<SocketAddr> {
     let target = d
         .route_set
         .first()
         .and_then(|r| NameAddr::parse(r))
         .map(|n| n.uri)
         .unwrap_or(d.remote_target.as_str());
-    SipUri::parse(target)
-        .and_then(|u| {
-            let ip: IpAddr = u.host.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
-            Some(SocketAddr::new(ip, u.port.unwrap_or(5060)))
-        })
-        .unwrap_or(d.peer)
+    SipUri::parse(target).and_then(|u| {
+        let ip: IpAddr = u.host.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+        Some(SocketAddr::new(ip, u.port.unwrap_or(5060)))
+    })
 }
 
 /// A request inside dialog `d`.

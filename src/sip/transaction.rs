@@ -66,6 +66,32 @@ pub struct Transmit {
     pub transport: Transport,
     /// The whole message.
     pub data: Bytes,
+    /// Over TCP, where to open a connection when none is open to `dest` any more: for a response
+    /// the address of RFC 3261 §18.2.2 (the request's source address — what a `received`
+    /// parameter would say — with the top Via's sent-by port, 5060 if none), for an in-dialog
+    /// request the remote target's address. `None` over UDP, or when `dest` itself is right.
+    pub fallback: Option<SocketAddr>,
+}
+
+impl Transmit {
+    /// A message to `dest` with no fallback address.
+    pub fn to(dest: SocketAddr, local: SocketAddr, transport: Transport, data: Bytes) -> Transmit {
+        Transmit { dest, local, transport, data, fallback: None }
+    }
+}
+
+/// Where a response to `req`, received from `src` over a reliable transport, goes when the
+/// connection it came on has closed (RFC 3261 §18.2.2): the address the request came from — the
+/// `received` parameter a server adds (§18.2.1) — with the port of the top Via's sent-by, or 5060.
+/// The sent-by host is never used for the address, so a request cannot make us connect to a
+/// third party. `None` over UDP or when that is `src` itself.
+pub fn response_fallback(req: &Message<'_>, src: SocketAddr, transport: Transport) -> Option<SocketAddr> {
+    if !transport.is_reliable() {
+        return None;
+    }
+    let port = req.top_via()?.port.unwrap_or(5060);
+    let target = SocketAddr::new(src.ip(), port);
+    (target != src).then_some(target)
 }
 
 /// What an incoming message means to the TU.
@@ -144,6 +170,8 @@ struct Txn {
     kind: Kind,
     state: State,
     dest: SocketAddr,
+    /// See [`Transmit::fallback`].
+    fallback: Option<SocketAddr>,
     local: SocketAddr,
     transport: Transport,
     key: Key,
@@ -264,7 +292,7 @@ impl Transactions {
 
     fn send(&mut self, id: TxnId, data: Bytes) {
         if let Some(t) = self.txns.get(&id) {
-            self.transmits.push_back(Transmit { dest: t.dest, local: t.local, transport: t.transport, data });
+            self.transmits.push_back(Transmit { dest: t.dest, local: t.local, transport: t.transport, data, fallback: t.fallback });
         }
     }
 
@@ -323,6 +351,7 @@ impl Transactions {
             kind,
             state: if kind == Kind::ServerInvite { State::Proceeding } else { State::Trying },
             dest: src,
+            fallback: response_fallback(msg, src, transport),
             local,
             transport,
             key: key.clone(),
@@ -447,6 +476,20 @@ impl Transactions {
         local: SocketAddr,
         transport: Transport,
     ) -> Option<TxnId> {
+        self.send_request_with_fallback(now, request, dest, None, local, transport)
+    }
+
+    /// [`Self::send_request`] with a [`Transmit::fallback`] address for a reliable transport (an
+    /// in-dialog request toward a peer whose connection may have closed).
+    pub fn send_request_with_fallback(
+        &mut self,
+        now: Instant,
+        request: Bytes,
+        dest: SocketAddr,
+        fallback: Option<SocketAddr>,
+        local: SocketAddr,
+        transport: Transport,
+    ) -> Option<TxnId> {
         let (key, invite, limit) = {
             let msg = parse(&request, Framing::Stream).ok()?;
             let StartLine::Request { method, method_token, .. } = msg.start else { return None };
@@ -464,6 +507,7 @@ impl Transactions {
                 kind: if invite { Kind::ClientInvite } else { Kind::ClientNonInvite },
                 state: State::Trying,
                 dest,
+                fallback: fallback.filter(|_| transport.is_reliable()),
                 local,
                 transport,
                 key: key.clone(),

@@ -318,6 +318,12 @@ impl SipSockets {
     }
 
     /// Sends one message; never blocks the caller on a slow TCP peer.
+    ///
+    /// Over TCP the message goes on the connection registered for `dest`; when there is none (it
+    /// closed), on the one for [`Transmit::fallback`], and when there is none either, a new
+    /// connection is opened to the fallback address (RFC 3261 §18.2.2 for responses: the
+    /// peer's ephemeral port of the closed connection has nobody listening), or to `dest`
+    /// without one.
     pub fn send(&self, t: Transmit) {
         match t.transport {
             Transport::Udp => {
@@ -328,7 +334,14 @@ impl SipSockets {
                 }
             }
             Transport::Tcp => {
-                let existing = self.shared.conns.lock().ok().and_then(|c| c.get(&t.dest).map(|c| c.queue.clone()));
+                let (existing, target) = match self.shared.conns.lock() {
+                    Ok(c) => match (c.get(&t.dest), t.fallback) {
+                        (Some(conn), _) => (Some(conn.queue.clone()), t.dest),
+                        (None, Some(fb)) => (c.get(&fb).map(|conn| conn.queue.clone()), fb),
+                        (None, None) => (None, t.dest),
+                    },
+                    Err(_) => (None, t.dest),
+                };
                 match existing {
                     Some(q) => {
                         if q.try_send(t.data).is_err() {
@@ -341,10 +354,10 @@ impl SipSockets {
                             let connected = async {
                                 let sock = TcpSocket::new_v4()?;
                                 sock.bind(SocketAddr::new(t.local.ip(), 0))?;
-                                sock.connect(t.dest).await
+                                sock.connect(target).await
                             };
                             let queued = match tokio::time::timeout(Duration::from_secs(5), connected).await {
-                                Ok(Ok(stream)) => start_connection(stream, t.dest, t.local, &shared)
+                                Ok(Ok(stream)) => start_connection(stream, target, t.local, &shared)
                                     .is_some_and(|q| q.try_send(t.data).is_ok()),
                                 _ => false,
                             };
