@@ -26,7 +26,11 @@ use crate::{
 const NONCE_LEN: usize = 32;
 /// Phase-1 SAs per peer in any state (two during a rekey, plus a collision).
 const MAX_SAS_PER_PEER: usize = 4;
-/// Half-open phase-1 exchanges per peer and in total.
+/// Half-open phase-1 exchanges per peer and in total. When a new MM1 finds them taken, the oldest
+/// one the peer opened that is still at MM2 makes room: opening one takes nothing but the peer's
+/// address, which anyone can forge, whereas going on to MM3 takes our cookie from MM2, i.e. being
+/// the peer (or on its path). So a flood of forged MM1s keeps no real exchange out, and never
+/// drops one that has reached MM3.
 const MAX_HALF_OPEN_PER_PEER: usize = 2;
 const MAX_HALF_OPEN: usize = 8;
 /// Quick Mode exchanges per phase-1 SA, open or lingering.
@@ -84,6 +88,8 @@ struct Peer {
     next_dpd: Option<Instant>,
     dpd_seq: u32,
     initial_contact_sent: bool,
+    /// Phase-1 restarts on INVALID-COOKIE since the last SA came up (the first is immediate).
+    restarts: u32,
 }
 
 impl Peer {
@@ -102,6 +108,7 @@ impl Peer {
             next_dpd: None,
             dpd_seq: 0,
             initial_contact_sent: false,
+            restarts: 0,
         }
     }
 
@@ -119,6 +126,9 @@ pub struct Endpoint {
     out: VecDeque<Transmit>,
     events: VecDeque<Event>,
     counters: EndpointCounters,
+    /// Keys our responder cookies (RFC 2408 §2.5.3), so that a message of an exchange we no
+    /// longer hold is recognised as the answer to one of ours.
+    cookie_secret: Zeroizing<[u8; 32]>,
 }
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -150,9 +160,13 @@ impl Endpoint {
     /// An endpoint with no peers. `seed` seeds the CSPRNG of cookies, nonces, SPIs and DH
     /// secrets: the driver passes 32 bytes from the OS, tests a fixed value for reproducibility.
     pub fn new(cfg: EndpointConfig, seed: [u8; 32]) -> Self {
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let mut cookie_secret = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(&mut cookie_secret[..]);
         Self {
             cfg,
-            rng: ChaCha20Rng::from_seed(seed),
+            rng,
+            cookie_secret,
             peers: BTreeMap::new(),
             sas: Vec::new(),
             out: VecDeque::new(),
@@ -407,6 +421,18 @@ impl Endpoint {
         }
     }
 
+    /// Our cookie as responder to `icookie` from `ip`: a keyed hash of the two, the same for a
+    /// repeated MM1 (an exchange evicted before its MM3 comes back under the same cookies).
+    fn responder_cookie(&self, ip: Ipv4Addr, icookie: &[u8; 8]) -> [u8; 8] {
+        let h = crypto::prf(&self.cookie_secret[..], &[b"responder cookie", &ip.octets(), icookie]);
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&h[..8]);
+        if c == [0; 8] {
+            c[7] = 1;
+        }
+        c
+    }
+
     fn fresh_spi(&mut self) -> u32 {
         loop {
             let s = self.rng.next_u32();
@@ -435,6 +461,12 @@ impl Endpoint {
         self.sas.iter().position(|s| s.peer == ip && s.icookie == *icookie && s.rcookie == *rcookie)
     }
 
+    /// Whether a Quick Mode exchange with the peer is open under any of its SAs, one we started
+    /// (`initiator`) or one the peer started.
+    fn peer_quick_open(&self, ip: Ipv4Addr, initiator: bool) -> bool {
+        self.sas.iter().filter(|s| s.peer == ip).flat_map(|s| s.quick.iter()).any(|q| q.open && q.initiator == initiator)
+    }
+
     fn initiating(&self, ip: Ipv4Addr) -> Option<usize> {
         self.sas.iter().position(|s| s.peer == ip && s.initiator && !s.is_established())
     }
@@ -453,7 +485,7 @@ impl Endpoint {
     // ---- Main Mode ----
 
     fn start_main(&mut self, now: Instant, ip: Ipv4Addr) {
-        if self.initiating(ip).is_some() || self.sas.iter().filter(|s| s.peer == ip).count() >= MAX_SAS_PER_PEER {
+        if self.initiating(ip).is_some() || !self.make_room(ip, false) {
             return;
         }
         let icookie = self.cookie();
@@ -481,13 +513,20 @@ impl Endpoint {
         let i = match self.find_sa(ip, &h.icookie, &h.rcookie) {
             Some(i) => i,
             None => {
-                let i = self
-                    .sas
-                    .iter()
-                    .position(|s| {
-                        s.peer == ip && s.initiator && s.icookie == h.icookie && s.state == P1State::Mm1Sent
-                    })
-                    .ok_or(Malformed)?;
+                let Some(i) = self.sas.iter().position(|s| {
+                    s.peer == ip && s.initiator && s.icookie == h.icookie && s.state == P1State::Mm1Sent
+                }) else {
+                    // An MM3 of an exchange we answered and no longer hold (evicted, or timed out
+                    // at MM2): say so, and the initiator starts again at once instead of when its
+                    // retransmissions run out. Only the peer (or its path) knows our cookie.
+                    // Later messages are not answered: an exchange that failed authentication is
+                    // gone too, and its initiator must count that failure, not start again.
+                    let mm3 = h.flags & wire::FLAG_ENC == 0;
+                    if mm3 && ct_eq(&self.responder_cookie(ip, &h.icookie), &h.rcookie) {
+                        self.send_plain_notify(ip, h.icookie, h.rcookie, wire::N_INVALID_COOKIE);
+                    }
+                    return Err(Malformed);
+                };
                 self.sas[i].rcookie = h.rcookie;
                 i
             }
@@ -516,30 +555,58 @@ impl Endpoint {
         Ok(())
     }
 
-    fn on_mm1(&mut self, now: Instant, ip: Ipv4Addr, h: &Header, data: &[u8]) -> Result<(), Malformed> {
-        let half_open_peer = self.sas.iter().filter(|s| s.peer == ip && !s.is_established()).count();
-        let half_open = self.sas.iter().filter(|s| !s.is_established()).count();
-        let of_peer = self.sas.iter().filter(|s| s.peer == ip).count();
-        if half_open_peer >= MAX_HALF_OPEN_PER_PEER || half_open >= MAX_HALF_OPEN || of_peer >= MAX_SAS_PER_PEER {
-            self.counters.half_open_refused += 1;
-            return Ok(());
+    /// Makes room for one more phase-1 exchange with `ip` within the bounds (half open per peer
+    /// and in total, SAs per peer), evicting responder exchanges still at MM2, oldest first.
+    /// `responder`: the room is for the peer's MM1, and our own half-open exchange with it does
+    /// not count if it yields to the peer's (we are the higher address). `false`: no room, every
+    /// exchange in the way has gone further.
+    fn make_room(&mut self, ip: Ipv4Addr, responder: bool) -> bool {
+        let yields = |s: &IkeSa| responder && s.peer == ip && s.initiator && !s.is_established() && self.cfg.local > ip;
+        loop {
+            let counted = || self.sas.iter().filter(|s| !yields(s));
+            let half_open_peer = counted().filter(|s| s.peer == ip && !s.is_established()).count();
+            let of_peer = counted().filter(|s| s.peer == ip).count();
+            let half_open = counted().filter(|s| !s.is_established()).count();
+            let peer_full = of_peer >= MAX_SAS_PER_PEER || (responder && half_open_peer >= MAX_HALF_OPEN_PER_PEER);
+            let all_full = responder && half_open >= MAX_HALF_OPEN;
+            if !peer_full && !all_full {
+                return true;
+            }
+            let victim = self
+                .sas
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.initiator && s.state == P1State::Mm2Sent && (!peer_full || s.peer == ip))
+                .min_by_key(|(_, s)| s.created)
+                .map(|(i, _)| i);
+            let Some(v) = victim else { return false };
+            let gone = self.sas.remove(v);
+            if let Some(p) = self.peers.get_mut(&gone.peer) {
+                p.counters.half_open_evicted += 1;
+            }
         }
+    }
+
+    fn on_mm1(&mut self, now: Instant, ip: Ipv4Addr, h: &Header, data: &[u8]) -> Result<(), Malformed> {
         // Both sides initiated at once: the lower address's exchange goes on, the other is
         // dropped. The lower side repeats its MM1 at once, so that the higher side sees it now
         // rather than at our next retransmission (ours may have been aimed at a peer that was
-        // down until a moment ago).
+        // down until a moment ago) — at most once per half retransmission timeout, since anyone
+        // can send an MM1 from the peer's address.
         if let Some(own) = self.initiating(ip) {
             if self.cfg.local < ip {
-                if self.sas[own].state == P1State::Mm1Sent {
+                let rto = self.cfg.retransmit_timeout;
+                let f = &self.sas[own].flight;
+                let recently = f.tries == 1 && f.resend_at.is_some_and(|t| t > now + rto / 2);
+                if self.sas[own].state == P1State::Mm1Sent && !recently {
                     let f = &mut self.sas[own].flight;
                     f.tries = 1;
-                    f.resend_at = Some(now + self.cfg.retransmit_timeout);
+                    f.resend_at = Some(now + rto);
                     let msg = f.sent.clone();
                     self.resend_flight(ip, msg);
                 }
                 return Ok(());
             }
-            self.sas.remove(own);
         }
         let mut sa_payload = None;
         let mut peer_dpd = false;
@@ -572,15 +639,25 @@ impl Endpoint {
             self.refused(ip, Failure::NoProposalChosen { by_peer: false });
             return Ok(());
         };
+        if !self.make_room(ip, true) {
+            self.counters.half_open_refused += 1;
+            return Ok(());
+        }
+        // We are the higher address: our own exchange yields to the peer's.
+        if let Some(own) = self.initiating(ip) {
+            self.sas.remove(own);
+        }
         let lifetime = life.map_or(self.cfg.ike_lifetime, |s| Duration::from_secs(s).min(self.cfg.ike_lifetime));
         let mut sa = IkeSa::new(ip, false, h.icookie, now, lifetime);
-        sa.rcookie = self.cookie();
+        sa.rcookie = self.responder_cookie(ip, &h.icookie);
         sa.sai_b = sa_b.to_vec();
         sa.peer_dpd = peer_dpd;
         let mut c = Chain::new();
         c.push(wire::PL_SA, &wire::sa_body(number, wire::PROTO_ISAKMP, &[], &transform)).push(wire::PL_VID, &wire::DPD_VID);
         let msg = plain_message(sa.icookie, sa.rcookie, wire::EXCH_MAIN, &c);
-        sa.flight.send(msg.clone(), now, Some(self.cfg.retransmit_timeout));
+        // MM2 is sent again only when MM1 is: the initiator retransmits, and a forged MM1 must
+        // not make us send more than one datagram.
+        sa.flight.send(msg.clone(), now, None);
         sa.flight.last_in = hash_of(data);
         self.sas.push(sa);
         self.send(ip, msg);
@@ -826,6 +903,7 @@ impl Endpoint {
             p.counters.ike_established += 1;
             p.ike_backoff = BACKOFF_MIN;
             p.auth_failures = 0;
+            p.restarts = 0;
             p.last_alive = Some(now);
             p.next_dpd = Some(now + dpd);
             p.next_initiate = None;
@@ -872,6 +950,25 @@ impl Endpoint {
         self.events.push_back(Event::Failed { peer: ip, reason });
     }
 
+    /// Our phase-1 exchange `i` is gone on the peer's side: start a new one, at once the first
+    /// time, then with the usual back-off (a peer that keeps forgetting us is not hammered).
+    fn restart_main(&mut self, now: Instant, i: usize) {
+        let sa = self.sas.remove(i);
+        let passive = self.cfg.passive;
+        if let Some(p) = self.peers.get_mut(&sa.peer) {
+            p.counters.restarted += 1;
+            if !passive {
+                if p.restarts == 0 {
+                    p.next_initiate = Some(now);
+                } else {
+                    p.next_initiate = Some(now + p.ike_backoff);
+                    p.ike_backoff = (p.ike_backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+            p.restarts += 1;
+        }
+    }
+
     /// A phase-1 exchange failed: forget it, report it, and schedule the next attempt.
     fn fail_sa(&mut self, now: Instant, i: usize, reason: Failure) {
         let sa = self.sas.remove(i);
@@ -899,7 +996,8 @@ impl Endpoint {
     /// Starts a Quick Mode exchange; `false` if it cannot start now (try again later).
     fn start_quick(&mut self, now: Instant, ip: Ipv4Addr) -> bool {
         let Some(i) = self.current_sa(ip) else { return false };
-        if self.sas[i].quick.iter().any(|q| q.open && q.initiator) {
+        // One of ours at a time, under whichever SA (the peer relies on it, see `on_qm1`).
+        if self.peer_quick_open(ip, true) {
             return true;
         }
         // Lingering exchanges make room as they expire.
@@ -991,6 +1089,26 @@ impl Endpoint {
             return Err(Malformed);
         }
         self.alive(ip, now);
+        // Only one Quick Mode with a peer at a time, so that both sides see the pairs in the same
+        // order and keep the same one. Both started at once: the lower address's exchange goes on
+        // (as in phase 1); the higher side drops its own, which the peer ignores.
+        if self.peer_quick_open(ip, true) {
+            if self.cfg.local < ip {
+                return Ok(());
+            }
+            for s in self.sas.iter_mut().filter(|s| s.peer == ip) {
+                s.quick.retain(|q| !(q.open && q.initiator));
+            }
+        }
+        // A confmesh peer starts a new exchange only once its previous one is over, so one of
+        // its exchanges still waiting here for QM3 is over on its side, with or without the pair:
+        // forget it (installing it could leave this side alone with a pair the peer never had).
+        // Against other implementations (passive) nothing is assumed.
+        if !self.cfg.passive {
+            for s in self.sas.iter_mut().filter(|s| s.peer == ip) {
+                s.quick.retain(|q| !q.open || q.initiator);
+            }
+        }
         let (mut sa_b, mut nonce, mut ke, mut ids) = (None, None, None, Vec::new());
         for pl in &p.payloads {
             match pl.kind {
@@ -1376,7 +1494,17 @@ impl Endpoint {
             if pl.kind != wire::PL_NOTIFY {
                 continue;
             }
-            let reason = match wire::notify(pl.body)?.kind {
+            let kind = wire::notify(pl.body)?.kind;
+            if kind == wire::N_INVALID_COOKIE {
+                // The responder no longer holds the exchange it answered (the cookies prove it
+                // is the one): start again now. Not a failure; repeated ones back off.
+                if self.sas[i].state == P1State::Mm3Sent && self.sas[i].rcookie == h.rcookie {
+                    self.restart_main(now, i);
+                    return Ok(());
+                }
+                continue;
+            }
+            let reason = match kind {
                 wire::N_NO_PROPOSAL_CHOSEN => Failure::NoProposalChosen { by_peer: true },
                 wire::N_AUTHENTICATION_FAILED if self.sas[i].state == P1State::Mm5Sent => {
                     Failure::AuthenticationFailed
@@ -1436,9 +1564,17 @@ impl Endpoint {
                         if quick.initiator {
                             self.events.push_back(Event::Failed { peer: ip, reason: Failure::Timeout });
                             self.child_setback(now, ip);
+                        } else if !self.cfg.passive {
+                            // QM3 never came: the initiator may or may not have the pair. Make a
+                            // new one that both sides will have; it replaces this one on the
+                            // initiator's side if it has it, everywhere in the same order.
+                            if let Some(p) = self.peers.get_mut(&ip) {
+                                p.next_child = Some(now);
+                            }
                         } else if let Some(child) = quick.pending.take() {
-                            // QM1 was authenticated, so the initiator has this pair unless our QM2
-                            // never reached it; then it tries again and the newer pair wins.
+                            // A passive endpoint never starts an exchange of its own: QM1 was
+                            // authenticated, so the initiator has this pair unless our QM2 never
+                            // reached it; then it tries again and the newer pair wins.
                             self.child_up(now, ip, child, false);
                         }
                         continue;
@@ -1565,9 +1701,13 @@ impl Endpoint {
             let has_sa = self.current_sa(ip).is_some();
             let Some(p) = self.peers.get_mut(&ip) else { continue };
             if p.next_child.is_some_and(|t| t <= now) {
-                // Without a phase-1 SA the child waits: the next IkeUp schedules it again.
+                // Without a phase-1 SA the child waits: the next IkeUp schedules it again. While
+                // a Quick Mode the peer started is open, starting our own would make two pairs
+                // at once, which the two sides may install in different orders and so each keep
+                // a different one (the older pair is retired on both sides after a grace period,
+                // and an IKEv1 DELETE is never acknowledged): wait until it ends.
                 p.next_child = None;
-                if has_sa && !self.start_quick(now, ip) {
+                if has_sa && (self.peer_quick_open(ip, false) || !self.start_quick(now, ip)) {
                     if let Some(p) = self.peers.get_mut(&ip) {
                         p.next_child = Some(now + BACKOFF_MIN);
                     }

@@ -302,6 +302,13 @@ pub struct PeerCounters {
     pub deletes_sent: u64,
     /// DELETE payloads received.
     pub deletes_received: u64,
+    /// Exchanges the peer opened that had not gone past MM2 (anyone who can send from the peer's
+    /// address can open one), dropped oldest first to make room for a newer one: a flood of forged
+    /// first messages shows here.
+    pub half_open_evicted: u64,
+    /// Our phase-1 exchanges started again because the peer told us it no longer held them
+    /// (INVALID-COOKIE, e.g. after evicting them).
+    pub restarted: u64,
 }
 
 /// The state of one peer, for status output.
@@ -324,6 +331,6 @@ pub struct EndpointCounters {
     pub unknown_source: u64,
     /// Aggressive Mode and other refused exchange types.
     pub refused_exchange: u64,
-    /// New exchanges refused because too many were half open.
+    /// New exchanges refused because too many were half open, every one of them past MM2.
     pub half_open_refused: u64,
 }

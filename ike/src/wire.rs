@@ -37,6 +37,7 @@ pub(crate) const PROTO_AH: u8 = 2;
 pub(crate) const PROTO_ESP: u8 = 3;
 
 /// Notify types used here (RFC 2408 §3.14.1, RFC 2407 §4.6.3, RFC 3706).
+pub(crate) const N_INVALID_COOKIE: u16 = 11;
 pub(crate) const N_NO_PROPOSAL_CHOSEN: u16 = 14;
 pub(crate) const N_INVALID_ID_INFORMATION: u16 = 18;
 pub(crate) const N_AUTHENTICATION_FAILED: u16 = 24;
