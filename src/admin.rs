@@ -17,6 +17,12 @@
 //!
 //! With `[admin] tls_cert_file` and `tls_key_file` set, every connection is TLS (rustls, ring
 //! provider) and credentials never cross the network in clear; without them it is plain HTTP.
+//!
+//! A configuration reload changes both without a restart ([`AdminControl::reconfigure`]): a new
+//! `listen` address is bound before the old listener is closed, so an address that cannot be
+//! bound is refused (naming `admin.listen`) while the old one keeps serving; new certificate and
+//! key files (rotation) are in force for every connection accepted after the reload returns.
+//! Connections already open finish on the listener and TLS session they were accepted with.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +46,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::config::AdminTls;
+use crate::config::{AdminSettings, AdminTls, ConfigError};
 use crate::control::{Call, Request};
 use crate::status::Status;
 
@@ -119,20 +125,95 @@ fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Serves the admin API on `listener` until `stop` fires: HTTPS with `tls`, plain HTTP without.
+/// Binds the admin API's listener on `addr`; a refusal names `admin.listen` and says what to do.
+pub async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, ConfigError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| ConfigError {
+        field: "admin.listen".to_owned(),
+        message: format!("cannot listen on {addr}: {e}; give an address:port of this host that is not in use"),
+    })
+}
+
+/// A change a reload makes to the running admin API.
+struct Rebind {
+    /// A new listener, already bound, to accept on instead of the current one.
+    listener: Option<tokio::net::TcpListener>,
+    /// The TLS acceptor for connections accepted from now on (`None`: plain HTTP).
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Answered once the accept loop uses the new settings.
+    done: oneshot::Sender<()>,
+}
+
+/// The daemon's hold on the running admin API: what it listens on and with which TLS identity,
+/// and the way to change both on a configuration reload.
+pub struct AdminControl {
+    settings: AdminSettings,
+    rebind: mpsc::Sender<Rebind>,
+}
+
+/// The accept loop's end of [`AdminControl`], handed to [`serve`].
+pub struct AdminUpdates(mpsc::Receiver<Rebind>);
+
+impl AdminControl {
+    /// A control for an admin API started with `settings`, and the end [`serve`] listens on.
+    pub fn new(settings: AdminSettings) -> (AdminControl, AdminUpdates) {
+        let (rebind, updates) = mpsc::channel(1);
+        (AdminControl { settings, rebind }, AdminUpdates(updates))
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &AdminSettings {
+        &self.settings
+    }
+
+    /// Puts `new` settings in force: binds a changed `listen` address first — if that fails the
+    /// refusal names `admin.listen` and nothing changes, the old listener serving on — then
+    /// switches the accept loop to the new listener and TLS identity (the files were read and
+    /// checked when the configuration was loaded, so a bad certificate or key never gets here).
+    /// Returns what changed, for the configuration log; empty when nothing did.
+    pub async fn reconfigure(&mut self, new: &AdminSettings) -> Result<Vec<String>, ConfigError> {
+        let listener = if new.listen != self.settings.listen { Some(bind(new.listen).await?) } else { None };
+        let mut changed = Vec::new();
+        if listener.is_some() {
+            changed.push(format!("admin.listen {} (was {})", new.listen, self.settings.listen));
+        }
+        match (&self.settings.tls, &new.tls) {
+            (None, None) => {}
+            (None, Some(t)) => changed.push(format!("admin API on HTTPS with {}", t.cert_file.display())),
+            (Some(_), None) => changed.push("admin API on plain HTTP (no tls_cert_file/tls_key_file)".to_owned()),
+            (Some(old), Some(t)) if old != t => changed.push(format!("admin TLS certificate from {} reloaded", t.cert_file.display())),
+            (Some(_), Some(_)) => {}
+        }
+        // The files were read again with the configuration: use what was read even when it looks
+        // the same (a key replaced under an unchanged certificate is no different to `==`).
+        let tls = new.tls.as_ref().map(|t| tokio_rustls::TlsAcceptor::from(t.server_config()));
+        let (done, applied) = oneshot::channel();
+        if self.rebind.send(Rebind { listener, tls, done }).await.is_ok() {
+            // The accept loop is gone only when the daemon is stopping; nothing to wait for then.
+            let _ = applied.await;
+        }
+        self.settings = new.clone();
+        Ok(changed)
+    }
+}
+
+/// Serves the admin API on `listener` until `stop` fires: HTTPS with `tls`, plain HTTP without;
+/// `updates` switches the listener and TLS identity on a reload (see [`AdminControl`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<AdminTls>,
+    updates: AdminUpdates,
     calls: mpsc::Sender<Call>,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    serve_app(listener, tls.map(|t| tokio_rustls::TlsAcceptor::from(t.server_config())), router(AdminState::new(calls)), stop).await
+    let tls = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.server_config()));
+    serve_app(listener, tls, updates, router(AdminState::new(calls)), stop).await
 }
 
 /// The accept loop: one task per connection, at most [`MAX_CONNECTIONS`] of them.
 async fn serve_app(
-    listener: tokio::net::TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut listener: tokio::net::TcpListener,
+    mut tls: Option<tokio_rustls::TlsAcceptor>,
+    AdminUpdates(mut updates): AdminUpdates,
     app: Router,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -142,6 +223,16 @@ async fn serve_app(
         let accepted = tokio::select! {
             _ = stop.changed() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            Some(rebind) = updates.recv() => {
+                // The old listener closes here (connections waiting in its backlog are reset);
+                // open connections keep their own tasks and TLS sessions.
+                if let Some(new) = rebind.listener {
+                    listener = new;
+                }
+                tls = rebind.tls;
+                let _ = rebind.done.send(());
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         let tcp = match accepted {
@@ -622,11 +713,20 @@ mod tests {
     }
 
     async fn start(tls: Option<AdminTls>) -> (std::net::SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<std::io::Result<()>>) {
+        let (addr, stop, task, _control) = start_controlled(tls).await;
+        (addr, stop, task)
+    }
+
+    /// [`start`], also returning the control a reload uses.
+    async fn start_controlled(
+        tls: Option<AdminTls>,
+    ) -> (std::net::SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<std::io::Result<()>>, AdminControl) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (control, updates) = AdminControl::new(AdminSettings { listen: addr, tls: tls.clone() });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, tls, fake_daemon(hash_password(PASSWORD).unwrap()), stop_rx));
-        (addr, stop_tx, task)
+        let task = tokio::spawn(serve(listener, tls, updates, fake_daemon(hash_password(PASSWORD).unwrap()), stop_rx));
+        (addr, stop_tx, task, control)
     }
 
     async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, request: &str) -> String {
@@ -685,6 +785,92 @@ mod tests {
         let answer = exchange(tcp, &request("/api/v1/status")).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(leaks(&seen.lock().unwrap()), "the tap must see credentials sent in clear");
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+    }
+
+    /// A TLS client that trusts only `cert`.
+    fn trusting(cert: &rcgen::Certificate) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(client))
+    }
+
+    /// Connects and completes a TLS handshake with `client`; the error says why not.
+    async fn tls_connect(
+        addr: std::net::SocketAddr,
+        client: &tokio_rustls::TlsConnector,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), client.connect(name, tcp)).await.expect("handshake in time")
+    }
+
+    /// Writes a fresh self-signed certificate and its key to the same two files (a rotation).
+    fn issue(cert_file: &std::path::Path, key_file: &std::path::Path) -> rcgen::Certificate {
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        std::fs::write(cert_file, generated.cert.pem()).unwrap();
+        std::fs::write(key_file, generated.key_pair.serialize_pem()).unwrap();
+        generated.cert
+    }
+
+    #[tokio::test]
+    async fn a_reload_rotates_the_certificate_and_moves_the_listener_or_keeps_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_file, key_file) = (dir.path().join("admin.crt"), dir.path().join("admin.key"));
+        let old_cert = issue(&cert_file, &key_file);
+        let (addr, stop, task, mut control) = start_controlled(Some(AdminTls::load(&cert_file, &key_file).unwrap())).await;
+        let old_client = trusting(&old_cert);
+        assert!(exchange(tls_connect(addr, &old_client).await.unwrap(), &request("/api/v1/status")).await.starts_with("HTTP/1.1 200"));
+        // A connection accepted before the rotation, its handshake done, its request not sent yet.
+        let before = tls_connect(addr, &old_client).await.unwrap();
+
+        // Rotation: new files at the same paths, read again as a reload does.
+        let new_cert = issue(&cert_file, &key_file);
+        let new_client = trusting(&new_cert);
+        let same_place = AdminSettings { listen: addr, tls: Some(AdminTls::load(&cert_file, &key_file).unwrap()) };
+        let changed = control.reconfigure(&same_place).await.unwrap();
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert!(changed[0].contains("certificate") && changed[0].contains("reloaded"), "{changed:?}");
+        let answer = exchange(tls_connect(addr, &new_client).await.unwrap(), &request("/api/v1/status")).await;
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("tls-test"), "{answer}");
+        let refused = tls_connect(addr, &old_client).await.expect_err("the old certificate must be gone");
+        assert!(refused.to_string().contains("certificate"), "{refused}");
+        // The connection from before finishes on the session it has.
+        assert!(exchange(before, &request("/api/v1/status")).await.starts_with("HTTP/1.1 200"));
+
+        // A new address (same port, another loopback address): served there, closed here.
+        let moved: std::net::SocketAddr = format!("127.0.0.2:{}", addr.port()).parse().unwrap();
+        let elsewhere = AdminSettings { listen: moved, tls: same_place.tls.clone() };
+        let changed = control.reconfigure(&elsewhere).await.unwrap();
+        assert!(changed.iter().any(|c| c.contains("admin.listen 127.0.0.2")), "{changed:?}");
+        assert!(exchange(tls_connect(moved, &new_client).await.unwrap(), &request("/api/v1/status")).await.starts_with("HTTP/1.1 200"));
+        let gone = tokio::net::TcpStream::connect(addr).await.expect_err("the old address must be closed");
+        assert_eq!(gone.kind(), std::io::ErrorKind::ConnectionRefused);
+        // Nothing to do when nothing changed (the same files read again: same certificate).
+        assert!(control.reconfigure(&elsewhere).await.unwrap().is_empty());
+
+        // An address that cannot be bound (taken): refused, naming the field; the listener in
+        // force serves on with the same certificate.
+        let taken = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+        let busy = AdminSettings { listen: taken.local_addr().unwrap(), tls: elsewhere.tls.clone() };
+        let e = control.reconfigure(&busy).await.unwrap_err();
+        assert_eq!(e.field, "admin.listen");
+        assert!(e.message.contains(&busy.listen.to_string()), "{e}");
+        assert_eq!(control.settings().listen, moved);
+        assert!(exchange(tls_connect(moved, &new_client).await.unwrap(), &request("/api/v1/status")).await.starts_with("HTTP/1.1 200"));
+
+        // Back to plain HTTP (TLS files removed from the configuration).
+        let plain = AdminSettings { listen: moved, tls: None };
+        assert_eq!(control.reconfigure(&plain).await.unwrap().len(), 1);
+        let answer = exchange(tokio::net::TcpStream::connect(moved).await.unwrap(), "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("confmesh_info"), "{answer}");
+
         stop.send(true).unwrap();
         task.await.unwrap().unwrap();
     }

@@ -85,6 +85,8 @@ struct Daemon {
     bandwidth: BandwidthService,
     /// The SIP B2BUA on the rendezvous addresses, routing on the store and the bandwidth ledger.
     b2bua: StoreB2bua,
+    /// The admin API's listener and TLS identity, which a reload may change.
+    admin: crate::admin::AdminControl,
     cluster: Option<ClusterState>,
 }
 
@@ -169,9 +171,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .map_err(io(format!("cannot listen for the admin API on {} (admin.listen)", config.admin.listen)))?;
-    let admin = tokio::spawn(crate::admin::serve(admin_listener, config.admin.tls.clone(), calls_tx.clone(), stop_rx.clone()));
+    let (admin_control, admin_updates) = crate::admin::AdminControl::new(config.admin.clone());
+    let admin = tokio::spawn(crate::admin::serve(admin_listener, config.admin.tls.clone(), admin_updates, calls_tx.clone(), stop_rx.clone()));
     let (inputs_tx, mut inputs) = mpsc::channel(INPUT_QUEUE);
-    let mut daemon = Daemon { inputs: inputs_tx, opts, config, logs, keylog, store, bandwidth, b2bua, cluster: None };
+    let mut daemon = Daemon { inputs: inputs_tx, opts, config, logs, keylog, store, bandwidth, b2bua, admin: admin_control, cluster: None };
     let cluster = daemon.config.cluster.clone();
     daemon.logs.append(
         LogKind::Events,
@@ -818,7 +821,13 @@ impl Daemon {
     async fn reload(&mut self) -> Result<(), DaemonError> {
         let config = Config::load(&self.opts.config_path)?;
         self.check_live_change(&config)?;
+        // The admin API first: a new address that cannot be bound refuses the whole reload, the
+        // old listener serving on; new certificate files (already checked by `load`) take over.
+        let admin_changes = self.admin.reconfigure(&config.admin).await?;
         self.logs.append(LogKind::Config, Severity::Notice, "configuration reloaded");
+        for change in admin_changes {
+            self.logs.append(LogKind::Config, Severity::Notice, change);
+        }
         self.apply(config).await
     }
 

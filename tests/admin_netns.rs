@@ -246,3 +246,77 @@ fn tls_admin_api_keeps_the_password_off_the_wire() {
     assert!(!body.contains("confmesh_info"), "{body}");
     assert_eq!(curl_in(&topo, "vcs", &["https://10.96.0.1:8443/metrics"]).0, 0, "an untrusted certificate must fail verification");
 }
+
+/// A configuration reload (`confmesh reload`, as SIGHUP) changes the admin API without a restart:
+/// plain HTTP to HTTPS, a rotated certificate at the same paths, a new `listen` address. A value
+/// that cannot be used (an address that is not this host's, a key that is not the certificate's)
+/// is refused with the field named, and the API serves on as before.
+#[test]
+fn a_reload_rotates_the_admin_certificate_and_moves_the_listener() {
+    if !require_root("a_reload_rotates_the_admin_certificate_and_moves_the_listener") {
+        return;
+    }
+    let topo = Topology::up("cmar", 1);
+    let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[]));
+    let plain_config = std::fs::read_to_string(&d1.config).unwrap();
+    let up = wait_until(Duration::from_secs(20), || curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0 == 200);
+    assert!(up, "admin API did not come up: {}", d1.log());
+    let (cert, key) = (d1.dir.join("admin.crt"), d1.dir.join("admin.key"));
+    let issue = || {
+        let generated = rcgen::generate_simple_self_signed(vec!["10.96.0.1".to_owned()]).unwrap();
+        std::fs::write(&cert, generated.cert.pem()).unwrap();
+        std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
+        generated.cert.pem()
+    };
+    // Each certificate kept apart as the CA file of a client that trusts only it.
+    let ca_file = |n: &str, pem: String| {
+        let f = d1.dir.join(format!("ca-{n}.pem"));
+        std::fs::write(&f, pem).unwrap();
+        f.to_str().unwrap().to_owned()
+    };
+    let with = |admin: &str| format!("{plain_config}\n[admin]\n{admin}\n");
+    let tls = |cert: &Path, key: &Path| format!("tls_cert_file = {:?}\ntls_key_file = {:?}", cert.display().to_string(), key.display().to_string());
+    let reload = || {
+        let out = d1.cli(&["reload"]);
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    // Plain HTTP to HTTPS.
+    let first = ca_file("first", issue());
+    std::fs::write(&d1.config, with(&tls(&cert, &key))).unwrap();
+    let (ok, err) = reload();
+    assert!(ok, "reload: {err}");
+    assert_eq!(curl(&topo, 1, &["--cacert", &first, "https://10.96.0.1:8443/metrics"]).0, 200, "{}", d1.log());
+    assert_eq!(curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0, 0, "plain HTTP still answered");
+
+    // Rotation: new files at the same paths, then a reload; the old certificate is no longer
+    // presented.
+    let second = ca_file("second", issue());
+    let (ok, err) = reload();
+    assert!(ok, "reload: {err}");
+    assert_eq!(curl(&topo, 1, &["--cacert", &second, "https://10.96.0.1:8443/metrics"]).0, 200, "{}", d1.log());
+    assert_eq!(curl(&topo, 1, &["--cacert", &first, "https://10.96.0.1:8443/metrics"]).0, 0, "the old certificate is still served");
+
+    // A new address: served there, closed on the old one.
+    std::fs::write(&d1.config, with(&format!("listen = \"10.96.0.1:9443\"\n{}", tls(&cert, &key)))).unwrap();
+    let (ok, err) = reload();
+    assert!(ok, "reload: {err}");
+    assert_eq!(curl(&topo, 1, &["--cacert", &second, "https://10.96.0.1:9443/metrics"]).0, 200, "{}", d1.log());
+    assert_eq!(curl(&topo, 1, &["--cacert", &second, "https://10.96.0.1:8443/metrics"]).0, 0, "the old address still answers");
+
+    // Refused: an address that is not this host's, then a key that is not the certificate's.
+    // Each names its field; the API serves on as it was.
+    std::fs::write(&d1.config, with(&format!("listen = \"10.96.0.99:9443\"\n{}", tls(&cert, &key)))).unwrap();
+    let (ok, err) = reload();
+    assert!(!ok && err.contains("admin.listen") && err.contains("10.96.0.99:9443"), "{err}");
+    assert_eq!(curl(&topo, 1, &["--cacert", &second, "https://10.96.0.1:9443/metrics"]).0, 200, "{}", d1.log());
+    std::fs::write(&d1.config, with(&format!("listen = \"10.96.0.1:9443\"\n{}", tls(&cert, &cert)))).unwrap();
+    let (ok, err) = reload();
+    assert!(!ok && err.contains("admin.tls_key_file"), "{err}");
+    assert_eq!(curl(&topo, 1, &["--cacert", &second, "https://10.96.0.1:9443/metrics"]).0, 200, "{}", d1.log());
+
+    // All of it without a restart, and written down in the configuration log.
+    let logs = d1.all_logs();
+    assert_eq!(logs.matches("started as conductor1").count(), 1, "{logs}");
+    assert!(logs.contains("admin TLS certificate from") && logs.contains("admin.listen 10.96.0.1:9443"), "{logs}");
+}
