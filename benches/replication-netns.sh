@@ -4,19 +4,24 @@
 # namespace), confmesh over its AH overlay and a 3-member etcd (Debian's etcd-server) in the same
 # namespaces, one after the other in the same run, with the same load generator, sizes and method.
 #
-# Load (examples/write_load.rs, run in peer 1's namespace): WRITERS (default 12) persistent
-# connections to peer 1, each writing keys of exactly KEY_SIZE bytes (64) with values of exactly
-# VALUE_SIZE bytes (256) back to back for DURATION seconds (default 20); a write counts when it is
-# acknowledged. confmesh: `config-set` requests on peer 1's control socket (acknowledged once
-# durable on peer 1's disk; replication to the others is asynchronous); etcd: `POST /v3/kv/put` on
-# member 1's gRPC gateway, HTTP/1.1 keep-alive (acknowledged once committed by a majority; member 1
-# is made the leader first with `etcdctl move-leader`). The admin HTTP API of confmesh is not used:
-# it verifies an Argon2id password on every request.
+# Load (examples/write_load.rs, run in peer 1's namespace): WRITERS (default 12) writers on peer 1,
+# each keeping DEPTH (default 16) writes in flight, writing keys of exactly KEY_SIZE bytes (64)
+# with values of exactly VALUE_SIZE bytes (256) back to back for DURATION seconds (default 20); a
+# write counts when it is acknowledged. Both systems have WRITERS x DEPTH writes in flight.
+# confmesh: `config-set` requests pipelined on one control-socket connection per writer (answered
+# in order; acknowledged once durable on peer 1's disk; replication to the others is
+# asynchronous); etcd: `POST /v3/kv/put` on member 1's gRPC gateway over HTTP/1.1 keep-alive, which
+# serves one request at a time per connection, so DEPTH connections per writer (acknowledged once
+# committed by a majority; member 1 is made the leader first with `etcdctl move-leader`). DEPTH=1
+# is the old one-write-at-a-time load. The admin HTTP API of confmesh is not used: it verifies an
+# Argon2id password on every request.
 #   writes/s   acknowledged writes / time from the first write to the last acknowledgement.
 #   repl/s     acknowledged writes / time from the first write until every other peer holds all of
 #              them (confmesh: peer 1's replication status shows no entry unacknowledged by peers 2
 #              and 3; etcd: members 2 and 3 report the revision of the last acknowledged put).
 #   ack        latency of one write as its writer sees it, p50/p99/max.
+#   CPU/write  CPU time (user + system, from /proc) of the three daemons over the run, per
+#              acknowledged write: what a write costs, whatever else the machine was doing.
 # confmesh runs the load twice: acknowledged once durable on peer 1 (the default), and with
 # `wait_peers: 1`, acknowledged once one other peer has it too (the analogue of etcd's majority).
 # Lag (the same for both): while the writers run, one more connection to peer 1 writes a probe key
@@ -36,14 +41,16 @@
 # confmesh's own counters on peer 1 are shown too: sync-stream bytes (inside the overlay) and AH
 # packets sent per replicated write, and the dataplane's fragmentation attempts (refused sends).
 #
-# Usage: sudo benches/replication-netns.sh [DURATION]   env: WRITERS KEY_SIZE VALUE_SIZE LIGHT
+# Usage: sudo benches/replication-netns.sh [DURATION]   env: WRITERS DEPTH KEY_SIZE VALUE_SIZE LIGHT
 #   CONFMESH_BIN / WRITE_LOAD_BIN: prebuilt binaries (default: cargo build --release into
 #   ${CARGO_TARGET_DIR:-target}). KEEP_WORK=1 keeps the state, logs and JSON results.
 # Installs etcd-server and etcd-client (apt-get) when missing. WRITERS is at most 14: a confmesh
-# daemon serves 16 control connections at once and the script needs one for status.
+# daemon serves 16 control connections at once and the script needs one for status. DEPTH is at
+# most 64, the requests a confmesh control connection has in progress at once.
 set -euo pipefail
 D=${1:-20}
 WRITERS=${WRITERS:-12}
+DEPTH=${DEPTH:-16}
 KEY_SIZE=${KEY_SIZE:-64}
 VALUE_SIZE=${VALUE_SIZE:-256}
 LIGHT=${LIGHT:-5}
@@ -55,6 +62,7 @@ PY=/usr/bin/python3
 [[ $D =~ ^[0-9]+$ ]] && [ "$D" -ge 1 ] && [ "$D" -le 120 ] || { echo "replication-netns.sh: DURATION is 1-120 s" >&2; exit 2; }
 [[ $LIGHT =~ ^[0-9]+$ ]] && [ "$LIGHT" -ge 1 ] && [ "$LIGHT" -le 60 ] || { echo "replication-netns.sh: LIGHT is 1-60 s" >&2; exit 2; }
 [[ $WRITERS =~ ^[0-9]+$ ]] && [ "$WRITERS" -ge 1 ] && [ "$WRITERS" -le 14 ] || { echo "replication-netns.sh: WRITERS is 1-14" >&2; exit 2; }
+[[ $DEPTH =~ ^[0-9]+$ ]] && [ "$DEPTH" -ge 1 ] && [ "$DEPTH" -le 64 ] || { echo "replication-netns.sh: DEPTH is 1-64" >&2; exit 2; }
 if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
@@ -133,6 +141,14 @@ for o in json.load(sys.stdin)["nftables"]:
     c = o.get("counter")
     if c: print(c["name"], c["packets"], c["bytes"])' > "$1"
 }
+# cpu_snap FILE: CPU ticks (user + system) of the daemons this script started, summed.
+cpu_snap() {
+    local p t=0
+    for p in "${PIDS[@]}"; do
+        t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") ))
+    done
+    echo "$t $(getconf CLK_TCK)" > "$1"
+}
 nft_snap "$WORK/nft.0"
 ip netns exec "${P}p1" ping -q -c 1 -W 2 -s 3000 -M dont 10.96.0.2 >/dev/null
 nft_snap "$WORK/nft.selftest"
@@ -174,7 +190,7 @@ sys.exit(0 if ok else 1)' 2>/dev/null || return 1
     done
 }
 wait_until 60 cm_ready || { echo "confmesh: the cluster did not form; logs:" >&2; tail -n 20 "$WORK"/cm*/log >&2; exit 1; }
-echo "confmesh: cluster up (AH overlay); writing for ${D}s with $WRITERS writers, ${KEY_SIZE} B keys, ${VALUE_SIZE} B values" >&2
+echo "confmesh: cluster up (AH overlay); writing for ${D}s with $WRITERS writers x $DEPTH in flight, ${KEY_SIZE} B keys, ${VALUE_SIZE} B values" >&2
 cm_status() { # SUFFIX: every peer's status document
     local i
     for i in 1 2 3; do
@@ -182,18 +198,18 @@ cm_status() { # SUFFIX: every peer's status document
     done
 }
 cm_status 0
-nft_snap "$WORK/nft.cm0"
+nft_snap "$WORK/nft.cm0"; cpu_snap "$WORK/cpu.cm0"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
-    --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers "$WRITERS" \
+    --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers "$WRITERS" --depth "$DEPTH" \
     --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh.json"
-nft_snap "$WORK/nft.cm1"
+nft_snap "$WORK/nft.cm1"; cpu_snap "$WORK/cpu.cm1"
 cm_status 1
 # The same load, each write acknowledged once one other peer has it too (like etcd's majority).
-nft_snap "$WORK/nft.cw0"
+nft_snap "$WORK/nft.cw0"; cpu_snap "$WORK/cpu.cw0"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
-    --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers "$WRITERS" --wait-peers 1 \
+    --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers "$WRITERS" --depth "$DEPTH" --wait-peers 1 \
     --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh-wait1.json"
-nft_snap "$WORK/nft.cw1"
+nft_snap "$WORK/nft.cw1"; cpu_snap "$WORK/cpu.cw1"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
     --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers 0 \
     --duration "$LIGHT" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh-light.json"
@@ -224,12 +240,12 @@ print(ep, format(m1, "x"))' "$WORK/etcd-status.json")
 if [ "$LEADER_EP" != "http://10.96.0.1:2379" ]; then
     ip netns exec "${P}p1" etcdctl --endpoints="$LEADER_EP" move-leader "$M1_HEX" >/dev/null
 fi
-echo "etcd $(etcd --version | awk '/etcd Version/ {print $3}'): 3 members up (plain TCP, no AH), leader member 1; writing for ${D}s" >&2
-nft_snap "$WORK/nft.et0"
+echo "etcd $(etcd --version | awk '/etcd Version/ {print $3}'): 3 members up (plain TCP, no AH), leader member 1; writing for ${D}s with $((WRITERS * DEPTH)) connections" >&2
+nft_snap "$WORK/nft.et0"; cpu_snap "$WORK/cpu.et0"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system etcd --target 10.96.0.1:2379 --others 10.96.0.2:2379,10.96.0.3:2379 \
-    --reader-netns "${P}p2" --reader-target 10.96.0.2:2379 --writers "$WRITERS" \
+    --reader-netns "${P}p2" --reader-target 10.96.0.2:2379 --writers "$WRITERS" --depth "$DEPTH" \
     --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/etcd.json"
-nft_snap "$WORK/nft.et1"
+nft_snap "$WORK/nft.et1"; cpu_snap "$WORK/cpu.et1"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system etcd --target 10.96.0.1:2379 --others 10.96.0.2:2379,10.96.0.3:2379 \
     --reader-netns "${P}p2" --reader-target 10.96.0.2:2379 --writers 0 \
     --duration "$LIGHT" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/etcd-light.json"
@@ -255,20 +271,21 @@ for r, (a, b), wire in ((cm, ("cm0", "cm1"), "n_ah"), (et, ("et0", "et1"), "n_et
     pk, by = delta(a, b, wire)
     f4, f6 = delta(a, b, "n_frag4")[0], delta(a, b, "n_frag6")[0]
     allp = delta(a, b, "n_all")[0]
-    rows.append(dict(r=r, pk=pk, by=by, frag=f4 + f6, allp=allp))
+    (t0, hz), (t1, _) = (map(int, open(f"{work}/cpu.{x}").read().split()) for x in (a, b))
+    rows.append(dict(r=r, pk=pk, by=by, frag=f4 + f6, allp=allp, cpu_ms=(t1 - t0) * 1000 / hz / max(r["acked"], 1)))
 fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
-print(f"replicated writes, 3 peers in namespaces, {cm['writers']} writers on peer 1, {cm['key_size']} B keys, "
+print(f"replicated writes, 3 peers in namespaces, {cm['writers']} writers x {cm['depth']} in flight on peer 1, {cm['key_size']} B keys, "
       f"{cm['value_size']} B values, {cm['window_s']:.1f} s (confmesh) and {et['window_s']:.1f} s (etcd) from the first "
       f"write to the last acknowledgement; lag = ack on peer 1 -> visible on peer 2")
 print(f"{'system':<22} {'writes/s':>9} {'repl/s':>9} {'ack p50/p99/max ms':>19} {'lag p50/p99 ms':>16} {'samples':>7} "
-      f"{'B/write':>8} {'pkts/write':>10} {'fragments':>9}")
+      f"{'B/write':>8} {'pkts/write':>10} {'fragments':>9} {'CPU ms/write':>12}")
 ack = lambda r: f"{fmt(r['ack_ms']['p50'], 2)}/{fmt(r['ack_ms']['p99'], 1)}/{fmt(r['ack_ms'].get('max'), 0)}"
 for x, name in zip(rows, ("confmesh (AH overlay)", "etcd (plain TCP)", "confmesh wait_peers=1")):
     r = x["r"]
     print(f"{name:<22} {r['writes_per_s']:>9.0f} {fmt(r['replicated_writes_per_s'], 0):>9} "
           f"{ack(r):>19} "
           f"{fmt(r['lag_ms']['p50'], 2) + '/' + fmt(r['lag_ms']['p99'], 1):>16} {r['lag_ms']['samples']:>7} "
-          f"{x['by'] / max(r['acked'], 1):>8.0f} {x['pk'] / max(r['acked'], 1):>10.2f} {x['frag']:>9}")
+          f"{x['by'] / max(r['acked'], 1):>8.0f} {x['pk'] / max(r['acked'], 1):>10.2f} {x['frag']:>9} {x['cpu_ms']:>12.3f}")
     if r["errors"] or r["lag_ms"]["timeouts"] or r["replicated_writes_per_s"] is None:
         print(f"  {name}: {r['errors']} failed writes (last: {r['last_error']}), {r['lag_ms']['timeouts']} probes "
               f"not visible within 5 s, {'not all replicated within 60 s' if r['replicated_writes_per_s'] is None else 'all replicated'}")
@@ -281,7 +298,8 @@ for name, f in (("confmesh, probe alone", "confmesh-light"), ("etcd, probe alone
 c, e = rows[0]["r"], rows[1]["r"]
 cl, el = json.load(open(f"{work}/confmesh-light.json")), json.load(open(f"{work}/etcd-light.json"))
 print("B/write, pkts/write: on the wire through the router, all directions, per acknowledged write "
-      "(confmesh: AH packets; etcd: TCP port 2380, member to member).")
+      "(confmesh: AH packets; etcd: TCP port 2380, member to member). CPU ms/write: user + system time of "
+      "the three daemons over the run per acknowledged write.")
 k = cm["counters"]
 n = c["acked"]
 print(f"confmesh counters on peer 1 per write: sync-stream bytes sent {k['sync_bytes_sent'] / n:.0f} "
@@ -302,9 +320,11 @@ ratio = lambda a, b: "-" if a is None or b in (None, 0) else f"{a / b:.2f}"
 print(f"ratio confmesh/etcd: writes/s {ratio(c['writes_per_s'], e['writes_per_s'])} (goal >= 10), "
       f"repl/s {ratio(c['replicated_writes_per_s'], e['replicated_writes_per_s'])}, "
       f"lag p50 {ratio(c['lag_ms']['p50'], e['lag_ms']['p50'])} p99 {ratio(c['lag_ms']['p99'], e['lag_ms']['p99'])} (goal < 1), "
-      f"bytes/write {ratio(rows[0]['by'] / c['acked'], rows[1]['by'] / e['acked'])}; "
+      f"bytes/write {ratio(rows[0]['by'] / c['acked'], rows[1]['by'] / e['acked'])}, "
+      f"CPU/write {ratio(rows[0]['cpu_ms'], rows[1]['cpu_ms'])}; "
       f"probe alone: lag p50 {ratio(cl['lag_ms']['p50'], el['lag_ms']['p50'])} p99 {ratio(cl['lag_ms']['p99'], el['lag_ms']['p99'])}; "
-      f"confmesh wait_peers=1: writes/s {ratio(cw['writes_per_s'], e['writes_per_s'])}")
+      f"confmesh wait_peers=1: writes/s {ratio(cw['writes_per_s'], e['writes_per_s'])}, "
+      f"CPU/write {ratio(rows[2]['cpu_ms'], rows[1]['cpu_ms'])}")
 print("acknowledged: confmesh once durable on peer 1 (replication asynchronous), with wait_peers=1 once durable on peer 1 and "
       "one other peer; etcd once committed by a majority (raft: leader and one follower).")
 EOF

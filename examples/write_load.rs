@@ -31,10 +31,6 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
 
-/// The confmesh daemon reads at most this many bytes from one control connection (src/control.rs
-/// wraps the whole connection, not each line, in `take(MAX_REQUEST + 1)`), so a client that sends
-/// many requests must open a new connection before reaching it.
-const CONTROL_CONNECTION_BUDGET: usize = 64 * 1024;
 /// Longest wait for one answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for a probe key to appear on the other peer.
@@ -75,6 +71,12 @@ struct WriteArgs {
     /// Connections writing back to back (0: only the lag probe writes, about 100 writes/s).
     #[arg(long, default_value_t = 12)]
     writers: usize,
+    /// Writes in flight per writer. confmesh pipelines them on the writer's control connection
+    /// (the daemon answers in order); etcd's gateway serves one request at a time per HTTP/1.1
+    /// connection, so an etcd writer opens this many connections. Either way both systems have
+    /// writers × depth writes in flight.
+    #[arg(long, default_value_t = 1)]
+    depth: usize,
     /// Seconds of writing.
     #[arg(long, default_value_t = 20)]
     duration: u64,
@@ -92,7 +94,6 @@ struct WriteArgs {
     /// confmesh only: each write is acknowledged once this many other peers have it too.
     #[arg(long, default_value_t = 0)]
     wait_peers: usize,
-    
 }
 
 #[derive(Subcommand)]
@@ -121,13 +122,12 @@ fn now_ns() -> i128 {
 struct ControlConn {
     path: PathBuf,
     io: Option<(BufReader<tokio::net::unix::OwnedReadHalf>, tokio::net::unix::OwnedWriteHalf)>,
-    sent: usize,
     reconnects: u64,
 }
 
 impl ControlConn {
     async fn connect(path: PathBuf) -> Result<ControlConn, String> {
-        let mut c = ControlConn { path, io: None, sent: 0, reconnects: 0 };
+        let mut c = ControlConn { path, io: None, reconnects: 0 };
         c.reopen().await?;
         c.reconnects = 0;
         Ok(c)
@@ -138,7 +138,6 @@ impl ControlConn {
         let s = UnixStream::connect(&self.path).await.map_err(|e| format!("connect {}: {e}", self.path.display()))?;
         let (r, w) = s.into_split();
         self.io = Some((BufReader::new(r), w));
-        self.sent = 0;
         self.reconnects += 1;
         Ok(())
     }
@@ -148,7 +147,7 @@ impl ControlConn {
     async fn call(&mut self, request: &Value) -> Result<Value, String> {
         let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
         line.push(b'\n');
-        if self.io.is_none() || self.sent + line.len() > CONTROL_CONNECTION_BUDGET {
+        if self.io.is_none() {
             self.reopen().await.map_err(|e| format!("transport: {e}"))?;
         }
         let (r, w) = self.io.as_mut().expect("connected");
@@ -173,13 +172,18 @@ impl ControlConn {
                 return Err("transport: no answer in time".into());
             }
         };
-        self.sent += line.len();
-        let v: Value = serde_json::from_str(&answer).map_err(|e| format!("transport: unreadable answer: {e}"))?;
-        match (v.get("ok"), v.get("error")) {
-            (_, Some(e)) => Err(e.as_str().unwrap_or("?").to_owned()),
-            (Some(ok), None) => Ok(ok.clone()),
-            (None, None) => Ok(Value::Null),
-        }
+        control_answer(&answer)
+    }
+}
+
+/// A control-socket answer line: `Ok(value)`, `Err(the daemon's error message)`, or `Err` prefixed
+/// with "transport:" if it is not an answer.
+fn control_answer(line: &str) -> Result<Value, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("transport: unreadable answer: {e}"))?;
+    match (v.get("ok"), v.get("error")) {
+        (_, Some(e)) => Err(e.as_str().unwrap_or("?").to_owned()),
+        (Some(ok), None) => Ok(ok.clone()),
+        (None, None) => Ok(Value::Null),
     }
 }
 
@@ -459,6 +463,7 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
         reader_netns,
         reader_target,
         writers,
+        depth,
         duration,
         key_size,
         value_size,
@@ -488,50 +493,40 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
         return Err(format!("the reader did not start: {ready:?}"));
     }
 
-    let mut conns = Vec::new();
-    for w in 0..=writers {
-        let mut c = Conn::open(system, &target).await?;
-        if let Conn::Confmesh(_, wait) = &mut c {
-            *wait = wait_peers;
-        }
-        c.put(&key(&format!("warm/{w:02}"), 0, key_size), &value(w as u64, value_size)).await?;
-        conns.push(c);
+    // The probe's connection (and, for etcd, the writers' connections), warmed with one write.
+    let mut probe = Conn::open(system, &target).await?;
+    if let Conn::Confmesh(_, wait) = &mut probe {
+        *wait = wait_peers;
     }
-    let mut probe = conns.pop().expect("probe connection");
+    probe.put(&key("warm/probe", 0, key_size), &value(0, value_size)).await?;
+    let mut etcd_conns = Vec::new();
+    if system == System::Etcd {
+        for c in 0..writers * depth {
+            let mut conn = Conn::open(system, &target).await?;
+            conn.put(&key(&format!("warm/{c:03}"), 0, key_size), &value(c as u64, value_size)).await?;
+            etcd_conns.push(conn);
+        }
+    }
     let mut ctl = Conn::open(system, &target).await?;
     let before = confmesh_counters(&mut ctl).await?;
 
     let max_revision = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let end = start + Duration::from_secs(duration);
+    let sizes = (key_size, value_size);
     let mut tasks = Vec::new();
-    for (w, mut c) in conns.into_iter().enumerate() {
-        let max_revision = max_revision.clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut ok, mut errors, mut consecutive, mut last_error) = (0u64, 0u64, 0u32, None);
-            let mut latencies = Vec::with_capacity(1 << 16);
-            let prefix = format!("rb/w{w:02}");
-            let mut n = 0u64;
-            while Instant::now() < end && consecutive < 100 {
-                let (k, v) = (key(&prefix, n, key_size), value((w as u64) << 40 | n, value_size));
-                n += 1;
-                let t = Instant::now();
-                match c.put(&k, &v).await {
-                    Ok(rev) => {
-                        latencies.push(t.elapsed().as_secs_f64() * 1e3);
-                        ok += 1;
-                        consecutive = 0;
-                        max_revision.fetch_max(rev, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        errors += 1;
-                        consecutive += 1;
-                        last_error = Some(e);
-                    }
-                }
+    match system {
+        System::Confmesh => {
+            for w in 0..writers {
+                let path = PathBuf::from(&target);
+                tasks.push(tokio::spawn(confmesh_writer(path, w, depth, wait_peers, sizes, end)));
             }
-            (ok, errors, last_error, latencies, Instant::now(), c.reconnects())
-        }));
+        }
+        System::Etcd => {
+            for (c, conn) in etcd_conns.into_iter().enumerate() {
+                tasks.push(tokio::spawn(one_at_a_time_writer(conn, c, sizes, end, max_revision.clone())));
+            }
+        }
     }
 
     // Lag probes, one at a time, while the writers run.
@@ -566,13 +561,13 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
     let (mut acked, mut errors, mut latencies, mut last_ack, mut reconnects, mut last_error) =
         (probe_writes, probe_errors, probe_latencies, Instant::now(), probe.reconnects(), None);
     for t in tasks {
-        let (ok, err, le, lat, done, rc) = t.await.map_err(|e| e.to_string())?;
-        acked += ok;
-        errors += err;
-        latencies.extend(lat);
-        last_ack = last_ack.max(done);
-        reconnects += rc;
-        last_error = last_error.or(le);
+        let w = t.await.map_err(|e| e.to_string())?;
+        acked += w.ok;
+        errors += w.errors;
+        latencies.extend(w.latencies);
+        last_ack = last_ack.max(w.done);
+        reconnects += w.reconnects;
+        last_error = last_error.or(w.last_error);
     }
     let window = last_ack.duration_since(start).as_secs_f64();
 
@@ -622,6 +617,7 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
     Ok(json!({
         "system": sys,
         "writers": writers,
+        "depth": depth,
         "wait_peers": wait_peers,
         "key_size": key_size,
         "value_size": value_size,
@@ -638,6 +634,173 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
         "reconnects": reconnects,
         "counters": counters,
     }))
+}
+
+/// What one writer did over the window.
+struct WriterStats {
+    ok: u64,
+    errors: u64,
+    last_error: Option<String>,
+    /// Acknowledgement latency of every acknowledged write, ms.
+    latencies: Vec<f64>,
+    /// When its last answer came.
+    done: Instant,
+    reconnects: u64,
+}
+
+impl WriterStats {
+    fn new() -> WriterStats {
+        WriterStats { ok: 0, errors: 0, last_error: None, latencies: Vec::with_capacity(1 << 16), done: Instant::now(), reconnects: 0 }
+    }
+}
+
+/// A writer stops after this many failed writes in a row.
+const MAX_CONSECUTIVE_ERRORS: u32 = 100;
+
+/// One confmesh writer: up to `depth` `config-set` requests in flight on one control connection
+/// (pipelined: the next request goes out before the previous is answered; answers come in order).
+/// A transport failure counts every unanswered request as failed and reconnects.
+async fn confmesh_writer(
+    path: PathBuf,
+    w: usize,
+    depth: usize,
+    wait_peers: usize,
+    (key_size, value_size): (usize, usize),
+    end: Instant,
+) -> WriterStats {
+    let mut st = WriterStats::new();
+    let prefix = format!("rb/w{w:02}");
+    let mut n = 0u64;
+    let mut consecutive = 0u32;
+    let mut first = true;
+    while Instant::now() < end && consecutive < MAX_CONSECUTIVE_ERRORS {
+        if !std::mem::take(&mut first) {
+            st.reconnects += 1;
+        }
+        let stream = match UnixStream::connect(&path).await {
+            Ok(s) => s,
+            Err(e) => {
+                st.errors += 1;
+                consecutive += 1;
+                st.last_error = Some(format!("transport: connect: {e}"));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let (r, mut wr) = stream.into_split();
+        let window = tokio::sync::Semaphore::new(depth.max(1));
+        let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        let send = async {
+            let mut line = Vec::with_capacity(key_size + value_size + 100);
+            while Instant::now() < end {
+                let Ok(permit) = window.acquire().await else { break };
+                permit.forget();
+                let (k, v) = (key(&prefix, n, key_size), value((w as u64) << 40 | n, value_size));
+                n += 1;
+                let request = if wait_peers == 0 {
+                    json!({"cmd": "config-set", "key": k, "value": v})
+                } else {
+                    json!({"cmd": "config-set", "key": k, "value": v, "wait_peers": wait_peers})
+                };
+                line.clear();
+                serde_json::to_writer(&mut line, &request).expect("JSON");
+                line.push(b'\n');
+                let t = Instant::now();
+                if wr.write_all(&line).await.is_err() {
+                    break;
+                }
+                let _ = sent_tx.send(t);
+            }
+            drop(sent_tx);
+            wr
+        };
+        let receive = async {
+            let mut r = BufReader::new(r);
+            let mut answer = String::new();
+            while let Some(t) = sent_rx.recv().await {
+                answer.clear();
+                let outcome = match tokio::time::timeout(CALL_TIMEOUT, r.read_line(&mut answer)).await {
+                    Ok(Ok(n)) if n > 0 => control_answer(&answer),
+                    Ok(Ok(_)) => Err("transport: the daemon closed the connection".to_owned()),
+                    Ok(Err(e)) => Err(format!("transport: {e}")),
+                    Err(_) => Err("transport: no answer in time".to_owned()),
+                };
+                match outcome {
+                    Ok(_) => {
+                        st.latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                        st.ok += 1;
+                        st.done = Instant::now();
+                        consecutive = 0;
+                        window.add_permits(1);
+                    }
+                    Err(e) if e.starts_with("transport:") => {
+                        // This one and every request sent after it are lost with the connection.
+                        window.close();
+                        st.errors += 1 + sent_rx.len() as u64;
+                        consecutive += 1;
+                        st.last_error = Some(e);
+                        return;
+                    }
+                    Err(e) => {
+                        st.errors += 1;
+                        consecutive += 1;
+                        st.last_error = Some(e);
+                        if consecutive >= MAX_CONSECUTIVE_ERRORS {
+                            window.close();
+                            return;
+                        }
+                        window.add_permits(1);
+                    }
+                }
+            }
+        };
+        // The receiver ends once the sender has stopped and every answer is in, or on a transport
+        // failure (then the sender is dropped with the connection).
+        let mut send = std::pin::pin!(send);
+        let mut receive = std::pin::pin!(receive);
+        let mut sending = true;
+        loop {
+            tokio::select! {
+                _ = &mut send, if sending => sending = false,
+                () = &mut receive => break,
+            }
+        }
+    }
+    st
+}
+
+/// One writer that waits for each answer before the next write (etcd: one HTTP/1.1 connection).
+async fn one_at_a_time_writer(
+    mut c: Conn,
+    w: usize,
+    (key_size, value_size): (usize, usize),
+    end: Instant,
+    max_revision: Arc<AtomicU64>,
+) -> WriterStats {
+    let mut st = WriterStats::new();
+    let prefix = format!("rb/w{w:03}");
+    let (mut n, mut consecutive) = (0u64, 0u32);
+    while Instant::now() < end && consecutive < MAX_CONSECUTIVE_ERRORS {
+        let (k, v) = (key(&prefix, n, key_size), value((w as u64) << 40 | n, value_size));
+        n += 1;
+        let t = Instant::now();
+        match c.put(&k, &v).await {
+            Ok(rev) => {
+                st.latencies.push(t.elapsed().as_secs_f64() * 1e3);
+                st.ok += 1;
+                st.done = Instant::now();
+                consecutive = 0;
+                max_revision.fetch_max(rev, Ordering::Relaxed);
+            }
+            Err(e) => {
+                st.errors += 1;
+                consecutive += 1;
+                st.last_error = Some(e);
+            }
+        }
+    }
+    st.reconnects = c.reconnects();
+    st
 }
 
 async fn read(system: System, target: String, poll_us: u64) -> Result<(), String> {

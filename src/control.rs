@@ -3,6 +3,12 @@
 //! One JSON request per line, one JSON response per line, over a Unix socket that only root can
 //! open (it can change the cluster). Requests are bounded in size and connections in number, so a
 //! stuck client cannot hold the daemon.
+//!
+//! A client may pipeline: send further requests before it has read the answers. The daemon works
+//! on up to [`MAX_IN_FLIGHT`] requests of a connection at once and answers them in the order they
+//! were sent; because they run concurrently, a client that needs one write to land after another
+//! waits for the first answer before sending the second (as the CLI does: one request per
+//! connection).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +26,10 @@ use crate::eventlog::LogKind;
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// Connections served at once; more wait in the kernel's backlog.
 pub const MAX_CONNECTIONS: usize = 16;
+/// Requests of one connection in progress at once (pipelining): a client may send more before
+/// reading the answers, but the daemon reads the next one only once the oldest is answered. With
+/// [`MAX_REQUEST`] and [`MAX_CONNECTIONS`] this bounds what clients can make the daemon hold.
+pub const MAX_IN_FLIGHT: usize = 64;
 /// How long the CLI waits for an answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -192,41 +202,139 @@ pub async fn serve(
     Ok(())
 }
 
+/// A request of one connection in the order it arrived: answered already (refused before it
+/// reached the daemon) or waiting for the daemon's answer.
+enum Pending {
+    Ready(Reply),
+    Waiting(oneshot::Receiver<Reply>),
+}
+
+impl Pending {
+    /// Whether the answer is there (without waiting for it).
+    fn is_ready(&mut self) -> bool {
+        if let Pending::Waiting(rx) = self {
+            match rx.try_recv() {
+                Ok(reply) => *self = Pending::Ready(reply),
+                Err(oneshot::error::TryRecvError::Empty) => return false,
+                Err(oneshot::error::TryRecvError::Closed) => *self = Pending::Ready(Err(DROPPED.to_owned())),
+            }
+        }
+        true
+    }
+
+    async fn answer(self) -> Reply {
+        match self {
+            Pending::Ready(reply) => reply,
+            Pending::Waiting(rx) => rx.await.unwrap_or_else(|_| Err(DROPPED.to_owned())),
+        }
+    }
+}
+
+/// A request between reader and writer: its answer, whether it is the connection's last, and its
+/// share of [`MAX_IN_FLIGHT`] (released once the answer is there).
+type InFlight = (Pending, bool, tokio::sync::OwnedSemaphorePermit);
+
+const DROPPED: &str = "the daemon dropped the request";
+
+/// Answers are written once this many bytes are waiting, even if more are ready.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// One connection: a reader that parses requests and hands them to the daemon without waiting for
+/// the answers, and a writer that sends the answers in request order. At most [`MAX_IN_FLIGHT`]
+/// requests are between the two; the reader stops reading (and the kernel's socket buffer then
+/// stops the client) until the oldest is answered. A request longer than [`MAX_REQUEST`] is
+/// answered with an error and ends the connection.
 async fn serve_one(stream: UnixStream, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
+    let (pending_tx, pending_rx) = mpsc::channel::<InFlight>(MAX_IN_FLIGHT);
+    tokio::try_join!(read_requests(read, calls, pending_tx), write_answers(write, pending_rx))?;
+    Ok(())
+}
+
+async fn read_requests(
+    read: tokio::net::unix::OwnedReadHalf,
+    calls: mpsc::Sender<Call>,
+    pending: mpsc::Sender<InFlight>,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
+        // Wait for room before reading: the bound on requests in flight is what bounds memory.
+        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
         // The bound is per request: a connection may carry any number of them.
         line.clear();
         if (&mut reader).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line).await? == 0 {
             return Ok(());
         }
         let too_long = line.len() > MAX_REQUEST;
-        let reply = match serde_json::from_slice::<Request>(&line) {
-            _ if too_long => Err(format!("request longer than {MAX_REQUEST} bytes")),
-            Err(e) => Err(format!("bad request: {e}")),
-            Ok(Request::AdminHash { .. }) => Err("password hashes are not served on the control socket".to_owned()),
+        let next = match serde_json::from_slice::<Request>(&line) {
+            _ if too_long => Pending::Ready(Err(format!("request longer than {MAX_REQUEST} bytes"))),
+            Err(e) => Pending::Ready(Err(format!("bad request: {e}"))),
+            Ok(Request::AdminHash { .. }) => {
+                Pending::Ready(Err("password hashes are not served on the control socket".to_owned()))
+            }
             Ok(req) => {
                 let (tx, rx) = oneshot::channel();
                 if calls.send((req, tx)).await.is_err() {
-                    Err("the daemon is shutting down".to_owned())
+                    Pending::Ready(Err("the daemon is shutting down".to_owned()))
                 } else {
-                    rx.await.unwrap_or_else(|_| Err("the daemon dropped the request".to_owned()))
+                    Pending::Waiting(rx)
                 }
             }
         };
-        let wire = match reply {
-            Ok(v) => Wire { ok: Some(v), error: None },
-            Err(e) => Wire { ok: None, error: Some(e) },
-        };
-        let mut out = serde_json::to_vec(&wire).map_err(std::io::Error::other)?;
-        out.push(b'\n');
-        write.write_all(&out).await?;
+        if pending.send((next, too_long, permit)).await.is_err() {
+            return Ok(());
+        }
         if too_long {
             return Ok(());
         }
     }
+}
+
+async fn write_answers(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut pending: mpsc::Receiver<InFlight>,
+) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    loop {
+        // Answers that are ready go out together; the client never waits for one behind a
+        // request that is still running.
+        let next = if out.is_empty() {
+            pending.recv().await
+        } else {
+            match pending.try_recv() {
+                Ok(p) => Some(p),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    write.write_all(&out).await?;
+                    out.clear();
+                    pending.recv().await
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+            }
+        };
+        let Some((mut p, last, permit)) = next else { break };
+        if !p.is_ready() && !out.is_empty() {
+            write.write_all(&out).await?;
+            out.clear();
+        }
+        let reply = p.answer().await;
+        drop(permit);
+        let wire = match reply {
+            Ok(v) => Wire { ok: Some(v), error: None },
+            Err(e) => Wire { ok: None, error: Some(e) },
+        };
+        serde_json::to_writer(&mut out, &wire).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        if last {
+            break;
+        }
+        if out.len() >= WRITE_CHUNK {
+            write.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    write.write_all(&out).await
 }
 
 /// Sends one request to the daemon at `socket` and returns its answer.
@@ -312,5 +420,65 @@ mod tests {
         server.await.unwrap().unwrap();
         assert!(!path.exists());
         assert!(call(&path, &Request::Status).await.unwrap_err().contains("cannot reach the daemon"));
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let (tx, mut rx) = mpsc::channel::<Call>(4);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let p = path.clone();
+        let server = tokio::spawn(async move { serve(&p, tx, stop_rx).await });
+        for _ in 0..100 {
+            if path.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let total = 3 * MAX_IN_FLIGHT;
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        // The client sends everything at once, without reading an answer.
+        let sender = tokio::spawn(async move {
+            let mut all = Vec::new();
+            for i in 0..total {
+                all.extend(serde_json::to_vec(&Request::ConfigGet { key: format!("k{i}") }).unwrap());
+                all.push(b'\n');
+            }
+            write.write_all(&all).await.unwrap();
+            write
+        });
+        // The daemon sees at most MAX_IN_FLIGHT of them before it answers any.
+        let mut held = Vec::new();
+        while held.len() < MAX_IN_FLIGHT {
+            held.push(rx.recv().await.unwrap());
+        }
+        let more = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+        assert!(more.is_err(), "a request beyond MAX_IN_FLIGHT reached the daemon");
+        // Answered newest first; the client still gets them in request order.
+        let answer = |(req, reply): Call| {
+            let Request::ConfigGet { key } = req else { panic!("{req:?}") };
+            let _ = reply.send(Ok(Value::String(key)));
+        };
+        for call in held.into_iter().rev() {
+            answer(call);
+        }
+        let answering = tokio::spawn(async move {
+            while let Some(call) = rx.recv().await {
+                answer(call);
+            }
+        });
+        let mut answers = BufReader::new(read).lines();
+        for i in 0..total {
+            let line = answers.next_line().await.unwrap().unwrap();
+            let wire: Wire = serde_json::from_str(&line).unwrap();
+            assert_eq!(wire.ok, Some(Value::String(format!("k{i}"))));
+        }
+        drop(sender.await.unwrap());
+        assert!(answers.next_line().await.unwrap().is_none(), "closed after the client closed");
+        stop_tx.send(true).unwrap();
+        server.await.unwrap().unwrap();
+        answering.abort();
     }
 }
