@@ -33,9 +33,9 @@
 //! A peer that restarts deletes the counts it left behind; a peer with calls in a conference that
 //! lost its placement (removed concurrently) claims it again for the bridge it uses.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use confmesh_replication::hlc::Hlc;
@@ -44,8 +44,8 @@ use confmesh_replication::service::{Service, WriteError};
 use confmesh_replication::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::sync::{OwnedMutexGuard, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{Notify, OwnedMutexGuard, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::routing::{ConferenceDirectory, DirectoryError, Placement, RoutingConfig};
 use crate::eventlog::wall_ms;
@@ -76,6 +76,9 @@ const REFRESH_MS: u64 = 30_000;
 const COUNT_EXPIRY_MS: u64 = 3 * REFRESH_MS + 10_000;
 /// A placement without live counts is removed once all its claims are this old.
 const ORPHAN_GRACE_MS: u64 = 30_000;
+/// Other peers' counts are read from the store again at least this often even when the store did
+/// not change, so that a dead peer's counts stop counting within a second of their expiry.
+const OTHERS_VIEW_TTL_MS: u64 = 1_000;
 /// Configuration reloads are coalesced over this window (every call changes the store).
 const RELOAD_COALESCE: Duration = Duration::from_millis(50);
 
@@ -146,6 +149,33 @@ struct Inner {
     /// This peer's calls: the source of truth for its own `calls/…` keys.
     own: Mutex<HashMap<String, OwnCalls>>,
     counters: Counters,
+    /// The store's commit counter ([`Store::subscribe`]): the cached views below hold for one
+    /// value of it, and every commit (ours or a peer's, replicated) moves it.
+    version: watch::Receiver<u64>,
+    /// Other peers' live counts summed by conference and by bridge, for one store version.
+    others: Mutex<Option<OthersView>>,
+    /// The placement in force by conference, for one store version.
+    placements: Mutex<(u64, HashMap<String, Option<(Hlc, String)>>)>,
+    /// Conferences whose count key must be rewritten from `own` by the flusher.
+    dirty: Mutex<HashSet<String>>,
+    /// Wakes the flusher.
+    flush: Arc<Notify>,
+    flusher_started: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The flusher holds only a weak reference between batches: let it see we are gone.
+        self.flush.notify_one();
+    }
+}
+
+/// Other peers' live participant counts, summed, as read from the store at one version.
+struct OthersView {
+    version: u64,
+    built_ms: u64,
+    by_conference: HashMap<String, u32>,
+    by_bridge: HashMap<String, u32>,
 }
 
 /// The [`ConferenceDirectory`] on the replicated store (see the module docs for the design).
@@ -207,11 +237,17 @@ impl StoreDirectory {
         StoreDirectory {
             inner: Arc::new(Inner {
                 origin: store.origin(),
-                store,
                 replication: RwLock::new(None),
                 locks: Mutex::new(HashMap::new()),
                 own: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
+                version: store.subscribe(),
+                others: Mutex::new(None),
+                placements: Mutex::new((0, HashMap::new())),
+                dirty: Mutex::new(HashSet::new()),
+                flush: Arc::new(Notify::new()),
+                flusher_started: AtomicBool::new(false),
+                store,
             }),
         }
     }
@@ -269,9 +305,80 @@ impl StoreDirectory {
         Ok(out)
     }
 
-    /// The placement in force: the earliest claim.
+    /// The placement in force: the earliest claim. Read from the store once per store version
+    /// and conference (every call asks; the claims change only when a conference is placed,
+    /// moved or ended, each a commit that moves the version).
     fn placed_on(&self, conference: &str) -> Result<Option<(Hlc, String)>, StoreError> {
-        Ok(self.claims(conference)?.into_iter().map(|(_, s, b)| (s, b)).min())
+        // The version is read before the data, so what is cached under it is at least as new.
+        let version = *self.inner.version.borrow();
+        {
+            let cache = lock(&self.inner.placements);
+            if cache.0 == version {
+                if let Some(p) = cache.1.get(conference) {
+                    return Ok(p.clone());
+                }
+            }
+        }
+        let placed = self.claims(conference)?.into_iter().map(|(_, s, b)| (s, b)).min();
+        let mut cache = lock(&self.inner.placements);
+        if cache.0 != version {
+            *cache = (version, HashMap::new());
+        }
+        cache.1.insert(conference.to_owned(), placed.clone());
+        Ok(placed)
+    }
+
+    /// Runs `f` on the other peers' live counts, read from the store again only when it changed
+    /// (or after [`OTHERS_VIEW_TTL_MS`], for expiry). Before, every call listed and decoded every
+    /// count key of every conference (a third of the CPU of a call under load).
+    fn with_others<R>(&self, f: impl FnOnce(&OthersView) -> R) -> Result<R, StoreError> {
+        let version = *self.inner.version.borrow();
+        let now = wall_ms();
+        {
+            let cached = lock(&self.inner.others);
+            if let Some(v) = cached.as_ref().filter(|v| v.version == version && now.saturating_sub(v.built_ms) < OTHERS_VIEW_TTL_MS) {
+                return Ok(f(v));
+            }
+        }
+        let mut view = OthersView { version, built_ms: now, by_conference: HashMap::new(), by_bridge: HashMap::new() };
+        for (conference, v) in self.others_calls(CALLS_PREFIX, now)? {
+            let n = view.by_conference.entry(conference).or_default();
+            *n = n.saturating_add(v.total());
+            for (bridge, k) in v.bridges {
+                let n = view.by_bridge.entry(bridge).or_default();
+                *n = n.saturating_add(k);
+            }
+        }
+        let r = f(&view);
+        *lock(&self.inner.others) = Some(view);
+        Ok(r)
+    }
+
+    /// Asks the flusher to write this peer's count key of `conference` (see [`Self::flush_counts`]).
+    fn mark_dirty(&self, conference: &str) {
+        lock(&self.inner.dirty).insert(conference.to_owned());
+        if !self.inner.flusher_started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(flusher(Arc::downgrade(&self.inner), self.inner.flush.clone()));
+        }
+        self.inner.flush.notify_one();
+    }
+
+    /// Writes the count keys of every conference marked dirty, concurrently (the store commits
+    /// them together), each under its conference's lock so that they are written in order.
+    async fn flush_counts(&self) {
+        let batch: Vec<String> = lock(&self.inner.dirty).drain().collect();
+        let mut writes = JoinSet::new();
+        for conference in batch {
+            let dir = self.clone();
+            writes.spawn(async move {
+                let _g = dir.lock_conference(&conference).await;
+                if let Err(e) = dir.write_own(&conference).await {
+                    // Soft state: the next maintenance pass rewrites what is not in the store.
+                    tracing::warn!(conference, error = %e, "cannot write this peer's participant count");
+                }
+            });
+        }
+        while writes.join_next().await.is_some() {}
     }
 
     /// Other peers' live counts under `prefix` (all conferences, or one): `(conference, value)`.
@@ -297,11 +404,7 @@ impl StoreDirectory {
     /// Calls in `conference`, cluster-wide (this peer's from memory, the others' from the store).
     fn total_calls(&self, conference: &str) -> Result<u32, StoreError> {
         let own = lock(&self.inner.own).get(conference).map_or(0, |o| o.bridges.values().sum::<u32>());
-        let others = self
-            .others_calls(&format!("{CALLS_PREFIX}{conference}/"), wall_ms())?
-            .iter()
-            .filter(|(c, _)| c == conference)
-            .fold(0u32, |a, (_, v)| a.saturating_add(v.total()));
+        let others = self.with_others(|v| v.by_conference.get(conference).copied().unwrap_or(0))?;
         Ok(own.saturating_add(others))
     }
 
@@ -506,17 +609,23 @@ impl ConferenceDirectory for StoreDirectory {
             let n = own.entry(conference.to_owned()).or_default().bridges.entry(bridge.to_owned()).or_default();
             *n = n.saturating_add(1);
         }
-        if let Err(e) = self.write_own(conference).await {
-            self.decrement(conference, bridge);
-            return Err(unavailable(e));
-        }
+        // The count key is soft state (rewritten every 30 s, deleted after a restart), so the call
+        // does not wait for it to be durable: the flusher writes it, many calls in one commit.
+        self.mark_dirty(conference);
         self.total_calls(conference).map(Some).map_err(unavailable)
     }
 
     async fn remove_participant(&self, conference: &str, bridge: &str) -> Result<(), DirectoryError> {
         let _g = self.lock_conference(conference).await;
         self.decrement(conference, bridge);
-        self.write_own(conference).await.map_err(unavailable)?;
+        if lock(&self.inner.own).get(conference).is_some_and(|o| !o.bridges.is_empty()) {
+            self.mark_dirty(conference);
+        } else {
+            // Our last call in the conference: written at once, so that whichever peer ends the
+            // conference's last call reads every other peer's zero and removes the placement.
+            lock(&self.inner.dirty).remove(conference);
+            self.write_own(conference).await.map_err(unavailable)?;
+        }
         if self.total_calls(conference).map_err(unavailable)? == 0 {
             self.delete_claims(conference, None).await.map_err(unavailable)?;
         } else if !lock(&self.inner.own).contains_key(conference) {
@@ -551,12 +660,7 @@ impl ConferenceDirectory for StoreDirectory {
 
     async fn bridge_load(&self, bridge: &str) -> Result<u32, DirectoryError> {
         let own = lock(&self.inner.own).values().filter_map(|o| o.bridges.get(bridge)).fold(0u32, |a, n| a.saturating_add(*n));
-        let others = self
-            .others_calls(CALLS_PREFIX, wall_ms())
-            .map_err(unavailable)?
-            .iter()
-            .filter_map(|(_, v)| v.bridges.get(bridge))
-            .fold(0u32, |a, n| a.saturating_add(*n));
+        let others = self.with_others(|v| v.by_bridge.get(bridge).copied().unwrap_or(0)).map_err(unavailable)?;
         Ok(own.saturating_add(others))
     }
 }
@@ -652,5 +756,15 @@ impl Drop for RoutingConfigLoader {
         if let Some(t) = self.task.take() {
             t.abort();
         }
+    }
+}
+
+/// Writes participant counts marked dirty until the directory is gone. Between batches it holds
+/// only a weak reference, so dropping the last [`StoreDirectory`] ends it.
+async fn flusher(inner: Weak<Inner>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        let Some(inner) = inner.upgrade() else { return };
+        StoreDirectory { inner }.flush_counts().await;
     }
 }
