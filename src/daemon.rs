@@ -928,7 +928,7 @@ impl Daemon {
             ];
             m.per_peer(&dataplane, &reports);
             let states: Vec<_> = others.iter().filter_map(|p| c.ike.peer_state(p.addr).map(|s| (p.addr.to_string(), s))).collect();
-            let ike: [PeerMetric<confmesh_ike::PeerState>; 11] = [
+            let ike: [PeerMetric<confmesh_ike::PeerState>; 13] = [
                 ("confmesh_ike_established", Kind::Gauge, "1 while a phase-1 SA with the peer is established.", |s| Some(f64::from(u8::from(s.ike_established)))),
                 ("confmesh_ike_datagrams_in_total", Kind::Counter, "IKE datagrams received from the peer.", |s| Some(s.counters.datagrams_in as f64)),
                 ("confmesh_ike_datagrams_out_total", Kind::Counter, "IKE datagrams sent to the peer, retransmissions included.", |s| Some(s.counters.datagrams_out as f64)),
@@ -940,6 +940,8 @@ impl Daemon {
                 ("confmesh_ike_child_established_total", Kind::Counter, "Child SA pairs established with the peer.", |s| Some(s.counters.child_established as f64)),
                 ("confmesh_ike_dpd_sent_total", Kind::Counter, "Dead-peer-detection probes sent to the peer.", |s| Some(s.counters.dpd_sent as f64)),
                 ("confmesh_ike_deletes_received_total", Kind::Counter, "DELETE payloads received from the peer.", |s| Some(s.counters.deletes_received as f64)),
+                ("confmesh_ike_half_open_evicted_total", Kind::Counter, "Half-open exchanges from the peer's address evicted for newer ones (a flood of forged first messages shows here).", |s| Some(s.counters.half_open_evicted as f64)),
+                ("confmesh_ike_restarted_total", Kind::Counter, "Our phase-1 exchanges restarted because the peer no longer held them.", |s| Some(s.counters.restarted as f64)),
             ];
             m.per_peer(&ike, &states);
             let e = c.ike.counters();
