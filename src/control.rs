@@ -298,25 +298,36 @@ async fn write_answers(
 ) -> std::io::Result<()> {
     let mut out = Vec::new();
     loop {
-        // Answers that are ready go out together; the client never waits for one behind a
-        // request that is still running.
+        // Answers that are ready go out together in one write; the client never waits for one
+        // behind a request that is still running. The answers of one group commit arrive one
+        // after the other: before writing, let the tasks that carry them run once.
         let next = if out.is_empty() {
             pending.recv().await
         } else {
             match pending.try_recv() {
                 Ok(p) => Some(p),
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    write.write_all(&out).await?;
-                    out.clear();
-                    pending.recv().await
+                    tokio::task::yield_now().await;
+                    match pending.try_recv() {
+                        Ok(p) => Some(p),
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            write.write_all(&out).await?;
+                            out.clear();
+                            pending.recv().await
+                        }
+                        Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    }
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
             }
         };
         let Some((mut p, last, permit)) = next else { break };
-        if !p.is_ready() && !out.is_empty() {
-            write.write_all(&out).await?;
-            out.clear();
+        if !out.is_empty() && !p.is_ready() {
+            tokio::task::yield_now().await;
+            if !p.is_ready() {
+                write.write_all(&out).await?;
+                out.clear();
+            }
         }
         let reply = p.answer().await;
         drop(permit);

@@ -194,14 +194,24 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             None => c.membership.poll_timeout(),
         });
         tokio::select! {
-            Some((request, reply)) = calls.recv() => {
-                if shared::is_store_request(&request) {
-                    let replication = daemon.cluster.as_ref().map(|c| c.replication.clone());
-                    let task = shared::answer(daemon.store.clone(), replication, request);
-                    tokio::spawn(async move { let _ = reply.send(task.await); });
-                } else {
-                    let answer = daemon.handle_request(request).await;
-                    let _ = reply.send(answer);
+            Some(first) = calls.recv() => {
+                // Store requests already queued (a pipelining client) are handed out in the same
+                // turn, at most CALLS_PER_TURN: one turn of the loop per batch, not per request.
+                let (mut next, mut taken) = (Some(first), 0);
+                while let Some((request, reply)) = next.take() {
+                    if shared::is_store_request(&request) {
+                        let replication = daemon.cluster.as_ref().map(|c| c.replication.clone());
+                        let task = shared::answer(daemon.store.clone(), replication, request);
+                        tokio::spawn(async move { let _ = reply.send(task.await); });
+                    } else {
+                        let answer = daemon.handle_request(request).await;
+                        let _ = reply.send(answer);
+                        break;
+                    }
+                    taken += 1;
+                    if taken < CALLS_PER_TURN {
+                        next = calls.try_recv().ok();
+                    }
                 }
             }
             Some(input) = inputs.recv() => match input {
@@ -238,6 +248,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     Ok(())
 }
+
+/// Most control and admin requests the state loop takes in one turn (see `run`).
+const CALLS_PER_TURN: usize = 64;
 
 /// Reads hellos and hands them to the state loop.
 async fn feed_hellos(socket: Arc<UdpSocket>, inputs: mpsc::Sender<Input>) {
