@@ -202,6 +202,26 @@ fn server_invite_2xx_is_retransmitted_until_the_end_to_end_ack() {
     assert!(h.txns.is_empty());
 }
 
+/// After the end-to-end ACK the answered INVITE lingers T4 (5 s) to absorb INVITE retransmissions
+/// still in flight, not the rest of timer L: a call holds 27 transaction-seconds less, which is
+/// what bounded the sustained call rate (benches/sip-rate.sh); an INVITE retransmitted within T4
+/// is still absorbed.
+#[test]
+fn acknowledged_2xx_lingers_t4() {
+    for ack_branch in ["z9hG4bKother", "z9hG4bKt4"] {
+        let mut h = Harness::new();
+        let Incoming::Request(id) = h.feed(&request("INVITE", "z9hG4bKt4", "INVITE", ""), Transport::Udp) else { panic!() };
+        h.txns.respond(h.now, id, 200, Bytes::from(response(200, "z9hG4bKt4", "INVITE")));
+        h.sent();
+        assert_eq!(h.feed(&request("ACK", ack_branch, "ACK", ";tag=t9"), Transport::Udp), Incoming::Ack);
+        h.run(Duration::from_secs(4));
+        assert_eq!(h.feed(&request("INVITE", "z9hG4bKt4", "INVITE", ""), Transport::Udp), Incoming::Absorbed, "{ack_branch}");
+        assert_eq!(h.txns.len(), 1);
+        h.run(Duration::from_millis(1100));
+        assert!(h.txns.is_empty(), "{ack_branch}: still there 5.1 s after the ACK");
+    }
+}
+
 #[test]
 fn server_non_invite_timer_j_and_cancel_matching() {
     let mut h = Harness::new();
