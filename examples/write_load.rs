@@ -1,10 +1,11 @@
 //! Load generator of `benches/replication-netns.sh`: the same client for confmesh and for etcd.
 //!
-//! `write_load write …` runs in peer 1's namespace. It opens `--writers` persistent connections to
-//! peer 1 (confmesh: the control socket, one JSON `config-set` request per line; etcd: the
-//! gRPC-gateway, one HTTP/1.1 keep-alive `POST /v3/kv/put` at a time), writes keys of exactly
-//! `--key-size` bytes with values of exactly `--value-size` bytes for `--duration` seconds and
-//! counts the acknowledged writes. Alongside, one probe connection measures replication lag: it
+//! `write_load write …` runs in peer 1's namespace. It runs `--writers` writers on peer 1, each
+//! keeping `--depth` writes in flight (confmesh: one control-socket connection per writer, JSON
+//! `config-set` requests pipelined one per line, answered in order; etcd: the gRPC gateway, which
+//! serves one HTTP/1.1 keep-alive `POST /v3/kv/put` at a time per connection, so `--depth`
+//! connections per writer), writes keys of exactly `--key-size` bytes with values of exactly
+//! `--value-size` bytes for `--duration` seconds and counts the acknowledged writes. Alongside, one probe connection measures replication lag: it
 //! writes a probe key of the same sizes, takes the wall-clock time of the acknowledgement and hands
 //! key and time to a reader child (`write_load read …`, started with `ip netns exec` in peer 2's
 //! namespace) that polls peer 2 for that key (confmesh: `config-get` on peer 2's control socket;
@@ -691,25 +692,35 @@ async fn confmesh_writer(
         let window = tokio::sync::Semaphore::new(depth.max(1));
         let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
         let send = async {
-            let mut line = Vec::with_capacity(key_size + value_size + 100);
+            let mut lines = Vec::with_capacity(depth * (key_size + value_size + 100));
             while Instant::now() < end {
+                // Every free slot of the window is filled at once, in one write.
                 let Ok(permit) = window.acquire().await else { break };
                 permit.forget();
-                let (k, v) = (key(&prefix, n, key_size), value((w as u64) << 40 | n, value_size));
-                n += 1;
-                let request = if wait_peers == 0 {
-                    json!({"cmd": "config-set", "key": k, "value": v})
-                } else {
-                    json!({"cmd": "config-set", "key": k, "value": v, "wait_peers": wait_peers})
-                };
-                line.clear();
-                serde_json::to_writer(&mut line, &request).expect("JSON");
-                line.push(b'\n');
+                let mut batch = 1;
+                while let Ok(p) = window.try_acquire() {
+                    p.forget();
+                    batch += 1;
+                }
+                lines.clear();
+                for _ in 0..batch {
+                    let (k, v) = (key(&prefix, n, key_size), value((w as u64) << 40 | n, value_size));
+                    n += 1;
+                    let request = if wait_peers == 0 {
+                        json!({"cmd": "config-set", "key": k, "value": v})
+                    } else {
+                        json!({"cmd": "config-set", "key": k, "value": v, "wait_peers": wait_peers})
+                    };
+                    serde_json::to_writer(&mut lines, &request).expect("JSON");
+                    lines.push(b'\n');
+                }
                 let t = Instant::now();
-                if wr.write_all(&line).await.is_err() {
+                if wr.write_all(&lines).await.is_err() {
                     break;
                 }
-                let _ = sent_tx.send(t);
+                for _ in 0..batch {
+                    let _ = sent_tx.send(t);
+                }
             }
             drop(sent_tx);
             wr
