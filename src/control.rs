@@ -5,7 +5,8 @@
 //! stuck client cannot hold the daemon.
 //!
 //! A client may pipeline: send further requests before it has read the answers. The daemon works
-//! on up to [`MAX_IN_FLIGHT`] requests of a connection at once and answers them in the order they
+//! on up to [`MAX_IN_FLIGHT`] requests of a connection at once (at most [`MAX_IN_FLIGHT_BYTES`] of
+//! them) and answers them in the order they
 //! were sent; because they run concurrently, a client that needs one write to land after another
 //! waits for the first answer before sending the second (as the CLI does: one request per
 //! connection).
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::eventlog::LogKind;
 
@@ -30,6 +31,9 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// reading the answers, but the daemon reads the next one only once the oldest is answered. With
 /// [`MAX_REQUEST`] and [`MAX_CONNECTIONS`] this bounds what clients can make the daemon hold.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Bytes of the requests of one connection in progress at once: large requests get fewer than
+/// [`MAX_IN_FLIGHT`] slots, so a connection holds about this much however it fills its requests.
+pub const MAX_IN_FLIGHT_BYTES: usize = 1024 * 1024;
 /// How long the CLI waits for an answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -231,8 +235,8 @@ impl Pending {
 }
 
 /// A request between reader and writer: its answer, whether it is the connection's last, and its
-/// share of [`MAX_IN_FLIGHT`] (released once the answer is there).
-type InFlight = (Pending, bool, tokio::sync::OwnedSemaphorePermit);
+/// share of [`MAX_IN_FLIGHT`] and [`MAX_IN_FLIGHT_BYTES`] (released once the answer is there).
+type InFlight = (Pending, bool, (OwnedSemaphorePermit, OwnedSemaphorePermit));
 
 const DROPPED: &str = "the daemon dropped the request";
 
@@ -259,15 +263,19 @@ async fn read_requests(
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let in_flight_bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
     loop {
-        // Wait for room before reading: the bound on requests in flight is what bounds memory.
-        let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        // Wait for room before reading: the bounds on requests in flight are what bound memory.
+        let count = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
         // The bound is per request: a connection may carry any number of them.
         line.clear();
         if (&mut reader).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line).await? == 0 {
             return Ok(());
         }
         let too_long = line.len() > MAX_REQUEST;
+        // At most MAX_REQUEST + 1 bytes, less than MAX_IN_FLIGHT_BYTES: always granted in the end.
+        let bytes = in_flight_bytes.clone().acquire_many_owned(line.len() as u32).await.expect("semaphore never closed");
+        let permit = (count, bytes);
         let next = match serde_json::from_slice::<Request>(&line) {
             _ if too_long => Pending::Ready(Err(format!("request longer than {MAX_REQUEST} bytes"))),
             Err(e) => Pending::Ready(Err(format!("bad request: {e}"))),
@@ -488,6 +496,66 @@ mod tests {
         }
         drop(sender.await.unwrap());
         assert!(answers.next_line().await.unwrap().is_none(), "closed after the client closed");
+        stop_tx.send(true).unwrap();
+        server.await.unwrap().unwrap();
+        answering.abort();
+    }
+
+    #[tokio::test]
+    async fn large_pipelined_requests_are_bounded_in_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let (tx, mut rx) = mpsc::channel::<Call>(4);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let p = path.clone();
+        let server = tokio::spawn(async move { serve(&p, tx, stop_rx).await });
+        for _ in 0..100 {
+            if path.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let request = |i: usize| {
+            let mut line = serde_json::to_vec(&Request::ConfigGet { key: format!("{i:04}{}", "k".repeat(MAX_REQUEST - 100)) }).unwrap();
+            line.push(b'\n');
+            line
+        };
+        let per_request = request(0).len();
+        let fit = MAX_IN_FLIGHT_BYTES / per_request;
+        assert!(fit < MAX_IN_FLIGHT, "the byte bound is the one that holds here");
+        let total = 3 * fit;
+        let stream = UnixStream::connect(&path).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        let sender = tokio::spawn(async move {
+            for i in 0..total {
+                write.write_all(&request(i)).await.unwrap();
+            }
+            write
+        });
+        let mut held = Vec::new();
+        while held.len() < fit {
+            held.push(rx.recv().await.unwrap());
+        }
+        let more = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+        assert!(more.is_err(), "more than MAX_IN_FLIGHT_BYTES of requests reached the daemon");
+        let answer = |(req, reply): Call| {
+            let Request::ConfigGet { key } = req else { panic!("{req:?}") };
+            let _ = reply.send(Ok(Value::String(key[..4].to_owned())));
+        };
+        for call in held {
+            answer(call);
+        }
+        let answering = tokio::spawn(async move {
+            while let Some(call) = rx.recv().await {
+                answer(call);
+            }
+        });
+        let mut answers = BufReader::new(read).lines();
+        for i in 0..total {
+            let wire: Wire = serde_json::from_str(&answers.next_line().await.unwrap().unwrap()).unwrap();
+            assert_eq!(wire.ok, Some(Value::String(format!("{i:04}"))));
+        }
+        drop(sender.await.unwrap());
         stop_tx.send(true).unwrap();
         server.await.unwrap().unwrap();
         answering.abort();
