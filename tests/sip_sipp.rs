@@ -133,6 +133,9 @@ async fn start_b2bua<L: BandwidthLedger>(addr: &str, cfg: RoutingConfig, dir: Me
             options_interval: Duration::ZERO,
             ..CoreConfig::default()
         },
+        // Two cores whatever the machine: every scenario also checks that each message of a
+        // call reaches the core that holds it (B legs carry their core's Call-ID prefix).
+        shards: 2,
     };
     B2buaService::start(settings, dir, ledger, rx).await.expect("bind B2BUA")
 }

@@ -42,9 +42,10 @@ pub struct CoreConfig {
     /// Calls in progress beyond which new INVITEs get 503.
     pub max_calls: usize,
     /// Live transactions beyond which new requests get a stateless 503 (BYE and CANCEL have
-    /// half as much again). Finished transactions linger to absorb retransmissions (32 s over
-    /// UDP), so a call holds about 70 transaction-seconds: the default sustains about 2,900
-    /// calls/s, at roughly 1 KiB per transaction.
+    /// half as much again). Finished transactions linger to absorb retransmissions (over UDP
+    /// 32 s for the caller's BYE, 5 s for an acknowledged INVITE and our BYE), so a call holds
+    /// about 42 transaction-seconds: the default sustains about 4,700 calls/s, at roughly 1 KiB
+    /// per transaction.
     pub max_transactions: usize,
     /// Interval of the OPTIONS health probes to bridges; zero disables probing (every bridge is
     /// then healthy until a call to it times out).
@@ -58,6 +59,10 @@ pub struct CoreConfig {
     pub max_call_duration: Duration,
     /// Seeds tags, branches and Call-IDs (unique per instance; taken from the OS by the driver).
     pub seed: u64,
+    /// Prefix of the Call-IDs this core generates (B legs, probes): the driver's shard tag
+    /// (`cms<k>-`, see [`crate::sip::transport::shard_of`]), so that the bridge's messages come
+    /// back to this core; empty with one core.
+    pub call_id_prefix: String,
 }
 
 /// Default of [`CoreConfig::max_call_duration`]: a day, far beyond any conference.
@@ -76,6 +81,7 @@ impl Default for CoreConfig {
             options_failures: DEFAULT_OPTIONS_FAILURES,
             max_call_duration: DEFAULT_MAX_CALL_DURATION,
             seed: 0,
+            call_id_prefix: String::new(),
         }
     }
 }
@@ -699,7 +705,7 @@ impl B2bua {
             .header(Hdr::MaxForwards)
             .and_then(|v| v.trim().parse::<u32>().ok())
             .map_or(70, |m| m.saturating_sub(1).min(70));
-        let call_id_b = format!("{cid}@{}", local.ip());
+        let call_id_b = format!("{}{cid}@{}", self.cfg.call_id_prefix, local.ip());
         let mut out = Vec::with_capacity(a.body.len() + 600);
         let mut w = MessageWriter::request(&mut out, "INVITE", uri);
         w.header_fmt("Via", format_args!("SIP/2.0/{} {};branch=z9hG4bK{branch};rport", transport.as_str(), local))
@@ -936,6 +942,17 @@ impl B2bua {
             self.respond_raw(now, txn, &raw, code, &reason, &extra);
         }
         self.remove_call(call_id);
+    }
+
+    /// A bridge failure seen by another core (a call's INVITE to it timed out there): this
+    /// core probes the bridges, so its health view must learn it too.
+    pub fn handle_bridge_down(&mut self, bridge: &str) {
+        if let Some(i) = self.probes.iter().position(|p| p.probe.name == bridge) {
+            if let Some(p) = self.probes.get_mut(i) {
+                p.failures = self.cfg.options_failures;
+            }
+            self.set_probe(i, false);
+        }
     }
 
     /// A call's INVITE to the bridge got no response at all within 64·T1 (timer B, seven
@@ -1291,7 +1308,7 @@ impl B2bua {
                 .header("Max-Forwards", "70")
                 .header_fmt("From", format_args!("<sip:confmesh@{local}>;tag={tag}"))
                 .header_fmt("To", format_args!("<{uri}>"))
-                .header_fmt("Call-ID", format_args!("{cid}@{}", local.ip()))
+                .header_fmt("Call-ID", format_args!("{}{cid}@{}", self.cfg.call_id_prefix, local.ip()))
                 .header("CSeq", "1 OPTIONS")
                 .header("Accept", "application/sdp");
             w.finish(b"");

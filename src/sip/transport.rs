@@ -128,6 +128,51 @@ pub struct TransportStats {
     pub accept_errors: u64,
 }
 
+/// Call-IDs the B2BUA generates itself (its B legs and probes) start with this, the number of the
+/// shard that made them and a `-`, so that the bridge's messages reach the same shard as the
+/// caller's (see [`shard_of`]).
+pub const SHARD_CALL_ID_PREFIX: &str = "cms";
+
+/// The shard (of `shards`) that handles the message in `data`: the one named in a Call-ID the
+/// B2BUA generated (`cms<k>-…`), else a hash of the Call-ID, so that every message of a call —
+/// request, retransmission, ACK, CANCEL, responses, in-dialog requests — reaches the same shard.
+/// A message without a readable Call-ID goes to shard 0 (which answers 400 where one is due).
+/// Reads only the header names up to the Call-ID, never allocates.
+pub fn shard_of(data: &[u8], shards: usize) -> usize {
+    if shards <= 1 {
+        return 0;
+    }
+    let Some(id) = call_id_of(data) else { return 0 };
+    if let Some(rest) = id.strip_prefix(SHARD_CALL_ID_PREFIX.as_bytes()) {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if (1..=3).contains(&digits) && rest.get(digits) == Some(&b'-') {
+            let k = rest.iter().take(digits).fold(0usize, |a, b| a * 10 + usize::from(b - b'0'));
+            return k % shards;
+        }
+    }
+    // FNV-1a: cheap, and a caller cannot gain anything by steering calls to one shard beyond
+    // what it could do by sending more calls.
+    let h = id.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+    usize::try_from(h % shards as u64).unwrap_or(0)
+}
+
+/// The value of the first Call-ID (or compact `i`) header, trimmed; `None` if there is none
+/// before the end of the header section.
+fn call_id_of(data: &[u8]) -> Option<&[u8]> {
+    let head_end = data.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(data.len());
+    let head = data.get(..head_end)?;
+    for line in head.split(|b| *b == b'\n').skip(1) {
+        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+        let (name, value) = line.split_at(colon);
+        let name = name.trim_ascii();
+        if name.eq_ignore_ascii_case(b"call-id") || name.eq_ignore_ascii_case(b"i") {
+            let v = value.get(1..)?.trim_ascii();
+            return (!v.is_empty()).then_some(v);
+        }
+    }
+    None
+}
+
 /// The per-connection state shared by its reader, its writer and the admission check.
 #[derive(Debug)]
 struct ConnState {
@@ -199,12 +244,22 @@ struct Conn {
 struct Shared {
     conns: Mutex<HashMap<SocketAddr, Conn>>,
     stats: Mutex<TransportStats>,
-    inbound: mpsc::Sender<Inbound>,
+    /// One queue per core shard; a message goes to [`shard_of`] its Call-ID.
+    inbound: Vec<mpsc::Sender<Inbound>>,
     limits: TcpLimits,
     epoch: Instant,
 }
 
 impl Shared {
+    /// Hands one received message to its shard's queue (waits while that queue is full).
+    async fn deliver(&self, msg: Inbound) -> Result<(), ()> {
+        let i = shard_of(&msg.data, self.inbound.len());
+        match self.inbound.get(i) {
+            Some(q) => q.send(msg).await.map_err(|_| ()),
+            None => Err(()),
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -260,6 +315,15 @@ impl SipSockets {
 
     /// [`SipSockets::bind`] with explicit TCP limits (tests shorten the timeouts).
     pub async fn bind_with(locals: &[SocketAddr], inbound: mpsc::Sender<Inbound>, limits: TcpLimits) -> io::Result<SipSockets> {
+        SipSockets::bind_sharded(locals, vec![inbound], limits).await
+    }
+
+    /// [`SipSockets::bind_with`] feeding several core shards: each message goes to the queue
+    /// [`shard_of`] its Call-ID names (one queue: all to it).
+    pub async fn bind_sharded(locals: &[SocketAddr], inbound: Vec<mpsc::Sender<Inbound>>, limits: TcpLimits) -> io::Result<SipSockets> {
+        if inbound.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "SIP sockets need at least one inbound queue"));
+        }
         let shared = Arc::new(Shared {
             conns: Mutex::new(HashMap::new()),
             stats: Mutex::new(TransportStats::default()),
@@ -274,13 +338,13 @@ impl SipSockets {
             );
             let local = udp.local_addr()?;
             s.udp.insert(local, udp.clone());
-            let tx = s.shared.inbound.clone();
+            let shared = s.shared.clone();
             s.tasks.spawn(async move {
                 let mut buf = vec![0u8; MAX_MESSAGE + 1];
                 loop {
                     let Ok((n, src)) = udp.recv_from(&mut buf).await else { continue };
                     let data = Bytes::copy_from_slice(buf.get(..n).unwrap_or(&[]));
-                    if tx.send(Inbound { src, local, transport: Transport::Udp, data }).await.is_err() {
+                    if shared.deliver(Inbound { src, local, transport: Transport::Udp, data }).await.is_err() {
                         return;
                     }
                 }
@@ -462,7 +526,7 @@ fn start_connection(stream: TcpStream, peer: SocketAddr, local: SocketAddr, shar
                         state.message(shared.now_ms(), &data);
                         started = None;
                         let msg = Inbound { src: peer, local, transport: Transport::Tcp, data };
-                        if shared.inbound.send(msg).await.is_err() {
+                        if shared.deliver(msg).await.is_err() {
                             break 'conn;
                         }
                     }
@@ -524,7 +588,7 @@ mod tests {
         let s = Shared {
             conns: Mutex::new(HashMap::new()),
             stats: Mutex::new(TransportStats::default()),
-            inbound: tx,
+            inbound: vec![tx],
             limits,
             epoch: Instant::now(),
         };
@@ -560,6 +624,33 @@ mod tests {
         assert_eq!(shared.stats.lock().unwrap().accept_errors, 5);
         // Five errors, each followed by a pause, before the sixth call: at least five pauses.
         assert!(start.elapsed() >= backoff * 5, "accept retried without pausing");
+    }
+
+    #[test]
+    fn every_message_of_a_call_reaches_one_shard() {
+        let msg = |start: &str, call_id_line: &str| format!("{start}\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n{call_id_line}\r\nCSeq: 1 INVITE\r\n\r\nv=0\r\nCall-ID: body\r\n");
+        for n in [2, 3, 8] {
+            for id in ["a84b4c76e66710@pc33.example.com", "x", "9744-18965@10.96.3.1"] {
+                let k = shard_of(msg("INVITE sip:a@b SIP/2.0", &format!("Call-ID: {id}")).as_bytes(), n);
+                assert!(k < n);
+                // Other header spellings, a response, the compact form: the same shard.
+                for line in [format!("call-id:{id}"), format!("CALL-ID :  {id} "), format!("i: {id}")] {
+                    assert_eq!(shard_of(msg("SIP/2.0 200 OK", &line).as_bytes(), n), k, "{line}");
+                }
+            }
+            // Our own Call-IDs name their shard.
+            for k in 0..n {
+                let id = format!("{SHARD_CALL_ID_PREFIX}{k}-0123abcd@10.96.1.1");
+                assert_eq!(shard_of(msg("SIP/2.0 180 Ringing", &format!("Call-ID: {id}")).as_bytes(), n), k);
+            }
+            // No Call-ID (or only one in the body): shard 0.
+            assert_eq!(shard_of(msg("INVITE sip:a@b SIP/2.0", "X-No: 1").as_bytes(), n), 0);
+            assert_eq!(shard_of(b"garbage", n), 0);
+        }
+        // Hashing spreads calls over the shards.
+        let hits = (0..1000).map(|i| shard_of(msg("INVITE sip:a@b SIP/2.0", &format!("Call-ID: {i}-4242@10.96.3.1")).as_bytes(), 2)).filter(|k| *k == 1).count();
+        assert!((350..=650).contains(&hits), "{hits} of 1000 on shard 1");
+        assert_eq!(shard_of(msg("INVITE sip:a@b SIP/2.0", "Call-ID: q").as_bytes(), 1), 0);
     }
 
     #[test]
