@@ -13,7 +13,9 @@
 # asynchronous); etcd: `POST /v3/kv/put` on member 1's gRPC gateway over HTTP/1.1 keep-alive, which
 # serves one request at a time per connection, so DEPTH connections per writer (acknowledged once
 # committed by a majority; member 1 is made the leader first with `etcdctl move-leader`). DEPTH=1
-# is the old one-write-at-a-time load. The admin HTTP API of confmesh is not used: it verifies an
+# is the old one-write-at-a-time load. RATE (default 0: as fast as each system answers) offers a
+# fixed load instead, in writes/s over all writers, the same for both systems: lag and CPU per
+# write compared at the same load. The admin HTTP API of confmesh is not used: it verifies an
 # Argon2id password on every request.
 #   writes/s   acknowledged writes / time from the first write to the last acknowledgement.
 #   repl/s     acknowledged writes / time from the first write until every other peer holds all of
@@ -41,7 +43,7 @@
 # confmesh's own counters on peer 1 are shown too: sync-stream bytes (inside the overlay) and AH
 # packets sent per replicated write, and the dataplane's fragmentation attempts (refused sends).
 #
-# Usage: sudo benches/replication-netns.sh [DURATION]   env: WRITERS DEPTH KEY_SIZE VALUE_SIZE LIGHT
+# Usage: sudo benches/replication-netns.sh [DURATION]   env: WRITERS DEPTH RATE KEY_SIZE VALUE_SIZE LIGHT
 #   CONFMESH_BIN / WRITE_LOAD_BIN: prebuilt binaries (default: cargo build --release into
 #   ${CARGO_TARGET_DIR:-target}). KEEP_WORK=1 keeps the state, logs and JSON results.
 # Installs etcd-server and etcd-client (apt-get) when missing. WRITERS is at most 14: a confmesh
@@ -51,6 +53,7 @@ set -euo pipefail
 D=${1:-20}
 WRITERS=${WRITERS:-12}
 DEPTH=${DEPTH:-16}
+RATE=${RATE:-0}
 KEY_SIZE=${KEY_SIZE:-64}
 VALUE_SIZE=${VALUE_SIZE:-256}
 LIGHT=${LIGHT:-5}
@@ -63,6 +66,7 @@ PY=/usr/bin/python3
 [[ $LIGHT =~ ^[0-9]+$ ]] && [ "$LIGHT" -ge 1 ] && [ "$LIGHT" -le 60 ] || { echo "replication-netns.sh: LIGHT is 1-60 s" >&2; exit 2; }
 [[ $WRITERS =~ ^[0-9]+$ ]] && [ "$WRITERS" -ge 1 ] && [ "$WRITERS" -le 14 ] || { echo "replication-netns.sh: WRITERS is 1-14" >&2; exit 2; }
 [[ $DEPTH =~ ^[0-9]+$ ]] && [ "$DEPTH" -ge 1 ] && [ "$DEPTH" -le 64 ] || { echo "replication-netns.sh: DEPTH is 1-64" >&2; exit 2; }
+[[ $RATE =~ ^[0-9]+$ ]] && [ "$RATE" -le 1000000 ] || { echo "replication-netns.sh: RATE is 0 (unlimited) to 1000000 writes/s" >&2; exit 2; }
 if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
@@ -200,14 +204,14 @@ cm_status() { # SUFFIX: every peer's status document
 cm_status 0
 nft_snap "$WORK/nft.cm0"; cpu_snap "$WORK/cpu.cm0"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
-    --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers "$WRITERS" --depth "$DEPTH" \
+    --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers "$WRITERS" --depth "$DEPTH" --rate "$RATE" \
     --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh.json"
 nft_snap "$WORK/nft.cm1"; cpu_snap "$WORK/cpu.cm1"
 cm_status 1
 # The same load, each write acknowledged once one other peer has it too (like etcd's majority).
 nft_snap "$WORK/nft.cw0"; cpu_snap "$WORK/cpu.cw0"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
-    --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers "$WRITERS" --depth "$DEPTH" --wait-peers 1 \
+    --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers "$WRITERS" --depth "$DEPTH" --rate "$RATE" --wait-peers 1 \
     --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh-wait1.json"
 nft_snap "$WORK/nft.cw1"; cpu_snap "$WORK/cpu.cw1"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
@@ -243,7 +247,7 @@ fi
 echo "etcd $(etcd --version | awk '/etcd Version/ {print $3}'): 3 members up (plain TCP, no AH), leader member 1; writing for ${D}s with $((WRITERS * DEPTH)) connections" >&2
 nft_snap "$WORK/nft.et0"; cpu_snap "$WORK/cpu.et0"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system etcd --target 10.96.0.1:2379 --others 10.96.0.2:2379,10.96.0.3:2379 \
-    --reader-netns "${P}p2" --reader-target 10.96.0.2:2379 --writers "$WRITERS" --depth "$DEPTH" \
+    --reader-netns "${P}p2" --reader-target 10.96.0.2:2379 --writers "$WRITERS" --depth "$DEPTH" --rate "$RATE" \
     --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/etcd.json"
 nft_snap "$WORK/nft.et1"; cpu_snap "$WORK/cpu.et1"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system etcd --target 10.96.0.1:2379 --others 10.96.0.2:2379,10.96.0.3:2379 \
@@ -274,7 +278,8 @@ for r, (a, b), wire in ((cm, ("cm0", "cm1"), "n_ah"), (et, ("et0", "et1"), "n_et
     (t0, hz), (t1, _) = (map(int, open(f"{work}/cpu.{x}").read().split()) for x in (a, b))
     rows.append(dict(r=r, pk=pk, by=by, frag=f4 + f6, allp=allp, cpu_ms=(t1 - t0) * 1000 / hz / max(r["acked"], 1)))
 fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
-print(f"replicated writes, 3 peers in namespaces, {cm['writers']} writers x {cm['depth']} in flight on peer 1, {cm['key_size']} B keys, "
+offered = f", offered {cm['rate']} writes/s" if cm['rate'] else ""
+print(f"replicated writes, 3 peers in namespaces, {cm['writers']} writers x {cm['depth']} in flight on peer 1{offered}, {cm['key_size']} B keys, "
       f"{cm['value_size']} B values, {cm['window_s']:.1f} s (confmesh) and {et['window_s']:.1f} s (etcd) from the first "
       f"write to the last acknowledgement; lag = ack on peer 1 -> visible on peer 2")
 print(f"{'system':<22} {'writes/s':>9} {'repl/s':>9} {'ack p50/p99/max ms':>19} {'lag p50/p99 ms':>16} {'samples':>7} "

@@ -78,6 +78,11 @@ struct WriteArgs {
     /// writers × depth writes in flight.
     #[arg(long, default_value_t = 1)]
     depth: usize,
+    /// Offered load, writes/s over all writers (0: as fast as the system answers). Writes are
+    /// sent on a fixed schedule; a system that falls behind it gets them back to back, still at
+    /// most writers × depth in flight.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Seconds of writing.
     #[arg(long, default_value_t = 20)]
     duration: u64,
@@ -465,6 +470,7 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
         reader_target,
         writers,
         depth,
+        rate,
         duration,
         key_size,
         value_size,
@@ -515,17 +521,18 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
     let start = Instant::now();
     let end = start + Duration::from_secs(duration);
     let sizes = (key_size, value_size);
+    let pacer = Arc::new(Pacer { start, rate, next: AtomicU64::new(0) });
     let mut tasks = Vec::new();
     match system {
         System::Confmesh => {
             for w in 0..writers {
                 let path = PathBuf::from(&target);
-                tasks.push(tokio::spawn(confmesh_writer(path, w, depth, wait_peers, sizes, end)));
+                tasks.push(tokio::spawn(confmesh_writer(path, w, depth, wait_peers, sizes, end, pacer.clone())));
             }
         }
         System::Etcd => {
             for (c, conn) in etcd_conns.into_iter().enumerate() {
-                tasks.push(tokio::spawn(one_at_a_time_writer(conn, c, sizes, end, max_revision.clone())));
+                tasks.push(tokio::spawn(one_at_a_time_writer(conn, c, sizes, end, max_revision.clone(), pacer.clone())));
             }
         }
     }
@@ -619,6 +626,7 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
         "system": sys,
         "writers": writers,
         "depth": depth,
+        "rate": rate,
         "wait_peers": wait_peers,
         "key_size": key_size,
         "value_size": value_size,
@@ -655,6 +663,26 @@ impl WriterStats {
     }
 }
 
+/// The schedule of `--rate`: write number i is due at start + i / rate, whichever writer sends it.
+struct Pacer {
+    start: Instant,
+    /// Writes/s; 0 = no schedule.
+    rate: u64,
+    next: AtomicU64,
+}
+
+impl Pacer {
+    /// Takes the next slot of the schedule and waits until it is due (at once without a rate).
+    async fn wait(&self) {
+        if self.rate == 0 {
+            return;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let due = self.start + Duration::from_nanos(i.saturating_mul(1_000_000_000) / self.rate);
+        tokio::time::sleep_until(due.into()).await;
+    }
+}
+
 /// A writer stops after this many failed writes in a row.
 const MAX_CONSECUTIVE_ERRORS: u32 = 100;
 
@@ -668,6 +696,7 @@ async fn confmesh_writer(
     wait_peers: usize,
     (key_size, value_size): (usize, usize),
     end: Instant,
+    pacer: Arc<Pacer>,
 ) -> WriterStats {
     let mut st = WriterStats::new();
     let prefix = format!("rb/w{w:02}");
@@ -698,9 +727,14 @@ async fn confmesh_writer(
                 let Ok(permit) = window.acquire().await else { break };
                 permit.forget();
                 let mut batch = 1;
-                while let Ok(p) = window.try_acquire() {
-                    p.forget();
-                    batch += 1;
+                if pacer.rate > 0 {
+                    // One write per slot of the schedule.
+                    pacer.wait().await;
+                } else {
+                    while let Ok(p) = window.try_acquire() {
+                        p.forget();
+                        batch += 1;
+                    }
                 }
                 lines.clear();
                 for _ in 0..batch {
@@ -787,6 +821,7 @@ async fn one_at_a_time_writer(
     (key_size, value_size): (usize, usize),
     end: Instant,
     max_revision: Arc<AtomicU64>,
+    pacer: Arc<Pacer>,
 ) -> WriterStats {
     let mut st = WriterStats::new();
     let prefix = format!("rb/w{w:03}");
@@ -794,6 +829,7 @@ async fn one_at_a_time_writer(
     while Instant::now() < end && consecutive < MAX_CONSECUTIVE_ERRORS {
         let (k, v) = (key(&prefix, n, key_size), value((w as u64) << 40 | n, value_size));
         n += 1;
+        pacer.wait().await;
         let t = Instant::now();
         match c.put(&k, &v).await {
             Ok(rev) => {
