@@ -12,7 +12,7 @@
 //! `u32::from(Ipv4Addr)`; addresses are the peers' overlay addresses (plain TCP on loopback in
 //! tests).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,7 +26,7 @@ use tokio::task::AbortHandle;
 
 use crate::hlc::Hlc;
 use crate::model::{Entry, Namespace, VersionVector};
-use crate::store::{Seen, Store, StoreError};
+use crate::store::{Applying, Seen, Store, StoreError};
 use crate::sync::{Local, Pull, Session, SessionStats, SyncError, SyncEvent};
 
 /// First reconnect delay; doubled after every failure up to [`MAX_BACKOFF`].
@@ -43,6 +43,10 @@ const MAX_PENDING_ACCEPTS: usize = 16;
 const LAG_CAP: usize = 100_000;
 /// Read buffer per connection.
 const READ_BUF: usize = 64 * 1024;
+/// Batches of received entries queued to the store and not yet committed, per connection. While
+/// they commit the connection keeps reading (the peer's stream does not stall on our disk), and
+/// the writer commits what queued up together; beyond this many it stops reading (backpressure).
+const MAX_APPLYING: usize = 8;
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -571,6 +575,7 @@ async fn run_connection(
     let mut out = Vec::new();
     let mut out_off = 0;
     let mut peer: Option<u32> = None;
+    let mut applying: VecDeque<Applying> = VecDeque::new();
     let result = loop {
         match drive(
             shared,
@@ -579,6 +584,7 @@ async fn run_connection(
             (id, epoch, remote),
             &mut permit,
             &mut lifeline,
+            &mut applying,
         )
         .await
         {
@@ -603,12 +609,21 @@ async fn run_connection(
         enum Ev {
             Read(usize),
             Wrote(usize),
+            Applied(Result<usize, StoreError>),
             Changed,
             Timer,
             Stop,
         }
+        let can_read = applying.len() < MAX_APPLYING;
+        let oldest = async {
+            match applying.front_mut() {
+                Some(a) => a.await,
+                None => std::future::pending().await,
+            }
+        };
         let ev = tokio::select! {
-            r = rd.read(&mut inbuf) => match r { Ok(n) => Ev::Read(n), Err(e) => break Err(e.into()) },
+            r = rd.read(&mut inbuf), if can_read => match r { Ok(n) => Ev::Read(n), Err(e) => break Err(e.into()) },
+            a = oldest => Ev::Applied(a),
             w = wr.write(&out[out_off..]), if out_off < out.len() => match w { Ok(n) => Ev::Wrote(n), Err(e) => break Err(e.into()) },
             c = changes.changed() => if c.is_ok() { Ev::Changed } else { Ev::Stop },
             _ = tokio::time::sleep_until(deadline) => Ev::Timer,
@@ -624,6 +639,12 @@ async fn run_connection(
             Ev::Wrote(n) => {
                 out_off += n;
                 Ok(())
+            }
+            Ev::Applied(r) => {
+                applying.pop_front();
+                r.map_err(ConnError::from)
+                    .and_then(|_| store.vector().map_err(ConnError::from))
+                    .map(|v| session.handle_applied(v))
             }
             // After a replace_all (join, restore) both sides' pictures of each other are wrong:
             // start over with fresh hellos.
@@ -666,6 +687,7 @@ async fn drive(
     (id, epoch, remote): (u64, u64, std::net::IpAddr),
     permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
     lifeline: &mut Option<watch::Sender<()>>,
+    applying: &mut VecDeque<Applying>,
 ) -> Result<(), ConnError> {
     let store = &shared.store;
     // Consecutive batches of entries (one read often holds several frames) go to the disk in one
@@ -675,11 +697,19 @@ async fn drive(
     loop {
         let ev = session.poll_event();
         if !matches!(ev, Some(SyncEvent::EntriesReceived { .. })) && !received.is_empty() {
+            if applying.len() >= MAX_APPLYING {
+                if let Some(oldest) = applying.pop_front() {
+                    oldest.await?;
+                    session.handle_applied(store.vector()?);
+                }
+            }
             let seen = received_seen.take().map(|vector| Seen { vector, epoch });
-            store
-                .apply_remote_async(std::mem::take(&mut received), seen, unix_ms())
-                .await?;
-            session.handle_applied(store.vector()?);
+            // Acknowledged when committed (the connection's loop waits for it).
+            applying.push_back(
+                store
+                    .queue_remote(std::mem::take(&mut received), seen, unix_ms())
+                    .await?,
+            );
         }
         let Some(ev) = ev else { break };
         match ev {

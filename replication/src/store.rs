@@ -219,6 +219,23 @@ struct Inner {
     replica: std::sync::atomic::AtomicU32,
 }
 
+/// A batch of remote entries queued by [`Store::queue_remote`]: resolves to how many entries
+/// replaced local versions once the batch is durable.
+pub struct Applying(oneshot::Receiver<Result<Reply, StoreError>>);
+
+impl std::future::Future for Applying {
+    type Output = Result<usize, StoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| count(r.map_err(|_| StoreError::Closed).and_then(|r| r)))
+    }
+}
+
 /// The durable replicated store of one peer.
 ///
 /// Mutations return only once committed durably. Blocking mutations (`put`, `delete`,
@@ -590,14 +607,33 @@ impl Store {
         seen: Option<Seen>,
         wall_ms: u64,
     ) -> Result<usize, StoreError> {
-        count(
-            self.submit_async(Op::Remote {
+        self.queue_remote(entries, seen, wall_ms).await?.await
+    }
+
+    /// Queue [`Store::apply_remote`] behind what is already queued and return at once (after
+    /// waiting only for room in the writer's queue); the returned future resolves when it is
+    /// committed. Batches queued one after the other are applied in that order, so a receiver
+    /// can keep reading its peer while earlier batches are being committed — and the writer
+    /// commits what queued up meanwhile together.
+    pub async fn queue_remote(
+        &self,
+        entries: Vec<Entry>,
+        seen: Option<Seen>,
+        wall_ms: u64,
+    ) -> Result<Applying, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
+        tx.send(Request {
+            op: Op::Remote {
                 entries,
                 seen,
                 wall_ms,
-            })
-            .await,
-        )
+            },
+            reply,
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?;
+        Ok(Applying(rx))
     }
 
     /// Merge a peer's snapshot: apply its entries (last writer wins) and drop local entries the
