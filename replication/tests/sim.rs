@@ -725,7 +725,10 @@ fn writes_reach_a_peer_cut_off_from_their_writer_through_the_third() {
     assert!(sim.cut[1], "the link must still be cut");
     let v0 = sim.nodes[0].store.as_ref().unwrap().vector().unwrap();
     let v2 = sim.nodes[2].store.as_ref().unwrap().vector().unwrap();
-    assert!(v2.dominates(&v0), "peer 3 lacks peer 1's writes: {v2:?} vs {v0:?}");
+    assert!(
+        v2.dominates(&v0),
+        "peer 3 lacks peer 1's writes: {v2:?} vs {v0:?}"
+    );
     sim.settle();
     sim.check();
 }
