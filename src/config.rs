@@ -148,6 +148,9 @@ pub struct PeerSettings {
     pub overlay_addr: Ipv4Addr,
     /// Unix socket the CLI talks to.
     pub control_socket: PathBuf,
+    /// Tasks the SIP calls are spread over by Call-ID (0: one per CPU); see
+    /// [`crate::b2bua::B2buaSettings::shards`] for when more than one pays.
+    pub sip_shards: usize,
 }
 
 /// Admin API settings.
@@ -313,6 +316,7 @@ struct RawPeer {
     syslog: Vec<String>,
     overlay_addr: Option<String>,
     control_socket: Option<PathBuf>,
+    sip_shards: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -483,6 +487,17 @@ fn validate_peer(raw: RawPeer, default_serial: impl FnOnce() -> Option<String>) 
         Some(p) => p,
         None => state_dir.join("confmesh.sock"),
     };
+    let max = crate::b2bua::MAX_SHARDS;
+    let sip_shards = match raw.sip_shards {
+        None => 1,
+        Some(n) if (0..=max as i64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ConfigError::new(
+                "peer.sip_shards",
+                format!("{n} is out of range; use 1 (the default), up to {max}, or 0 for one per CPU"),
+            ));
+        }
+    };
     Ok(PeerSettings {
         hostname,
         domain: raw.domain,
@@ -494,6 +509,7 @@ fn validate_peer(raw: RawPeer, default_serial: impl FnOnce() -> Option<String>) 
         syslog,
         overlay_addr,
         control_socket,
+        sip_shards,
     })
 }
 
@@ -684,6 +700,8 @@ protection = "ah"
             ("mgmt not ipv4", r#"mgmt_addr = "::1""#, "peer.mgmt_addr"),
             ("relative state dir", r#"state_dir = "var/lib""#, "peer.state_dir"),
             ("syslog without scheme", r#"syslog = ["10.96.0.9:514"]"#, "peer.syslog"),
+            ("too many sip shards", r#"sip_shards = 99"#, "peer.sip_shards"),
+            ("negative sip shards", r#"sip_shards = -1"#, "peer.sip_shards"),
             ("overlay outside prefix", r#"overlay_addr = "10.0.0.1""#, "peer.overlay_addr"),
             ("bad admin listen", r#"listen = "nowhere""#, "admin.listen"),
             ("tls half set", r#"tls_cert_file = "/etc/cert.pem""#, "admin.tls_key_file"),

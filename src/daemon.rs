@@ -155,7 +155,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         config.cluster.iter().flat_map(|c| c.peers.iter().copied()).filter(|p| *p != config.peer.mgmt_addr).collect();
     let bandwidth = BandwidthService::start(config.peer.mgmt_addr, BANDWIDTH_PORT, &others)
         .map_err(io(format!("cannot bind bandwidth updates on {}:{BANDWIDTH_PORT} (peer.mgmt_addr)", config.peer.mgmt_addr)))?;
-    let sip = B2buaSettings::on_rendezvous(&config.peer.rendezvous_addrs, &config.peer.hostname);
+    let sip = B2buaSettings {
+        shards: config.peer.sip_shards,
+        ..B2buaSettings::on_rendezvous(&config.peer.rendezvous_addrs, &config.peer.hostname)
+    };
     let b2bua = start_on_store(store.clone(), bandwidth.ledger(), sip)
         .await
         .map_err(|e| DaemonError::Io { what: "cannot start the SIP B2BUA".into(), source: std::io::Error::other(e) })?;
