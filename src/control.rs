@@ -391,6 +391,34 @@ pub async fn call(socket: &Path, request: &Request) -> Reply {
 mod tests {
     use super::*;
 
+    /// A control socket served in a temporary directory, ready for connections: the daemon's end
+    /// of the calls (`rx`), the stop switch and the server task.
+    struct Served {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        rx: mpsc::Receiver<Call>,
+        stop_tx: tokio::sync::watch::Sender<bool>,
+        server: tokio::task::JoinHandle<std::io::Result<()>>,
+    }
+
+    impl Served {
+        async fn start() -> Served {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.sock");
+            let (tx, rx) = mpsc::channel::<Call>(4);
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let p = path.clone();
+            let server = tokio::spawn(async move { serve(&p, tx, stop_rx).await });
+            for _ in 0..100 {
+                if path.exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Served { _dir: dir, path, rx, stop_tx, server }
+        }
+    }
+
     #[test]
     fn requests_have_stable_json() {
         let r = Request::PeersAdd { addr: "10.96.0.3".parse().unwrap() };
@@ -401,12 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn round_trip_over_a_socket() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.sock");
-        let (tx, mut rx) = mpsc::channel::<Call>(4);
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let p = path.clone();
-        let server = tokio::spawn(async move { serve(&p, tx, stop_rx).await });
+        let Served { _dir, path, mut rx, stop_tx, server } = Served::start().await;
         tokio::spawn(async move {
             while let Some((req, reply)) = rx.recv().await {
                 let _ = reply.send(match req {
@@ -415,12 +438,6 @@ mod tests {
                 });
             }
         });
-        for _ in 0..100 {
-            if path.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         assert_eq!(call(&path, &Request::Status).await.unwrap()["mode"], "standalone");
         assert_eq!(call(&path, &Request::Standalone).await.unwrap_err(), "no");
         // One connection carries far more than MAX_REQUEST in all; only one request is bounded.
@@ -443,18 +460,7 @@ mod tests {
 
     #[tokio::test]
     async fn pipelined_requests_are_answered_in_order_and_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.sock");
-        let (tx, mut rx) = mpsc::channel::<Call>(4);
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let p = path.clone();
-        let server = tokio::spawn(async move { serve(&p, tx, stop_rx).await });
-        for _ in 0..100 {
-            if path.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let Served { _dir, path, mut rx, stop_tx, server } = Served::start().await;
         let total = 3 * MAX_IN_FLIGHT;
         let stream = UnixStream::connect(&path).await.unwrap();
         let (read, mut write) = stream.into_split();
@@ -503,18 +509,7 @@ mod tests {
 
     #[tokio::test]
     async fn large_pipelined_requests_are_bounded_in_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.sock");
-        let (tx, mut rx) = mpsc::channel::<Call>(4);
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let p = path.clone();
-        let server = tokio::spawn(async move { serve(&p, tx, stop_rx).await });
-        for _ in 0..100 {
-            if path.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let Served { _dir, path, mut rx, stop_tx, server } = Served::start().await;
         let request = |i: usize| {
             let mut line = serde_json::to_vec(&Request::ConfigGet { key: format!("{i:04}{}", "k".repeat(MAX_REQUEST - 100)) }).unwrap();
             line.push(b'\n');
