@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use confmesh_ike::{
-    ChildDownReason, DhGroup, Endpoint, EndpointConfig, Event, Failure, PeerConfig, Protection, IKE_PORT,
+    ChildDownReason, DhGroup, Endpoint, EndpointConfig, Event, Failure, PeerConfig, Protection, Transmit, IKE_PORT,
 };
 use proptest::prelude::*;
 use zeroize::Zeroizing;
@@ -485,22 +485,32 @@ fn forged_first_messages_do_not_lock_out_the_peer() {
     assert_eq!(net.nodes[&mgmt(1)].counters().half_open_refused + net.nodes[&mgmt(2)].counters().half_open_refused, 0);
 }
 
+/// Node 1 initiating towards node 2, a passive responder, both with the right key.
+fn initiator_and_responder(group: DhGroup, now: Instant) -> (Endpoint, Endpoint) {
+    let mut a = Endpoint::new(EndpointConfig { group, ..Net::config(1) }, [1; 32]);
+    let mut b = Endpoint::new(EndpointConfig { group, passive: true, ..Net::config(2) }, [2; 32]);
+    a.set_peer(now, PeerConfig { addr: mgmt(2), overlay: overlay(2), psk: Zeroizing::new(PSK.to_vec()) });
+    b.set_peer(now, PeerConfig { addr: mgmt(1), overlay: overlay(1), psk: Zeroizing::new(PSK.to_vec()) });
+    (a, b)
+}
+
+/// `a` starts Main Mode and `b` answers: the MM2 on its way back to `a`.
+fn first_mm2(a: &mut Endpoint, b: &mut Endpoint, now: Instant) -> Transmit {
+    a.handle_timeout(now);
+    let mm1 = a.poll_transmit().unwrap();
+    b.handle(now, SocketAddrV4::new(mgmt(1), IKE_PORT), &mm1.payload);
+    b.poll_transmit().unwrap()
+}
+
 /// The responder of a real exchange that has received MM3 (and so done its Diffie-Hellman) keeps
 /// it through any number of forged MM1s: only exchanges still at MM2 are evicted.
 #[test]
 fn an_exchange_past_mm3_outlives_a_flood() {
     let group = DhGroup::Curve25519;
     let mut now = Instant::now();
-    let mut a = Endpoint::new(EndpointConfig { group, ..Net::config(1) }, [1; 32]);
-    let mut b = Endpoint::new(EndpointConfig { group, passive: true, ..Net::config(2) }, [2; 32]);
-    a.set_peer(now, PeerConfig { addr: mgmt(2), overlay: overlay(2), psk: Zeroizing::new(PSK.to_vec()) });
-    b.set_peer(now, PeerConfig { addr: mgmt(1), overlay: overlay(1), psk: Zeroizing::new(PSK.to_vec()) });
-    let from_a = SocketAddrV4::new(mgmt(1), IKE_PORT);
-    let from_b = SocketAddrV4::new(mgmt(2), IKE_PORT);
-    a.handle_timeout(now);
-    let mm1 = a.poll_transmit().unwrap();
-    b.handle(now, from_a, &mm1.payload);
-    let mm2 = b.poll_transmit().unwrap();
+    let (mut a, mut b) = initiator_and_responder(group, now);
+    let (from_a, from_b) = (SocketAddrV4::new(mgmt(1), IKE_PORT), SocketAddrV4::new(mgmt(2), IKE_PORT));
+    let mm2 = first_mm2(&mut a, &mut b, now);
     a.handle(now, from_b, &mm2.payload);
     let mm3 = a.poll_transmit().unwrap();
     b.handle(now, from_a, &mm3.payload);
@@ -528,16 +538,9 @@ fn an_evicted_initiator_starts_again_at_once() {
     let group = DhGroup::Curve25519;
     let start = Instant::now();
     let mut now = start;
-    let mut a = Endpoint::new(EndpointConfig { group, ..Net::config(1) }, [1; 32]);
-    let mut b = Endpoint::new(EndpointConfig { group, passive: true, ..Net::config(2) }, [2; 32]);
-    a.set_peer(now, PeerConfig { addr: mgmt(2), overlay: overlay(2), psk: Zeroizing::new(PSK.to_vec()) });
-    b.set_peer(now, PeerConfig { addr: mgmt(1), overlay: overlay(1), psk: Zeroizing::new(PSK.to_vec()) });
-    let from_a = SocketAddrV4::new(mgmt(1), IKE_PORT);
-    let from_b = SocketAddrV4::new(mgmt(2), IKE_PORT);
-    a.handle_timeout(now);
-    let mm1 = a.poll_transmit().unwrap();
-    b.handle(now, from_a, &mm1.payload);
-    let mm2 = b.poll_transmit().unwrap();
+    let (mut a, mut b) = initiator_and_responder(group, now);
+    let (from_a, from_b) = (SocketAddrV4::new(mgmt(1), IKE_PORT), SocketAddrV4::new(mgmt(2), IKE_PORT));
+    let mm2 = first_mm2(&mut a, &mut b, now);
     // Two forged MM1s arrive while MM2 travels: the real exchange is the oldest at MM2.
     for d in forged_mm1s(1, 2, group, 2) {
         b.handle(now, from_a, &d);
