@@ -49,15 +49,9 @@ trap cleanup EXIT
 "$ROOT/netns-scripts/down.sh" "$P" >/dev/null 2>&1 || true
 "$ROOT/netns-scripts/up.sh" "$P" 2 >/dev/null
 
-now_ns() { date +%s%N; }
-# wait_until SECONDS COMMAND...: polls every 5 ms; fails after SECONDS.
-wait_until() {
-    local limit=$(( $(now_ns) + $1 * 1000000000 )); shift
-    until "$@"; do
-        [ "$(now_ns)" -lt "$limit" ] || return 1
-        sleep 0.005
-    done
-}
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
+WAIT_POLL_S=0.005   # establishment times are measured by these polls
 lines_at_least() { [ -f "$1" ] && [ "$(grep -c "$2" "$1" 2>/dev/null)" -ge "$3" ]; }
 either_has() { lines_at_least "$1" '^AH ' 2 || lines_at_least "$2" '^AH ' 2; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }

@@ -105,14 +105,8 @@ trap 'echo "replication-netns.sh: failed at line $LINENO (KEEP_WORK=1 keeps the 
 "$ROOT/netns-scripts/down.sh" "$P" >/dev/null 2>&1 || true
 "$ROOT/netns-scripts/up.sh" "$P" 3 >/dev/null
 
-# wait_until SECONDS COMMAND...: polls every 100 ms; fails after SECONDS.
-wait_until() {
-    local end=$(( $(date +%s) + $1 )); shift
-    until "$@"; do
-        [ "$(date +%s)" -lt "$end" ] || return 1
-        sleep 0.1
-    done
-}
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 
 ip netns exec "${P}r" nft -f - <<'EOF'
 table inet cmrb {

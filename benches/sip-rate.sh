@@ -123,15 +123,8 @@ trap 'exit 130' INT TERM
 "$ROOT/netns-scripts/up.sh" "$P" 1 >/dev/null
 
 in_ns() { local ns=$1; shift; ip netns exec "$P$ns" "$@"; }
-now_ns() { date +%s%N; }
-# wait_until SECONDS COMMAND...: polls every 100 ms; fails after SECONDS.
-wait_until() {
-    local limit=$(( $(now_ns) + $1 * 1000000000 )); shift
-    until "$@"; do
-        [ "$(now_ns)" -lt "$limit" ] || return 1
-        sleep 0.1
-    done
-}
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
 # cpu_ticks SYSTEM: user + system CPU time so far of the system's processes (Kamailio: the main
 # process and its workers), in clock ticks; busy_ticks: of the whole machine (all CPUs).
 cpu_ticks() {
