@@ -8,8 +8,8 @@
 //! streams new writes as they are committed: its own writes at once, other origins' writes only
 //! if the peer still lacks them [`RELAY_HOLD`] later (in a full mesh their writer sends them; a
 //! peer cut off from the writer gets them through us). A peer that is joining the cluster (see
-//! [`crate::store::Store::join`]) gets a snapshot from a peer that is not, whatever its vector. The receiver applies a batch durably, then acknowledges with
-//! its whole vector; acknowledgements drive "wait until k peers have it", tombstone collection and
+//! [`crate::store::Store::join`]) gets a snapshot from a peer that is not, whatever its vector.
+//! The receiver applies a batch durably, then acknowledges with its whole vector; acknowledgements drive "wait until k peers have it", tombstone collection and
 //! lag status. If the peer's vector is older than what tombstone collection kept, the sender sends a
 //! snapshot instead.
 //!
@@ -19,8 +19,8 @@
 //! resynchronised after a bad frame, so any malformed frame ends the session (counted, never a
 //! panic); the driver reconnects and the sync resumes from the vectors.
 //!
-//! Payloads are binary: a hello is `origin u32`, a vector, `joining u8`; a vector is `count: u16` then per origin `origin u32, wall_ms u64,
-//! logical u32`; an entry is `ns u8, stamp (16 bytes), key_len u16, key, value_len u32
+//! Payloads are binary: a hello is `origin u32`, a vector, `joining u8`; a vector is `count: u16`
+//! then per origin `origin u32, wall_ms u64, logical u32`; an entry is `ns u8, stamp (16 bytes), key_len u16, key, value_len u32
 //! (0xFFFF_FFFF = tombstone), value as JSON`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -354,11 +354,7 @@ impl Session {
                 }
                 let origin = r.u32()?;
                 let vector = r.vector()?;
-                let joining = match r.u8()? {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(SyncError::Malformed("bad flag")),
-                };
+                let joining = r.flag()?;
                 r.end()?;
                 if let Some(expected) = self.expected_peer {
                     if expected != origin {
@@ -387,11 +383,7 @@ impl Session {
                     return Err(SyncError::Protocol("entries inside a snapshot"));
                 }
                 let entries = r.entries()?;
-                let seen = match r.u8()? {
-                    0 => None,
-                    1 => Some(r.vector()?),
-                    _ => return Err(SyncError::Malformed("bad flag")),
-                };
+                let seen = if r.flag()? { Some(r.vector()?) } else { None };
                 r.end()?;
                 self.stats.entries_received += entries.len() as u64;
                 // The peer had these (and what it saw): do not echo them back.
@@ -613,13 +605,13 @@ impl Session {
         if self.dead.is_some() {
             return None;
         }
-        let relay = self
-            .missing
-            .values()
-            .map(|(since, _)| *since + RELAY_HOLD)
-            .min();
-        let t = (self.last_tx + KEEPALIVE).min(self.last_rx + IDLE_TIMEOUT);
-        Some(relay.map_or(t, |r| r.min(t)))
+        let keepalive = (self.last_tx + KEEPALIVE).min(self.last_rx + IDLE_TIMEOUT);
+        Some(
+            self.missing
+                .values()
+                .map(|(since, _)| *since + RELAY_HOLD)
+                .fold(keepalive, Instant::min),
+        )
     }
 
     /// Timers: queue a keepalive when idle; end the session when the peer is silent too long.
@@ -636,17 +628,15 @@ impl Session {
         if now.saturating_duration_since(self.last_tx) >= KEEPALIVE {
             self.ping_pending = true;
         }
-        let due: Vec<u32> = self
-            .missing
-            .iter()
-            .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= RELAY_HOLD)
-            .map(|(o, _)| *o)
-            .collect();
-        for origin in due {
-            self.missing.remove(&origin);
-            self.relay.insert(origin);
-            self.dirty = true;
-        }
+        let (relay, dirty) = (&mut self.relay, &mut self.dirty);
+        self.missing.retain(|&origin, (since, _)| {
+            let due = now.saturating_duration_since(*since) >= RELAY_HOLD;
+            if due {
+                relay.insert(origin);
+                *dirty = true;
+            }
+            !due
+        });
         Ok(())
     }
 }
@@ -794,6 +784,13 @@ impl<'a> Reader<'a> {
     }
     fn u8(&mut self) -> Result<u8, SyncError> {
         Ok(self.take(1)?[0])
+    }
+    fn flag(&mut self) -> Result<bool, SyncError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(SyncError::Malformed("bad flag")),
+        }
     }
     fn u16(&mut self) -> Result<u16, SyncError> {
         let b = self.take(2)?;
