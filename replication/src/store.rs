@@ -1000,6 +1000,7 @@ impl Writer<'_> {
     /// a storage error fails the whole batch.
     fn batch(&mut self, ops: &mut [(Op, Option<OpResult>)]) -> Result<bool, StoreError> {
         let path = self.inner.path.clone();
+        let joining_before = self.joining;
         let txn = self
             .inner
             .db
@@ -1040,11 +1041,14 @@ impl Writer<'_> {
                 &serde_json::to_vec(&floor).unwrap_or_default(),
             )?;
             put(&mut meta, META_CLOCK, &self.clock.last().to_bytes())?;
-            if self.joining {
-                put(&mut meta, META_JOINING, &[1])?;
-            } else {
-                meta.remove(META_JOINING)
-                    .map_err(|x| classify(&path, x.into()))?;
+            // Only a join or its end touches the mark: ordinary commits skip it.
+            match (joining_before, self.joining) {
+                (false, true) => put(&mut meta, META_JOINING, &[1])?,
+                (true, false) => {
+                    meta.remove(META_JOINING)
+                        .map_err(|x| classify(&path, x.into()))?;
+                }
+                _ => {}
             }
         }
         txn.commit().map_err(|e| classify(&path, e.into()))?;
