@@ -14,8 +14,8 @@
 //! - [`hlc`]: the hybrid logical clock that orders writes cluster-wide.
 //! - [`model`]: namespaces, entries, version vectors, the last-writer-wins rule. Peer-specific
 //!   settings (SPEC §2 rule 8) have no namespace and cannot be stored.
-//! - [`store`]: the durable redb store: group commit, change sets, tombstone collection,
-//!   snapshots, damaged-file detection.
+//! - [`store`]: the durable store (redb behind a write-ahead journal): group commit, change sets,
+//!   tombstone collection, snapshots, damaged-file detection.
 //! - [`sync`]: the sans-IO sync session between two peers (checked frames, catch-up by version
 //!   vector, live stream, acknowledgements, backpressure, keepalive).
 //! - [`service`]: the tokio driver: TCP listener and dialers, one session per peer, writes that
@@ -48,7 +48,9 @@
 #![forbid(unsafe_code)]
 
 pub mod hlc;
+mod journal;
 pub mod model;
+mod overlay;
 pub mod service;
 pub mod store;
 pub mod sync;

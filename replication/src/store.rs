@@ -1,23 +1,34 @@
-//! The durable local store: one redb file per peer, written by one writer thread that commits many
-//! callers' writes together (group commit).
+//! The durable local store: one redb file per peer with a write-ahead journal in front of it,
+//! written by one writer thread that makes many callers' writes durable together (group commit).
 //!
 //! Every mutation — local put/delete, entries received from a peer, a snapshot, a tombstone
 //! collection — goes through the writer thread: it assigns the HLC stamps of local writes, applies
-//! last-writer-wins, updates the version vector in the same transaction, commits with redb's default
-//! durability (fsync before the commit returns) and only then answers the callers. Because stamps
-//! are assigned in commit order, a reader always sees a prefix of each origin's writes — the
-//! invariant that lets [`Store::changes_since`] compute what a peer lacks from its version vector.
+//! last-writer-wins, updates the version vector with the same changes, and answers the callers only
+//! once those changes are durable. Because stamps are assigned in commit order, a reader always
+//! sees a prefix of each origin's writes — the invariant that lets [`Store::changes_since`] compute
+//! what a peer lacks from its version vector.
 //!
-//! Reads use redb read transactions directly from the caller's thread (MVCC: they never wait for the
-//! writer).
+//! A redb commit rewrites B-tree pages and syncs twice, which made every small group of writes
+//! cost hundreds of microseconds. Ordinary writes (puts, deletes, remote entries) are instead
+//! appended to a journal (module `journal`) and synced once, then kept in an in-memory layer
+//! (module `overlay`) over the file; a checkpoint thread copies full layers into the file in one
+//! large transaction, in key order, and deletes the journal segments they came from. The rare
+//! operations that read or rewrite the whole content (snapshot merge, replacement, tombstone
+//! collection) first wait until everything is in the file and then run as one redb transaction.
+//! Opening the store replays what the journal holds beyond the file's last checkpoint.
+//!
+//! Reads look at the layers and a redb read transaction together, under a read lock that the
+//! writer takes only briefly to publish a durable group (MVCC below: readers never wait for a
+//! commit).
 //!
 //! Tables: `data` (namespace tag + key → stamp, flag, JSON), `by_origin` (origin + stamp → data key,
 //! for every current entry), `tombstones` (the same, for deleted keys only, for collection), `meta`
-//! (version vector, collection floor, clock high-water mark, joining mark).
+//! (version vector, collection floor, clock high-water mark, joining mark, last journal frame held).
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 
 use redb::{Database, ReadableTable, TableDefinition};
@@ -26,7 +37,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::hlc::{DEFAULT_MAX_DRIFT_MS, HLC_BYTES, Hlc, HlcClock, HlcError};
+use crate::journal::{self, Journal, JournalError};
 use crate::model::{Entry, MAX_KEY_BYTES, MAX_VALUE_BYTES, Namespace, VersionVector};
+use crate::overlay::{self, Layer, Table};
 
 const DATA: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("data");
 const BY_ORIGIN: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("by_origin");
@@ -38,6 +51,15 @@ const META_GC_FLOOR: &str = "gc_floor";
 const META_CLOCK: &str = "clock";
 /// Present while the peer is joining a cluster and has not yet merged a member's snapshot.
 const META_JOINING: &str = "joining";
+/// Sequence number of the last journal frame the file holds.
+const META_WAL_SEQ: &str = "wal_seq";
+
+/// Bytes in memory after which a checkpoint copies them into the file (see
+/// [`StoreOptions::checkpoint_keys`] for the count).
+const CHECKPOINT_BYTES: usize = 16 << 20;
+/// While a checkpoint runs, the newer layer grows up to this many times the checkpoint size;
+/// then the writer waits for it.
+const MAX_LAYER_FACTOR: usize = 4;
 
 /// Most origins (replica ids) a store tracks: a few per peer over the cluster's life (a new one per
 /// join or restore). Bounds what a misbehaving peer can make the version vector — written with
@@ -117,6 +139,10 @@ pub struct StoreOptions {
     pub queue: usize,
     /// Remote stamps further ahead of local wall time than this are refused.
     pub max_drift_ms: u64,
+    /// Changed keys (over all tables) held in memory before a checkpoint copies them into the
+    /// file: large enough that the copy's B-tree work is done in bulk, small enough that replaying
+    /// the journal after a crash takes well under a second.
+    pub checkpoint_keys: usize,
 }
 
 impl Default for StoreOptions {
@@ -125,6 +151,7 @@ impl Default for StoreOptions {
             max_batch: 1024,
             queue: 4096,
             max_drift_ms: DEFAULT_MAX_DRIFT_MS,
+            checkpoint_keys: 16 * 1024,
         }
     }
 }
@@ -169,6 +196,7 @@ pub enum ChangeSet {
     SnapshotNeeded,
 }
 
+/// A request the writer runs with others in a journal group.
 enum Op {
     Put {
         ns: Namespace,
@@ -181,6 +209,11 @@ enum Op {
         seen: Option<Seen>,
         wall_ms: u64,
     },
+    StopJoining,
+}
+
+/// A request on the whole content, run alone as one file transaction.
+enum WholeOp {
     Snapshot {
         snapshot: Snapshot,
         wall_ms: u64,
@@ -190,7 +223,6 @@ enum Op {
         /// Joining a cluster: local writes wait for a member's snapshot.
         join: bool,
     },
-    StopJoining,
     Gc {
         acked: Vec<VersionVector>,
     },
@@ -202,13 +234,47 @@ enum Reply {
 }
 
 struct Request {
-    op: Op,
+    op: Work,
     reply: oneshot::Sender<Result<Reply, StoreError>>,
+}
+
+/// What is durable in the journal but not (yet) in the file, and the meta values readers need.
+struct Mem {
+    /// Changes since the last checkpoint began.
+    active: Layer,
+    /// Changes the running checkpoint copies into the file.
+    frozen: Option<Arc<Layer>>,
+    vector: VersionVector,
+    floor: VersionVector,
+}
+
+impl Mem {
+    /// `key` of `t` as the layers show it, newest first; `None` if no layer knows it.
+    fn get(&self, t: Table, key: &[u8]) -> Option<Option<&[u8]>> {
+        self.active
+            .get(t, key)
+            .or_else(|| self.frozen.as_ref().and_then(|f| f.get(t, key)))
+    }
+}
+
+/// A checkpoint for the checkpoint thread: `layer` holds the frames up to `seq`, all in segments
+/// numbered up to `segment`.
+struct Checkpoint {
+    layer: Arc<Layer>,
+    seq: u64,
+    segment: u64,
 }
 
 struct Inner {
     db: Database,
     path: PathBuf,
+    mem: RwLock<Mem>,
+    /// Completed checkpoints, for a writer that waits for the running one.
+    checkpoints: Mutex<u64>,
+    checkpoint_done: Condvar,
+    /// Set when the store is dropped: a failing checkpoint stops retrying (the journal keeps
+    /// its changes).
+    closing: std::sync::atomic::AtomicBool,
     origin: u32,
     changes: watch::Sender<u64>,
     /// Number of committed [`Store::replace_all`] calls since open (see [`Seen`]).
@@ -247,6 +313,7 @@ pub struct Store {
     inner: Arc<Inner>,
     tx: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
+    checkpointer: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -415,27 +482,57 @@ impl Store {
 
     /// [`Store::open`] with explicit tuning.
     pub fn open_with(path: &Path, origin: u32, options: StoreOptions) -> Result<Store, StoreError> {
+        let existed = path.exists();
         let db = open_checked(path)?;
+        if !existed {
+            // Segments without their file (it was moved away so that the peer starts afresh)
+            // must not be replayed into a new one.
+            journal::set_aside(path).map_err(|e| journal_error(path, e))?;
+        }
         let txn = db.begin_write().map_err(|e| classify(path, e.into()))?;
-        let (clock_mark, joining) = {
+        let wal_seq = {
             for def in [DATA, BY_ORIGIN, TOMBSTONES] {
                 txn.open_table(def).map_err(|e| classify(path, e.into()))?;
             }
             let meta = txn.open_table(META).map_err(|e| classify(path, e.into()))?;
-            let mark = meta.get(META_CLOCK).map_err(|e| classify(path, e.into()))?;
-            let mark = match mark {
-                Some(g) => Some(
-                    Hlc::from_bytes(g.value()).ok_or_else(|| corrupt(path, "bad clock record"))?,
-                ),
-                None => None,
-            };
-            let joining = meta
-                .get(META_JOINING)
-                .map_err(|e| classify(path, e.into()))?
-                .is_some();
-            (mark, joining)
+            read_meta(path, &meta, META_WAL_SEQ)?
+                .map(|b| {
+                    b.try_into()
+                        .map(u64::from_le_bytes)
+                        .map_err(|_| corrupt(path, "bad journal position"))
+                })
+                .transpose()?
+                .unwrap_or(0)
         };
         txn.commit().map_err(|e| classify(path, e.into()))?;
+
+        // What the journal holds beyond the file's last checkpoint goes into the file first.
+        let mut replayed = Layer::default();
+        let last_seq = journal::replay(path, wal_seq, |t, k, v| match v {
+            Some(v) => replayed.put(t, k, v),
+            None => replayed.remove(t, k),
+        })
+        .map_err(|e| journal_error(path, e))?;
+        if !replayed.is_empty() {
+            tracing::info!(
+                path = %path.display(),
+                frames = last_seq - wal_seq,
+                "replicated store: replayed the journal"
+            );
+            write_checkpoint(&db, path, &replayed, last_seq)?;
+        }
+        journal::remove_through(path, u64::MAX).map_err(|e| journal_error(path, e))?;
+        let journal = Journal::create(path, 1, last_seq + 1).map_err(|e| journal_error(path, e))?;
+
+        let txn = db.begin_read().map_err(|e| classify(path, e.into()))?;
+        let meta = txn.open_table(META).map_err(|e| classify(path, e.into()))?;
+        let clock_mark = read_meta(path, &meta, META_CLOCK)?
+            .map(|b| Hlc::from_bytes(&b).ok_or_else(|| corrupt(path, "bad clock record")))
+            .transpose()?;
+        let joining = read_meta(path, &meta, META_JOINING)?.is_some();
+        let vector = read_vector(path, &meta, META_VECTOR)?;
+        let floor = read_vector(path, &meta, META_GC_FLOOR)?;
+        drop((meta, txn));
 
         let mut clock = HlcClock::new(origin, options.max_drift_ms);
         if let Some(mark) = clock_mark {
@@ -448,26 +545,55 @@ impl Store {
         let inner = Arc::new(Inner {
             db,
             path: path.to_path_buf(),
+            mem: RwLock::new(Mem {
+                active: Layer::default(),
+                frozen: None,
+                vector: vector.clone(),
+                floor: floor.clone(),
+            }),
+            checkpoints: Mutex::new(0),
+            checkpoint_done: Condvar::new(),
+            closing: false.into(),
             origin,
             changes,
             epoch: 0.into(),
             joining: joining.into(),
             replica: clock.last().origin.into(),
         });
+        let spawn_err = |e: std::io::Error| StoreError::Io {
+            path: path.to_path_buf(),
+            detail: format!("spawn store thread: {e}"),
+        };
+        let (jobs, job_rx) = std::sync::mpsc::sync_channel(1);
+        let c = Arc::clone(&inner);
+        let checkpointer = std::thread::Builder::new()
+            .name("confmesh-ckpt".into())
+            .spawn(move || checkpoint_loop(&c, job_rx))
+            .map_err(spawn_err)?;
         let (tx, rx) = mpsc::channel(options.queue.max(1));
-        let w = Arc::clone(&inner);
         let max_batch = options.max_batch.max(1);
+        let writer = Writer {
+            inner: Arc::clone(&inner),
+            checkpoint_keys: options.checkpoint_keys.max(1),
+            state: State {
+                clock,
+                epoch: 0,
+                joining,
+                vector,
+                floor,
+            },
+            journal,
+            jobs,
+        };
         let writer = std::thread::Builder::new()
             .name("confmesh-store".into())
-            .spawn(move || writer_loop(&w, rx, clock, max_batch))
-            .map_err(|e| StoreError::Io {
-                path: path.to_path_buf(),
-                detail: format!("spawn writer: {e}"),
-            })?;
+            .spawn(move || writer_loop(writer, rx, max_batch))
+            .map_err(spawn_err)?;
         Ok(Store {
             inner,
             tx: Some(tx),
             writer: Some(writer),
+            checkpointer: Some(checkpointer),
         })
     }
 
@@ -487,24 +613,33 @@ impl Store {
         self.inner.changes.subscribe()
     }
 
-    fn submit(&self, op: Op) -> Result<oneshot::Receiver<Result<Reply, StoreError>>, StoreError> {
+    fn submit(
+        &self,
+        op: impl Into<Work>,
+    ) -> Result<oneshot::Receiver<Result<Reply, StoreError>>, StoreError> {
         let (reply, rx) = oneshot::channel();
         let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
-        tx.blocking_send(Request { op, reply })
-            .map_err(|_| StoreError::Closed)?;
+        tx.blocking_send(Request {
+            op: op.into(),
+            reply,
+        })
+        .map_err(|_| StoreError::Closed)?;
         Ok(rx)
     }
 
-    async fn submit_async(&self, op: Op) -> Result<Reply, StoreError> {
+    async fn submit_async(&self, op: impl Into<Work>) -> Result<Reply, StoreError> {
         let (reply, rx) = oneshot::channel();
         let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
-        tx.send(Request { op, reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        tx.send(Request {
+            op: op.into(),
+            reply,
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    fn run(&self, op: Op) -> Result<Reply, StoreError> {
+    fn run(&self, op: impl Into<Work>) -> Result<Reply, StoreError> {
         self.submit(op)?
             .blocking_recv()
             .map_err(|_| StoreError::Closed)?
@@ -624,11 +759,11 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
         tx.send(Request {
-            op: Op::Remote {
+            op: Work::Group(Op::Remote {
                 entries,
                 seen,
                 wall_ms,
-            },
+            }),
             reply,
         })
         .await
@@ -640,7 +775,7 @@ impl Store {
     /// snapshot's source had seen but no longer holds (their tombstones were collected there).
     /// Local writes the source had not seen survive. Blocking.
     pub fn apply_snapshot(&self, snapshot: Snapshot, wall_ms: u64) -> Result<usize, StoreError> {
-        count(self.run(Op::Snapshot { snapshot, wall_ms }))
+        count(self.run(WholeOp::Snapshot { snapshot, wall_ms }))
     }
 
     /// [`Store::apply_snapshot`] for async code.
@@ -649,7 +784,10 @@ impl Store {
         snapshot: Snapshot,
         wall_ms: u64,
     ) -> Result<usize, StoreError> {
-        count(self.submit_async(Op::Snapshot { snapshot, wall_ms }).await)
+        count(
+            self.submit_async(WholeOp::Snapshot { snapshot, wall_ms })
+                .await,
+        )
     }
 
     /// Replace the whole content by `snapshot` (restore from backup; joining a cluster with
@@ -658,7 +796,7 @@ impl Store {
     /// carry a fresh replica id in their stamps' `origin` (so they cannot hide writes of the old id
     /// that other peers still hold and will send back). Blocking.
     pub fn replace_all(&self, snapshot: Snapshot) -> Result<(), StoreError> {
-        count(self.run(Op::ReplaceAll {
+        count(self.run(WholeOp::ReplaceAll {
             snapshot,
             join: false,
         }))
@@ -668,7 +806,7 @@ impl Store {
     /// [`Store::replace_all`] for async code (restore from the daemon).
     pub async fn replace_all_async(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         count(
-            self.submit_async(Op::ReplaceAll {
+            self.submit_async(WholeOp::ReplaceAll {
                 snapshot,
                 join: false,
             })
@@ -683,7 +821,7 @@ impl Store {
     /// of them could order below such a deletion and resurrect the key. Survives a restart.
     /// Blocking.
     pub fn join(&self) -> Result<(), StoreError> {
-        count(self.run(Op::ReplaceAll {
+        count(self.run(WholeOp::ReplaceAll {
             snapshot: Snapshot::default(),
             join: true,
         }))
@@ -693,7 +831,7 @@ impl Store {
     /// [`Store::join`] for async code.
     pub async fn join_async(&self) -> Result<(), StoreError> {
         count(
-            self.submit_async(Op::ReplaceAll {
+            self.submit_async(WholeOp::ReplaceAll {
                 snapshot: Snapshot::default(),
                 join: true,
             })
@@ -716,7 +854,7 @@ impl Store {
     /// with [`Store::replace_all`] (SPEC §2 rule 6): merging its own content instead could bring
     /// back keys whose deletion it never saw and whose tombstone was collected meanwhile.
     pub fn gc_tombstones(&self, acked: Vec<VersionVector>) -> Result<usize, StoreError> {
-        count(self.run(Op::Gc { acked }))
+        count(self.run(WholeOp::Gc { acked }))
     }
 
     /// [`Store::gc_tombstones`] for async code.
@@ -724,15 +862,13 @@ impl Store {
         &self,
         acked: Vec<VersionVector>,
     ) -> Result<usize, StoreError> {
-        count(self.submit_async(Op::Gc { acked }).await)
+        count(self.submit_async(WholeOp::Gc { acked }).await)
     }
 
-    fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        self.inner.db.begin_read().map_err(|e| self.err(e))
-    }
-
-    fn err(&self, e: impl Into<redb::Error>) -> StoreError {
-        classify(&self.inner.path, e.into())
+    /// The layers and a file snapshot that go together: the writer cannot publish, nor a
+    /// checkpoint retire its layer, while the guard is held.
+    fn view(&self) -> Result<View<'_>, StoreError> {
+        View::open(&self.inner)
     }
 
     /// The current value of `key`, `None` if absent or deleted.
@@ -743,29 +879,30 @@ impl Store {
     /// The current version of `key` with its stamp, tombstone included: for showing who wrote it
     /// when, and for checks that a write ordered after what its writer had seen.
     pub fn get_entry(&self, ns: Namespace, key: &str) -> Result<Option<Entry>, StoreError> {
-        let txn = self.read()?;
-        let t = txn.open_table(DATA).map_err(|e| self.err(e))?;
+        let v = self.view()?;
+        let data = v.table(DATA)?;
         let dk = data_key(ns, key);
-        let rec = t.get(dk.as_slice()).map_err(|e| self.err(e))?;
-        rec.map(|g| decode_entry(&self.inner.path, &dk, g.value()))
+        v.get(&data, Table::Data, &dk)?
+            .map(|rec| decode_entry(v.path, &dk, &rec))
             .transpose()
     }
 
     /// All live `(key, value)` pairs of `ns` whose key starts with `prefix`, in key order.
     pub fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<(String, Value)>, StoreError> {
-        let txn = self.read()?;
-        let t = txn.open_table(DATA).map_err(|e| self.err(e))?;
+        let v = self.view()?;
+        let data = v.table(DATA)?;
         let start = data_key(ns, prefix);
         let mut out = Vec::new();
-        for item in t
-            .range::<&[u8]>(start.as_slice()..)
-            .map_err(|e| self.err(e))?
-        {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            if !k.value().starts_with(&start) {
+        for item in v.range(
+            &data,
+            Table::Data,
+            (Bound::Included(&start), Bound::Unbounded),
+        )? {
+            let (k, rec) = item?;
+            if !k.starts_with(&start) {
                 break;
             }
-            let e = decode_entry(&self.inner.path, k.value(), v.value())?;
+            let e = decode_entry(v.path, &k, &rec)?;
             if let Some(value) = e.value {
                 out.push((e.key, value));
             }
@@ -775,23 +912,28 @@ impl Store {
 
     /// What this peer has seen from every origin.
     pub fn vector(&self) -> Result<VersionVector, StoreError> {
-        let txn = self.read()?;
-        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
-        read_vector(&self.inner.path, &meta, META_VECTOR)
+        Ok(self
+            .inner
+            .mem
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .vector
+            .clone())
     }
 
     /// Every current entry (tombstones included) and the vector, from one consistent read.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let txn = self.read()?;
-        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
-        let vector = read_vector(&self.inner.path, &meta, META_VECTOR)?;
-        let t = txn.open_table(DATA).map_err(|e| self.err(e))?;
+        let v = self.view()?;
+        let data = v.table(DATA)?;
         let mut entries = Vec::new();
-        for item in t.iter().map_err(|e| self.err(e))? {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            entries.push(decode_entry(&self.inner.path, k.value(), v.value())?);
+        for item in v.range(&data, Table::Data, (Bound::Unbounded, Bound::Unbounded))? {
+            let (k, rec) = item?;
+            entries.push(decode_entry(v.path, &k, &rec)?);
         }
-        Ok(Snapshot { entries, vector })
+        Ok(Snapshot {
+            entries,
+            vector: v.mem.vector.clone(),
+        })
     }
 
     /// What a peer whose vector is `since` lacks: at most `limit` entries and about
@@ -813,61 +955,131 @@ impl Store {
         limit: usize,
         origins: Option<&[u32]>,
     ) -> Result<ChangeSet, StoreError> {
-        let txn = self.read()?;
-        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
-        let floor = read_vector(&self.inner.path, &meta, META_GC_FLOOR)?;
-        if !since.dominates(&floor) {
+        let v = self.view()?;
+        if !since.dominates(&v.mem.floor) {
             return Ok(ChangeSet::SnapshotNeeded);
         }
-        let vector = read_vector(&self.inner.path, &meta, META_VECTOR)?;
-        let data = txn.open_table(DATA).map_err(|e| self.err(e))?;
-        let by_origin = txn.open_table(BY_ORIGIN).map_err(|e| self.err(e))?;
+        let data = v.table(DATA)?;
+        let by_origin = v.table(BY_ORIGIN)?;
         let mut entries = Vec::new();
         let mut bytes = 0usize;
         let mut truncated = false;
-        'origins: for (origin, _) in vector.iter() {
+        'origins: for (origin, _) in v.mem.vector.iter() {
             if origins.is_some_and(|o| !o.contains(&origin)) {
                 continue;
             }
             let (start, end) = origin_range(origin, since.get(origin));
-            for item in by_origin
-                .range::<&[u8]>((Bound::Excluded(&start[..]), Bound::Included(&end[..])))
-                .map_err(|e| self.err(e))?
-            {
+            let range = (Bound::Excluded(&start[..]), Bound::Included(&end[..]));
+            for item in v.range(&by_origin, Table::ByOrigin, range)? {
                 if entries.len() >= limit || bytes >= CHANGESET_MAX_BYTES {
                     truncated = true;
                     break 'origins;
                 }
-                let (_, dk) = item.map_err(|e| self.err(e))?;
-                let rec = data.get(dk.value()).map_err(|e| self.err(e))?;
-                let rec = rec
-                    .ok_or_else(|| corrupt(&self.inner.path, "index points to a missing entry"))?;
-                bytes += dk.value().len() + rec.value().len();
-                entries.push(decode_entry(&self.inner.path, dk.value(), rec.value())?);
+                let (_, dk) = item?;
+                let rec = v
+                    .get(&data, Table::Data, &dk)?
+                    .ok_or_else(|| corrupt(v.path, "index points to a missing entry"))?;
+                bytes += dk.len() + rec.len();
+                entries.push(decode_entry(v.path, &dk, &rec)?);
             }
         }
         Ok(ChangeSet::Entries {
             entries,
-            complete: (!truncated).then_some(vector),
+            complete: (!truncated).then(|| v.mem.vector.clone()),
         })
     }
 
     /// How many current entries a peer whose vector is `since` lacks, counting at most `cap` (the
     /// replication lag shown in status; capped so that status stays cheap).
     pub fn lag(&self, since: &VersionVector, cap: usize) -> Result<usize, StoreError> {
-        let txn = self.read()?;
-        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
-        let vector = read_vector(&self.inner.path, &meta, META_VECTOR)?;
-        let by_origin = txn.open_table(BY_ORIGIN).map_err(|e| self.err(e))?;
+        let v = self.view()?;
+        let by_origin = v.table(BY_ORIGIN)?;
         let mut n = 0;
-        for (origin, _) in vector.iter() {
+        for (origin, _) in v.mem.vector.iter() {
             let (start, end) = origin_range(origin, since.get(origin));
-            let range = by_origin
-                .range::<&[u8]>((Bound::Excluded(&start[..]), Bound::Included(&end[..])))
-                .map_err(|e| self.err(e))?;
-            n += range.take(cap.saturating_sub(n)).count();
+            let range = (Bound::Excluded(&start[..]), Bound::Included(&end[..]));
+            for item in v
+                .range(&by_origin, Table::ByOrigin, range)?
+                .take(cap.saturating_sub(n))
+            {
+                item?;
+                n += 1;
+            }
         }
         Ok(n)
+    }
+}
+
+/// A consistent read: the in-memory layers (locked) over a redb read transaction.
+struct View<'s> {
+    mem: RwLockReadGuard<'s, Mem>,
+    txn: redb::ReadTransaction,
+    path: &'s Path,
+}
+
+type FileTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+/// A live key and its value.
+type Row = (Vec<u8>, Vec<u8>);
+
+impl View<'_> {
+    fn open(inner: &Inner) -> Result<View<'_>, StoreError> {
+        let mem = inner.mem.read().unwrap_or_else(|p| p.into_inner());
+        let txn = inner
+            .db
+            .begin_read()
+            .map_err(|e| classify(&inner.path, e.into()))?;
+        Ok(View {
+            mem,
+            txn,
+            path: &inner.path,
+        })
+    }
+
+    fn table(&self, def: TableDefinition<'_, &[u8], &[u8]>) -> Result<FileTable, StoreError> {
+        self.txn
+            .open_table(def)
+            .map_err(|e| classify(self.path, e.into()))
+    }
+
+    /// `key` of `t`, whose file table is `file`.
+    fn get(&self, file: &FileTable, t: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.mem.get(t, key) {
+            Some(v) => Ok(v.map(<[u8]>::to_vec)),
+            None => Ok(file
+                .get(key)
+                .map_err(|e| classify(self.path, e.into()))?
+                .map(|g| g.value().to_vec())),
+        }
+    }
+
+    /// The live rows of `t` in `range`, in key order: the layers merged over the file.
+    fn range<'a>(
+        &'a self,
+        file: &'a FileTable,
+        t: Table,
+        range: (Bound<&'a [u8]>, Bound<&'a [u8]>),
+    ) -> Result<impl Iterator<Item = Result<Row, StoreError>> + 'a, StoreError> {
+        let path = self.path;
+        let owned = |(k, v): (&[u8], Option<&[u8]>)| Ok((k.to_vec(), v.map(<[u8]>::to_vec)));
+        let frozen = self.mem.frozen.iter().flat_map(move |f| f.range(t, range));
+        let layers = overlay::merge(
+            self.mem.active.range(t, range).map(owned),
+            frozen.map(owned),
+        );
+        let stored = file
+            .range::<&[u8]>(range)
+            .map_err(|e| classify(path, e.into()))?
+            .map(move |item| {
+                item.map(|(k, v)| (k.value().to_vec(), Some(v.value().to_vec())))
+                    .map_err(|e| classify(path, e.into()))
+            });
+        Ok(
+            overlay::merge(layers, stored).filter_map(|item| match item {
+                Ok((k, Some(v))) => Some(Ok((k, v))),
+                Ok((_, None)) => None,
+                Err(e) => Some(Err(e)),
+            }),
+        )
     }
 }
 
@@ -895,174 +1107,306 @@ fn count(r: Result<Reply, StoreError>) -> Result<usize, StoreError> {
     }
 }
 
+fn read_meta(
+    path: &Path,
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(meta
+        .get(name)
+        .map_err(|e| classify(path, e.into()))?
+        .map(|g| g.value().to_vec()))
+}
+
 fn read_vector(
     path: &Path,
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
     name: &str,
 ) -> Result<VersionVector, StoreError> {
-    match meta.get(name).map_err(|e| classify(path, e.into()))? {
+    match read_meta(path, meta, name)? {
         None => Ok(VersionVector::new()),
-        Some(g) => {
-            serde_json::from_slice(g.value()).map_err(|e| corrupt(path, format!("{name}: {e}")))
-        }
+        Some(b) => serde_json::from_slice(&b).map_err(|e| corrupt(path, format!("{name}: {e}"))),
+    }
+}
+
+fn journal_error(path: &Path, e: JournalError) -> StoreError {
+    match e {
+        JournalError::Io(file, e) => StoreError::Io {
+            path: path.to_path_buf(),
+            detail: format!("journal {}: {e}", file.display()),
+        },
+        JournalError::Corrupt(file, detail) => corrupt(
+            path,
+            format!("its journal {} is damaged: {detail}", file.display()),
+        ),
     }
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
-        // Closing the queue stops the writer after it has committed what is queued; joining it
-        // means the file is closed when `drop` returns, so it can be reopened at once.
+        // Closing the queue stops the writer after it has made durable what is queued and
+        // checkpointed it; joining the threads means the files are closed when `drop` returns, so
+        // the store can be reopened at once.
+        self.inner.closing.store(true, Ordering::Release);
         drop(self.tx.take());
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
+        if let Some(c) = self.checkpointer.take() {
+            let _ = c.join();
+        }
     }
 }
 
-/// The open tables of one write transaction.
-struct Tables<'t> {
-    data: redb::Table<'t, &'static [u8], &'static [u8]>,
-    by_origin: redb::Table<'t, &'static [u8], &'static [u8]>,
-    tombstones: redb::Table<'t, &'static [u8], &'static [u8]>,
+/// The record head of a `data` value: its stamp and whether it is a tombstone.
+fn record_head(path: &Path, rec: &[u8]) -> Result<(Hlc, bool), StoreError> {
+    Ok((
+        record_stamp(path, rec)?,
+        rec.get(HLC_BYTES) == Some(&FLAG_TOMBSTONE),
+    ))
 }
 
-impl Tables<'_> {
+/// Where a request's changes go: a redb write transaction ([`FileTables`]) or the journal and the
+/// group's pending layer ([`Staged`]). Last-writer-wins and the indexes are the same for both.
+trait Tables {
+    /// The stamp of `dk`'s current record and whether it is a tombstone.
+    fn current(&self, dk: &[u8]) -> Result<Option<(Hlc, bool)>, StoreError>;
+    fn set(&mut self, t: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    fn unset(&mut self, t: Table, key: &[u8]) -> Result<(), StoreError>;
+
     /// Apply one entry by last-writer-wins; true if it replaced the stored version.
-    fn apply(&mut self, e: &Entry, path: &Path) -> Result<bool, StoreError> {
+    fn apply(&mut self, e: &Entry) -> Result<bool, StoreError> {
         let dk = data_key(e.ns, &e.key);
-        let current = match self
-            .data
-            .get(dk.as_slice())
-            .map_err(|x| classify(path, x.into()))?
-        {
-            Some(g) => Some(record_stamp(path, g.value())?),
-            None => None,
-        };
-        if let Some(cur) = current {
+        if let Some((cur, tombstone)) = self.current(&dk)? {
             if !e.supersedes(cur) {
                 return Ok(false);
             }
-            self.unindex(cur, path)?;
+            self.unindex(cur, tombstone)?;
         }
         let ok = origin_key(e.stamp);
-        let rec = encode_record(e.stamp, e.value.as_ref());
-        self.data
-            .insert(dk.as_slice(), rec.as_slice())
-            .map_err(|x| classify(path, x.into()))?;
-        self.by_origin
-            .insert(&ok[..], dk.as_slice())
-            .map_err(|x| classify(path, x.into()))?;
+        self.set(Table::Data, &dk, &encode_record(e.stamp, e.value.as_ref()))?;
+        self.set(Table::ByOrigin, &ok, &dk)?;
         if e.value.is_none() {
-            self.tombstones
-                .insert(&ok[..], dk.as_slice())
-                .map_err(|x| classify(path, x.into()))?;
+            self.set(Table::Tombstones, &ok, &dk)?;
         }
         Ok(true)
     }
 
-    fn unindex(&mut self, stamp: Hlc, path: &Path) -> Result<(), StoreError> {
+    /// Drop the index rows of the version stamped `stamp`.
+    fn unindex(&mut self, stamp: Hlc, tombstone: bool) -> Result<(), StoreError> {
         let ok = origin_key(stamp);
-        self.by_origin
-            .remove(&ok[..])
-            .map_err(|x| classify(path, x.into()))?;
-        self.tombstones
-            .remove(&ok[..])
-            .map_err(|x| classify(path, x.into()))?;
+        self.unset(Table::ByOrigin, &ok)?;
+        if tombstone {
+            self.unset(Table::Tombstones, &ok)?;
+        }
         Ok(())
     }
 
-    /// Remove the data record and index rows of `dk` (whose stamp is `stamp`).
-    fn remove(&mut self, dk: &[u8], stamp: Hlc, path: &Path) -> Result<(), StoreError> {
-        self.data.remove(dk).map_err(|x| classify(path, x.into()))?;
-        self.unindex(stamp, path)
+    /// Remove the data record and index rows of `dk` (whose version is `stamp`).
+    fn remove(&mut self, dk: &[u8], stamp: Hlc, tombstone: bool) -> Result<(), StoreError> {
+        self.unset(Table::Data, dk)?;
+        self.unindex(stamp, tombstone)
     }
 }
 
-/// State the writer carries from one batch to the next.
-struct Writer<'a> {
-    inner: &'a Inner,
-    clock: HlcClock,
-    /// The epoch including replacements in the batch being built; published after commit.
-    epoch: u64,
-    /// Joining state including the batch being built; persisted and published after commit.
-    joining: bool,
+/// The open tables of one redb write transaction.
+struct FileTables<'t> {
+    data: redb::Table<'t, &'static [u8], &'static [u8]>,
+    by_origin: redb::Table<'t, &'static [u8], &'static [u8]>,
+    tombstones: redb::Table<'t, &'static [u8], &'static [u8]>,
+    meta: redb::Table<'t, &'static str, &'static [u8]>,
+    path: &'t Path,
 }
 
-/// Outcome of executing one request inside the batch transaction.
-type OpResult = Result<Reply, StoreError>;
-
-impl Writer<'_> {
-    fn path(&self) -> &Path {
-        &self.inner.path
+impl<'t> FileTables<'t> {
+    fn open(txn: &'t redb::WriteTransaction, path: &'t Path) -> Result<FileTables<'t>, StoreError> {
+        let e = |x: redb::TableError| classify(path, x.into());
+        Ok(FileTables {
+            data: txn.open_table(DATA).map_err(e)?,
+            by_origin: txn.open_table(BY_ORIGIN).map_err(e)?,
+            tombstones: txn.open_table(TOMBSTONES).map_err(e)?,
+            meta: txn.open_table(META).map_err(e)?,
+            path,
+        })
     }
 
-    /// Execute a batch in one transaction. Per-request validation errors go to that request only;
-    /// a storage error fails the whole batch.
-    fn batch(&mut self, ops: &mut [(Op, Option<OpResult>)]) -> Result<bool, StoreError> {
-        let path = self.inner.path.clone();
-        let joining_before = self.joining;
-        let txn = self
-            .inner
-            .db
-            .begin_write()
-            .map_err(|e| classify(&path, e.into()))?;
-        let mut changed = false;
-        {
-            let e = |x: redb::TableError| classify(&path, x.into());
-            let mut t = Tables {
-                data: txn.open_table(DATA).map_err(e)?,
-                by_origin: txn.open_table(BY_ORIGIN).map_err(e)?,
-                tombstones: txn.open_table(TOMBSTONES).map_err(e)?,
-            };
-            let mut meta = txn.open_table(META).map_err(e)?;
-            let mut vector = read_vector(&path, &meta, META_VECTOR)?;
-            let mut floor = read_vector(&path, &meta, META_GC_FLOOR)?;
-            for (op, result) in ops.iter_mut() {
-                let r = self.one(op, &mut t, &mut vector, &mut floor)?;
-                // Remote batches count even when every entry lost: the vector moved, and peers
-                // are told (acknowledgements). Collecting nothing changes nothing.
-                changed |= r.is_ok() && !matches!((&*op, &r), (Op::Gc { .. }, Ok(Reply::Count(0))));
-                *result = Some(r);
-            }
-            let put =
-                |meta: &mut redb::Table<'_, &'static str, &'static [u8]>, name: &str, v: &[u8]| {
-                    meta.insert(name, v)
-                        .map(drop)
-                        .map_err(|x| classify(&path, x.into()))
-                };
-            put(
-                &mut meta,
-                META_VECTOR,
-                &serde_json::to_vec(&vector).unwrap_or_default(),
-            )?;
-            put(
-                &mut meta,
-                META_GC_FLOOR,
-                &serde_json::to_vec(&floor).unwrap_or_default(),
-            )?;
-            put(&mut meta, META_CLOCK, &self.clock.last().to_bytes())?;
-            // Only a join or its end touches the mark: ordinary commits skip it.
-            match (joining_before, self.joining) {
-                (false, true) => put(&mut meta, META_JOINING, &[1])?,
-                (true, false) => {
-                    meta.remove(META_JOINING)
-                        .map_err(|x| classify(&path, x.into()))?;
+    fn bytes(&mut self, t: Table) -> &mut redb::Table<'t, &'static [u8], &'static [u8]> {
+        match t {
+            Table::Data => &mut self.data,
+            Table::ByOrigin => &mut self.by_origin,
+            // Meta is keyed by name and handled before this is called.
+            Table::Tombstones | Table::Meta => &mut self.tombstones,
+        }
+    }
+
+    fn meta_name<'k>(&self, key: &'k [u8]) -> Result<&'k str, StoreError> {
+        std::str::from_utf8(key).map_err(|_| corrupt(self.path, "meta name is not UTF-8"))
+    }
+
+    /// Write the changes of `layer` (a checkpoint, or a replayed journal).
+    fn write_layer(&mut self, layer: &Layer) -> Result<(), StoreError> {
+        for t in Table::ALL {
+            for (k, v) in layer.table(t) {
+                match v {
+                    Some(v) => self.set(t, k, v)?,
+                    None => self.unset(t, k)?,
                 }
-                _ => {}
             }
         }
-        txn.commit().map_err(|e| classify(&path, e.into()))?;
-        Ok(changed)
+        Ok(())
+    }
+}
+
+impl Tables for FileTables<'_> {
+    fn current(&self, dk: &[u8]) -> Result<Option<(Hlc, bool)>, StoreError> {
+        match self
+            .data
+            .get(dk)
+            .map_err(|x| classify(self.path, x.into()))?
+        {
+            Some(g) => record_head(self.path, g.value()).map(Some),
+            None => Ok(None),
+        }
     }
 
-    fn one(
-        &mut self,
-        op: &mut Op,
-        t: &mut Tables<'_>,
-        vector: &mut VersionVector,
-        floor: &mut VersionVector,
-    ) -> Result<OpResult, StoreError> {
-        let path = self.path().to_path_buf();
+    fn set(&mut self, t: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let path = self.path;
+        let r = if t == Table::Meta {
+            let name = self.meta_name(key)?;
+            self.meta.insert(name, value).map(drop)
+        } else {
+            self.bytes(t).insert(key, value).map(drop)
+        };
+        r.map_err(|x| classify(path, x.into()))
+    }
+
+    fn unset(&mut self, t: Table, key: &[u8]) -> Result<(), StoreError> {
+        let path = self.path;
+        let r = if t == Table::Meta {
+            let name = self.meta_name(key)?;
+            self.meta.remove(name).map(drop)
+        } else {
+            self.bytes(t).remove(key).map(drop)
+        };
+        r.map_err(|x| classify(path, x.into()))
+    }
+}
+
+/// A group's changes on their way to the journal: recorded in the open frame and in the pending
+/// layer, which lookups see before the published layers and the file.
+struct Staged<'a> {
+    pending: Layer,
+    mem: &'a Mem,
+    file: &'a FileTable,
+    journal: &'a mut Journal,
+    path: &'a Path,
+}
+
+impl Tables for Staged<'_> {
+    fn current(&self, dk: &[u8]) -> Result<Option<(Hlc, bool)>, StoreError> {
+        match self
+            .pending
+            .get(Table::Data, dk)
+            .or_else(|| self.mem.get(Table::Data, dk))
+        {
+            Some(rec) => rec.map(|r| record_head(self.path, r)).transpose(),
+            None => match self
+                .file
+                .get(dk)
+                .map_err(|x| classify(self.path, x.into()))?
+            {
+                Some(g) => record_head(self.path, g.value()).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    fn set(&mut self, t: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.journal.put(t, key, value);
+        self.pending.put(t, key, value);
+        Ok(())
+    }
+
+    fn unset(&mut self, t: Table, key: &[u8]) -> Result<(), StoreError> {
+        self.journal.remove(t, key);
+        self.pending.remove(t, key);
+        Ok(())
+    }
+}
+
+/// Copy `layer`, which holds the journal up to frame `seq`, into the file in one transaction.
+fn write_checkpoint(db: &Database, path: &Path, layer: &Layer, seq: u64) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(|e| classify(path, e.into()))?;
+    {
+        let mut t = FileTables::open(&txn, path)?;
+        t.write_layer(layer)?;
+        t.set(Table::Meta, META_WAL_SEQ.as_bytes(), &seq.to_le_bytes())?;
+    }
+    txn.commit().map_err(|e| classify(path, e.into()))
+}
+
+fn checkpoint_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<Checkpoint>) {
+    while let Ok(job) = jobs.recv() {
+        let mut retry = std::time::Duration::from_millis(100);
+        loop {
+            match write_checkpoint(&inner.db, &inner.path, &job.layer, job.seq) {
+                Ok(()) => {
+                    inner.mem.write().unwrap_or_else(|p| p.into_inner()).frozen = None;
+                    if let Err(e) = journal::remove_through(&inner.path, job.segment) {
+                        let e = journal_error(&inner.path, e);
+                        tracing::warn!(error = %e, "replicated store: could not delete a checkpointed journal segment");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    // The changes stay in the journal (and in memory): nothing is lost, but the
+                    // writer will wait once the newer layer is full.
+                    tracing::error!(error = %e, "replicated store: checkpoint failed; retrying");
+                    if inner.closing.load(Ordering::Acquire) {
+                        // The store is being dropped, so no reader is left to miss the layer;
+                        // the journal keeps it for the next open.
+                        inner.mem.write().unwrap_or_else(|p| p.into_inner()).frozen = None;
+                        break;
+                    }
+                    std::thread::sleep(retry);
+                    retry = (retry * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
+        }
+        *inner.checkpoints.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        inner.checkpoint_done.notify_all();
+    }
+}
+
+/// What the writer decides with: its clock and the meta values, including the group being built
+/// (taken back whole if the group fails).
+#[derive(Clone)]
+struct State {
+    clock: HlcClock,
+    /// The epoch including replacements in the group being built; published after commit.
+    epoch: u64,
+    /// Joining state including the group being built; persisted and published after commit.
+    joining: bool,
+    vector: VersionVector,
+    floor: VersionVector,
+}
+
+/// The writer thread's state.
+struct Writer {
+    inner: Arc<Inner>,
+    /// [`StoreOptions::checkpoint_keys`].
+    checkpoint_keys: usize,
+    state: State,
+    journal: Journal,
+    jobs: std::sync::mpsc::SyncSender<Checkpoint>,
+}
+
+/// Outcome of executing one request.
+type OpResult = Result<Reply, StoreError>;
+
+impl State {
+    /// Execute an ordinary request: a put, remote entries, the end of a join.
+    fn apply(&mut self, op: &mut Op, t: &mut impl Tables) -> Result<OpResult, StoreError> {
         match op {
             Op::Put {
                 ns,
@@ -1080,8 +1424,8 @@ impl Writer<'_> {
                     value: value.take(),
                     stamp,
                 };
-                t.apply(&e, &path)?;
-                vector.observe(stamp);
+                t.apply(&e)?;
+                self.vector.observe(stamp);
                 Ok(Ok(Reply::Stamp(stamp)))
             }
             Op::Remote {
@@ -1095,26 +1439,59 @@ impl Writer<'_> {
                     .as_ref()
                     .filter(|s| s.epoch == self.epoch)
                     .map(|s| &s.vector);
-                if let Err(err) = self.check_remote(entries, seen, vector, *wall_ms) {
+                if let Err(err) = self.check_remote(entries, seen, *wall_ms) {
                     return Ok(Err(err));
                 }
                 let mut n = 0;
                 for e in entries.iter() {
                     self.clock.observe(e.stamp, *wall_ms)?;
-                    vector.observe(e.stamp);
-                    n += usize::from(t.apply(e, &path)?);
+                    self.vector.observe(e.stamp);
+                    n += usize::from(t.apply(e)?);
                 }
                 if let Some(seen) = seen {
                     for (_, s) in seen.iter() {
                         self.clock.observe(s, *wall_ms)?;
                     }
-                    vector.merge(seen);
+                    self.vector.merge(seen);
                 }
                 Ok(Ok(Reply::Count(n)))
             }
-            Op::Snapshot { snapshot, wall_ms } => {
+            Op::StopJoining => {
+                if self.joining {
+                    t.unset(Table::Meta, META_JOINING.as_bytes())?;
+                }
+                self.joining = false;
+                Ok(Ok(Reply::Count(0)))
+            }
+        }
+    }
+
+    /// Record the meta values that go with the changes so far (a frame's or a transaction's end).
+    fn record_meta(&self, t: &mut impl Tables) -> Result<(), StoreError> {
+        t.set(
+            Table::Meta,
+            META_VECTOR.as_bytes(),
+            &serde_json::to_vec(&self.vector).unwrap_or_default(),
+        )?;
+        t.set(
+            Table::Meta,
+            META_CLOCK.as_bytes(),
+            &self.clock.last().to_bytes(),
+        )
+    }
+
+    /// Execute a request on the whole content, in a file transaction.
+    fn apply_whole(
+        &mut self,
+        inner: &Inner,
+        op: &mut WholeOp,
+        t: &mut FileTables<'_>,
+    ) -> Result<OpResult, StoreError> {
+        let path = t.path;
+        match op {
+            WholeOp::Snapshot { snapshot, wall_ms } => {
                 if let Err(err) =
-                    self.check_remote(&snapshot.entries, Some(&snapshot.vector), vector, *wall_ms)
+                    self.check_remote(&snapshot.entries, Some(&snapshot.vector), *wall_ms)
                 {
                     return Ok(Err(err));
                 }
@@ -1124,22 +1501,22 @@ impl Writer<'_> {
                     .map(|e| data_key(e.ns, &e.key))
                     .collect();
                 let mut doomed = Vec::new();
-                for item in t.data.iter().map_err(|x| classify(&path, x.into()))? {
-                    let (k, v) = item.map_err(|x| classify(&path, x.into()))?;
-                    let s = record_stamp(&path, v.value())?;
+                for item in t.data.iter().map_err(|x| classify(path, x.into()))? {
+                    let (k, v) = item.map_err(|x| classify(path, x.into()))?;
+                    let (s, tombstone) = record_head(path, v.value())?;
                     if !keep.contains(k.value()) && snapshot.vector.covers(s) {
-                        doomed.push((k.value().to_vec(), s));
+                        doomed.push((k.value().to_vec(), s, tombstone));
                     }
                 }
                 let mut n = doomed.len();
-                for (k, s) in doomed {
-                    t.remove(&k, s, &path)?;
+                for (k, s, tombstone) in doomed {
+                    t.remove(&k, s, tombstone)?;
                 }
                 for e in &snapshot.entries {
                     self.clock.observe(e.stamp, *wall_ms)?;
-                    n += usize::from(t.apply(e, &path)?);
+                    n += usize::from(t.apply(e)?);
                 }
-                vector.merge(&snapshot.vector);
+                self.vector.merge(&snapshot.vector);
                 for (_, s) in snapshot.vector.iter() {
                     self.clock.observe(s, *wall_ms)?;
                 }
@@ -1148,11 +1525,7 @@ impl Writer<'_> {
                 self.joining = false;
                 Ok(Ok(Reply::Count(n)))
             }
-            Op::StopJoining => {
-                self.joining = false;
-                Ok(Ok(Reply::Count(0)))
-            }
-            Op::ReplaceAll { snapshot, join } => {
+            WholeOp::ReplaceAll { snapshot, join } => {
                 if let Some(e) = snapshot
                     .entries
                     .iter()
@@ -1160,36 +1533,32 @@ impl Writer<'_> {
                 {
                     return Ok(Err(StoreError::Invalid(e)));
                 }
-                t.data
-                    .retain(|_, _| false)
-                    .map_err(|x| classify(&path, x.into()))?;
-                t.by_origin
-                    .retain(|_, _| false)
-                    .map_err(|x| classify(&path, x.into()))?;
-                t.tombstones
-                    .retain(|_, _| false)
-                    .map_err(|x| classify(&path, x.into()))?;
+                for table in [&mut t.data, &mut t.by_origin, &mut t.tombstones] {
+                    table
+                        .retain(|_, _| false)
+                        .map_err(|x| classify(path, x.into()))?;
+                }
                 for e in &snapshot.entries {
                     // A backup may carry stamps from any time: the clock only moves forward.
                     self.clock.observe(e.stamp, e.stamp.wall_ms)?;
-                    t.apply(e, &path)?;
+                    t.apply(e)?;
                 }
-                let old = std::mem::replace(vector, snapshot.vector.clone());
+                let old = std::mem::replace(&mut self.vector, snapshot.vector.clone());
                 for e in &snapshot.entries {
-                    vector.observe(e.stamp);
+                    self.vector.observe(e.stamp);
                 }
-                *floor = VersionVector::new();
+                self.floor = VersionVector::new();
                 // Writes this peer made and no longer holds may live on at other peers. New writes
                 // stamped with the old id would claim (by the vector invariant) to include them, so
                 // that peers would never send them back: continue under a fresh replica id.
                 let last = self.clock.last();
-                let mut replica = (self.inner.origin ^ last.wall_ms as u32 ^ last.logical)
-                    .wrapping_mul(0x9E37_79B9);
+                let mut replica =
+                    (inner.origin ^ last.wall_ms as u32 ^ last.logical).wrapping_mul(0x9E37_79B9);
                 let taken = |r: u32| {
-                    r == self.inner.origin
+                    r == inner.origin
                         || r == last.origin
                         || old.iter().any(|(o, _)| o == r)
-                        || vector.iter().any(|(o, _)| o == r)
+                        || self.vector.iter().any(|(o, _)| o == r)
                 };
                 while taken(replica) {
                     replica = replica.wrapping_add(1);
@@ -1199,13 +1568,8 @@ impl Writer<'_> {
                 self.joining = *join;
                 Ok(Ok(Reply::Count(snapshot.entries.len())))
             }
-            Op::Gc { acked } => {
-                // A joining peer holds nothing worth collecting yet, and an empty collection
-                // floor keeps it from ever asking its peers for a snapshot.
-                if self.joining {
-                    return Ok(Ok(Reply::Count(0)));
-                }
-                let Some(seen_by_all) = VersionVector::meet(acked.iter()) else {
+            WholeOp::Gc { acked } => {
+                let Some(seen_by_all) = collectable(self, acked) else {
                     return Ok(Ok(Reply::Count(0)));
                 };
                 let mut doomed = Vec::new();
@@ -1215,18 +1579,18 @@ impl Writer<'_> {
                     for item in t
                         .tombstones
                         .range::<&[u8]>((Bound::Included(&start[..]), Bound::Included(&end[..])))
-                        .map_err(|x| classify(&path, x.into()))?
+                        .map_err(|x| classify(path, x.into()))?
                     {
-                        let (ok, dk) = item.map_err(|x| classify(&path, x.into()))?;
+                        let (ok, dk) = item.map_err(|x| classify(path, x.into()))?;
                         let s = origin_stamp(ok.value())
-                            .ok_or_else(|| corrupt(&path, "bad tombstone index key"))?;
+                            .ok_or_else(|| corrupt(path, "bad tombstone index key"))?;
                         doomed.push((dk.value().to_vec(), s));
                     }
                 }
                 let n = doomed.len();
                 for (dk, s) in doomed {
-                    t.remove(&dk, s, &path)?;
-                    floor.observe(s);
+                    t.remove(&dk, s, true)?;
+                    self.floor.observe(s);
                 }
                 Ok(Ok(Reply::Count(n)))
             }
@@ -1239,7 +1603,6 @@ impl Writer<'_> {
         &self,
         entries: &[Entry],
         seen: Option<&VersionVector>,
-        vector: &VersionVector,
         wall_ms: u64,
     ) -> Result<(), StoreError> {
         let mut new_origins = std::collections::BTreeSet::new();
@@ -1249,11 +1612,11 @@ impl Writer<'_> {
             .chain(seen.iter().flat_map(|v| v.iter().map(|(_, s)| s)));
         for s in stamps {
             self.clock.check(s, wall_ms)?;
-            if vector.get(s.origin) == Hlc::zero(s.origin) {
+            if self.vector.get(s.origin) == Hlc::zero(s.origin) {
                 new_origins.insert(s.origin);
             }
         }
-        if vector.len() + new_origins.len() > MAX_ORIGINS {
+        if self.vector.len() + new_origins.len() > MAX_ORIGINS {
             return Err(StoreError::InvalidRemote(format!(
                 "{} new origins would exceed the limit of {MAX_ORIGINS}",
                 new_origins.len()
@@ -1264,6 +1627,17 @@ impl Writer<'_> {
         }
         Ok(())
     }
+}
+
+/// What every peer has seen, below which tombstones may be collected; `None` when nothing may
+/// be: a joining peer holds nothing worth collecting yet (and an empty collection floor keeps it
+/// asking its peers for a snapshot), and with no peers a later join must still learn of the
+/// deletions.
+fn collectable(state: &State, acked: &[VersionVector]) -> Option<VersionVector> {
+    if state.joining {
+        return None;
+    }
+    VersionVector::meet(acked.iter())
 }
 
 /// Inverse of [`origin_key`].
@@ -1278,74 +1652,329 @@ fn origin_stamp(k: &[u8]) -> Option<Hlc> {
     })
 }
 
-fn writer_loop(inner: &Inner, mut rx: mpsc::Receiver<Request>, clock: HlcClock, max_batch: usize) {
-    let mut w = Writer {
-        inner,
-        clock,
-        epoch: 0,
-        joining: inner.joining.load(std::sync::atomic::Ordering::Acquire),
-    };
-    let mut ops = Vec::with_capacity(max_batch);
-    let mut replies = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.blocking_recv() {
-        ops.push((first.op, None));
-        replies.push(first.reply);
-        while ops.len() < max_batch {
-            match rx.try_recv() {
-                Ok(r) => {
-                    ops.push((r.op, None));
-                    replies.push(r.reply);
+impl Writer {
+    /// Execute ordinary requests as one group: their changes go into the journal, which is
+    /// synced, and only then into the published layer. Per-request validation errors go to that
+    /// request only; a storage error fails the whole group.
+    fn group(&mut self, ops: &mut [(Op, Option<OpResult>)]) -> Result<bool, StoreError> {
+        let inner = &*self.inner;
+        let path = inner.path.as_path();
+        let mut changed = false;
+        let pending = {
+            let mem = inner.mem.read().unwrap_or_else(|p| p.into_inner());
+            let txn = inner
+                .db
+                .begin_read()
+                .map_err(|e| classify(path, e.into()))?;
+            let file = txn.open_table(DATA).map_err(|e| classify(path, e.into()))?;
+            let mut st = Staged {
+                pending: Layer::default(),
+                mem: &mem,
+                file: &file,
+                journal: &mut self.journal,
+                path,
+            };
+            let state = &mut self.state;
+            let mut run = || -> Result<(), StoreError> {
+                for (op, result) in ops.iter_mut() {
+                    let r = state.apply(op, &mut st)?;
+                    // Remote batches count even when every entry lost: the vector moved, and
+                    // peers are told (acknowledgements).
+                    changed |= r.is_ok();
+                    *result = Some(r);
+                    if st.journal.open_bytes() >= journal::FRAME_TARGET {
+                        state.record_meta(&mut st)?;
+                        st.journal.end_frame();
+                    }
                 }
-                Err(_) => break,
+                state.record_meta(&mut st)
+            };
+            if let Err(e) = run() {
+                st.journal.abort();
+                return Err(e);
+            }
+            st.pending
+        };
+        self.journal.commit().map_err(|e| journal_error(path, e))?;
+        let mut mem = inner.mem.write().unwrap_or_else(|p| p.into_inner());
+        mem.active.absorb(pending);
+        mem.vector.clone_from(&self.state.vector);
+        Ok(changed)
+    }
+
+    /// Execute a request on the whole content: everything is checkpointed first, then the
+    /// request runs as one file transaction, during which readers wait.
+    fn whole(&mut self, op: &mut WholeOp) -> Result<OpResult, StoreError> {
+        if let WholeOp::Gc { acked } = op {
+            if !self.anything_to_collect(acked)? {
+                return Ok(Ok(Reply::Count(0)));
             }
         }
-        let clock_before = w.clock.clone();
-        let epoch_before = w.epoch;
-        let joining_before = w.joining;
-        match w.batch(&mut ops) {
-            Ok(changed) => {
-                // Published only now that the replacement is durable: a session that reads the
-                // new epoch then reads the new content.
-                inner
-                    .epoch
-                    .store(w.epoch, std::sync::atomic::Ordering::Release);
-                inner
-                    .joining
-                    .store(w.joining, std::sync::atomic::Ordering::Release);
-                inner
-                    .replica
-                    .store(w.clock.last().origin, std::sync::atomic::Ordering::Release);
-                // Announce the change before answering, so that a caller who sees its write
-                // acknowledged also sees the notification (the simulation relies on this order).
-                if changed {
-                    inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.checkpoint_all()?;
+        let inner = &*self.inner;
+        let path = inner.path.as_path();
+        let joining_before = self.state.joining;
+        let mut mem = inner.mem.write().unwrap_or_else(|p| p.into_inner());
+        let txn = inner
+            .db
+            .begin_write()
+            .map_err(|e| classify(path, e.into()))?;
+        let r = {
+            let mut t = FileTables::open(&txn, path)?;
+            let r = self.state.apply_whole(inner, op, &mut t)?;
+            self.state.record_meta(&mut t)?;
+            t.set(
+                Table::Meta,
+                META_GC_FLOOR.as_bytes(),
+                &serde_json::to_vec(&self.state.floor).unwrap_or_default(),
+            )?;
+            // Only a join or its end touches the mark.
+            match (joining_before, self.state.joining) {
+                (false, true) => t.set(Table::Meta, META_JOINING.as_bytes(), &[1])?,
+                (true, false) => t.unset(Table::Meta, META_JOINING.as_bytes())?,
+                _ => {}
+            }
+            r
+        };
+        txn.commit().map_err(|e| classify(path, e.into()))?;
+        mem.vector.clone_from(&self.state.vector);
+        mem.floor.clone_from(&self.state.floor);
+        Ok(r)
+    }
+
+    /// Whether any tombstone is old enough to collect (most collections find none, and need
+    /// not wait for a checkpoint to learn it).
+    fn anything_to_collect(&self, acked: &[VersionVector]) -> Result<bool, StoreError> {
+        let Some(seen_by_all) = collectable(&self.state, acked) else {
+            return Ok(false);
+        };
+        let v = View::open(&self.inner)?;
+        let tombstones = v.table(TOMBSTONES)?;
+        for (origin, upto) in seen_by_all.iter() {
+            let (start, _) = origin_range(origin, Hlc::zero(origin));
+            let end = origin_key(upto);
+            let range = (Bound::Included(&start[..]), Bound::Included(&end[..]));
+            if let Some(item) = v.range(&tombstones, Table::Tombstones, range)?.next() {
+                item?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether a checkpoint is running.
+    fn checkpointing(&self) -> bool {
+        self.inner
+            .mem
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .frozen
+            .is_some()
+    }
+
+    /// Wait for the running checkpoint, if any. A failing one retries until the store closes.
+    fn wait_checkpoint(&self) {
+        let inner = &*self.inner;
+        let mut done = inner.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        while self.checkpointing() {
+            done = inner
+                .checkpoint_done
+                .wait_timeout(done, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Hand the published layer to the checkpoint thread; new frames go to a new segment.
+    fn start_checkpoint(&mut self) -> Result<(), StoreError> {
+        let path = self.inner.path.as_path();
+        let seq = self.journal.last_seq();
+        let segment = self.journal.rotate().map_err(|e| journal_error(path, e))?;
+        let layer = {
+            let mut mem = self.inner.mem.write().unwrap_or_else(|p| p.into_inner());
+            let layer = Arc::new(std::mem::take(&mut mem.active));
+            mem.frozen = Some(Arc::clone(&layer));
+            layer
+        };
+        self.jobs
+            .send(Checkpoint {
+                layer,
+                seq,
+                segment,
+            })
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Start a checkpoint when the published layer is large enough and none is running; wait
+    /// for the running one first if the layer has grown to its limit.
+    fn maybe_checkpoint(&mut self) {
+        let (keys, bytes) = {
+            let mem = self.inner.mem.read().unwrap_or_else(|p| p.into_inner());
+            (mem.active.len(), mem.active.bytes())
+        };
+        if keys < self.checkpoint_keys && bytes < CHECKPOINT_BYTES {
+            return;
+        }
+        if self.checkpointing() {
+            if keys < MAX_LAYER_FACTOR * self.checkpoint_keys
+                && bytes < MAX_LAYER_FACTOR * CHECKPOINT_BYTES
+            {
+                return;
+            }
+            self.wait_checkpoint();
+            if self.checkpointing() {
+                return;
+            }
+        }
+        if let Err(e) = self.start_checkpoint() {
+            tracing::error!(error = %e, "replicated store: could not start a checkpoint");
+        }
+    }
+
+    /// Put everything published into the file and wait until it is there.
+    fn checkpoint_all(&mut self) -> Result<(), StoreError> {
+        self.wait_checkpoint();
+        let empty = self
+            .inner
+            .mem
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .active
+            .is_empty();
+        if !empty && !self.checkpointing() {
+            self.start_checkpoint()?;
+            self.wait_checkpoint();
+        }
+        if self.checkpointing() {
+            return Err(StoreError::Io {
+                path: self.inner.path.clone(),
+                detail: "checkpoint did not complete (see the log)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Publish what a committed group or transaction changed, then answer its callers.
+    fn publish(&self, changed: bool) {
+        let inner = &*self.inner;
+        // Published only now that the replacement is durable: a session that reads the new epoch
+        // then reads the new content.
+        inner.epoch.store(self.state.epoch, Ordering::Release);
+        inner.joining.store(self.state.joining, Ordering::Release);
+        inner
+            .replica
+            .store(self.state.clock.last().origin, Ordering::Release);
+        // Announce the change before answering, so that a caller who sees its write acknowledged
+        // also sees the notification (the simulation relies on this order).
+        if changed {
+            inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// The error each caller of a failed group gets.
+    fn failure(&self, err: &StoreError) -> StoreError {
+        let detail = err.to_string();
+        match err {
+            StoreError::Corrupt { path, .. } => StoreError::Corrupt {
+                path: path.clone(),
+                detail,
+            },
+            _ => StoreError::Io {
+                path: self.inner.path.clone(),
+                detail,
+            },
+        }
+    }
+}
+
+/// A request that the writer runs with others in a journal group, or alone on the whole file.
+enum Work {
+    Group(Op),
+    Whole(WholeOp),
+}
+
+impl From<Op> for Work {
+    fn from(op: Op) -> Work {
+        Work::Group(op)
+    }
+}
+
+impl From<WholeOp> for Work {
+    fn from(op: WholeOp) -> Work {
+        Work::Whole(op)
+    }
+}
+
+fn writer_loop(mut w: Writer, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
+    let mut ops = Vec::with_capacity(max_batch);
+    let mut replies = Vec::with_capacity(max_batch);
+    let mut held: Option<Request> = None;
+    loop {
+        let Some(first) = held.take().or_else(|| rx.blocking_recv()) else {
+            break;
+        };
+        let mut op = match first.op {
+            Work::Whole(op) => op,
+            Work::Group(op) => {
+                ops.push((op, None));
+                replies.push(first.reply);
+                while ops.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(Request {
+                            op: Work::Group(op),
+                            reply,
+                        }) => {
+                            ops.push((op, None));
+                            replies.push(reply);
+                        }
+                        Ok(whole) => {
+                            held = Some(whole);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
                 }
-                for ((_, result), reply) in ops.drain(..).zip(replies.drain(..)) {
-                    let _ = reply.send(result.unwrap_or(Err(StoreError::Closed)));
+                let before = w.state.clone();
+                match w.group(&mut ops) {
+                    Ok(changed) => {
+                        w.publish(changed);
+                        for ((_, result), reply) in ops.drain(..).zip(replies.drain(..)) {
+                            let _ = reply.send(result.unwrap_or(Err(StoreError::Closed)));
+                        }
+                        w.maybe_checkpoint();
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "replicated store: commit failed");
+                        // Nothing of the group is durable: forget the stamps it issued.
+                        w.state = before;
+                        for reply in replies.drain(..) {
+                            let _ = reply.send(Err(w.failure(&err)));
+                        }
+                        ops.clear();
+                    }
                 }
+                continue;
+            }
+        };
+        let before = w.state.clone();
+        match w.whole(&mut op) {
+            Ok(result) => {
+                // Collecting nothing changes nothing.
+                let changed = result.is_ok()
+                    && !matches!((&op, &result), (WholeOp::Gc { .. }, Ok(Reply::Count(0))));
+                w.publish(changed);
+                let _ = first.reply.send(result);
             }
             Err(err) => {
                 tracing::error!(error = %err, "replicated store: commit failed");
-                // Nothing of the batch is durable: forget the stamps it issued.
-                w.clock = clock_before;
-                w.epoch = epoch_before;
-                w.joining = joining_before;
-                let detail = err.to_string();
-                for reply in replies.drain(..) {
-                    let _ = reply.send(Err(match &err {
-                        StoreError::Corrupt { path, .. } => StoreError::Corrupt {
-                            path: path.clone(),
-                            detail: detail.clone(),
-                        },
-                        _ => StoreError::Io {
-                            path: inner.path.clone(),
-                            detail: detail.clone(),
-                        },
-                    }));
-                }
-                ops.clear();
+                w.state = before;
+                let _ = first.reply.send(Err(w.failure(&err)));
             }
         }
+    }
+    // A clean close leaves everything in the file and no journal behind.
+    if let Err(e) = w.checkpoint_all() {
+        tracing::warn!(error = %e, "replicated store: final checkpoint failed; the journal keeps the changes");
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use confmesh_replication::model::Namespace;
-use confmesh_replication::store::Store;
+use confmesh_replication::store::{Store, StoreOptions};
 use serde_json::json;
 
 const CHILD_ENV: &str = "CONFMESH_CRASH_CHILD_DB";
@@ -15,7 +15,12 @@ const T: u64 = 1_700_000_000_000;
 
 /// The writer process: 8 threads write until killed, printing each acknowledged key.
 fn child(path: &str) -> ! {
-    let store = Arc::new(Store::open(path.as_ref(), 1).expect("child open"));
+    // Small checkpoints, so that the kill meets them too (and several journal segments).
+    let options = StoreOptions {
+        checkpoint_keys: 64,
+        ..StoreOptions::default()
+    };
+    let store = Arc::new(Store::open_with(path.as_ref(), 1, options).expect("child open"));
     let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
     let threads: Vec<_> = (0..8)
         .map(|t| {

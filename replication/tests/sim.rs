@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use confmesh_replication::hlc::Hlc;
 use confmesh_replication::model::{Namespace, VersionVector};
-use confmesh_replication::store::{Seen, Store, StoreError};
+use confmesh_replication::store::{Seen, Store, StoreError, StoreOptions};
 use confmesh_replication::sync::{Local, Pull, Session, SyncEvent};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -57,6 +57,18 @@ struct Node {
     down_until_ms: u64,
     /// Latest acknowledged vector of each other peer (memory only: lost in a crash).
     acked: BTreeMap<u32, VersionVector>,
+    /// A few writes' worth, so that checkpoints run all the time and crashes meet them.
+    checkpoint_keys: usize,
+}
+
+impl Node {
+    fn open(&self) -> Result<Store, StoreError> {
+        let options = StoreOptions {
+            checkpoint_keys: self.checkpoint_keys,
+            ..StoreOptions::default()
+        };
+        Store::open_with(&self.path, self.origin, options)
+    }
 }
 
 /// One direction of a TCP connection: bytes arrive in order after a delay; while the path is cut
@@ -159,14 +171,17 @@ impl Sim {
             .map(|i| {
                 let path = dir.path().join(format!("peer{i}.redb"));
                 let origin = u32::from(std::net::Ipv4Addr::new(10, 96, 0, i as u8 + 1));
-                Node {
+                let mut node = Node {
                     origin,
-                    store: Some(Store::open(&path, origin).expect("open")),
+                    store: None,
                     path,
                     skew_ms: skews[i],
                     down_until_ms: 0,
                     acked: BTreeMap::new(),
-                }
+                    checkpoint_keys: 4 + ((seed % 61) as usize + i * 17) % 61,
+                };
+                node.store = Some(node.open().expect("open"));
+                node
             })
             .collect();
         Sim {
@@ -255,7 +270,7 @@ impl Sim {
     fn restart(&mut self, i: usize) {
         let n = &mut self.nodes[i];
         n.store = Some(
-            Store::open(&n.path, n.origin)
+            n.open()
                 .unwrap_or_else(|e| panic!("seed {}: reopen: {e}", self.seed)),
         );
     }
@@ -504,9 +519,7 @@ impl Sim {
     fn joining(&self, i: usize) -> bool {
         match &self.nodes[i].store {
             Some(s) => s.joining(),
-            None => Store::open(&self.nodes[i].path, self.nodes[i].origin)
-                .expect("peek")
-                .joining(),
+            None => self.nodes[i].open().expect("peek").joining(),
         }
     }
 
@@ -517,7 +530,8 @@ impl Sim {
             .map(|i| match &self.nodes[i].store {
                 Some(s) => s.vector().expect("vector"),
                 // A crashed peer keeps its file: what it had is what its reopened store has.
-                None => Store::open(&self.nodes[i].path, self.nodes[i].origin)
+                None => self.nodes[i]
+                    .open()
                     .expect("peek")
                     .vector()
                     .expect("vector"),
