@@ -142,18 +142,14 @@ pub(crate) fn replay(
         let mut at = 0;
         while at < bytes.len() {
             let rest = &bytes[at..];
-            let frame = u32_at(rest, 0).map(|l| l as usize).and_then(|len| {
-                let crc = u32_at(rest, 4)?;
-                let payload = rest.get(HEADER..HEADER.checked_add(len)?)?;
-                ((SEQ..=MAX_FRAME).contains(&len) && crc32fast::hash(payload) == crc)
-                    .then_some(payload)
-            });
-            let Some(payload) = frame else {
+            let Some(payload) = frame_at(rest) else {
                 // Only the frame a crash interrupted may be damaged: the last one of the last
-                // segment, reaching to its end (cut short, or garbage or zeros up to the end).
+                // segment, reaching to its end (cut short, or garbage or zeros up to the end), with
+                // no whole frame after it (a damaged length must not hide the frames behind it).
                 let claimed = u32_at(rest, 0).map_or(usize::MAX, |l| HEADER + l as usize);
                 let to_end = claimed >= rest.len() || rest.iter().all(|&b| b == 0);
-                if is_last && to_end {
+                let later = (1..rest.len()).any(|j| next_frame_at(&rest[j..], prev));
+                if is_last && to_end && !later {
                     tracing::warn!(
                         path = %path.display(),
                         offset = at,
@@ -163,7 +159,7 @@ pub(crate) fn replay(
                 }
                 return Err(bad(format!("damaged frame at offset {at}")));
             };
-            let seq = u64::from_le_bytes(payload[..SEQ].try_into().unwrap_or_default());
+            let seq = seq_of(payload);
             if prev.is_some_and(|p| seq != p + 1) {
                 return Err(bad(format!(
                     "frame at offset {at} has sequence number {seq} after {}",
@@ -180,6 +176,28 @@ pub(crate) fn replay(
         }
     }
     Ok(last)
+}
+
+/// The payload of the whole, checksummed frame at the start of `b`, if there is one.
+fn frame_at(b: &[u8]) -> Option<&[u8]> {
+    let len = u32_at(b, 0)? as usize;
+    let crc = u32_at(b, 4)?;
+    let payload = b.get(HEADER..HEADER.checked_add(len)?)?;
+    ((SEQ..=MAX_FRAME).contains(&len) && crc32fast::hash(payload) == crc).then_some(payload)
+}
+
+/// Whether a whole frame that could follow a damaged one (the frame after `prev`'s) starts at
+/// `b`. The sequence number is checked before the checksum, so that scanning garbage stays cheap.
+fn next_frame_at(b: &[u8], prev: Option<u64>) -> bool {
+    let plausible = b
+        .get(HEADER..HEADER + SEQ)
+        .map(seq_of)
+        .is_some_and(|s| prev.map_or(s < 1 << 40, |p| s == p + 2));
+    plausible && frame_at(b).is_some()
+}
+
+fn seq_of(payload: &[u8]) -> u64 {
+    u64::from_le_bytes(payload[..SEQ].try_into().unwrap_or_default())
 }
 
 fn decode(mut b: &[u8], apply: &mut impl FnMut(Table, &[u8], Option<&[u8]>)) -> Option<()> {
@@ -377,6 +395,34 @@ mod tests {
     }
 
     #[test]
+    fn garbage_segments_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s.redb");
+        drop(write_groups(&store, 4));
+        let (_, seg) = segments(&store).unwrap().remove(0);
+        let whole = std::fs::read(&seg).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..2000 {
+            let mut bytes = whole.clone();
+            match rng.random_range(0..3) {
+                0 => {
+                    let i = rng.random_range(0..bytes.len());
+                    bytes[i] = rng.random();
+                }
+                1 => bytes.truncate(rng.random_range(0..bytes.len())),
+                _ => {
+                    let n = rng.random_range(0..64);
+                    bytes = (0..n).map(|_| rng.random()).collect();
+                }
+            }
+            std::fs::write(&seg, &bytes).unwrap();
+            // Whatever it finds, an answer: frames, or damage reported.
+            let _ = read(&store, 0);
+        }
+    }
+
+    #[test]
     fn a_torn_last_frame_is_dropped_and_damage_elsewhere_reported() {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("s.redb");
@@ -395,11 +441,17 @@ mod tests {
             let (last, seen) = read(&store, 0).unwrap();
             assert!(last >= 2 && seen.len() >= 4, "{last} {}", seen.len());
         }
-        // A flipped byte in the first frame, with whole frames after it: damage, reported.
-        let mut bad = whole.clone();
-        bad[12] ^= 1;
-        std::fs::write(&seg, &bad).unwrap();
-        assert!(matches!(read(&store, 0), Err(JournalError::Corrupt(..))));
+        // A flipped byte in the first frame, with whole frames after it: damage, reported — also
+        // when it is in the length, making the frame seem to reach the end.
+        for (at, bits) in [(12, 1), (2, 0x40)] {
+            let mut bad = whole.clone();
+            bad[at] ^= bits;
+            std::fs::write(&seg, &bad).unwrap();
+            assert!(
+                matches!(read(&store, 0), Err(JournalError::Corrupt(..))),
+                "byte {at}"
+            );
+        }
         // A torn frame is accepted only in the last segment.
         std::fs::write(&seg, &whole[..whole.len() - 3]).unwrap();
         let mut j = Journal::create(&store, 2, 4).unwrap();
