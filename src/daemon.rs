@@ -985,6 +985,17 @@ impl Daemon {
             ];
             let rows: Vec<_> = repl.peers.into_iter().map(|r| (peer(r.origin), r)).collect();
             m.per_peer(&replication, &rows);
+            let st = repl.store;
+            for (name, kind, help, v) in [
+                ("confmesh_store_journal_syncs_total", Kind::Counter, "Groups of writes made durable together, one journal sync each.", st.journal_syncs as f64),
+                ("confmesh_store_journal_bytes_total", Kind::Counter, "Bytes appended to the store's journal.", st.journal_bytes as f64),
+                ("confmesh_store_checkpoints_total", Kind::Counter, "Checkpoints that copied the journal into the database file.", st.checkpoints as f64),
+                ("confmesh_store_checkpoint_failures_total", Kind::Counter, "Failed checkpoint attempts (retried; the journal keeps the changes).", st.checkpoint_failures as f64),
+                ("confmesh_store_unflushed_keys", Kind::Gauge, "Changed keys in memory and the journal, not yet in the database file.", st.unflushed_keys as f64),
+            ] {
+                m.family(name, kind, help);
+                m.sample(name, &[], v);
+            }
         }
         self.bandwidth.status().write_metrics(&mut m);
         self.b2bua.status().write_metrics(&mut m);

@@ -114,6 +114,8 @@ fn killed_mid_stream_peer_converges_and_damaged_store_is_refused() {
     let status = d[0].status().unwrap();
     let repl = &status["replication"];
     assert!(repl.is_object(), "replication status missing: {status}");
+    // The writes went through the store's journal.
+    assert!(repl["store"]["journal_syncs"].as_u64().is_some_and(|n| n > 0), "store status: {}", repl["store"]);
 
     // A damaged store file is detected and reported, and the daemon does not start on it.
     d[2].stop();

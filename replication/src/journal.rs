@@ -302,10 +302,10 @@ impl Journal {
         self.next_seq += 1;
     }
 
-    /// Write the group's frames and sync them: once this returns, they survive a crash. On
-    /// failure the segment is cut back to its last synced length, so that a later group does not
-    /// follow a damaged frame.
-    pub(crate) fn commit(&mut self) -> Result<(), JournalError> {
+    /// Write the group's frames and sync them: once this returns (the bytes written), they
+    /// survive a crash. On failure the segment is cut back to its last synced length, so that a
+    /// later group does not follow a damaged frame.
+    pub(crate) fn commit(&mut self) -> Result<usize, JournalError> {
         self.end_frame();
         let path = segment_path(&self.store, self.segment);
         let written = self
@@ -314,10 +314,11 @@ impl Journal {
             .and_then(|()| self.file.sync_data());
         match written {
             Ok(()) => {
-                self.synced += self.buf.len() as u64;
+                let n = self.buf.len();
+                self.synced += n as u64;
                 self.buf.clear();
                 self.group_seq = self.next_seq;
-                Ok(())
+                Ok(n)
             }
             Err(e) => {
                 self.abort();

@@ -26,7 +26,7 @@ use tokio::task::AbortHandle;
 
 use crate::hlc::Hlc;
 use crate::model::{Entry, Namespace, VersionVector};
-use crate::store::{Applying, Seen, Store, StoreError};
+use crate::store::{Applying, Seen, Store, StoreError, StoreStats};
 use crate::sync::{Local, Pull, Session, SessionStats, SyncError, SyncEvent};
 
 /// First reconnect delay; doubled after every failure up to [`MAX_BACKOFF`].
@@ -137,6 +137,8 @@ pub struct ReplicationStatus {
     pub joining: bool,
     /// One record per configured peer, by origin id.
     pub peers: Vec<PeerReplication>,
+    /// The local store's write path.
+    pub store: StoreStats,
 }
 
 #[derive(Default)]
@@ -403,6 +405,7 @@ impl Service {
             origin: self.shared.origin,
             joining: self.shared.store.joining(),
             peers,
+            store: self.shared.store.stats(),
         }
     }
 

@@ -27,7 +27,7 @@
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 
@@ -156,6 +156,21 @@ impl Default for StoreOptions {
     }
 }
 
+/// What the store's write path has done since it was opened, for status and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct StoreStats {
+    /// Groups of requests made durable together, each with one journal sync.
+    pub journal_syncs: u64,
+    /// Bytes appended to the journal.
+    pub journal_bytes: u64,
+    /// Checkpoints that copied journalled changes into the database file.
+    pub checkpoints: u64,
+    /// Checkpoint attempts that failed (each is retried; the journal keeps the changes).
+    pub checkpoint_failures: u64,
+    /// Changed keys held in memory and in the journal, not yet in the database file.
+    pub unflushed_keys: usize,
+}
+
 /// The whole replicated content at one moment: for joining, catching up after tombstones were
 /// collected, and backups.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -275,6 +290,10 @@ struct Inner {
     /// Set when the store is dropped: a failing checkpoint stops retrying (the journal keeps
     /// its changes).
     closing: std::sync::atomic::AtomicBool,
+    journal_syncs: AtomicU64,
+    journal_bytes: AtomicU64,
+    checkpoints_done: AtomicU64,
+    checkpoint_failures: AtomicU64,
     origin: u32,
     changes: watch::Sender<u64>,
     /// Number of committed [`Store::replace_all`] calls since open (see [`Seen`]).
@@ -554,6 +573,10 @@ impl Store {
             checkpoints: Mutex::new(0),
             checkpoint_done: Condvar::new(),
             closing: false.into(),
+            journal_syncs: 0.into(),
+            journal_bytes: 0.into(),
+            checkpoints_done: 0.into(),
+            checkpoint_failures: 0.into(),
             origin,
             changes,
             epoch: 0.into(),
@@ -908,6 +931,22 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Counters of the write path (journal syncs, checkpoints) and what awaits a checkpoint.
+    pub fn stats(&self) -> StoreStats {
+        let i = &*self.inner;
+        let unflushed_keys = {
+            let mem = i.mem.read().unwrap_or_else(|p| p.into_inner());
+            mem.active.len() + mem.frozen.as_ref().map_or(0, |f| f.len())
+        };
+        StoreStats {
+            journal_syncs: i.journal_syncs.load(Ordering::Relaxed),
+            journal_bytes: i.journal_bytes.load(Ordering::Relaxed),
+            checkpoints: i.checkpoints_done.load(Ordering::Relaxed),
+            checkpoint_failures: i.checkpoint_failures.load(Ordering::Relaxed),
+            unflushed_keys,
+        }
     }
 
     /// What this peer has seen from every origin.
@@ -1352,6 +1391,7 @@ fn checkpoint_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<Checkpoint>) {
             match write_checkpoint(&inner.db, &inner.path, &job.layer, job.seq) {
                 Ok(()) => {
                     inner.mem.write().unwrap_or_else(|p| p.into_inner()).frozen = None;
+                    inner.checkpoints_done.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = journal::remove_through(&inner.path, job.segment) {
                         let e = journal_error(&inner.path, e);
                         tracing::warn!(error = %e, "replicated store: could not delete a checkpointed journal segment");
@@ -1362,6 +1402,7 @@ fn checkpoint_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<Checkpoint>) {
                     // The changes stay in the journal (and in memory): nothing is lost, but the
                     // writer will wait once the newer layer is full.
                     tracing::error!(error = %e, "replicated store: checkpoint failed; retrying");
+                    inner.checkpoint_failures.fetch_add(1, Ordering::Relaxed);
                     if inner.closing.load(Ordering::Acquire) {
                         // The store is being dropped, so no reader is left to miss the layer;
                         // the journal keeps it for the next open.
@@ -1695,7 +1736,11 @@ impl Writer {
             }
             st.pending
         };
-        self.journal.commit().map_err(|e| journal_error(path, e))?;
+        let bytes = self.journal.commit().map_err(|e| journal_error(path, e))?;
+        inner.journal_syncs.fetch_add(1, Ordering::Relaxed);
+        inner
+            .journal_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         let mut mem = inner.mem.write().unwrap_or_else(|p| p.into_inner());
         mem.active.absorb(pending);
         mem.vector.clone_from(&self.state.vector);
@@ -2461,6 +2506,12 @@ mod tests {
         for r in readers {
             assert!(r.join().unwrap() > 0);
         }
+        let st = s.stats();
+        assert!(
+            st.journal_syncs >= 2 * N as u64 && st.journal_bytes > 0,
+            "{st:?}"
+        );
+        assert!(st.checkpoints > 10 && st.checkpoint_failures == 0, "{st:?}");
         drop(s);
         // A clean close leaves no journal behind, and everything in the file.
         assert!(journal::segments(&path).unwrap().is_empty());
