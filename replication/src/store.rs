@@ -60,6 +60,8 @@ const CHECKPOINT_BYTES: usize = 16 << 20;
 /// While a checkpoint runs, the newer layer grows up to this many times the checkpoint size;
 /// then the writer waits for it.
 const MAX_LAYER_FACTOR: usize = 4;
+/// How long an operation on the whole content waits for failing checkpoints before it fails.
+const CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Most origins (replica ids) a store tracks: a few per peer over the cluster's life (a new one per
 /// join or restore). Bounds what a misbehaving peer can make the version vector — written with
@@ -1817,11 +1819,12 @@ impl Writer {
             .is_some()
     }
 
-    /// Wait for the running checkpoint, if any. A failing one retries until the store closes.
-    fn wait_checkpoint(&self) {
+    /// Wait for the running checkpoint, if any, at most until `deadline`. A failing one retries
+    /// until the store closes.
+    fn wait_checkpoint(&self, deadline: Option<std::time::Instant>) {
         let inner = &*self.inner;
         let mut done = inner.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
-        while self.checkpointing() {
+        while self.checkpointing() && deadline.is_none_or(|d| std::time::Instant::now() < d) {
             done = inner
                 .checkpoint_done
                 .wait_timeout(done, std::time::Duration::from_millis(100))
@@ -1866,7 +1869,8 @@ impl Writer {
             {
                 return;
             }
-            self.wait_checkpoint();
+            // Backpressure: the layer is full, so the writer waits as long as it takes.
+            self.wait_checkpoint(None);
             if self.checkpointing() {
                 return;
             }
@@ -1876,9 +1880,11 @@ impl Writer {
         }
     }
 
-    /// Put everything published into the file and wait until it is there.
+    /// Put everything published into the file and wait until it is there; give up (an error for
+    /// the request that needed it) if the checkpoints keep failing for [`CHECKPOINT_WAIT`].
     fn checkpoint_all(&mut self) -> Result<(), StoreError> {
-        self.wait_checkpoint();
+        let deadline = Some(std::time::Instant::now() + CHECKPOINT_WAIT);
+        self.wait_checkpoint(deadline);
         let empty = self
             .inner
             .mem
@@ -1888,7 +1894,7 @@ impl Writer {
             .is_empty();
         if !empty && !self.checkpointing() {
             self.start_checkpoint()?;
-            self.wait_checkpoint();
+            self.wait_checkpoint(deadline);
         }
         if self.checkpointing() {
             return Err(StoreError::Io {
