@@ -481,14 +481,32 @@ fn validate(ns: Namespace, key: &str, value: Option<&Value>) -> Result<(), Strin
         ));
     }
     if let Some(v) = value {
-        let len = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
-        if len > MAX_VALUE_BYTES {
+        // Measured without building the JSON text, and only as far as the limit.
+        let mut len = Counter(0);
+        if serde_json::to_writer(&mut len, v).is_err() {
             return Err(format!(
-                "value of {ns}/{key} is {len} bytes, limit {MAX_VALUE_BYTES}"
+                "value of {ns}/{key} is over the limit of {MAX_VALUE_BYTES} bytes"
             ));
         }
     }
     Ok(())
+}
+
+/// A writer that counts bytes and refuses to go past [`MAX_VALUE_BYTES`].
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len();
+        if self.0 > MAX_VALUE_BYTES {
+            return Err(std::io::ErrorKind::FileTooLarge.into());
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Store {
@@ -2089,6 +2107,9 @@ mod tests {
             s.put(Namespace::Config, "k", json!(big), T),
             Err(StoreError::Invalid(_))
         ));
+        // Exactly the limit, quotes included, is accepted.
+        let fits = "x".repeat(MAX_VALUE_BYTES - 2);
+        assert!(s.put(Namespace::Config, "k", json!(fits), T).is_ok());
     }
 
     #[test]
