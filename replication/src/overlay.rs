@@ -25,6 +25,14 @@ impl Table {
     pub(crate) const ALL: [Table; 4] =
         [Table::Data, Table::ByOrigin, Table::Tombstones, Table::Meta];
 
+    /// Whether the table is keyed by stamp. Outside operations on the whole content (which run on
+    /// the file, with no layer), a stamp's row is put at most once and removed at most once after
+    /// that (a superseded version never comes back), so a row put and removed within the layers
+    /// never existed below them: the removal needs no marker.
+    fn by_stamp(self) -> bool {
+        matches!(self, Table::ByOrigin | Table::Tombstones)
+    }
+
     pub(crate) fn from_tag(tag: u8) -> Option<Table> {
         Table::ALL.get(usize::from(tag)).copied()
     }
@@ -49,8 +57,13 @@ impl Layer {
     }
 
     pub(crate) fn remove(&mut self, t: Table, key: &[u8]) {
+        let table = &mut self.tables[t as usize];
+        if t.by_stamp() && matches!(table.get(key), Some(Some(_))) {
+            table.remove(key);
+            return;
+        }
         self.bytes += key.len();
-        self.tables[t as usize].insert(key.to_vec(), None);
+        table.insert(key.to_vec(), None);
     }
 
     /// `Some(Some(value))` if the layer holds `key`, `Some(None)` if it removed it, `None` if it
@@ -79,9 +92,18 @@ impl Layer {
     /// Take `newer`'s changes on top of this layer's.
     pub(crate) fn absorb(&mut self, newer: Layer) {
         self.bytes += newer.bytes;
-        for (mine, theirs) in self.tables.iter_mut().zip(newer.tables) {
+        for (t, theirs) in Table::ALL.into_iter().zip(newer.tables) {
+            let mine = &mut self.tables[t as usize];
             if mine.is_empty() {
                 *mine = theirs;
+            } else if t.by_stamp() {
+                for (k, v) in theirs {
+                    if v.is_none() && matches!(mine.get(&k), Some(Some(_))) {
+                        mine.remove(&k);
+                    } else {
+                        mine.insert(k, v);
+                    }
+                }
             } else {
                 mine.extend(theirs);
             }
@@ -188,5 +210,25 @@ mod tests {
         assert_eq!(old.get(Table::Meta, b"m"), Some(Some(&b"x"[..])));
         assert_eq!(old.get(Table::ByOrigin, b"k"), None);
         assert_eq!(old.len(), 3);
+    }
+
+    #[test]
+    fn a_stamp_row_put_and_removed_within_the_layers_leaves_nothing() {
+        let mut old = Layer::default();
+        old.put(Table::ByOrigin, b"s1", b"k");
+        old.remove(Table::ByOrigin, b"s0");
+        let mut new = Layer::default();
+        new.remove(Table::ByOrigin, b"s1");
+        new.put(Table::Tombstones, b"s2", b"k");
+        new.remove(Table::Tombstones, b"s2");
+        assert_eq!(new.get(Table::Tombstones, b"s2"), None);
+        old.absorb(new);
+        // s1 never reached what lies below; s0 did, and its removal stays.
+        assert_eq!(old.get(Table::ByOrigin, b"s1"), None);
+        assert_eq!(old.get(Table::ByOrigin, b"s0"), Some(None));
+        // Data rows keep their markers: a key comes back after a delete.
+        old.put(Table::Data, b"k", b"v");
+        old.remove(Table::Data, b"k");
+        assert_eq!(old.get(Table::Data, b"k"), Some(None));
     }
 }
