@@ -134,7 +134,6 @@ pub(crate) fn replay(
 ) -> Result<u64, JournalError> {
     let segs = segments(store)?;
     let mut last = after_seq;
-    let mut prev: Option<u64> = None;
     for (i, (_, path)) in segs.iter().enumerate() {
         let is_last = i + 1 == segs.len();
         let bytes = std::fs::read(path).map_err(|e| JournalError::Io(path.clone(), e))?;
@@ -148,7 +147,7 @@ pub(crate) fn replay(
                 // no whole frame after it (a damaged length must not hide the frames behind it).
                 let claimed = u32_at(rest, 0).map_or(usize::MAX, |l| HEADER + l as usize);
                 let to_end = claimed >= rest.len() || rest.iter().all(|&b| b == 0);
-                let later = (1..rest.len()).any(|j| next_frame_at(&rest[j..], prev));
+                let later = (1..rest.len()).any(|j| later_frame_at(&rest[j..]));
                 if is_last && to_end && !later {
                     tracing::warn!(
                         path = %path.display(),
@@ -159,15 +158,16 @@ pub(crate) fn replay(
                 }
                 return Err(bad(format!("damaged frame at offset {at}")));
             };
+            // Frames the file already holds are skipped (a segment whose deletion a crash undid
+            // may still hold some); after them, not one frame may be missing.
             let seq = seq_of(payload);
-            if prev.is_some_and(|p| seq != p + 1) {
-                return Err(bad(format!(
-                    "frame at offset {at} has sequence number {seq} after {}",
-                    prev.unwrap_or_default()
-                )));
-            }
-            prev = Some(seq);
             if seq > after_seq {
+                if seq != last + 1 {
+                    return Err(bad(format!(
+                        "frame at offset {at} has sequence number {seq}, expected {}",
+                        last + 1
+                    )));
+                }
                 decode(&payload[SEQ..], &mut apply)
                     .ok_or_else(|| bad(format!("malformed change in the frame at offset {at}")))?;
                 last = seq;
@@ -186,13 +186,14 @@ fn frame_at(b: &[u8]) -> Option<&[u8]> {
     ((SEQ..=MAX_FRAME).contains(&len) && crc32fast::hash(payload) == crc).then_some(payload)
 }
 
-/// Whether a whole frame that could follow a damaged one (the frame after `prev`'s) starts at
-/// `b`. The sequence number is checked before the checksum, so that scanning garbage stays cheap.
-fn next_frame_at(b: &[u8], prev: Option<u64>) -> bool {
+/// Whether a whole frame starts at `b`, as one after a damaged frame would. The sequence number
+/// must be plausible (below 2^40) before the checksum is computed, so that scanning garbage stays
+/// cheap.
+fn later_frame_at(b: &[u8]) -> bool {
     let plausible = b
         .get(HEADER..HEADER + SEQ)
         .map(seq_of)
-        .is_some_and(|s| prev.map_or(s < 1 << 40, |p| s == p + 2));
+        .is_some_and(|s| s < 1 << 40);
     plausible && frame_at(b).is_some()
 }
 
@@ -391,8 +392,24 @@ mod tests {
         assert_eq!(seen[6], (3, b"m".to_vec(), Some(b"x".to_vec())));
         let (last, seen) = read(&store, 3).unwrap();
         assert_eq!((last, seen.len()), (4, 1));
+        // Frames 1-3 are in the file: segment 1 is skipped whole. Past it, none may be missing.
+        assert!(matches!(read(&store, 1), Ok((4, _))));
         remove_through(&store, 1).unwrap();
         assert_eq!(segments(&store).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_missing_frame_is_damage_but_checkpointed_ones_may_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("s.redb");
+        drop(write_groups(&store, 3));
+        let mut j = Journal::create(&store, 3, 7).unwrap();
+        j.put(Table::Data, b"k", b"v");
+        j.commit().unwrap();
+        // Frames 4-6 are gone: whatever the file holds, something acknowledged would be lost.
+        assert!(matches!(read(&store, 3), Err(JournalError::Corrupt(..))));
+        // If the file holds up to 6, segment 1 is only a leftover.
+        assert!(matches!(read(&store, 6), Ok((7, ref seen)) if seen.len() == 1));
     }
 
     #[test]
