@@ -17,6 +17,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::overlay::Table;
@@ -231,10 +232,12 @@ impl Journal {
     ) -> Result<Journal, JournalError> {
         let path = segment_path(store, segment);
         let io = |e| JournalError::Io(path.clone(), e);
+        // Owner only, like the database file: the changes include administrator accounts.
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .map_err(io)?;
         // The new name must survive a crash as well as the frames synced into it.

@@ -523,6 +523,14 @@ impl Store {
     pub fn open_with(path: &Path, origin: u32, options: StoreOptions) -> Result<Store, StoreError> {
         let existed = path.exists();
         let db = open_checked(path)?;
+        // Owner only: the content includes administrator accounts (password hashes).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            StoreError::Io {
+                path: path.to_path_buf(),
+                detail: format!("cannot make the file private to its owner: {e}"),
+            }
+        })?;
         if !existed {
             // Segments without their file (it was moved away so that the peer starts afresh)
             // must not be replayed into a new one.
@@ -2533,6 +2541,17 @@ mod tests {
         for r in readers {
             assert!(r.join().unwrap() > 0);
         }
+        use std::os::unix::fs::PermissionsExt;
+        for (_, seg) in journal::segments(&path).unwrap() {
+            assert_eq!(
+                std::fs::metadata(seg).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let st = s.stats();
         assert!(
             st.journal_syncs >= 2 * N as u64 && st.journal_bytes > 0,
