@@ -18,8 +18,9 @@
 //! Opening the store replays what the journal holds beyond the file's last checkpoint.
 //!
 //! Reads look at the layers and a redb read transaction together, under a read lock that the
-//! writer takes only briefly to publish a durable group (MVCC below: readers never wait for a
-//! commit).
+//! writer takes briefly to publish a durable group (never across a journal sync) and for the
+//! whole of a rare whole-content operation; a long read (a snapshot) holds publication back
+//! while it runs.
 //!
 //! Tables: `data` (namespace tag + key → stamp, flag, JSON), `by_origin` (origin + stamp → data key,
 //! for every current entry), `tombstones` (the same, for deleted keys only, for collection), `meta`
@@ -328,8 +329,8 @@ impl std::future::Future for Applying {
 /// Mutations return only once committed durably. Blocking mutations (`put`, `delete`,
 /// `apply_remote`, `replace_all`, …) are for plain threads: called from an async task they would
 /// panic (tokio forbids blocking there), so async code uses the `*_async` variants (or
-/// [`crate::service::Service::write`]). Reads (`get`, `list`, `snapshot`, …) never wait for the
-/// writer and are fine anywhere.
+/// [`crate::service::Service::write`]). Reads (`get`, `list`, `snapshot`, …) never wait for a
+/// journal sync and are fine anywhere.
 pub struct Store {
     inner: Arc<Inner>,
     tx: Option<mpsc::Sender<Request>>,
