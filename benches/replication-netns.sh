@@ -24,6 +24,8 @@
 #   ack        latency of one write as its writer sees it, p50/p99/max.
 #   CPU/write  CPU time (user + system, from /proc) of the three daemons over the run, per
 #              acknowledged write: what a write costs, whatever else the machine was doing.
+# confmesh's store on peers 1 and 2: writes made durable per journal sync (group commit), journal
+# bytes per write, checkpoints into the database file during the first run.
 # confmesh runs the load twice: acknowledged once durable on peer 1 (the default), and with
 # `wait_peers: 1`, acknowledged once one other peer has it too (the analogue of etcd's majority).
 # Lag (the same for both): while the writers run, one more connection to peer 1 writes a probe key
@@ -313,6 +315,14 @@ relayed = sum(sent(i, j, 1) - sent(i, j, 0) for i, j in ((2, 3), (3, 2)))
 direct = sum(sent(1, j, 1) - sent(1, j, 0) for j in (2, 3))
 print(f"confmesh entries per write sent by peer 1 to peers 2 and 3: {direct / n:.2f}; relayed between peers 2 and 3: "
       f"{relayed / n:.2f} (every copy is sync-stream bytes and AH packets on the wire)")
+def store(i, suffix):  # peer i's store write-path counters
+    return json.load(open(f"{work}/cmstatus.{i}.{suffix}"))["replication"].get("store", {})
+for i in (1, 2):
+    a, b = store(i, 0), store(i, 1)
+    d = {k: b.get(k, 0) - a.get(k, 0) for k in ("journal_syncs", "journal_bytes", "checkpoints")}
+    if d["journal_syncs"]:
+        print(f"confmesh store on peer {i}: {n / d['journal_syncs']:.1f} writes per journal sync, "
+              f"{d['journal_bytes'] / n:.0f} journal bytes per write, {d['checkpoints']} checkpoints into the database file")
 print(f"fragments on the wire (IPv4 MF/offset, IPv6 fragment header) during confmesh: {rows[0]['frag'] + rows[2]['frag']}, during etcd: "
       f"{rows[1]['frag']} (the counter saw {selftest} fragments of a 3000-byte ping before the run)")
 ratio = lambda a, b: "-" if a is None or b in (None, 0) else f"{a / b:.2f}"
