@@ -61,6 +61,9 @@ const CHECKPOINT_BYTES: usize = 16 << 20;
 /// While a checkpoint runs, the newer layer grows up to this many times the checkpoint size;
 /// then the writer waits for it.
 const MAX_LAYER_FACTOR: usize = 4;
+/// How long a writer whose in-memory layer is full waits for the running checkpoint before it
+/// refuses writes.
+const FULL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long an operation on the whole content waits for failing checkpoints before it fails.
 const CHECKPOINT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -293,6 +296,12 @@ struct Inner {
     /// Set when the store is dropped: a failing checkpoint stops retrying (the journal keeps
     /// its changes).
     closing: std::sync::atomic::AtomicBool,
+    /// A checkpoint was given up on at close: its changes are only in the journal, which must
+    /// therefore stay.
+    checkpoint_abandoned: std::sync::atomic::AtomicBool,
+    /// Tests make checkpoints fail with this.
+    #[cfg(test)]
+    fail_checkpoints: std::sync::atomic::AtomicBool,
     journal_syncs: AtomicU64,
     journal_bytes: AtomicU64,
     checkpoints_done: AtomicU64,
@@ -602,6 +611,9 @@ impl Store {
             checkpoints: Mutex::new(0),
             checkpoint_done: Condvar::new(),
             closing: false.into(),
+            checkpoint_abandoned: false.into(),
+            #[cfg(test)]
+            fail_checkpoints: false.into(),
             journal_syncs: 0.into(),
             journal_bytes: 0.into(),
             checkpoints_done: 0.into(),
@@ -1417,7 +1429,18 @@ fn checkpoint_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<Checkpoint>) {
     while let Ok(job) = jobs.recv() {
         let mut retry = std::time::Duration::from_millis(100);
         loop {
-            match write_checkpoint(&inner.db, &inner.path, &job.layer, job.seq) {
+            #[cfg(test)]
+            let written = if inner.fail_checkpoints.load(Ordering::Acquire) {
+                Err(StoreError::Io {
+                    path: inner.path.clone(),
+                    detail: "injected failure".into(),
+                })
+            } else {
+                write_checkpoint(&inner.db, &inner.path, &job.layer, job.seq)
+            };
+            #[cfg(not(test))]
+            let written = write_checkpoint(&inner.db, &inner.path, &job.layer, job.seq);
+            match written {
                 Ok(()) => {
                     inner.mem.write().unwrap_or_else(|p| p.into_inner()).frozen = None;
                     inner.checkpoints_done.fetch_add(1, Ordering::Relaxed);
@@ -1435,6 +1458,7 @@ fn checkpoint_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<Checkpoint>) {
                     if inner.closing.load(Ordering::Acquire) {
                         // The store is being dropped, so no reader is left to miss the layer;
                         // the journal keeps it for the next open.
+                        inner.checkpoint_abandoned.store(true, Ordering::Release);
                         inner.mem.write().unwrap_or_else(|p| p.into_inner()).frozen = None;
                         break;
                     }
@@ -1891,13 +1915,12 @@ impl Writer {
             return;
         }
         if self.checkpointing() {
-            if keys < MAX_LAYER_FACTOR * self.checkpoint_keys
-                && bytes < MAX_LAYER_FACTOR * CHECKPOINT_BYTES
-            {
+            if !self.full() {
                 return;
             }
-            // Backpressure: the layer is full, so the writer waits as long as it takes.
-            self.wait_checkpoint(None);
+            // Backpressure: the layer is full, so the writer waits for the running checkpoint
+            // (a healthy one takes well under a second); see `full` if it keeps failing.
+            self.wait_checkpoint(Some(std::time::Instant::now() + FULL_WAIT));
             if self.checkpointing() {
                 return;
             }
@@ -1905,6 +1928,15 @@ impl Writer {
         if let Err(e) = self.start_checkpoint() {
             tracing::error!(error = %e, "replicated store: could not start a checkpoint");
         }
+    }
+
+    /// Whether the published layer is at its limit while the checkpoint that would empty it has
+    /// not completed: new writes are refused then, so that memory stays bounded.
+    fn full(&self) -> bool {
+        let mem = self.inner.mem.read().unwrap_or_else(|p| p.into_inner());
+        mem.frozen.is_some()
+            && (mem.active.len() >= MAX_LAYER_FACTOR * self.checkpoint_keys
+                || mem.active.bytes() >= MAX_LAYER_FACTOR * CHECKPOINT_BYTES)
     }
 
     /// Put everything published into the file and wait until it is there; give up (an error for
@@ -1923,7 +1955,7 @@ impl Writer {
             self.start_checkpoint()?;
             self.wait_checkpoint(deadline);
         }
-        if self.checkpointing() {
+        if self.checkpointing() || self.inner.checkpoint_abandoned.load(Ordering::Acquire) {
             return Err(StoreError::Io {
                 path: self.inner.path.clone(),
                 detail: "checkpoint did not complete (see the log)".into(),
@@ -2012,6 +2044,21 @@ fn writer_loop(mut w: Writer, mut rx: mpsc::Receiver<Request>, max_batch: usize)
                         Err(_) => break,
                     }
                 }
+                w.maybe_checkpoint();
+                if w.full() {
+                    let err = StoreError::Io {
+                        path: w.inner.path.clone(),
+                        detail: "the database file takes no checkpoint (see the log); writes are \
+                                 refused until it does, nothing acknowledged is lost"
+                            .into(),
+                    };
+                    tracing::error!(error = %err, "replicated store: write refused");
+                    for reply in replies.drain(..) {
+                        let _ = reply.send(Err(w.failure(&err)));
+                    }
+                    ops.clear();
+                    continue;
+                }
                 let before = w.state.clone();
                 match w.group(&mut ops) {
                     Ok(changed) => {
@@ -2019,7 +2066,6 @@ fn writer_loop(mut w: Writer, mut rx: mpsc::Receiver<Request>, max_batch: usize)
                         for ((_, result), reply) in ops.drain(..).zip(replies.drain(..)) {
                             let _ = reply.send(result.unwrap_or(Err(StoreError::Closed)));
                         }
-                        w.maybe_checkpoint();
                     }
                     Err(err) => {
                         tracing::error!(error = %err, "replicated store: commit failed");
@@ -2568,6 +2614,43 @@ mod tests {
             s.get(Namespace::Conference, "hot").unwrap(),
             Some(json!(N - 1))
         );
+    }
+
+    #[test]
+    fn failing_checkpoints_refuse_writes_and_lose_nothing_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let options = StoreOptions {
+            checkpoint_keys: 8,
+            ..StoreOptions::default()
+        };
+        let s = Store::open_with(&path, 1, options.clone()).unwrap();
+        s.inner.fail_checkpoints.store(true, Ordering::Release);
+        let mut acked = Vec::new();
+        let mut refused = None;
+        for i in 0..100 {
+            match s.put(Namespace::Config, &format!("k{i:02}"), json!(i), T) {
+                Ok(_) => acked.push(i),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        // Memory stays bounded: once the layer is full, writes are refused with a reason.
+        let refused = refused.expect("writes never refused");
+        assert!(
+            matches!(&refused, StoreError::Io { detail, .. } if detail.contains("checkpoint")),
+            "{refused}"
+        );
+        assert!(acked.len() >= 8 && s.stats().checkpoint_failures > 0);
+        assert_eq!(s.list(Namespace::Config, "k").unwrap().len(), acked.len());
+        // Closing gives up on the checkpoint and keeps the journal: nothing acknowledged is lost.
+        drop(s);
+        assert!(!journal::segments(&path).unwrap().is_empty());
+        let s = Store::open_with(&path, 1, options).unwrap();
+        assert_eq!(s.list(Namespace::Config, "k").unwrap().len(), acked.len());
+        s.put(Namespace::Config, "after", json!(1), T).unwrap();
     }
 
     #[test]
