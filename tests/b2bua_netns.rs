@@ -371,7 +371,15 @@ fn conference_routing_across_two_peers() {
     Sipp::vcs(&topo, 2, "uac_refused.xml", "meet.l1", 1, &[]).expect_success();
     assert!(first.running() && second.running(), "both held calls still up while the third is refused");
     first.expect_success();
-    assert!(wait_until(Duration::from_secs(10), || location_usage(&d2) == Some(768)), "peer 2 hears that the call ended");
+    // Admission on peer 2 needs both: the location's usage (bandwidth updates) and the bridge's
+    // participant count (replicated store) — they travel separately, either may arrive first.
+    assert!(
+        wait_until(Duration::from_secs(10), || location_usage(&d2) == Some(768)
+            && conferences(&d2).is_some_and(|c| !c.contains_key("meet-l1"))),
+        "peer 2 hears that the call ended: usage {:?}, conferences {:?}",
+        location_usage(&d2),
+        conferences(&d2)
+    );
     Sipp::vcs(&topo, 2, "uac_call.xml", "meet.l4", 1, &[]).expect_success();
     second.stop();
     eprintln!("{:?}: location limit across peers", t0.elapsed());
