@@ -59,7 +59,7 @@ const META_WAL_SEQ: &str = "wal_seq";
 /// [`StoreOptions::checkpoint_keys`] for the count).
 const CHECKPOINT_BYTES: usize = 16 << 20;
 /// While a checkpoint runs, the newer layer grows up to this many times the checkpoint size;
-/// then the writer waits for it.
+/// then the writer waits for it, and refuses writes after [`FULL_WAIT`].
 const MAX_LAYER_FACTOR: usize = 4;
 /// How long a writer whose in-memory layer is full waits for the running checkpoint before it
 /// refuses writes.
@@ -290,8 +290,9 @@ struct Inner {
     db: Database,
     path: PathBuf,
     mem: RwLock<Mem>,
-    /// Completed checkpoints, for a writer that waits for the running one.
-    checkpoints: Mutex<u64>,
+    /// With `checkpoint_done`: wakes a writer that waits for the running checkpoint (whose end
+    /// shows as `mem.frozen` gone).
+    checkpoint_lock: Mutex<()>,
     checkpoint_done: Condvar,
     /// Set when the store is dropped: a failing checkpoint stops retrying (the journal keeps
     /// its changes).
@@ -608,7 +609,7 @@ impl Store {
                 vector: vector.clone(),
                 floor: floor.clone(),
             }),
-            checkpoints: Mutex::new(0),
+            checkpoint_lock: Mutex::new(()),
             checkpoint_done: Condvar::new(),
             closing: false.into(),
             checkpoint_abandoned: false.into(),
@@ -1327,48 +1328,48 @@ impl<'t> FileTables<'t> {
     fn write_layer(&mut self, layer: &Layer) -> Result<(), StoreError> {
         for t in Table::ALL {
             for (k, v) in layer.table(t) {
-                match v {
-                    Some(v) => self.set(t, k, v)?,
-                    None => self.unset(t, k)?,
-                }
+                self.change(t, k, v.as_deref())?;
             }
         }
         Ok(())
+    }
+
+    /// Put `value` at `key` of `t`, or remove the key (`None`).
+    fn change(&mut self, t: Table, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        let path = self.path;
+        let r = match (t, value) {
+            (Table::Meta, Some(v)) => self.meta.insert(self.meta_name(key)?, v).map(drop),
+            (Table::Meta, None) => self.meta.remove(self.meta_name(key)?).map(drop),
+            (_, Some(v)) => self.bytes(t).insert(key, v).map(drop),
+            (_, None) => self.bytes(t).remove(key).map(drop),
+        };
+        r.map_err(|x| classify(path, x.into()))
+    }
+}
+
+/// The head of `dk`'s record as the file holds it.
+fn stored_head(
+    path: &Path,
+    data: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    dk: &[u8],
+) -> Result<Option<(Hlc, bool)>, StoreError> {
+    match data.get(dk).map_err(|x| classify(path, x.into()))? {
+        Some(g) => record_head(path, g.value()).map(Some),
+        None => Ok(None),
     }
 }
 
 impl Tables for FileTables<'_> {
     fn current(&self, dk: &[u8]) -> Result<Option<(Hlc, bool)>, StoreError> {
-        match self
-            .data
-            .get(dk)
-            .map_err(|x| classify(self.path, x.into()))?
-        {
-            Some(g) => record_head(self.path, g.value()).map(Some),
-            None => Ok(None),
-        }
+        stored_head(self.path, &self.data, dk)
     }
 
     fn set(&mut self, t: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let path = self.path;
-        let r = if t == Table::Meta {
-            let name = self.meta_name(key)?;
-            self.meta.insert(name, value).map(drop)
-        } else {
-            self.bytes(t).insert(key, value).map(drop)
-        };
-        r.map_err(|x| classify(path, x.into()))
+        self.change(t, key, Some(value))
     }
 
     fn unset(&mut self, t: Table, key: &[u8]) -> Result<(), StoreError> {
-        let path = self.path;
-        let r = if t == Table::Meta {
-            let name = self.meta_name(key)?;
-            self.meta.remove(name).map(drop)
-        } else {
-            self.bytes(t).remove(key).map(drop)
-        };
-        r.map_err(|x| classify(path, x.into()))
+        self.change(t, key, None)
     }
 }
 
@@ -1390,14 +1391,7 @@ impl Tables for Staged<'_> {
             .or_else(|| self.mem.get(Table::Data, dk))
         {
             Some(rec) => rec.map(|r| record_head(self.path, r)).transpose(),
-            None => match self
-                .file
-                .get(dk)
-                .map_err(|x| classify(self.path, x.into()))?
-            {
-                Some(g) => record_head(self.path, g.value()).map(Some),
-                None => Ok(None),
-            },
+            None => stored_head(self.path, self.file, dk),
         }
     }
 
@@ -1467,7 +1461,13 @@ fn checkpoint_loop(inner: &Inner, jobs: std::sync::mpsc::Receiver<Checkpoint>) {
                 }
             }
         }
-        *inner.checkpoints.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        // Taking the lock orders the wake-up after a waiter's check of `frozen`.
+        drop(
+            inner
+                .checkpoint_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         inner.checkpoint_done.notify_all();
     }
 }
@@ -1874,7 +1874,10 @@ impl Writer {
     /// until the store closes.
     fn wait_checkpoint(&self, deadline: Option<std::time::Instant>) {
         let inner = &*self.inner;
-        let mut done = inner.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = inner
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         while self.checkpointing() && deadline.is_none_or(|d| std::time::Instant::now() < d) {
             done = inner
                 .checkpoint_done
