@@ -378,6 +378,16 @@ mod tests {
         j
     }
 
+    /// A store path in `dir` whose journal is one segment of `groups` groups: (store, segment,
+    /// the segment's bytes).
+    fn one_segment(dir: &tempfile::TempDir, groups: usize) -> (PathBuf, PathBuf, Vec<u8>) {
+        let store = dir.path().join("s.redb");
+        drop(write_groups(&store, groups));
+        let (_, seg) = segments(&store).unwrap().remove(0);
+        let whole = std::fs::read(&seg).unwrap();
+        (store, seg, whole)
+    }
+
     #[test]
     fn frames_come_back_in_order_after_a_given_sequence_number() {
         let dir = tempfile::tempdir().unwrap();
@@ -419,10 +429,7 @@ mod tests {
     fn garbage_segments_never_panic() {
         use rand::{Rng, SeedableRng};
         let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("s.redb");
-        drop(write_groups(&store, 4));
-        let (_, seg) = segments(&store).unwrap().remove(0);
-        let whole = std::fs::read(&seg).unwrap();
+        let (store, seg, whole) = one_segment(&dir, 4);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for _ in 0..2000 {
             let mut bytes = whole.clone();
@@ -446,10 +453,7 @@ mod tests {
     #[test]
     fn a_torn_last_frame_is_dropped_and_damage_elsewhere_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("s.redb");
-        drop(write_groups(&store, 3));
-        let (_, seg) = segments(&store).unwrap().remove(0);
-        let whole = std::fs::read(&seg).unwrap();
+        let (store, seg, whole) = one_segment(&dir, 3);
         let frame = whole.len() / 3;
         // Cut inside the last frame, or garbage / zeros after the last whole frame: the last
         // frame is dropped, the first two stay.
