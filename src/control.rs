@@ -419,6 +419,27 @@ mod tests {
         }
     }
 
+    /// The first `n` requests the daemon passes on, after checking that no more follow while
+    /// they are unanswered (`bound` names the limit, for the message).
+    async fn held(rx: &mut mpsc::Receiver<Call>, n: usize, bound: &str) -> Vec<Call> {
+        let mut held = Vec::new();
+        while held.len() < n {
+            held.push(rx.recv().await.unwrap());
+        }
+        let more = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+        assert!(more.is_err(), "more than {bound} of requests reached the daemon");
+        held
+    }
+
+    /// Answers every further request with `answer`, until aborted.
+    fn answer_the_rest(mut rx: mpsc::Receiver<Call>, answer: fn(Call)) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Some(call) = rx.recv().await {
+                answer(call);
+            }
+        })
+    }
+
     #[test]
     fn requests_have_stable_json() {
         let r = Request::PeersAdd { addr: "10.96.0.3".parse().unwrap() };
@@ -475,12 +496,7 @@ mod tests {
             write
         });
         // The daemon sees at most MAX_IN_FLIGHT of them before it answers any.
-        let mut held = Vec::new();
-        while held.len() < MAX_IN_FLIGHT {
-            held.push(rx.recv().await.unwrap());
-        }
-        let more = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
-        assert!(more.is_err(), "a request beyond MAX_IN_FLIGHT reached the daemon");
+        let held = held(&mut rx, MAX_IN_FLIGHT, "MAX_IN_FLIGHT").await;
         // Answered newest first; the client still gets them in request order.
         let answer = |(req, reply): Call| {
             let Request::ConfigGet { key } = req else { panic!("{req:?}") };
@@ -489,11 +505,7 @@ mod tests {
         for call in held.into_iter().rev() {
             answer(call);
         }
-        let answering = tokio::spawn(async move {
-            while let Some(call) = rx.recv().await {
-                answer(call);
-            }
-        });
+        let answering = answer_the_rest(rx, answer);
         let mut answers = BufReader::new(read).lines();
         for i in 0..total {
             let line = answers.next_line().await.unwrap().unwrap();
@@ -527,12 +539,7 @@ mod tests {
             }
             write
         });
-        let mut held = Vec::new();
-        while held.len() < fit {
-            held.push(rx.recv().await.unwrap());
-        }
-        let more = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
-        assert!(more.is_err(), "more than MAX_IN_FLIGHT_BYTES of requests reached the daemon");
+        let held = held(&mut rx, fit, "MAX_IN_FLIGHT_BYTES").await;
         let answer = |(req, reply): Call| {
             let Request::ConfigGet { key } = req else { panic!("{req:?}") };
             let _ = reply.send(Ok(Value::String(key[..4].to_owned())));
@@ -540,11 +547,7 @@ mod tests {
         for call in held {
             answer(call);
         }
-        let answering = tokio::spawn(async move {
-            while let Some(call) = rx.recv().await {
-                answer(call);
-            }
-        });
+        let answering = answer_the_rest(rx, answer);
         let mut answers = BufReader::new(read).lines();
         for i in 0..total {
             let wire: Wire = serde_json::from_str(&answers.next_line().await.unwrap().unwrap()).unwrap();
