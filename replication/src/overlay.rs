@@ -62,8 +62,14 @@ impl Layer {
             table.remove(key);
             return;
         }
+        self.unset(t, key);
+    }
+
+    /// Record the removal of `key` even if the layer put it itself. A replayed journal needs this:
+    /// a checkpoint cut short by a crash may have put a stamp's row into the file already.
+    pub(crate) fn unset(&mut self, t: Table, key: &[u8]) {
         self.bytes += key.len();
-        table.insert(key.to_vec(), None);
+        self.tables[t as usize].insert(key.to_vec(), None);
     }
 
     /// `Some(Some(value))` if the layer holds `key`, `Some(None)` if it removed it, `None` if it
