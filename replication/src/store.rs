@@ -37,9 +37,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::hlc::{Hlc, HlcClock, HlcError, DEFAULT_MAX_DRIFT_MS, HLC_BYTES};
+use crate::hlc::{DEFAULT_MAX_DRIFT_MS, HLC_BYTES, Hlc, HlcClock, HlcError};
 use crate::journal::{self, Journal, JournalError};
-use crate::model::{Entry, Namespace, VersionVector, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::model::{Entry, MAX_KEY_BYTES, MAX_VALUE_BYTES, Namespace, VersionVector};
 use crate::overlay::{self, Layer, Table};
 
 const DATA: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("data");
