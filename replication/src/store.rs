@@ -273,6 +273,10 @@ struct Mem {
     active: Layer,
     /// Changes the running checkpoint copies into the file.
     frozen: Option<Arc<Layer>>,
+    /// Replicated changes whose journal sync is running. Readers see them already: they are
+    /// durable at their origin, and a failed sync only hides them again until the origin sends
+    /// them anew. Nothing sent to peers comes from here (the vector does not cover it yet).
+    unsynced: Option<Layer>,
     vector: VersionVector,
     floor: VersionVector,
 }
@@ -311,6 +315,12 @@ struct Inner {
     /// Tests make checkpoints fail with this.
     #[cfg(test)]
     fail_checkpoints: std::sync::atomic::AtomicBool,
+    /// Tests hold journal syncs with this...
+    #[cfg(test)]
+    sync_gate: Mutex<()>,
+    /// ...and make them fail with this.
+    #[cfg(test)]
+    fail_syncs: std::sync::atomic::AtomicBool,
     journal_syncs: AtomicU64,
     journal_bytes: AtomicU64,
     checkpoints_done: AtomicU64,
@@ -614,6 +624,7 @@ impl Store {
             mem: RwLock::new(Mem {
                 active: Layer::default(),
                 frozen: None,
+                unsynced: None,
                 vector: vector.clone(),
                 floor: floor.clone(),
             }),
@@ -623,6 +634,10 @@ impl Store {
             checkpoint_abandoned: false.into(),
             #[cfg(test)]
             fail_checkpoints: false.into(),
+            #[cfg(test)]
+            sync_gate: Mutex::new(()),
+            #[cfg(test)]
+            fail_syncs: false.into(),
             journal_syncs: 0.into(),
             journal_bytes: 0.into(),
             checkpoints_done: 0.into(),
@@ -938,10 +953,10 @@ impl Store {
         count(self.submit_async(WholeOp::Gc { acked }).await)
     }
 
-    /// The layers and a file snapshot that go together: the writer cannot publish, nor a
-    /// checkpoint retire its layer, while the guard is held.
+    /// What is durable, in layers and a file snapshot that go together: the writer cannot
+    /// publish, nor a checkpoint retire its layer, while the guard is held.
     fn view(&self) -> Result<View<'_>, StoreError> {
-        View::open(&self.inner)
+        View::open(&self.inner, false)
     }
 
     /// The current value of `key`, `None` if absent or deleted.
@@ -952,7 +967,7 @@ impl Store {
     /// The current version of `key` with its stamp, tombstone included: for showing who wrote it
     /// when, and for checks that a write ordered after what its writer had seen.
     pub fn get_entry(&self, ns: Namespace, key: &str) -> Result<Option<Entry>, StoreError> {
-        let v = self.view()?;
+        let v = View::open(&self.inner, true)?;
         let data = v.table(DATA)?;
         let dk = data_key(ns, key);
         v.get(&data, Table::Data, &dk)?
@@ -962,7 +977,7 @@ impl Store {
 
     /// All live `(key, value)` pairs of `ns` whose key starts with `prefix`, in key order.
     pub fn list(&self, ns: Namespace, prefix: &str) -> Result<Vec<(String, Value)>, StoreError> {
-        let v = self.view()?;
+        let v = View::open(&self.inner, true)?;
         let data = v.table(DATA)?;
         let start = data_key(ns, prefix);
         let mut out = Vec::new();
@@ -1102,6 +1117,8 @@ impl Store {
 /// A consistent read: the in-memory layers (locked) over a redb read transaction.
 struct View<'s> {
     mem: RwLockReadGuard<'s, Mem>,
+    /// Whether the view shows replicated changes whose journal sync is running.
+    unsynced: bool,
     txn: redb::ReadTransaction,
     path: &'s Path,
 }
@@ -1111,7 +1128,7 @@ type FileTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
 type Row = (Vec<u8>, Vec<u8>);
 
 impl View<'_> {
-    fn open(inner: &Inner) -> Result<View<'_>, StoreError> {
+    fn open(inner: &Inner, unsynced: bool) -> Result<View<'_>, StoreError> {
         let mem = inner.mem.read().unwrap_or_else(|p| p.into_inner());
         let txn = inner
             .db
@@ -1119,6 +1136,7 @@ impl View<'_> {
             .map_err(|e| classify(&inner.path, e.into()))?;
         Ok(View {
             mem,
+            unsynced,
             txn,
             path: &inner.path,
         })
@@ -1132,13 +1150,19 @@ impl View<'_> {
 
     /// `key` of `t`, whose file table is `file`.
     fn get(&self, file: &FileTable, t: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.mem.get(t, key) {
+        let unsynced = self.shown_unsynced().and_then(|u| u.get(t, key));
+        match unsynced.or_else(|| self.mem.get(t, key)) {
             Some(v) => Ok(v.map(<[u8]>::to_vec)),
             None => Ok(file
                 .get(key)
                 .map_err(|e| classify(self.path, e.into()))?
                 .map(|g| g.value().to_vec())),
         }
+    }
+
+    /// The layer of replicated changes whose sync is running, if the view shows it.
+    fn shown_unsynced(&self) -> Option<&Layer> {
+        self.mem.unsynced.as_ref().filter(|_| self.unsynced)
     }
 
     /// The live rows of `t` in `range`, in key order: the layers merged over the file.
@@ -1151,9 +1175,16 @@ impl View<'_> {
         let path = self.path;
         let owned = |(k, v): (&[u8], Option<&[u8]>)| Ok((k.to_vec(), v.map(<[u8]>::to_vec)));
         let frozen = self.mem.frozen.iter().flat_map(move |f| f.range(t, range));
+        let unsynced = self
+            .shown_unsynced()
+            .into_iter()
+            .flat_map(move |u| u.range(t, range));
         let layers = overlay::merge(
-            self.mem.active.range(t, range).map(owned),
-            frozen.map(owned),
+            unsynced.map(owned),
+            overlay::merge(
+                self.mem.active.range(t, range).map(owned),
+                frozen.map(owned),
+            ),
         );
         let stored = file
             .range::<&[u8]>(range)
@@ -1774,11 +1805,15 @@ fn origin_stamp(k: &[u8]) -> Option<Hlc> {
 impl Writer {
     /// Execute ordinary requests as one group: their changes go into the journal, which is
     /// synced, and only then into the published layer. Per-request validation errors go to that
-    /// request only; a storage error fails the whole group.
+    /// request only; a storage error fails the whole group. A group of replicated changes only
+    /// is shown to readers during the sync already (see `Mem::unsynced`): that is most of the
+    /// replication lag a reader on this peer sees. Local writes are shown only once durable,
+    /// since a failed sync loses them.
     fn group(&mut self, ops: &mut [(Op, Option<OpResult>)]) -> Result<bool, StoreError> {
         let inner = &*self.inner;
         let path = inner.path.as_path();
         let mut changed = false;
+        let replicated_only = ops.iter().all(|(op, _)| matches!(op, Op::Remote { .. }));
         let pending = {
             let mem = inner.mem.read().unwrap_or_else(|p| p.into_inner());
             let txn = inner
@@ -1814,12 +1849,22 @@ impl Writer {
             }
             st.pending
         };
-        let bytes = self.journal.commit().map_err(|e| journal_error(path, e))?;
+        let mut pending = Some(pending);
+        if replicated_only {
+            inner
+                .mem
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .unsynced = pending.take();
+        }
+        let committed = commit_journal(&mut self.journal, inner);
+        let mut mem = inner.mem.write().unwrap_or_else(|p| p.into_inner());
+        let pending = pending.or_else(|| mem.unsynced.take()).unwrap_or_default();
+        let bytes = committed?;
         inner.journal_syncs.fetch_add(1, Ordering::Relaxed);
         inner
             .journal_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
-        let mut mem = inner.mem.write().unwrap_or_else(|p| p.into_inner());
         mem.active.absorb(pending);
         mem.vector.clone_from(&self.state.vector);
         Ok(changed)
@@ -1871,7 +1916,7 @@ impl Writer {
         let Some(seen_by_all) = collectable(&self.state, acked) else {
             return Ok(false);
         };
-        let v = View::open(&self.inner)?;
+        let v = View::open(&self.inner, false)?;
         let tombstones = v.table(TOMBSTONES)?;
         for (origin, upto) in seen_by_all.iter() {
             let (start, _) = origin_range(origin, Hlc::zero(origin));
@@ -2023,6 +2068,23 @@ impl Writer {
             },
         }
     }
+}
+
+/// Write and sync a group's journal frames; returns their bytes.
+fn commit_journal(journal: &mut Journal, inner: &Inner) -> Result<usize, StoreError> {
+    let path = inner.path.as_path();
+    #[cfg(test)]
+    {
+        drop(inner.sync_gate.lock());
+        if inner.fail_syncs.load(Ordering::Acquire) {
+            journal.abort();
+            return Err(StoreError::Io {
+                path: path.to_path_buf(),
+                detail: "injected sync failure".into(),
+            });
+        }
+    }
+    journal.commit().map_err(|e| journal_error(path, e))
 }
 
 /// A request that the writer runs with others in a journal group, or alone on the whole file.
@@ -2724,6 +2786,64 @@ mod tests {
             [Some(json!(2))],
             "the first write's index row survived the replay"
         );
+    }
+
+    #[test]
+    fn replicated_changes_are_shown_during_their_sync_and_hidden_if_it_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open(&dir, 1));
+        let entry = |key: &str| Entry {
+            ns: Namespace::Config,
+            key: key.into(),
+            value: Some(json!(key)),
+            stamp: Hlc {
+                wall_ms: T,
+                logical: 0,
+                origin: 2,
+            },
+        };
+        let nothing_to_send = |s: &Store| {
+            matches!(
+                s.changes_since(&VersionVector::default(), 100).unwrap(),
+                ChangeSet::Entries { entries, .. } if entries.is_empty()
+            )
+        };
+        let gate = s.inner.sync_gate.lock().unwrap();
+        let applying = {
+            let (s, e) = (Arc::clone(&s), entry("shown"));
+            std::thread::spawn(move || s.apply_remote(vec![e], None, T))
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.get(Namespace::Config, "shown").unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not shown during its sync"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(s.list(Namespace::Config, "").unwrap().len(), 1);
+        // Shown, but neither claimed as seen nor sent on before it is durable here.
+        assert_eq!(s.vector().unwrap().get(2), Hlc::zero(2));
+        assert!(nothing_to_send(&s));
+        drop(gate);
+        applying.join().unwrap().unwrap();
+        assert_eq!(s.vector().unwrap().get(2), entry("shown").stamp);
+        assert!(!nothing_to_send(&s));
+
+        // A failed sync hides the changes again; the origin's next attempt shows them.
+        s.inner.fail_syncs.store(true, Ordering::Release);
+        let mut failed = entry("failed");
+        failed.stamp.logical = 1;
+        assert!(s.apply_remote(vec![failed.clone()], None, T).is_err());
+        assert_eq!(s.get(Namespace::Config, "failed").unwrap(), None);
+        assert_eq!(s.vector().unwrap().get(2), entry("shown").stamp);
+        s.inner.fail_syncs.store(false, Ordering::Release);
+        s.apply_remote(vec![failed.clone()], None, T).unwrap();
+        assert_eq!(
+            s.get(Namespace::Config, "failed").unwrap(),
+            Some(json!("failed"))
+        );
+        assert_eq!(s.vector().unwrap().get(2), failed.stamp);
     }
 
     #[test]
