@@ -42,7 +42,7 @@ impl Table {
 pub(crate) type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
 /// Changes to every table, newer than what lies beneath.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Layer {
     tables: [Changes; 4],
     /// Bytes of keys and values put into the layer (overwrites counted again): what it costs in

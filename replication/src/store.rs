@@ -282,6 +282,17 @@ struct Mem {
 }
 
 impl Mem {
+    /// A copy of what is durable, for a long read that must not hold the writer back.
+    fn durable_copy(&self) -> Mem {
+        Mem {
+            active: self.active.clone(),
+            frozen: self.frozen.clone(),
+            unsynced: None,
+            vector: self.vector.clone(),
+            floor: self.floor.clone(),
+        }
+    }
+
     /// `key` of `t` as the layers show it, newest first; `None` if no layer knows it.
     fn get(&self, t: Table, key: &[u8]) -> Option<Option<&[u8]>> {
         self.active
@@ -1025,9 +1036,11 @@ impl Store {
             .clone())
     }
 
-    /// Every current entry (tombstones included) and the vector, from one consistent read.
+    /// Every current entry (tombstones included) and the vector, from one consistent read. The
+    /// read works on a copy of the in-memory layers (and a file snapshot), so that the writer
+    /// goes on meanwhile, however large the store.
     pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let v = self.view()?;
+        let v = View::copied(&self.inner)?;
         let data = v.table(DATA)?;
         let mut entries = Vec::new();
         for item in v.range(&data, Table::Data, (Bound::Unbounded, Bound::Unbounded))? {
@@ -1116,11 +1129,29 @@ impl Store {
 
 /// A consistent read: the in-memory layers (locked) over a redb read transaction.
 struct View<'s> {
-    mem: RwLockReadGuard<'s, Mem>,
+    mem: Layers<'s>,
     /// Whether the view shows replicated changes whose journal sync is running.
     unsynced: bool,
     txn: redb::ReadTransaction,
     path: &'s Path,
+}
+
+/// The in-memory part of a view: held under the lock (the writer cannot publish meanwhile), or
+/// copied (a long read).
+enum Layers<'s> {
+    Held(RwLockReadGuard<'s, Mem>),
+    Copied(Mem),
+}
+
+impl std::ops::Deref for Layers<'_> {
+    type Target = Mem;
+
+    fn deref(&self) -> &Mem {
+        match self {
+            Layers::Held(guard) => guard,
+            Layers::Copied(mem) => mem,
+        }
+    }
 }
 
 type FileTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
@@ -1135,8 +1166,20 @@ impl View<'_> {
             .begin_read()
             .map_err(|e| classify(&inner.path, e.into()))?;
         Ok(View {
-            mem,
+            mem: Layers::Held(mem),
             unsynced,
+            txn,
+            path: &inner.path,
+        })
+    }
+
+    /// A durable view that holds no lock: the file snapshot is taken under the lock, so that it
+    /// matches the layers copied with it, and kept by redb however the file changes afterwards.
+    fn copied(inner: &Inner) -> Result<View<'_>, StoreError> {
+        let View { mem, txn, .. } = View::open(inner, false)?;
+        Ok(View {
+            mem: Layers::Copied(mem.durable_copy()),
+            unsynced: false,
             txn,
             path: &inner.path,
         })
@@ -2844,6 +2887,32 @@ mod tests {
             Some(json!("failed"))
         );
         assert_eq!(s.vector().unwrap().get(2), failed.stamp);
+    }
+
+    #[test]
+    fn a_snapshot_read_does_not_hold_back_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(open(&dir, 1));
+        s.put(Namespace::Config, "before", json!(1), T).unwrap();
+        let v = View::copied(&s.inner).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || done.send(s.put(Namespace::Config, "after", json!(2), T)));
+        }
+        let after = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the write waited for the read")
+            .unwrap();
+        // The read still sees what it started with.
+        let data = v.table(DATA).unwrap();
+        let keys: Vec<_> = v
+            .range(&data, Table::Data, (Bound::Unbounded, Bound::Unbounded))
+            .unwrap()
+            .map(|row| row.unwrap().0)
+            .collect();
+        assert_eq!(keys, [data_key(Namespace::Config, "before")]);
+        assert!(v.mem.vector.get(1) < after);
     }
 
     #[test]
