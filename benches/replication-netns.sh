@@ -28,6 +28,8 @@
 # bytes per write, checkpoints into the database file during the first run.
 # confmesh runs the load twice: acknowledged once durable on peer 1 (the default), and with
 # `wait_peers: 1`, acknowledged once one other peer has it too (the analogue of etcd's majority).
+# Then confmesh once more, offered the writes/s etcd sustained (RATE: the same), so that lag is also
+# compared at the same load, not only each at its own limit.
 # Lag (the same for both): while the writers run, one more connection to peer 1 writes a probe key
 # (same sizes), takes the wall-clock time of its acknowledgement and hands it to a reader process in
 # peer 2's namespace, which polls peer 2 for that key (confmesh: `config-get` on peer 2's control
@@ -156,6 +158,42 @@ SELFTEST=$(awk 'NR==FNR { a[$1] = $2; next } $1 == "n_frag4" { print $2 - a[$1] 
 [ "$SELFTEST" -ge 2 ] || { echo "replication-netns.sh: the fragment counter did not see a fragmented ping ($SELFTEST)" >&2; exit 1; }
 
 LOAD0=$(cut -d' ' -f1 /proc/loadavg)
+# ---- etcd ------------------------------------------------------------------------------------
+CLUSTER=m1=http://10.96.0.1:2380,m2=http://10.96.0.2:2380,m3=http://10.96.0.3:2380
+ENDPOINTS=http://10.96.0.1:2379,http://10.96.0.2:2379,http://10.96.0.3:2379
+for i in 1 2 3; do
+    ip netns exec "${P}p$i" etcd --name "m$i" --data-dir "$WORK/etcd$i" \
+        --listen-client-urls "http://10.96.0.$i:2379" --advertise-client-urls "http://10.96.0.$i:2379" \
+        --listen-peer-urls "http://10.96.0.$i:2380" --initial-advertise-peer-urls "http://10.96.0.$i:2380" \
+        --initial-cluster "$CLUSTER" --initial-cluster-state new --initial-cluster-token "$P" \
+        --logger zap --log-level warn </dev/null >/dev/null 2>"$WORK/etcd$i.log" &
+    PIDS+=($!)
+done
+etcd_ready() { ip netns exec "${P}p1" etcdctl --endpoints="$ENDPOINTS" --command-timeout=2s endpoint health >/dev/null 2>&1; }
+wait_until 60 etcd_ready || { echo "etcd: the cluster did not form; logs:" >&2; tail -n 20 "$WORK"/etcd*.log >&2; exit 1; }
+# Member 1 (where the writes go) becomes the leader, as the writes' origin is for confmesh.
+ip netns exec "${P}p1" etcdctl --endpoints="$ENDPOINTS" endpoint status -w json > "$WORK/etcd-status.json"
+read -r LEADER_EP M1_HEX < <($PY -c '
+import json, sys
+s = json.load(open(sys.argv[1]))
+leader = s[0]["Status"]["leader"]
+ep = [x["Endpoint"] for x in s if x["Status"]["header"]["member_id"] == leader][0]
+m1 = [x["Status"]["header"]["member_id"] for x in s if x["Endpoint"].startswith("http://10.96.0.1:")][0]
+print(ep, format(m1, "x"))' "$WORK/etcd-status.json")
+if [ "$LEADER_EP" != "http://10.96.0.1:2379" ]; then
+    ip netns exec "${P}p1" etcdctl --endpoints="$LEADER_EP" move-leader "$M1_HEX" >/dev/null
+fi
+echo "etcd $(etcd --version | awk '/etcd Version/ {print $3}'): 3 members up (plain TCP, no AH), leader member 1; writing for ${D}s with $((WRITERS * DEPTH)) connections" >&2
+nft_snap "$WORK/nft.et0"; cpu_snap "$WORK/cpu.et0"
+ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system etcd --target 10.96.0.1:2379 --others 10.96.0.2:2379,10.96.0.3:2379 \
+    --reader-netns "${P}p2" --reader-target 10.96.0.2:2379 --writers "$WRITERS" --depth "$DEPTH" --rate "$RATE" \
+    --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/etcd.json"
+nft_snap "$WORK/nft.et1"; cpu_snap "$WORK/cpu.et1"
+ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system etcd --target 10.96.0.1:2379 --others 10.96.0.2:2379,10.96.0.3:2379 \
+    --reader-netns "${P}p2" --reader-target 10.96.0.2:2379 --writers 0 \
+    --duration "$LIGHT" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/etcd-light.json"
+stop_all
+
 # ---- confmesh --------------------------------------------------------------------------------
 printf '%s' "$PSK" > "$WORK/psk"
 for i in 1 2 3; do
@@ -213,42 +251,11 @@ nft_snap "$WORK/nft.cw1"; cpu_snap "$WORK/cpu.cw1"
 ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
     --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers 0 \
     --duration "$LIGHT" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh-light.json"
-stop_all
-
-# ---- etcd ------------------------------------------------------------------------------------
-CLUSTER=m1=http://10.96.0.1:2380,m2=http://10.96.0.2:2380,m3=http://10.96.0.3:2380
-ENDPOINTS=http://10.96.0.1:2379,http://10.96.0.2:2379,http://10.96.0.3:2379
-for i in 1 2 3; do
-    ip netns exec "${P}p$i" etcd --name "m$i" --data-dir "$WORK/etcd$i" \
-        --listen-client-urls "http://10.96.0.$i:2379" --advertise-client-urls "http://10.96.0.$i:2379" \
-        --listen-peer-urls "http://10.96.0.$i:2380" --initial-advertise-peer-urls "http://10.96.0.$i:2380" \
-        --initial-cluster "$CLUSTER" --initial-cluster-state new --initial-cluster-token "$P" \
-        --logger zap --log-level warn </dev/null >/dev/null 2>"$WORK/etcd$i.log" &
-    PIDS+=($!)
-done
-etcd_ready() { ip netns exec "${P}p1" etcdctl --endpoints="$ENDPOINTS" --command-timeout=2s endpoint health >/dev/null 2>&1; }
-wait_until 60 etcd_ready || { echo "etcd: the cluster did not form; logs:" >&2; tail -n 20 "$WORK"/etcd*.log >&2; exit 1; }
-# Member 1 (where the writes go) becomes the leader, as the writes' origin is for confmesh.
-ip netns exec "${P}p1" etcdctl --endpoints="$ENDPOINTS" endpoint status -w json > "$WORK/etcd-status.json"
-read -r LEADER_EP M1_HEX < <($PY -c '
-import json, sys
-s = json.load(open(sys.argv[1]))
-leader = s[0]["Status"]["leader"]
-ep = [x["Endpoint"] for x in s if x["Status"]["header"]["member_id"] == leader][0]
-m1 = [x["Status"]["header"]["member_id"] for x in s if x["Endpoint"].startswith("http://10.96.0.1:")][0]
-print(ep, format(m1, "x"))' "$WORK/etcd-status.json")
-if [ "$LEADER_EP" != "http://10.96.0.1:2379" ]; then
-    ip netns exec "${P}p1" etcdctl --endpoints="$LEADER_EP" move-leader "$M1_HEX" >/dev/null
-fi
-echo "etcd $(etcd --version | awk '/etcd Version/ {print $3}'): 3 members up (plain TCP, no AH), leader member 1; writing for ${D}s with $((WRITERS * DEPTH)) connections" >&2
-nft_snap "$WORK/nft.et0"; cpu_snap "$WORK/cpu.et0"
-ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system etcd --target 10.96.0.1:2379 --others 10.96.0.2:2379,10.96.0.3:2379 \
-    --reader-netns "${P}p2" --reader-target 10.96.0.2:2379 --writers "$WRITERS" --depth "$DEPTH" --rate "$RATE" \
-    --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/etcd.json"
-nft_snap "$WORK/nft.et1"; cpu_snap "$WORK/cpu.et1"
-ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system etcd --target 10.96.0.1:2379 --others 10.96.0.2:2379,10.96.0.3:2379 \
-    --reader-netns "${P}p2" --reader-target 10.96.0.2:2379 --writers 0 \
-    --duration "$LIGHT" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/etcd-light.json"
+# The load etcd sustained, offered to confmesh: lag compared at the same load.
+SAME_RATE=$($PY -c 'import json, sys; print(max(1, round(json.load(open(sys.argv[1]))["writes_per_s"])))' "$WORK/etcd.json")
+ip netns exec "${P}p1" "$WRITE_LOAD_BIN" write --system confmesh --target "$WORK/cm1/state/confmesh.sock" \
+    --reader-netns "${P}p2" --reader-target "$WORK/cm2/state/confmesh.sock" --writers "$WRITERS" --depth "$DEPTH" --rate "$SAME_RATE" \
+    --duration "$D" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" > "$WORK/confmesh-same.json"
 stop_all
 
 # ---- report ----------------------------------------------------------------------------------
@@ -290,7 +297,7 @@ for x, name in zip(rows, ("confmesh (AH overlay)", "etcd (plain TCP)", "confmesh
     if r["errors"] or r["lag_ms"]["timeouts"] or r["replicated_writes_per_s"] is None:
         print(f"  {name}: {r['errors']} failed writes (last: {r['last_error']}), {r['lag_ms']['timeouts']} probes "
               f"not visible within 5 s, {'not all replicated within 60 s' if r['replicated_writes_per_s'] is None else 'all replicated'}")
-for name, f in (("confmesh, probe alone", "confmesh-light"), ("etcd, probe alone", "etcd-light")):
+for name, f in (("confmesh at etcd's w/s", "confmesh-same"), ("confmesh, probe alone", "confmesh-light"), ("etcd, probe alone", "etcd-light")):
     r = json.load(open(f"{work}/{f}.json"))
     print(f"{name:<22} {r['writes_per_s']:>9.0f} {fmt(r['replicated_writes_per_s'], 0):>9} "
           f"{ack(r):>19} "
@@ -298,6 +305,7 @@ for name, f in (("confmesh, probe alone", "confmesh-light"), ("etcd, probe alone
           + (f"  ({r['lag_ms']['timeouts']} probes not visible within 5 s)" if r['lag_ms']['timeouts'] else ""))
 c, e = rows[0]["r"], rows[1]["r"]
 cl, el = json.load(open(f"{work}/confmesh-light.json")), json.load(open(f"{work}/etcd-light.json"))
+cs = json.load(open(f"{work}/confmesh-same.json"))
 print("B/write, pkts/write: on the wire through the router, all directions, per acknowledged write "
       "(confmesh: AH packets; etcd: TCP port 2380, member to member). CPU ms/write: user + system time of "
       "the three daemons over the run per acknowledged write.")
@@ -331,6 +339,7 @@ print(f"ratio confmesh/etcd: writes/s {ratio(c['writes_per_s'], e['writes_per_s'
       f"lag p50 {ratio(c['lag_ms']['p50'], e['lag_ms']['p50'])} p99 {ratio(c['lag_ms']['p99'], e['lag_ms']['p99'])} (goal < 1), "
       f"bytes/write {ratio(rows[0]['by'] / c['acked'], rows[1]['by'] / e['acked'])}, "
       f"CPU/write {ratio(rows[0]['cpu_ms'], rows[1]['cpu_ms'])}; "
+      f"lag at etcd's w/s (the same load) p50 {ratio(cs['lag_ms']['p50'], e['lag_ms']['p50'])} p99 {ratio(cs['lag_ms']['p99'], e['lag_ms']['p99'])}; "
       f"probe alone: lag p50 {ratio(cl['lag_ms']['p50'], el['lag_ms']['p50'])} p99 {ratio(cl['lag_ms']['p99'], el['lag_ms']['p99'])}; "
       f"confmesh wait_peers=1 (acknowledged, like etcd, once another peer has it): writes/s {ratio(cw['writes_per_s'], e['writes_per_s'])}, "
       f"lag p50 {ratio(cw['lag_ms']['p50'], e['lag_ms']['p50'])} p99 {ratio(cw['lag_ms']['p99'], e['lag_ms']['p99'])}, "
