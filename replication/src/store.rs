@@ -1147,7 +1147,7 @@ struct View<'s> {
 /// copied (a long read).
 enum Layers<'s> {
     Held(RwLockReadGuard<'s, Mem>),
-    Copied(Mem),
+    Copied(Box<Mem>),
 }
 
 impl std::ops::Deref for Layers<'_> {
@@ -1185,7 +1185,7 @@ impl View<'_> {
     fn copied(inner: &Inner) -> Result<View<'_>, StoreError> {
         let View { mem, txn, .. } = View::open(inner, false)?;
         Ok(View {
-            mem: Layers::Copied(mem.durable_copy()),
+            mem: Layers::Copied(Box::new(mem.durable_copy())),
             unsynced: false,
             txn,
             path: &inner.path,

@@ -155,7 +155,7 @@ struct Inner {
     /// Other peers' live counts summed by conference and by bridge, for one store version.
     others: Mutex<Option<OthersView>>,
     /// The placement in force by conference, for one store version.
-    placements: Mutex<(u64, HashMap<String, Option<(Hlc, String)>>)>,
+    placements: Mutex<(u64, Placements)>,
     /// Conferences whose count key must be rewritten from `own` by the flusher.
     dirty: Mutex<HashSet<String>>,
     /// Wakes the flusher.
@@ -169,6 +169,9 @@ impl Drop for Inner {
         self.flush.notify_one();
     }
 }
+
+/// The placement in force by conference (its claim's stamp and the bridge), or none.
+type Placements = HashMap<String, Option<(Hlc, String)>>;
 
 /// Other peers' live participant counts, summed, as read from the store at one version.
 struct OthersView {
