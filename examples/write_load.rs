@@ -118,7 +118,9 @@ enum Mode {
 }
 
 fn now_ns() -> i128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -127,13 +129,20 @@ fn now_ns() -> i128 {
 /// One persistent connection to confmesh's control socket.
 struct ControlConn {
     path: PathBuf,
-    io: Option<(BufReader<tokio::net::unix::OwnedReadHalf>, tokio::net::unix::OwnedWriteHalf)>,
+    io: Option<(
+        BufReader<tokio::net::unix::OwnedReadHalf>,
+        tokio::net::unix::OwnedWriteHalf,
+    )>,
     reconnects: u64,
 }
 
 impl ControlConn {
     async fn connect(path: PathBuf) -> Result<ControlConn, String> {
-        let mut c = ControlConn { path, io: None, reconnects: 0 };
+        let mut c = ControlConn {
+            path,
+            io: None,
+            reconnects: 0,
+        };
         c.reopen().await?;
         c.reconnects = 0;
         Ok(c)
@@ -141,7 +150,9 @@ impl ControlConn {
 
     async fn reopen(&mut self) -> Result<(), String> {
         self.io = None;
-        let s = UnixStream::connect(&self.path).await.map_err(|e| format!("connect {}: {e}", self.path.display()))?;
+        let s = UnixStream::connect(&self.path)
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.path.display()))?;
         let (r, w) = s.into_split();
         self.io = Some((BufReader::new(r), w));
         self.reconnects += 1;
@@ -185,7 +196,8 @@ impl ControlConn {
 /// A control-socket answer line: `Ok(value)`, `Err(the daemon's error message)`, or `Err` prefixed
 /// with "transport:" if it is not an answer.
 fn control_answer(line: &str) -> Result<Value, String> {
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("transport: unreadable answer: {e}"))?;
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| format!("transport: unreadable answer: {e}"))?;
     match (v.get("ok"), v.get("error")) {
         (_, Some(e)) => Err(e.as_str().unwrap_or("?").to_owned()),
         (Some(ok), None) => Ok(ok.clone()),
@@ -196,13 +208,20 @@ fn control_answer(line: &str) -> Result<Value, String> {
 /// One HTTP/1.1 keep-alive connection to an etcd member's gRPC gateway.
 struct HttpConn {
     addr: SocketAddr,
-    io: Option<(BufReader<tokio::net::tcp::OwnedReadHalf>, tokio::net::tcp::OwnedWriteHalf)>,
+    io: Option<(
+        BufReader<tokio::net::tcp::OwnedReadHalf>,
+        tokio::net::tcp::OwnedWriteHalf,
+    )>,
     reconnects: u64,
 }
 
 impl HttpConn {
     async fn connect(addr: SocketAddr) -> Result<HttpConn, String> {
-        let mut c = HttpConn { addr, io: None, reconnects: 0 };
+        let mut c = HttpConn {
+            addr,
+            io: None,
+            reconnects: 0,
+        };
         c.reopen().await?;
         c.reconnects = 0;
         Ok(c)
@@ -210,7 +229,9 @@ impl HttpConn {
 
     async fn reopen(&mut self) -> Result<(), String> {
         self.io = None;
-        let s = TcpStream::connect(self.addr).await.map_err(|e| format!("connect {}: {e}", self.addr))?;
+        let s = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.addr))?;
         let _ = s.set_nodelay(true);
         let (r, w) = s.into_split();
         self.io = Some((BufReader::new(r), w));
@@ -241,7 +262,8 @@ impl HttpConn {
                 if close {
                     self.io = None;
                 }
-                let v = serde_json::from_slice(&body).map_err(|e| format!("transport: unreadable body: {e}"))?;
+                let v = serde_json::from_slice(&body)
+                    .map_err(|e| format!("transport: unreadable body: {e}"))?;
                 Ok((status, v))
             }
             Ok(Err(e)) => {
@@ -257,13 +279,19 @@ impl HttpConn {
 }
 
 /// Reads one HTTP/1.1 response: status, whether the server closes the connection, body.
-async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<(u16, bool, Vec<u8>)> {
+async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<(u16, bool, Vec<u8>)> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
     let mut line = String::new();
     if r.read_line(&mut line).await? == 0 {
         return Err(bad("connection closed"));
     }
-    let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad status line"))?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
     let (mut length, mut chunked, mut close) = (None, false, false);
     for _ in 0..100 {
         line.clear();
@@ -275,7 +303,10 @@ async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io
             break;
         }
         if let Some((name, value)) = l.split_once(':') {
-            let (name, value) = (name.trim().to_ascii_lowercase(), value.trim().to_ascii_lowercase());
+            let (name, value) = (
+                name.trim().to_ascii_lowercase(),
+                value.trim().to_ascii_lowercase(),
+            );
             match name.as_str() {
                 "content-length" => length = value.parse::<usize>().ok(),
                 "transfer-encoding" => chunked = value.contains("chunked"),
@@ -289,7 +320,8 @@ async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io
         for _ in 0..10_000 {
             line.clear();
             r.read_line(&mut line).await?;
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16).map_err(|_| bad("bad chunk size"))?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| bad("bad chunk size"))?;
             let start = body.len();
             body.resize(start + size, 0);
             r.read_exact(&mut body[start..]).await?;
@@ -325,7 +357,10 @@ fn b64(s: &str) -> String {
 impl Conn {
     async fn open(system: System, target: &str) -> Result<Conn, String> {
         match system {
-            System::Confmesh => Ok(Conn::Confmesh(ControlConn::connect(PathBuf::from(target)).await?, 0)),
+            System::Confmesh => Ok(Conn::Confmesh(
+                ControlConn::connect(PathBuf::from(target)).await?,
+                0,
+            )),
             System::Etcd => {
                 let addr = target.parse().map_err(|e| format!("{target}: {e}"))?;
                 Ok(Conn::Etcd(HttpConn::connect(addr).await?))
@@ -343,12 +378,18 @@ impl Conn {
     /// Writes `key`; on success returns the etcd revision of the write (0 for confmesh).
     async fn put(&mut self, key: &str, value: &str) -> Result<u64, String> {
         match self {
-            Conn::Confmesh(c, 0) => c.call(&json!({"cmd": "config-set", "key": key, "value": value})).await.map(|_| 0),
-            Conn::Confmesh(c, wait) => {
-                c.call(&json!({"cmd": "config-set", "key": key, "value": value, "wait_peers": wait})).await.map(|_| 0)
-            }
+            Conn::Confmesh(c, 0) => c
+                .call(&json!({"cmd": "config-set", "key": key, "value": value}))
+                .await
+                .map(|_| 0),
+            Conn::Confmesh(c, wait) => c
+                .call(&json!({"cmd": "config-set", "key": key, "value": value, "wait_peers": wait}))
+                .await
+                .map(|_| 0),
             Conn::Etcd(c) => {
-                let (status, v) = c.post("/v3/kv/put", &json!({"key": b64(key), "value": b64(value)})).await?;
+                let (status, v) = c
+                    .post("/v3/kv/put", &json!({"key": b64(key), "value": b64(value)}))
+                    .await?;
                 if status != 200 {
                     return Err(format!("HTTP {status}: {v}"));
                 }
@@ -366,7 +407,12 @@ impl Conn {
                 Err(e) => Err(e),
             },
             Conn::Etcd(c) => {
-                let (status, v) = c.post("/v3/kv/range", &json!({"key": b64(key), "serializable": true})).await?;
+                let (status, v) = c
+                    .post(
+                        "/v3/kv/range",
+                        &json!({"key": b64(key), "serializable": true}),
+                    )
+                    .await?;
                 if status != 200 {
                     return Err(format!("HTTP {status}: {v}"));
                 }
@@ -379,7 +425,10 @@ impl Conn {
 /// The revision in an etcd response header (JSON string of an int64).
 fn revision(v: &Value) -> u64 {
     let r = &v["header"]["revision"];
-    r.as_str().and_then(|s| s.parse().ok()).or_else(|| r.as_u64()).unwrap_or(0)
+    r.as_str()
+        .and_then(|s| s.parse().ok())
+        .or_else(|| r.as_u64())
+        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -422,11 +471,21 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
 
 /// Peer 1's counters that the benchmark reports as deltas: (name, value).
 async fn confmesh_counters(c: &mut Conn) -> Result<Vec<(String, f64)>, String> {
-    let Conn::Confmesh(ctl, _) = c else { return Ok(Vec::new()) };
+    let Conn::Confmesh(ctl, _) = c else {
+        return Ok(Vec::new());
+    };
     let status = ctl.call(&json!({"cmd": "status"})).await?;
     let mut out = Vec::new();
-    let peers = status["replication"]["peers"].as_array().cloned().unwrap_or_default();
-    for field in ["bytes_sent", "bytes_received", "entries_sent", "entries_received"] {
+    let peers = status["replication"]["peers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for field in [
+        "bytes_sent",
+        "bytes_received",
+        "entries_sent",
+        "entries_received",
+    ] {
         let sum: f64 = peers.iter().filter_map(|p| p[field].as_f64()).sum();
         out.push((format!("sync_{field}"), sum));
     }
@@ -452,10 +511,18 @@ async fn confmesh_counters(c: &mut Conn) -> Result<Vec<(String, f64)>, String> {
 
 /// Whether every other peer has acknowledged every entry peer 1 holds.
 async fn confmesh_drained(c: &mut Conn) -> Result<bool, String> {
-    let Conn::Confmesh(ctl, _) = c else { return Ok(true) };
+    let Conn::Confmesh(ctl, _) = c else {
+        return Ok(true);
+    };
     let status = ctl.call(&json!({"cmd": "status"})).await?;
-    let peers = status["replication"]["peers"].as_array().cloned().unwrap_or_default();
-    Ok(!peers.is_empty() && peers.iter().all(|p| p["connected"] == true && p["lag_entries"].as_u64() == Some(0)))
+    let peers = status["replication"]["peers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    Ok(!peers.is_empty()
+        && peers
+            .iter()
+            .all(|p| p["connected"] == true && p["lag_entries"].as_u64() == Some(0)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -487,7 +554,15 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
     let mut child = tokio::process::Command::new("ip")
         .args(["netns", "exec", &reader_netns])
         .arg(&exe)
-        .args(["read", "--system", sys, "--target", &reader_target, "--poll-us", &poll_us.to_string()])
+        .args([
+            "read",
+            "--system",
+            sys,
+            "--target",
+            &reader_target,
+            "--poll-us",
+            &poll_us.to_string(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -505,12 +580,18 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
     if let Conn::Confmesh(_, wait) = &mut probe {
         *wait = wait_peers;
     }
-    probe.put(&key("warm/probe", 0, key_size), &value(0, value_size)).await?;
+    probe
+        .put(&key("warm/probe", 0, key_size), &value(0, value_size))
+        .await?;
     let mut etcd_conns = Vec::new();
     if system == System::Etcd {
         for c in 0..writers * depth {
             let mut conn = Conn::open(system, &target).await?;
-            conn.put(&key(&format!("warm/{c:03}"), 0, key_size), &value(c as u64, value_size)).await?;
+            conn.put(
+                &key(&format!("warm/{c:03}"), 0, key_size),
+                &value(c as u64, value_size),
+            )
+            .await?;
             etcd_conns.push(conn);
         }
     }
@@ -521,24 +602,44 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
     let start = Instant::now();
     let end = start + Duration::from_secs(duration);
     let sizes = (key_size, value_size);
-    let pacer = Arc::new(Pacer { start, rate, next: AtomicU64::new(0) });
+    let pacer = Arc::new(Pacer {
+        start,
+        rate,
+        next: AtomicU64::new(0),
+    });
     let mut tasks = Vec::new();
     match system {
         System::Confmesh => {
             for w in 0..writers {
                 let path = PathBuf::from(&target);
-                tasks.push(tokio::spawn(confmesh_writer(path, w, depth, wait_peers, sizes, end, pacer.clone())));
+                tasks.push(tokio::spawn(confmesh_writer(
+                    path,
+                    w,
+                    depth,
+                    wait_peers,
+                    sizes,
+                    end,
+                    pacer.clone(),
+                )));
             }
         }
         System::Etcd => {
             for (c, conn) in etcd_conns.into_iter().enumerate() {
-                tasks.push(tokio::spawn(one_at_a_time_writer(conn, c, sizes, end, max_revision.clone(), pacer.clone())));
+                tasks.push(tokio::spawn(one_at_a_time_writer(
+                    conn,
+                    c,
+                    sizes,
+                    end,
+                    max_revision.clone(),
+                    pacer.clone(),
+                )));
             }
         }
     }
 
     // Lag probes, one at a time, while the writers run.
-    let (mut lags, mut timeouts, mut probe_writes, mut probe_errors) = (Vec::new(), 0u64, 0u64, 0u64);
+    let (mut lags, mut timeouts, mut probe_writes, mut probe_errors) =
+        (Vec::new(), 0u64, 0u64, 0u64);
     let mut probe_latencies = Vec::new();
     let mut n = 0u64;
     while Instant::now() < end && probe_errors < 100 {
@@ -552,8 +653,16 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
                 probe_latencies.push(t.elapsed().as_secs_f64() * 1e3);
                 probe_writes += 1;
                 max_revision.fetch_max(rev, Ordering::Relaxed);
-                to_reader.write_all(format!("{k} {acked}\n").as_bytes()).await.map_err(|e| format!("reader: {e}"))?;
-                match tokio::time::timeout(VISIBLE_TIMEOUT + Duration::from_secs(2), from_reader.next_line()).await {
+                to_reader
+                    .write_all(format!("{k} {acked}\n").as_bytes())
+                    .await
+                    .map_err(|e| format!("reader: {e}"))?;
+                match tokio::time::timeout(
+                    VISIBLE_TIMEOUT + Duration::from_secs(2),
+                    from_reader.next_line(),
+                )
+                .await
+                {
                     Ok(Ok(Some(l))) => match l.parse::<i128>() {
                         Ok(ns) => lags.push(ns as f64 / 1e6),
                         Err(_) => timeouts += 1,
@@ -566,8 +675,14 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
         tokio::time::sleep(Duration::from_millis(probe_pause_ms)).await;
     }
 
-    let (mut acked, mut errors, mut latencies, mut last_ack, mut reconnects, mut last_error) =
-        (probe_writes, probe_errors, probe_latencies, Instant::now(), probe.reconnects(), None);
+    let (mut acked, mut errors, mut latencies, mut last_ack, mut reconnects, mut last_error) = (
+        probe_writes,
+        probe_errors,
+        probe_latencies,
+        Instant::now(),
+        probe.reconnects(),
+        None,
+    );
     for t in tasks {
         let w = t.await.map_err(|e| e.to_string())?;
         acked += w.ok;
@@ -601,7 +716,12 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
                 let mut all = true;
                 for m in members.iter_mut() {
                     let Conn::Etcd(h) = m else { unreachable!() };
-                    let (_, v) = h.post("/v3/kv/range", &json!({"key": b64("rb/"), "serializable": true, "count_only": true})).await?;
+                    let (_, v) = h
+                        .post(
+                            "/v3/kv/range",
+                            &json!({"key": b64("rb/"), "serializable": true, "count_only": true}),
+                        )
+                        .await?;
                     all &= revision(&v) >= want;
                 }
                 if all {
@@ -620,8 +740,11 @@ async fn write(args: WriteArgs) -> Result<Value, String> {
 
     lags.sort_by(f64::total_cmp);
     latencies.sort_by(f64::total_cmp);
-    let counters: serde_json::Map<String, Value> =
-        after.iter().zip(&before).map(|((name, a), (_, b))| (name.clone(), json!(a - b))).collect();
+    let counters: serde_json::Map<String, Value> = after
+        .iter()
+        .zip(&before)
+        .map(|((name, a), (_, b))| (name.clone(), json!(a - b)))
+        .collect();
     Ok(json!({
         "system": sys,
         "writers": writers,
@@ -659,7 +782,14 @@ struct WriterStats {
 
 impl WriterStats {
     fn new() -> WriterStats {
-        WriterStats { ok: 0, errors: 0, last_error: None, latencies: Vec::with_capacity(1 << 16), done: Instant::now(), reconnects: 0 }
+        WriterStats {
+            ok: 0,
+            errors: 0,
+            last_error: None,
+            latencies: Vec::with_capacity(1 << 16),
+            done: Instant::now(),
+            reconnects: 0,
+        }
     }
 }
 
@@ -724,7 +854,9 @@ async fn confmesh_writer(
             let mut lines = Vec::with_capacity(depth * (key_size + value_size + 100));
             while Instant::now() < end {
                 // Every free slot of the window is filled at once, in one write.
-                let Ok(permit) = window.acquire().await else { break };
+                let Ok(permit) = window.acquire().await else {
+                    break;
+                };
                 permit.forget();
                 let mut batch = 1;
                 if pacer.rate > 0 {
@@ -738,7 +870,10 @@ async fn confmesh_writer(
                 }
                 lines.clear();
                 for _ in 0..batch {
-                    let (k, v) = (key(&prefix, n, key_size), value((w as u64) << 40 | n, value_size));
+                    let (k, v) = (
+                        key(&prefix, n, key_size),
+                        value((w as u64) << 40 | n, value_size),
+                    );
                     n += 1;
                     let request = if wait_peers == 0 {
                         json!({"cmd": "config-set", "key": k, "value": v})
@@ -764,12 +899,13 @@ async fn confmesh_writer(
             let mut answer = String::new();
             while let Some(t) = sent_rx.recv().await {
                 answer.clear();
-                let outcome = match tokio::time::timeout(CALL_TIMEOUT, r.read_line(&mut answer)).await {
-                    Ok(Ok(n)) if n > 0 => control_answer(&answer),
-                    Ok(Ok(_)) => Err("transport: the daemon closed the connection".to_owned()),
-                    Ok(Err(e)) => Err(format!("transport: {e}")),
-                    Err(_) => Err("transport: no answer in time".to_owned()),
-                };
+                let outcome =
+                    match tokio::time::timeout(CALL_TIMEOUT, r.read_line(&mut answer)).await {
+                        Ok(Ok(n)) if n > 0 => control_answer(&answer),
+                        Ok(Ok(_)) => Err("transport: the daemon closed the connection".to_owned()),
+                        Ok(Err(e)) => Err(format!("transport: {e}")),
+                        Err(_) => Err("transport: no answer in time".to_owned()),
+                    };
                 match outcome {
                     Ok(_) => {
                         st.latencies.push(t.elapsed().as_secs_f64() * 1e3);
@@ -827,7 +963,10 @@ async fn one_at_a_time_writer(
     let prefix = format!("rb/w{w:03}");
     let (mut n, mut consecutive) = (0u64, 0u32);
     while Instant::now() < end && consecutive < MAX_CONSECUTIVE_ERRORS {
-        let (k, v) = (key(&prefix, n, key_size), value((w as u64) << 40 | n, value_size));
+        let (k, v) = (
+            key(&prefix, n, key_size),
+            value((w as u64) << 40 | n, value_size),
+        );
         n += 1;
         pacer.wait().await;
         let t = Instant::now();
@@ -853,11 +992,16 @@ async fn one_at_a_time_writer(
 async fn read(system: System, target: String, poll_us: u64) -> Result<(), String> {
     let mut conn = Conn::open(system, &target).await?;
     let mut stdout = tokio::io::stdout();
-    stdout.write_all(b"ready\n").await.map_err(|e| e.to_string())?;
+    stdout
+        .write_all(b"ready\n")
+        .await
+        .map_err(|e| e.to_string())?;
     stdout.flush().await.map_err(|e| e.to_string())?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
-        let Some((k, acked)) = line.split_once(' ') else { continue };
+        let Some((k, acked)) = line.split_once(' ') else {
+            continue;
+        };
         let acked: i128 = acked.parse().map_err(|e| format!("{line}: {e}"))?;
         let start = Instant::now();
         let answer = loop {
@@ -870,10 +1014,15 @@ async fn read(system: System, target: String, poll_us: u64) -> Result<(), String
             // Every `poll_us` at first, then a tenth of the time waited so far (at most 1 ms): a
             // resolution of about 10 % without a read storm on the peer while it lags behind.
             // (tokio's timer has 1 ms granularity; this process does nothing else meanwhile.)
-            let pause = (start.elapsed() / 10).min(Duration::from_millis(1)).max(Duration::from_micros(poll_us));
+            let pause = (start.elapsed() / 10)
+                .min(Duration::from_millis(1))
+                .max(Duration::from_micros(poll_us));
             std::thread::sleep(pause);
         };
-        stdout.write_all(format!("{answer}\n").as_bytes()).await.map_err(|e| e.to_string())?;
+        stdout
+            .write_all(format!("{answer}\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         stdout.flush().await.map_err(|e| e.to_string())?;
     }
     Ok(())
@@ -888,7 +1037,11 @@ fn main() {
             .build()
             .expect("runtime")
             .block_on(async { write(args).await.map(|v| println!("{v}")) }),
-        Mode::Read { system, target, poll_us } => tokio::runtime::Builder::new_current_thread()
+        Mode::Read {
+            system,
+            target,
+            poll_us,
+        } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime")

@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -38,10 +38,10 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
-use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -80,14 +80,22 @@ const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$p5OGeSlhiVDS4iewDmD+Gg$
 /// PHC string that the shared configuration stores.
 pub fn hash_password(password: &str) -> Result<String, String> {
     let mut raw = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).map_err(|_| "no randomness available".to_owned())?;
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .map_err(|_| "no randomness available".to_owned())?;
     let salt = SaltString::encode_b64(&raw).map_err(|e| e.to_string())?;
-    Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string()).map_err(|e| e.to_string())
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Checks `password` against a stored PHC hash in constant time (argon2's own comparison).
 pub fn verify_password(password: &str, phc: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+    PasswordHash::new(phc).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
 }
 
 #[derive(Clone)]
@@ -120,17 +128,24 @@ fn router(state: AdminState) -> Router {
         .route("/", get(page))
         .route("/api/v1/status", get(status))
         .route("/api/v1/config", get(config_list))
-        .route("/api/v1/config/{*key}", get(config_get).put(config_put).delete(config_delete))
+        .route(
+            "/api/v1/config/{*key}",
+            get(config_get).put(config_put).delete(config_delete),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 
 /// Binds the admin API's listener on `addr`; a refusal names `admin.listen` and says what to do.
 pub async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, ConfigError> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| ConfigError {
-        field: "admin.listen".to_owned(),
-        message: format!("cannot listen on {addr}: {e}; give an address:port of this host that is not in use"),
-    })
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| ConfigError {
+            field: "admin.listen".to_owned(),
+            message: format!(
+                "cannot listen on {addr}: {e}; give an address:port of this host that is not in use"
+            ),
+        })
 }
 
 /// A change a reload makes to the running admin API.
@@ -171,23 +186,49 @@ impl AdminControl {
     /// checked when the configuration was loaded, so a bad certificate or key never gets here).
     /// Returns what changed, for the configuration log; empty when nothing did.
     pub async fn reconfigure(&mut self, new: &AdminSettings) -> Result<Vec<String>, ConfigError> {
-        let listener = if new.listen != self.settings.listen { Some(bind(new.listen).await?) } else { None };
+        let listener = if new.listen != self.settings.listen {
+            Some(bind(new.listen).await?)
+        } else {
+            None
+        };
         let mut changed = Vec::new();
         if listener.is_some() {
-            changed.push(format!("admin.listen {} (was {})", new.listen, self.settings.listen));
+            changed.push(format!(
+                "admin.listen {} (was {})",
+                new.listen, self.settings.listen
+            ));
         }
         match (&self.settings.tls, &new.tls) {
             (None, None) => {}
-            (None, Some(t)) => changed.push(format!("admin API on HTTPS with {}", t.cert_file.display())),
-            (Some(_), None) => changed.push("admin API on plain HTTP (no tls_cert_file/tls_key_file)".to_owned()),
-            (Some(old), Some(t)) if old != t => changed.push(format!("admin TLS certificate from {} reloaded", t.cert_file.display())),
+            (None, Some(t)) => {
+                changed.push(format!("admin API on HTTPS with {}", t.cert_file.display()))
+            }
+            (Some(_), None) => {
+                changed.push("admin API on plain HTTP (no tls_cert_file/tls_key_file)".to_owned())
+            }
+            (Some(old), Some(t)) if old != t => changed.push(format!(
+                "admin TLS certificate from {} reloaded",
+                t.cert_file.display()
+            )),
             (Some(_), Some(_)) => {}
         }
         // The files were read again with the configuration: use what was read even when it looks
         // the same (a key replaced under an unchanged certificate is no different to `==`).
-        let tls = new.tls.as_ref().map(|t| tokio_rustls::TlsAcceptor::from(t.server_config()));
+        let tls = new
+            .tls
+            .as_ref()
+            .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config()));
         let (done, applied) = oneshot::channel();
-        if self.rebind.send(Rebind { listener, tls, done }).await.is_ok() {
+        if self
+            .rebind
+            .send(Rebind {
+                listener,
+                tls,
+                done,
+            })
+            .await
+            .is_ok()
+        {
             // The accept loop is gone only when the daemon is stopping; nothing to wait for then.
             let _ = applied.await;
         }
@@ -250,17 +291,29 @@ async fn serve_app(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        connections.spawn(connection(tcp, tls.clone(), app.clone(), stop.clone(), permit));
+        connections.spawn(connection(
+            tcp,
+            tls.clone(),
+            app.clone(),
+            stop.clone(),
+            permit,
+        ));
     }
     // Every connection saw `stop` too and is finishing its request; wait for them, bounded.
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async { while connections.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
     connections.shutdown().await;
     Ok(())
 }
 
 fn is_connection_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionRefused | ConnectionAborted | ConnectionReset)
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
 }
 
 /// One accepted connection: the TLS handshake (bounded in time) when configured, then HTTP/1.1.
@@ -271,16 +324,24 @@ async fn connection(
     stop: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
 ) {
-    let Some(acceptor) = tls else { return http(tcp, app, stop).await };
+    let Some(acceptor) = tls else {
+        return http(tcp, app, stop).await;
+    };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => http(stream, app, stop).await,
         // A client speaking plain HTTP to the TLS port ends here: no request is read.
         Ok(Err(e)) => tracing::debug!(error = %e, "admin API: TLS handshake failed"),
-        Err(_) => tracing::debug!("admin API: TLS handshake not completed within {HANDSHAKE_TIMEOUT:?}"),
+        Err(_) => {
+            tracing::debug!("admin API: TLS handshake not completed within {HANDSHAKE_TIMEOUT:?}")
+        }
     }
 }
 
-async fn http<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, app: Router, mut stop: watch::Receiver<bool>) {
+async fn http<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: S,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+) {
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
@@ -298,13 +359,19 @@ async fn http<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, app: Ro
 async fn ask(state: &AdminState, request: Request) -> Result<Value, Response> {
     let (tx, rx) = oneshot::channel();
     if state.calls.send((request, tx)).await.is_err() {
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down"));
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        ));
     }
     match rx.await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) if e.starts_with("not found") => Err(error(StatusCode::NOT_FOUND, &e)),
         Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, &e)),
-        Err(_) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "the daemon dropped the request")),
+        Err(_) => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon dropped the request",
+        )),
     }
 }
 
@@ -313,20 +380,36 @@ fn error(code: StatusCode, message: &str) -> Response {
 }
 
 fn busy() -> Response {
-    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "too many password checks in progress; retry in a second");
-    r.headers_mut().insert(header::RETRY_AFTER, VERIFY_RETRY_AFTER.parse().expect("static header"));
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many password checks in progress; retry in a second",
+    );
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        VERIFY_RETRY_AFTER.parse().expect("static header"),
+    );
     r
 }
 
 fn unauthorized() -> Response {
-    let mut r = error(StatusCode::UNAUTHORIZED, "administrator credentials required (HTTP Basic)");
-    r.headers_mut().insert(header::WWW_AUTHENTICATE, "Basic realm=\"confmesh\", charset=\"UTF-8\"".parse().expect("static header"));
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "administrator credentials required (HTTP Basic)",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        "Basic realm=\"confmesh\", charset=\"UTF-8\""
+            .parse()
+            .expect("static header"),
+    );
     r
 }
 
 /// Checks HTTP Basic credentials against the administrator accounts.
 async fn authenticate(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
-    let Some((name, password)) = basic_credentials(headers) else { return Err(unauthorized()) };
+    let Some((name, password)) = basic_credentials(headers) else {
+        return Err(unauthorized());
+    };
     // An unknown or malformed name is checked against the dummy hash: same cost, same answer.
     let stored = match ask(state, Request::AdminHash { name: name.clone() }).await {
         Ok(Value::String(h)) => Some(h),
@@ -343,10 +426,22 @@ async fn authenticate(state: &AdminState, headers: &HeaderMap) -> Result<(), Res
         .finalize()
         .into();
     let now = Instant::now();
-    if stored.is_some() && state.cache.lock().expect("cache lock").get(&key).is_some_and(|&until| until > now) {
+    if stored.is_some()
+        && state
+            .cache
+            .lock()
+            .expect("cache lock")
+            .get(&key)
+            .is_some_and(|&until| until > now)
+    {
         return Ok(());
     }
-    let slot = match tokio::time::timeout(state.verify_wait, state.verify_slots.clone().acquire_owned()).await {
+    let slot = match tokio::time::timeout(
+        state.verify_wait,
+        state.verify_slots.clone().acquire_owned(),
+    )
+    .await
+    {
         Ok(Ok(slot)) => slot,
         _ => return Err(busy()),
     };
@@ -371,8 +466,12 @@ async fn authenticate(state: &AdminState, headers: &HeaderMap) -> Result<(), Res
 
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (name, password) = text.split_once(':')?;
     Some((name.to_owned(), password.to_owned()))
@@ -380,7 +479,14 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     match ask(&state, Request::Metrics).await {
-        Ok(Value::String(text)) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+        Ok(Value::String(text)) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
         Ok(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "metrics were not text"),
         Err(r) => r,
     }
@@ -396,7 +502,11 @@ async fn status(State(state): State<AdminState>, headers: HeaderMap) -> Response
     }
 }
 
-async fn config_list(State(state): State<AdminState>, headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn config_list(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     if let Err(r) = authenticate(&state, &headers).await {
         return r;
     }
@@ -407,7 +517,11 @@ async fn config_list(State(state): State<AdminState>, headers: HeaderMap, Query(
     }
 }
 
-async fn config_get(State(state): State<AdminState>, headers: HeaderMap, Path(key): Path<String>) -> Response {
+async fn config_get(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+) -> Response {
     if let Err(r) = authenticate(&state, &headers).await {
         return r;
     }
@@ -436,9 +550,23 @@ async fn config_put(
     }
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the body is not JSON: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("the body is not JSON: {e}"),
+            );
+        }
     };
-    match ask(&state, Request::ConfigSet { key, value, wait_peers }).await {
+    match ask(
+        &state,
+        Request::ConfigSet {
+            key,
+            value,
+            wait_peers,
+        },
+    )
+    .await
+    {
         Ok(v) => Json(v).into_response(),
         Err(r) => r,
     }
@@ -473,7 +601,10 @@ async fn page(State(state): State<AdminState>, headers: HeaderMap) -> Response {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// The status page: the cluster drawn as an SVG (peers on a circle, links with RTT and state),
@@ -486,15 +617,25 @@ pub fn render_page(s: &Status) -> String {
             (200.0 + 130.0 * a.cos(), 170.0 + 120.0 * a.sin())
         })
         .collect();
-    let me = s.peers.iter().position(|p| p.state == "this-system").unwrap_or(0);
+    let me = s
+        .peers
+        .iter()
+        .position(|p| p.state == "this-system")
+        .unwrap_or(0);
     let mut svg = String::new();
     for (i, p) in s.peers.iter().enumerate() {
         if i == me {
             continue;
         }
-        let colour = if p.state == "active" { "#2a8a3e" } else { "#c0392b" };
+        let colour = if p.state == "active" {
+            "#2a8a3e"
+        } else {
+            "#c0392b"
+        };
         let label = match (p.state.as_str(), p.rtt_ms) {
-            ("active", Some(rtt)) => format!("{rtt:.1} ms · IKE {}", p.ike.as_deref().unwrap_or("-")),
+            ("active", Some(rtt)) => {
+                format!("{rtt:.1} ms · IKE {}", p.ike.as_deref().unwrap_or("-"))
+            }
             _ => p.reason.clone().unwrap_or_else(|| "not active".into()),
         };
         let (x1, y1) = pos[me];
@@ -543,14 +684,29 @@ pub fn render_page(s: &Status) -> String {
         let items: String = s
             .alarms
             .iter()
-            .map(|a| format!("<li><b>{}</b> with {} since {}: {}</li>", escape(&a.kind), a.peer, escape(&a.raised_at), escape(&a.detail)))
+            .map(|a| {
+                format!(
+                    "<li><b>{}</b> with {} since {}: {}</li>",
+                    escape(&a.kind),
+                    a.peer,
+                    escape(&a.raised_at),
+                    escape(&a.detail)
+                )
+            })
             .collect();
         format!("<ul>{items}</ul>")
     };
     let conferences: String = s
         .conferences
         .iter()
-        .map(|c| format!("<tr><td>{}</td><td>{}</td><td>{}</td></tr>", escape(&c.name), escape(&c.bridge), c.calls))
+        .map(|c| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&c.name),
+                escape(&c.bridge),
+                c.calls
+            )
+        })
         .collect();
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\">\
@@ -579,7 +735,9 @@ mod tests {
             while let Some((request, reply)) = rx.recv().await {
                 let answer = match request {
                     Request::AdminHash { name } if name == "ops" => Ok(json!(hash)),
-                    Request::AdminHash { name } => Err(format!("not found: no administrator {name}")),
+                    Request::AdminHash { name } => {
+                        Err(format!("not found: no administrator {name}"))
+                    }
                     Request::Status => Ok(json!({ "hostname": "tls-test" })),
                     Request::Metrics => Ok(json!("confmesh_info 1\n")),
                     _ => Err("not served in this test".to_owned()),
@@ -592,7 +750,10 @@ mod tests {
 
     fn basic(credentials: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        let value = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(credentials));
+        let value = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(credentials)
+        );
         h.insert(header::AUTHORIZATION, value.parse().unwrap());
         h
     }
@@ -607,12 +768,28 @@ mod tests {
         let refused = authenticate(&state, &basic("nobody:pw")).await.unwrap_err();
         assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
         assert!(refused.headers().contains_key(header::WWW_AUTHENTICATE));
-        assert_eq!(verifications(&state), 1, "an unknown name must cost one Argon2id verification");
+        assert_eq!(
+            verifications(&state),
+            1,
+            "an unknown name must cost one Argon2id verification"
+        );
         // A name the store refuses outright (bad characters) goes the same way.
-        assert_eq!(authenticate(&state, &basic("bad name!:pw")).await.unwrap_err().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            authenticate(&state, &basic("bad name!:pw"))
+                .await
+                .unwrap_err()
+                .status(),
+            StatusCode::UNAUTHORIZED
+        );
         assert_eq!(verifications(&state), 2);
         // A known name with a wrong password: the same answer, the same work.
-        assert_eq!(authenticate(&state, &basic("ops:wrong")).await.unwrap_err().status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            authenticate(&state, &basic("ops:wrong"))
+                .await
+                .unwrap_err()
+                .status(),
+            StatusCode::UNAUTHORIZED
+        );
         assert_eq!(verifications(&state), 3);
         assert!(authenticate(&state, &basic("ops:pw")).await.is_ok());
         assert_eq!(verifications(&state), 4);
@@ -629,7 +806,14 @@ mod tests {
         let params = |phc: &str| {
             let h = PasswordHash::new(phc).unwrap();
             let p = argon2::Params::try_from(&h).unwrap();
-            (h.algorithm.to_string(), h.version, p.m_cost(), p.t_cost(), p.p_cost(), h.hash.map(|o| o.len()))
+            (
+                h.algorithm.to_string(),
+                h.version,
+                p.m_cost(),
+                p.t_cost(),
+                p.p_cost(),
+                h.hash.map(|o| o.len()),
+            )
         };
         assert_eq!(params(DUMMY_HASH), params(&real));
         assert_eq!(params(DUMMY_HASH).0, "argon2id");
@@ -643,7 +827,12 @@ mod tests {
         state.verify_wait = Duration::from_millis(20);
         // Every slot busy (as with VERIFY_CONCURRENCY verifications running): the next request
         // waits verify_wait, runs nothing and is told to come back.
-        let held = state.verify_slots.clone().acquire_many_owned(VERIFY_CONCURRENCY as u32).await.unwrap();
+        let held = state
+            .verify_slots
+            .clone()
+            .acquire_many_owned(VERIFY_CONCURRENCY as u32)
+            .await
+            .unwrap();
         for credentials in ["ops:pw", "nobody:pw"] {
             let r = authenticate(&state, &basic(credentials)).await.unwrap_err();
             assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -652,7 +841,11 @@ mod tests {
         assert_eq!(verifications(&state), 0);
         drop(held);
         assert!(authenticate(&state, &basic("ops:pw")).await.is_ok());
-        assert_eq!(state.verify_slots.available_permits(), VERIFY_CONCURRENCY, "the slot comes back after the verification");
+        assert_eq!(
+            state.verify_slots.available_permits(),
+            VERIFY_CONCURRENCY,
+            "the slot comes back after the verification"
+        );
     }
 
     /// A TCP stream that keeps a copy of every byte sent and received: what a wire tap sees.
@@ -687,10 +880,16 @@ mod tests {
             }
             r
         }
-        fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
             std::pin::Pin::new(&mut self.inner).poll_flush(cx)
         }
-        fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
             std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
         }
     }
@@ -699,7 +898,9 @@ mod tests {
 
     fn request(path: &str) -> String {
         let auth = base64::engine::general_purpose::STANDARD.encode(format!("ops:{PASSWORD}"));
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic {auth}\r\nConnection: close\r\n\r\n")
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Basic {auth}\r\nConnection: close\r\n\r\n"
+        )
     }
 
     fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -709,10 +910,18 @@ mod tests {
     /// Both spellings of the password a tap could find: as typed and inside the Basic header.
     fn leaks(seen: &[u8]) -> bool {
         let b64 = base64::engine::general_purpose::STANDARD.encode(format!("ops:{PASSWORD}"));
-        contains(seen, PASSWORD.as_bytes()) || contains(seen, b64.as_bytes()) || contains(seen, b"Authorization")
+        contains(seen, PASSWORD.as_bytes())
+            || contains(seen, b64.as_bytes())
+            || contains(seen, b"Authorization")
     }
 
-    async fn start(tls: Option<AdminTls>) -> (std::net::SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<std::io::Result<()>>) {
+    async fn start(
+        tls: Option<AdminTls>,
+    ) -> (
+        std::net::SocketAddr,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         let (addr, stop, task, _control) = start_controlled(tls).await;
         (addr, stop, task)
     }
@@ -720,12 +929,26 @@ mod tests {
     /// [`start`], also returning the control a reload uses.
     async fn start_controlled(
         tls: Option<AdminTls>,
-    ) -> (std::net::SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<std::io::Result<()>>, AdminControl) {
+    ) -> (
+        std::net::SocketAddr,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+        AdminControl,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (control, updates) = AdminControl::new(AdminSettings { listen: addr, tls: tls.clone() });
+        let (control, updates) = AdminControl::new(AdminSettings {
+            listen: addr,
+            tls: tls.clone(),
+        });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, tls, updates, fake_daemon(hash_password(PASSWORD).unwrap()), stop_rx));
+        let task = tokio::spawn(serve(
+            listener,
+            tls,
+            updates,
+            fake_daemon(hash_password(PASSWORD).unwrap()),
+            stop_rx,
+        ));
         (addr, stop_tx, task, control)
     }
 
@@ -735,7 +958,9 @@ mod tests {
         let _ = stream.write_all(request.as_bytes()).await;
         let mut answer = Vec::new();
         // A peer that closes without close_notify is an error here; what arrived is what counts.
-        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await.expect("answer in time");
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+            .await
+            .expect("answer in time");
         String::from_utf8_lossy(&answer).into_owned()
     }
 
@@ -753,26 +978,44 @@ mod tests {
         // password, no Basic header, no HTTP at all.
         let mut roots = rustls::RootCertStore::empty();
         roots.add(generated.cert.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let tcp = Tapped { inner: tokio::net::TcpStream::connect(addr).await.unwrap(), seen: seen.clone() };
+        let tcp = Tapped {
+            inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            seen: seen.clone(),
+        };
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp).await.unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(name, tcp)
+            .await
+            .unwrap();
         let answer = exchange(stream, &request("/api/v1/status")).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.contains("tls-test"), "{answer}");
         let seen = seen.lock().unwrap().clone();
         assert!(seen.len() > 1000, "the tap saw only {} bytes", seen.len());
         assert!(!leaks(&seen), "credentials crossed the wire in clear");
-        assert!(!contains(&seen, b"HTTP/1.1"), "HTTP crossed the wire in clear");
+        assert!(
+            !contains(&seen, b"HTTP/1.1"),
+            "HTTP crossed the wire in clear"
+        );
 
         // Plain HTTP to the TLS port: no HTTP answer, nothing served.
-        let answer = exchange(tokio::net::TcpStream::connect(addr).await.unwrap(), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(!answer.contains("HTTP/") && !answer.contains("confmesh_info"), "plain HTTP was answered: {answer:?}");
+        let answer = exchange(
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await;
+        assert!(
+            !answer.contains("HTTP/") && !answer.contains("confmesh_info"),
+            "plain HTTP was answered: {answer:?}"
+        );
 
         stop.send(true).unwrap();
         task.await.unwrap().unwrap();
@@ -781,10 +1024,16 @@ mod tests {
         // above can fail.
         let (addr, stop, task) = start(None).await;
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let tcp = Tapped { inner: tokio::net::TcpStream::connect(addr).await.unwrap(), seen: seen.clone() };
+        let tcp = Tapped {
+            inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            seen: seen.clone(),
+        };
         let answer = exchange(tcp, &request("/api/v1/status")).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(leaks(&seen.lock().unwrap()), "the tap must see credentials sent in clear");
+        assert!(
+            leaks(&seen.lock().unwrap()),
+            "the tap must see credentials sent in clear"
+        );
         stop.send(true).unwrap();
         task.await.unwrap().unwrap();
     }
@@ -793,11 +1042,13 @@ mod tests {
     fn trusting(cert: &rcgen::Certificate) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         tokio_rustls::TlsConnector::from(Arc::new(client))
     }
 
@@ -808,7 +1059,9 @@ mod tests {
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        tokio::time::timeout(Duration::from_secs(10), client.connect(name, tcp)).await.expect("handshake in time")
+        tokio::time::timeout(Duration::from_secs(10), client.connect(name, tcp))
+            .await
+            .expect("handshake in time")
     }
 
     /// Writes a fresh self-signed certificate and its key to the same two files (a rotation).
@@ -824,33 +1077,75 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (cert_file, key_file) = (dir.path().join("admin.crt"), dir.path().join("admin.key"));
         let old_cert = issue(&cert_file, &key_file);
-        let (addr, stop, task, mut control) = start_controlled(Some(AdminTls::load(&cert_file, &key_file).unwrap())).await;
+        let (addr, stop, task, mut control) =
+            start_controlled(Some(AdminTls::load(&cert_file, &key_file).unwrap())).await;
         let old_client = trusting(&old_cert);
-        assert!(exchange(tls_connect(addr, &old_client).await.unwrap(), &request("/api/v1/status")).await.starts_with("HTTP/1.1 200"));
+        assert!(
+            exchange(
+                tls_connect(addr, &old_client).await.unwrap(),
+                &request("/api/v1/status")
+            )
+            .await
+            .starts_with("HTTP/1.1 200")
+        );
         // A connection accepted before the rotation, its handshake done, its request not sent yet.
         let before = tls_connect(addr, &old_client).await.unwrap();
 
         // Rotation: new files at the same paths, read again as a reload does.
         let new_cert = issue(&cert_file, &key_file);
         let new_client = trusting(&new_cert);
-        let same_place = AdminSettings { listen: addr, tls: Some(AdminTls::load(&cert_file, &key_file).unwrap()) };
+        let same_place = AdminSettings {
+            listen: addr,
+            tls: Some(AdminTls::load(&cert_file, &key_file).unwrap()),
+        };
         let changed = control.reconfigure(&same_place).await.unwrap();
         assert_eq!(changed.len(), 1, "{changed:?}");
-        assert!(changed[0].contains("certificate") && changed[0].contains("reloaded"), "{changed:?}");
-        let answer = exchange(tls_connect(addr, &new_client).await.unwrap(), &request("/api/v1/status")).await;
-        assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("tls-test"), "{answer}");
-        let refused = tls_connect(addr, &old_client).await.expect_err("the old certificate must be gone");
+        assert!(
+            changed[0].contains("certificate") && changed[0].contains("reloaded"),
+            "{changed:?}"
+        );
+        let answer = exchange(
+            tls_connect(addr, &new_client).await.unwrap(),
+            &request("/api/v1/status"),
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("tls-test"),
+            "{answer}"
+        );
+        let refused = tls_connect(addr, &old_client)
+            .await
+            .expect_err("the old certificate must be gone");
         assert!(refused.to_string().contains("certificate"), "{refused}");
         // The connection from before finishes on the session it has.
-        assert!(exchange(before, &request("/api/v1/status")).await.starts_with("HTTP/1.1 200"));
+        assert!(
+            exchange(before, &request("/api/v1/status"))
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
 
         // A new address (same port, another loopback address): served there, closed here.
         let moved: std::net::SocketAddr = format!("127.0.0.2:{}", addr.port()).parse().unwrap();
-        let elsewhere = AdminSettings { listen: moved, tls: same_place.tls.clone() };
+        let elsewhere = AdminSettings {
+            listen: moved,
+            tls: same_place.tls.clone(),
+        };
         let changed = control.reconfigure(&elsewhere).await.unwrap();
-        assert!(changed.iter().any(|c| c.contains("admin.listen 127.0.0.2")), "{changed:?}");
-        assert!(exchange(tls_connect(moved, &new_client).await.unwrap(), &request("/api/v1/status")).await.starts_with("HTTP/1.1 200"));
-        let gone = tokio::net::TcpStream::connect(addr).await.expect_err("the old address must be closed");
+        assert!(
+            changed.iter().any(|c| c.contains("admin.listen 127.0.0.2")),
+            "{changed:?}"
+        );
+        assert!(
+            exchange(
+                tls_connect(moved, &new_client).await.unwrap(),
+                &request("/api/v1/status")
+            )
+            .await
+            .starts_with("HTTP/1.1 200")
+        );
+        let gone = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect_err("the old address must be closed");
         assert_eq!(gone.kind(), std::io::ErrorKind::ConnectionRefused);
         // Nothing to do when nothing changed (the same files read again: same certificate).
         assert!(control.reconfigure(&elsewhere).await.unwrap().is_empty());
@@ -858,18 +1153,38 @@ mod tests {
         // An address that cannot be bound (taken): refused, naming the field; the listener in
         // force serves on with the same certificate.
         let taken = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
-        let busy = AdminSettings { listen: taken.local_addr().unwrap(), tls: elsewhere.tls.clone() };
+        let busy = AdminSettings {
+            listen: taken.local_addr().unwrap(),
+            tls: elsewhere.tls.clone(),
+        };
         let e = control.reconfigure(&busy).await.unwrap_err();
         assert_eq!(e.field, "admin.listen");
         assert!(e.message.contains(&busy.listen.to_string()), "{e}");
         assert_eq!(control.settings().listen, moved);
-        assert!(exchange(tls_connect(moved, &new_client).await.unwrap(), &request("/api/v1/status")).await.starts_with("HTTP/1.1 200"));
+        assert!(
+            exchange(
+                tls_connect(moved, &new_client).await.unwrap(),
+                &request("/api/v1/status")
+            )
+            .await
+            .starts_with("HTTP/1.1 200")
+        );
 
         // Back to plain HTTP (TLS files removed from the configuration).
-        let plain = AdminSettings { listen: moved, tls: None };
+        let plain = AdminSettings {
+            listen: moved,
+            tls: None,
+        };
         assert_eq!(control.reconfigure(&plain).await.unwrap().len(), 1);
-        let answer = exchange(tokio::net::TcpStream::connect(moved).await.unwrap(), "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
-        assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("confmesh_info"), "{answer}");
+        let answer = exchange(
+            tokio::net::TcpStream::connect(moved).await.unwrap(),
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.contains("confmesh_info"),
+            "{answer}"
+        );
 
         stop.send(true).unwrap();
         task.await.unwrap().unwrap();
@@ -887,7 +1202,11 @@ mod tests {
         // checking that a served request on a fresh connection is refused.
         let mut refused = false;
         for _ in 0..50 {
-            let answer = exchange(tokio::net::TcpStream::connect(addr).await.unwrap(), "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+            let answer = exchange(
+                tokio::net::TcpStream::connect(addr).await.unwrap(),
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
             if answer.is_empty() {
                 refused = true;
                 break;
@@ -899,7 +1218,11 @@ mod tests {
         drop(held.pop());
         let mut served = false;
         for _ in 0..50 {
-            let answer = exchange(tokio::net::TcpStream::connect(addr).await.unwrap(), "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+            let answer = exchange(
+                tokio::net::TcpStream::connect(addr).await.unwrap(),
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
             if answer.starts_with("HTTP/1.1 200") {
                 served = true;
                 break;
@@ -923,8 +1246,14 @@ mod tests {
     #[test]
     fn basic_header_parsing() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, "Basic YWRtaW46cGE6c3M=".parse().unwrap());
-        assert_eq!(basic_credentials(&h), Some(("admin".into(), "pa:ss".into())));
+        h.insert(
+            header::AUTHORIZATION,
+            "Basic YWRtaW46cGE6c3M=".parse().unwrap(),
+        );
+        assert_eq!(
+            basic_credentials(&h),
+            Some(("admin".into(), "pa:ss".into()))
+        );
         h.insert(header::AUTHORIZATION, "Bearer x".parse().unwrap());
         assert_eq!(basic_credentials(&h), None);
     }

@@ -65,7 +65,7 @@ use ring::hmac;
 use serde::Serialize;
 use thiserror::Error;
 use tokio::net::UdpSocket;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
@@ -174,7 +174,12 @@ pub struct BandwidthConfig {
 impl BandwidthConfig {
     /// One-second interval and MTU 1500, as SPEC.md §3 and the default configuration say.
     pub fn new(local: Ipv4Addr, epoch: u64) -> BandwidthConfig {
-        BandwidthConfig { local, interval: Duration::from_secs(1), mtu: 1500, epoch }
+        BandwidthConfig {
+            local,
+            interval: Duration::from_secs(1),
+            mtu: 1500,
+            epoch,
+        }
     }
 }
 
@@ -266,24 +271,58 @@ impl BandwidthStatus {
     /// means, so that the daemon does not have to know the fields.
     pub fn write_metrics(&self, page: &mut MetricsPage) {
         for (family, label, table, what) in [
-            ("confmesh_bandwidth_location", "location", &self.locations, "location"),
-            ("confmesh_bandwidth_bridge", "bridge", &self.bridges, "bridge"),
+            (
+                "confmesh_bandwidth_location",
+                "location",
+                &self.locations,
+                "location",
+            ),
+            (
+                "confmesh_bandwidth_bridge",
+                "bridge",
+                &self.bridges,
+                "bridge",
+            ),
         ] {
             let kbps = format!("{family}_kbps");
             page.family(&kbps, MetricKind::Gauge, &format!("Bandwidth in use per {what} (scope=local: this peer's calls; cluster: all peers' latest reports)"));
             for (name, u) in table {
-                page.sample(&kbps, &[(label, name), ("scope", "local")], u.local_kbps as f64);
-                page.sample(&kbps, &[(label, name), ("scope", "cluster")], u.cluster_kbps as f64);
+                page.sample(
+                    &kbps,
+                    &[(label, name), ("scope", "local")],
+                    u.local_kbps as f64,
+                );
+                page.sample(
+                    &kbps,
+                    &[(label, name), ("scope", "cluster")],
+                    u.cluster_kbps as f64,
+                );
             }
             let calls = format!("{family}_calls");
-            page.family(&calls, MetricKind::Gauge, &format!("Calls per {what} (scope as for {kbps})"));
+            page.family(
+                &calls,
+                MetricKind::Gauge,
+                &format!("Calls per {what} (scope as for {kbps})"),
+            );
             for (name, u) in table {
-                page.sample(&calls, &[(label, name), ("scope", "local")], u.local_calls as f64);
-                page.sample(&calls, &[(label, name), ("scope", "cluster")], u.cluster_calls as f64);
+                page.sample(
+                    &calls,
+                    &[(label, name), ("scope", "local")],
+                    u.local_calls as f64,
+                );
+                page.sample(
+                    &calls,
+                    &[(label, name), ("scope", "cluster")],
+                    u.cluster_calls as f64,
+                );
             }
         }
         let age = "confmesh_bandwidth_peer_update_age_seconds";
-        page.family(age, MetricKind::Gauge, "Seconds since the last accepted bandwidth update from each peer (absent: none yet)");
+        page.family(
+            age,
+            MetricKind::Gauge,
+            "Seconds since the last accepted bandwidth update from each peer (absent: none yet)",
+        );
         for p in &self.peers {
             if let Some(ms) = p.last_update_age_ms {
                 page.sample(age, &[("peer", &p.addr.to_string())], ms as f64 / 1000.0);
@@ -291,20 +330,41 @@ impl BandwidthStatus {
         }
         let c = &self.counters;
         for (name, help, value) in [
-            ("confmesh_bandwidth_datagrams_sent_total", "Bandwidth-update datagrams sent to peers", c.sent),
-            ("confmesh_bandwidth_send_errors_total", "Bandwidth-update datagrams the socket refused to send", c.send_errors),
-            ("confmesh_bandwidth_datagrams_accepted_total", "Bandwidth-update datagrams accepted from peers", c.accepted),
-            ("confmesh_bandwidth_expired_entries_total", "Peer usage entries forgotten after three missed intervals", c.expired_entries),
+            (
+                "confmesh_bandwidth_datagrams_sent_total",
+                "Bandwidth-update datagrams sent to peers",
+                c.sent,
+            ),
+            (
+                "confmesh_bandwidth_send_errors_total",
+                "Bandwidth-update datagrams the socket refused to send",
+                c.send_errors,
+            ),
+            (
+                "confmesh_bandwidth_datagrams_accepted_total",
+                "Bandwidth-update datagrams accepted from peers",
+                c.accepted,
+            ),
+            (
+                "confmesh_bandwidth_expired_entries_total",
+                "Peer usage entries forgotten after three missed intervals",
+                c.expired_entries,
+            ),
             (
                 "confmesh_bandwidth_local_refused_total",
                 "Reservations refused because the name is too long or the local table is full (configuration problem)",
                 c.local_refused,
             ),
         ] {
-            page.family(name, MetricKind::Counter, help).sample(name, &[], value as f64);
+            page.family(name, MetricKind::Counter, help)
+                .sample(name, &[], value as f64);
         }
         let dropped = "confmesh_bandwidth_datagrams_dropped_total";
-        page.family(dropped, MetricKind::Counter, "Bandwidth-update datagrams dropped without effect, by reason");
+        page.family(
+            dropped,
+            MetricKind::Counter,
+            "Bandwidth-update datagrams dropped without effect, by reason",
+        );
         for (reason, value) in [
             ("oversize", c.dropped_oversize),
             ("malformed", c.dropped_malformed),
@@ -357,7 +417,12 @@ impl KeySlot {
     fn verify(&self, signed: &[u8], tag: &[u8]) -> bool {
         // The key schedule is built per datagram from the zeroized key (ring does not zeroize its
         // own), so no long-lived copy of it stays in memory; verify compares in constant time.
-        hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, &self.key[..]), signed, tag).is_ok()
+        hmac::verify(
+            &hmac::Key::new(hmac::HMAC_SHA256, &self.key[..]),
+            signed,
+            tag,
+        )
+        .is_ok()
     }
 }
 
@@ -456,7 +521,11 @@ pub struct Bandwidth {
 impl fmt::Debug for Bandwidth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Keys stay out of Debug output: only whether each peer has one.
-        let peers: Vec<(Ipv4Addr, bool)> = self.peers.iter().map(|p| (p.addr, p.key.is_some())).collect();
+        let peers: Vec<(Ipv4Addr, bool)> = self
+            .peers
+            .iter()
+            .map(|p| (p.addr, p.key.is_some()))
+            .collect();
         f.debug_struct("Bandwidth")
             .field("config", &self.config)
             .field("peers_keyed", &peers)
@@ -493,11 +562,18 @@ impl Bandwidth {
     /// Replaces the peer list (this peer's own address, if listed, is skipped). Peers that stay
     /// keep their key, replay state and usage; removed peers are forgotten with their key.
     pub fn set_peers(&mut self, peers: &[Ipv4Addr]) -> Result<(), BandwidthError> {
-        let mut wanted: Vec<Ipv4Addr> = peers.iter().copied().filter(|a| *a != self.config.local).collect();
+        let mut wanted: Vec<Ipv4Addr> = peers
+            .iter()
+            .copied()
+            .filter(|a| *a != self.config.local)
+            .collect();
         wanted.sort_unstable();
         wanted.dedup();
         if wanted.len() > MAX_PEERS {
-            return Err(BandwidthError::TooManyPeers { given: wanted.len(), max: MAX_PEERS });
+            return Err(BandwidthError::TooManyPeers {
+                given: wanted.len(),
+                max: MAX_PEERS,
+            });
         }
         self.peers.retain(|p| wanted.contains(&p.addr));
         for addr in wanted {
@@ -509,19 +585,30 @@ impl Bandwidth {
     }
 
     fn peer_mut(&mut self, addr: Ipv4Addr) -> Result<&mut Peer, BandwidthError> {
-        self.peers.iter_mut().find(|p| p.addr == addr).ok_or(BandwidthError::UnknownPeer(addr))
+        self.peers
+            .iter_mut()
+            .find(|p| p.addr == addr)
+            .ok_or(BandwidthError::UnknownPeer(addr))
     }
 
     /// Installs the key for the pair (this peer, `peer`), derived by the IKE engine from the IKE
     /// SA with it, on every new IKE SA. Installing the key already in use changes nothing; a new
     /// one starts the rollover described in the module doc and sends a snapshot at once.
-    pub fn set_peer_key(&mut self, peer: Ipv4Addr, key: Zeroizing<[u8; 32]>) -> Result<(), BandwidthError> {
+    pub fn set_peer_key(
+        &mut self,
+        peer: Ipv4Addr,
+        key: Zeroizing<[u8; 32]>,
+    ) -> Result<(), BandwidthError> {
         let p = self.peer_mut(peer)?;
         if p.key.as_ref().is_some_and(|k| k.key[..] == key[..]) {
             return Ok(());
         }
         p.prev = p.key.take();
-        p.send_prev = if p.prev.is_some() { REKEY_SEND_GRACE } else { 0 };
+        p.send_prev = if p.prev.is_some() {
+            REKEY_SEND_GRACE
+        } else {
+            0
+        };
         p.key = Some(KeySlot { key, rx: None });
         p.tx_cursor = Some(0);
         Ok(())
@@ -575,7 +662,9 @@ impl Bandwidth {
             }
             table.insert(name.to_owned(), Usage::default());
         }
-        let Some(usage) = table.get_mut(name) else { return false };
+        let Some(usage) = table.get_mut(name) else {
+            return false;
+        };
         usage.kbps = usage.kbps.saturating_add(kbps);
         usage.calls = usage.calls.saturating_add(1);
         self.changed();
@@ -584,7 +673,9 @@ impl Bandwidth {
 
     fn remove_local(&mut self, kind: Kind, name: &str, kbps: u64) {
         let (table, _) = self.local_table(kind);
-        let Some(usage) = table.get_mut(name) else { return };
+        let Some(usage) = table.get_mut(name) else {
+            return;
+        };
         usage.kbps = usage.kbps.saturating_sub(kbps);
         usage.calls = usage.calls.saturating_sub(1);
         if usage.is_zero() {
@@ -621,7 +712,11 @@ impl Bandwidth {
     pub fn reserve(&mut self, location: &str, kbps: u64, limit_kbps: u64) -> Result<(), u64> {
         let used = self.cluster_usage(Kind::Location, location).kbps;
         match used.checked_add(kbps) {
-            Some(total) if total <= limit_kbps && self.add_local(Kind::Location, location, kbps) => Ok(()),
+            Some(total)
+                if total <= limit_kbps && self.add_local(Kind::Location, location, kbps) =>
+            {
+                Ok(())
+            }
             _ => Err(used),
         }
     }
@@ -666,7 +761,11 @@ impl Bandwidth {
                 self.changed();
                 // Keep the phase, but do not burst to catch up after a stall.
                 let next = due + self.config.interval;
-                self.timers[Timer::Snapshot as usize] = Some(if next > now { next } else { now + self.config.interval });
+                self.timers[Timer::Snapshot as usize] = Some(if next > now {
+                    next
+                } else {
+                    now + self.config.interval
+                });
             }
         }
         if self.timers[Timer::Expiry as usize].is_some_and(|t| now >= t) {
@@ -704,8 +803,14 @@ impl Bandwidth {
         let (locations, bridges) = (&self.locations, &self.bridges);
         let total = locations.len() + bridges.len();
         for p in &mut self.peers {
-            let slot = if p.send_prev > 0 { p.prev.as_ref() } else { p.key.as_ref() };
-            let (Some(cursor), Some(KeySlot { key, .. })) = (p.tx_cursor, slot) else { continue };
+            let slot = if p.send_prev > 0 {
+                p.prev.as_ref()
+            } else {
+                p.key.as_ref()
+            };
+            let (Some(cursor), Some(KeySlot { key, .. })) = (p.tx_cursor, slot) else {
+                continue;
+            };
             let Some(seq) = p.tx_seq.checked_add(1) else {
                 // 2^64 datagrams under one key: wait for the next key rather than wrap.
                 p.tx_cursor = None;
@@ -720,14 +825,17 @@ impl Bandwidth {
             let mut pos = HEADER_LEN;
             let mut count: u16 = 0;
             for (kind, name, usage) in entries {
-                let Some(end) = write_entry(buf, pos, limit - TAG_LEN, kind, name, usage) else { break };
+                let Some(end) = write_entry(buf, pos, limit - TAG_LEN, kind, name, usage) else {
+                    break;
+                };
                 pos = end;
                 count += 1;
             }
             let next = cursor + usize::from(count);
             p.tx_cursor = if next < total { Some(next) } else { None };
             p.tx_seq = seq;
-            let flags = if cursor == 0 { FLAG_FIRST } else { 0 } | if next >= total { FLAG_LAST } else { 0 };
+            let flags = if cursor == 0 { FLAG_FIRST } else { 0 }
+                | if next >= total { FLAG_LAST } else { 0 };
             write_header(buf, flags, count, local, p.addr, epoch, seq);
             let len = seal(key, buf, pos);
             self.counters.sent += 1;
@@ -739,7 +847,12 @@ impl Bandwidth {
     /// Takes a datagram received from `src` on the bandwidth port. It is applied only if it is
     /// whole, authentic, fresh and within bounds; otherwise it is dropped, counted under its
     /// reason, and changes nothing.
-    pub fn handle_datagram(&mut self, now: Instant, src: Ipv4Addr, data: &[u8]) -> Result<(), DropReason> {
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        src: Ipv4Addr,
+        data: &[u8],
+    ) -> Result<(), DropReason> {
         let r = self.accept(now, src, data);
         let c = &mut self.counters;
         match r {
@@ -765,7 +878,11 @@ impl Bandwidth {
         if header.receiver != self.config.local || header.sender != src {
             return Err(DropReason::AddressMismatch);
         }
-        let peer = self.peers.iter_mut().find(|p| p.addr == header.sender).ok_or(DropReason::UnknownPeer)?;
+        let peer = self
+            .peers
+            .iter_mut()
+            .find(|p| p.addr == header.sender)
+            .ok_or(DropReason::UnknownPeer)?;
         let current = peer.key.as_ref().ok_or(DropReason::NoKey)?;
         // Header::parse checked the length, so the split cannot fail.
         let (signed, tag) = data.split_at(data.len() - TAG_LEN);
@@ -773,10 +890,16 @@ impl Bandwidth {
         if !under_current && !peer.prev.as_ref().is_some_and(|k| k.verify(signed, tag)) {
             return Err(DropReason::Forged);
         }
-        let slot_rx = if under_current { peer.key.as_ref().and_then(|k| k.rx) } else { peer.prev.as_ref().and_then(|k| k.rx) };
+        let slot_rx = if under_current {
+            peer.key.as_ref().and_then(|k| k.rx)
+        } else {
+            peer.prev.as_ref().and_then(|k| k.rx)
+        };
         let fresh = match slot_rx {
             None => true,
-            Some((epoch, seq)) => header.epoch > epoch || (header.epoch == epoch && header.seq > seq),
+            Some((epoch, seq)) => {
+                header.epoch > epoch || (header.epoch == epoch && header.seq > seq)
+            }
         };
         if !fresh {
             return Err(DropReason::Replayed);
@@ -785,7 +908,11 @@ impl Bandwidth {
         // against the bound before any zero in the same datagram frees a slot (conservative).
         let body = signed.get(HEADER_LEN..).ok_or(DropReason::Malformed)?;
         let restarted = peer.epoch_seen.is_some_and(|e| e != header.epoch);
-        let kept = if restarted { 0 } else { peer.locations.len() + peer.bridges.len() };
+        let kept = if restarted {
+            0
+        } else {
+            peer.locations.len() + peer.bridges.len()
+        };
         let mut new_names = 0usize;
         let mut rest = body;
         for _ in 0..header.count {
@@ -818,7 +945,11 @@ impl Bandwidth {
         let mut rest = body;
         while let Some(e) = read_entry(&mut rest) {
             let table = peer.table(e.kind);
-            let entry = RemoteEntry { usage: e.usage, refreshed: now, snapshot };
+            let entry = RemoteEntry {
+                usage: e.usage,
+                refreshed: now,
+                snapshot,
+            };
             if e.usage.is_zero() {
                 table.remove(e.name);
             } else if let Some(r) = table.get_mut(e.name) {
@@ -833,7 +964,11 @@ impl Bandwidth {
             peer.bridges.retain(|_, e| e.snapshot == snapshot);
             peer.snapshot_next = None;
         }
-        let slot = if under_current { &mut peer.key } else { &mut peer.prev };
+        let slot = if under_current {
+            &mut peer.key
+        } else {
+            &mut peer.prev
+        };
         if let Some(k) = slot {
             k.rx = Some((header.epoch, header.seq));
         }
@@ -856,7 +991,10 @@ impl Bandwidth {
 
     /// The status view at `now`: per-location and per-bridge usage, peers, counters.
     pub fn status(&self, now: Instant) -> BandwidthStatus {
-        let mut s = BandwidthStatus { counters: self.counters, ..BandwidthStatus::default() };
+        let mut s = BandwidthStatus {
+            counters: self.counters,
+            ..BandwidthStatus::default()
+        };
         for (kind, local, out) in [
             (Kind::Location, &self.locations, &mut s.locations),
             (Kind::Bridge, &self.bridges, &mut s.bridges),
@@ -865,7 +1003,11 @@ impl Bandwidth {
                 Kind::Location => p.locations.keys(),
                 Kind::Bridge => p.bridges.keys(),
             });
-            for name in local.keys().map(String::as_str).chain(remote_names.map(|n| &**n)) {
+            for name in local
+                .keys()
+                .map(String::as_str)
+                .chain(remote_names.map(|n| &**n))
+            {
                 if out.contains_key(name) {
                     continue;
                 }
@@ -889,9 +1031,9 @@ impl Bandwidth {
                 addr: p.addr,
                 keyed: p.key.is_some(),
                 path_mtu: p.path_mtu,
-                last_update_age_ms: p
-                    .last_rx
-                    .map(|t| u64::try_from(now.saturating_duration_since(t).as_millis()).unwrap_or(u64::MAX)),
+                last_update_age_ms: p.last_rx.map(|t| {
+                    u64::try_from(now.saturating_duration_since(t).as_millis()).unwrap_or(u64::MAX)
+                }),
                 entries: p.locations.len() + p.bridges.len(),
             })
             .collect();
@@ -933,8 +1075,18 @@ impl Header {
     }
 }
 
-fn write_header(buf: &mut [u8], flags: u8, count: u16, sender: Ipv4Addr, receiver: Ipv4Addr, epoch: u64, seq: u64) {
-    let Some(h) = buf.first_chunk_mut::<HEADER_LEN>() else { return };
+fn write_header(
+    buf: &mut [u8],
+    flags: u8,
+    count: u16,
+    sender: Ipv4Addr,
+    receiver: Ipv4Addr,
+    epoch: u64,
+    seq: u64,
+) {
+    let Some(h) = buf.first_chunk_mut::<HEADER_LEN>() else {
+        return;
+    };
     h[..4].copy_from_slice(&MAGIC);
     h[4] = VERSION;
     h[5] = flags;
@@ -946,7 +1098,14 @@ fn write_header(buf: &mut [u8], flags: u8, count: u16, sender: Ipv4Addr, receive
 }
 
 /// Writes one entry at `pos` if it ends by `limit`; the position after it.
-fn write_entry(buf: &mut [u8], pos: usize, limit: usize, kind: u8, name: &str, usage: Usage) -> Option<usize> {
+fn write_entry(
+    buf: &mut [u8],
+    pos: usize,
+    limit: usize,
+    kind: u8,
+    name: &str,
+    usage: Usage,
+) -> Option<usize> {
     let name_len = u8::try_from(name.len()).ok()?;
     let end = pos.checked_add(ENTRY_FIXED + name.len())?;
     if end > limit {
@@ -964,7 +1123,10 @@ fn write_entry(buf: &mut [u8], pos: usize, limit: usize, kind: u8, name: &str, u
 
 /// Appends the MAC of `buf[..len]`; the datagram's length.
 fn seal(key: &[u8; 32], buf: &mut [u8], len: usize) -> usize {
-    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), buf.get(..len).unwrap_or_default());
+    let tag = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, key),
+        buf.get(..len).unwrap_or_default(),
+    );
     if let Some(out) = buf.get_mut(len..len + TAG_LEN) {
         out.copy_from_slice(tag.as_ref());
     }
@@ -994,7 +1156,14 @@ fn read_entry<'a>(rest: &mut &'a [u8]) -> Option<WireEntry<'a>> {
     let (kbps, tail) = tail.split_first_chunk::<8>()?;
     let (calls, tail) = tail.split_first_chunk::<4>()?;
     *rest = tail;
-    Some(WireEntry { kind, name, usage: Usage { kbps: u64::from_be_bytes(*kbps), calls: u32::from_be_bytes(*calls) } })
+    Some(WireEntry {
+        kind,
+        name,
+        usage: Usage {
+            kbps: u64::from_be_bytes(*kbps),
+            calls: u32::from_be_bytes(*calls),
+        },
+    })
 }
 
 fn lock(core: &Mutex<Bandwidth>) -> MutexGuard<'_, Bandwidth> {
@@ -1012,13 +1181,18 @@ pub struct BandwidthLedgerHandle {
 
 impl fmt::Debug for BandwidthLedgerHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BandwidthLedgerHandle").field("core", &*lock(&self.core)).finish()
+        f.debug_struct("BandwidthLedgerHandle")
+            .field("core", &*lock(&self.core))
+            .finish()
     }
 }
 
 impl BandwidthLedgerHandle {
     /// Shares `core`; `wake` tells its driver that there is something to send.
-    pub fn new(core: Arc<Mutex<Bandwidth>>, wake: Arc<dyn Fn() + Send + Sync>) -> BandwidthLedgerHandle {
+    pub fn new(
+        core: Arc<Mutex<Bandwidth>>,
+        wake: Arc<dyn Fn() + Send + Sync>,
+    ) -> BandwidthLedgerHandle {
         BandwidthLedgerHandle { core, wake }
     }
 }
@@ -1070,7 +1244,13 @@ pub struct BandwidthSettings {
 impl BandwidthSettings {
     /// One-second interval, MTU 1500.
     pub fn new(local_mgmt: Ipv4Addr, port: u16, peers: &[Ipv4Addr]) -> BandwidthSettings {
-        BandwidthSettings { local_mgmt, port, peers: peers.to_vec(), interval: Duration::from_secs(1), mtu: 1500 }
+        BandwidthSettings {
+            local_mgmt,
+            port,
+            peers: peers.to_vec(),
+            interval: Duration::from_secs(1),
+            mtu: 1500,
+        }
     }
 }
 
@@ -1085,39 +1265,59 @@ pub struct BandwidthService {
 
 impl fmt::Debug for BandwidthService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BandwidthService").field("core", &*lock(&self.core)).finish()
+        f.debug_struct("BandwidthService")
+            .field("core", &*lock(&self.core))
+            .finish()
     }
 }
 
 impl BandwidthService {
     /// Binds `local_mgmt:port` and starts exchanging usage with `peers` (nothing is exchanged
     /// with a peer until its key is set). Must be called inside a tokio runtime.
-    pub fn start(local_mgmt: Ipv4Addr, port: u16, peers: &[Ipv4Addr]) -> io::Result<BandwidthService> {
+    pub fn start(
+        local_mgmt: Ipv4Addr,
+        port: u16,
+        peers: &[Ipv4Addr],
+    ) -> io::Result<BandwidthService> {
         BandwidthService::start_with(BandwidthSettings::new(local_mgmt, port, peers))
     }
 
     /// [`BandwidthService::start`] with every setting explicit.
     pub fn start_with(settings: BandwidthSettings) -> io::Result<BandwidthService> {
         let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
-        let std_socket = std::net::UdpSocket::bind(SocketAddrV4::new(settings.local_mgmt, settings.port))?;
+        let std_socket =
+            std::net::UdpSocket::bind(SocketAddrV4::new(settings.local_mgmt, settings.port))?;
         std_socket.set_nonblocking(true)?;
         let socket = {
             let _guard = runtime.enter();
             UdpSocket::from_std(std_socket)?
         };
         // Microseconds of wall-clock time grow from one run to the next (see the module doc).
-        let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
         let mut config = BandwidthConfig::new(settings.local_mgmt, epoch);
         config.interval = settings.interval;
         config.mtu = settings.mtu;
         let mut core = Bandwidth::new(config, Instant::now());
-        core.set_peers(&settings.peers).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        core.set_peers(&settings.peers)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let core = Arc::new(Mutex::new(core));
         let wake = Arc::new(Notify::new());
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let run = Run { core: core.clone(), socket, wake: wake.clone(), port: settings.port };
+        let run = Run {
+            core: core.clone(),
+            socket,
+            wake: wake.clone(),
+            port: settings.port,
+        };
         let task = runtime.spawn(run.run(shutdown_rx));
-        Ok(BandwidthService { core, wake, shutdown, task: Some(task) })
+        Ok(BandwidthService {
+            core,
+            wake,
+            shutdown,
+            task: Some(task),
+        })
     }
 
     /// Replaces the peer list (see [`Bandwidth::set_peers`]).
@@ -1128,7 +1328,11 @@ impl BandwidthService {
     }
 
     /// Installs the pair key for `peer` (see [`Bandwidth::set_peer_key`]).
-    pub fn set_peer_key(&self, peer: Ipv4Addr, key: Zeroizing<[u8; 32]>) -> Result<(), BandwidthError> {
+    pub fn set_peer_key(
+        &self,
+        peer: Ipv4Addr,
+        key: Zeroizing<[u8; 32]>,
+    ) -> Result<(), BandwidthError> {
         let r = lock(&self.core).set_peer_key(peer, key);
         self.wake.notify_one();
         r
@@ -1186,9 +1390,15 @@ impl Run {
         let mut tx = vec![0u8; usize::from(u16::MAX)];
         loop {
             loop {
-                let Some(t) = lock(&self.core).poll_transmit(&mut tx) else { break };
+                let Some(t) = lock(&self.core).poll_transmit(&mut tx) else {
+                    break;
+                };
                 let Some(data) = tx.get(..t.len) else { break };
-                if let Err(e) = self.socket.send_to(data, SocketAddrV4::new(t.dest, self.port)).await {
+                if let Err(e) = self
+                    .socket
+                    .send_to(data, SocketAddrV4::new(t.dest, self.port))
+                    .await
+                {
                     tracing::debug!(peer = %t.dest, error = %e, "bandwidth update not sent");
                     lock(&self.core).handle_send_error();
                 }
@@ -1258,7 +1468,9 @@ mod tests {
             let mut buf = [0u8; 1500];
             let mut out = Vec::new();
             for _ in 0..10_000 {
-                let Some(t) = c.poll_transmit(&mut buf) else { return out };
+                let Some(t) = c.poll_transmit(&mut buf) else {
+                    return out;
+                };
                 out.push((t.dest, buf[..t.len].to_vec()));
             }
             panic!("poll_transmit never ran dry");
@@ -1268,7 +1480,13 @@ mod tests {
         fn exchange(&mut self) -> Vec<Vec<u8>> {
             let from_a = Pair::drain(&mut self.a);
             let from_b = Pair::drain(&mut self.b);
-            assert!(from_a.iter().chain(&from_b).all(|(d, _)| *d == A || *d == B), "nothing goes to the keyless peer C");
+            assert!(
+                from_a
+                    .iter()
+                    .chain(&from_b)
+                    .all(|(d, _)| *d == A || *d == B),
+                "nothing goes to the keyless peer C"
+            );
             let mut to_b = Vec::new();
             for (_, d) in from_a {
                 self.b.handle_datagram(self.now, A, &d).unwrap();
@@ -1300,7 +1518,15 @@ mod tests {
         p.exchange();
         assert_eq!(p.a.reserve("hq", 1, 2000), Err(2000));
         let s = p.a.status(p.now);
-        assert_eq!(s.locations["hq"], UsageStatus { local_kbps: 1500, cluster_kbps: 2000, local_calls: 1, cluster_calls: 2 });
+        assert_eq!(
+            s.locations["hq"],
+            UsageStatus {
+                local_kbps: 1500,
+                cluster_kbps: 2000,
+                local_calls: 1,
+                cluster_calls: 2
+            }
+        );
         assert_eq!(p.b.status(p.now).bridges["b1"].cluster_kbps, 1500);
         // A release reaches B at once (not at the next interval) and frees the bandwidth.
         p.a.release("hq", 1500);
@@ -1336,7 +1562,11 @@ mod tests {
         p.advance(SECOND / 2);
         assert_eq!(p.b.usage_kbps("hq"), 0);
         assert_eq!(p.b.counters().expired_entries, 1);
-        assert_eq!(p.b.poll_timeout(), Some(p.now + SECOND / 2), "only the snapshot timer is left");
+        assert_eq!(
+            p.b.poll_timeout(),
+            Some(p.now + SECOND / 2),
+            "only the snapshot timer is left"
+        );
         // The next update brings it back.
         p.advance(SECOND / 2);
         p.exchange();
@@ -1351,8 +1581,15 @@ mod tests {
         p.exchange();
         p.a.release("hq", 700);
         p.exchange();
-        assert_eq!((p.b.usage_kbps("hq"), p.b.usage_kbps("lab")), (0, 100), "the release arrives at once");
-        assert!(!p.a.status(p.now).locations.contains_key("hq"), "nothing lingers locally");
+        assert_eq!(
+            (p.b.usage_kbps("hq"), p.b.usage_kbps("lab")),
+            (0, 100),
+            "the release arrives at once"
+        );
+        assert!(
+            !p.a.status(p.now).locations.contains_key("hq"),
+            "nothing lingers locally"
+        );
 
         // The release is lost: the next periodic snapshot corrects B within one interval.
         p.a.reserve("hq", 700, 4000).unwrap();
@@ -1366,7 +1603,9 @@ mod tests {
 
         // A snapshot split over several datagrams with one lost in the middle proves nothing
         // about absent entries: B keeps what it has until a whole one (or the expiry).
-        let names: Vec<String> = (0..30).map(|i| format!("{i:02}{}", "n".repeat(100))).collect();
+        let names: Vec<String> = (0..30)
+            .map(|i| format!("{i:02}{}", "n".repeat(100)))
+            .collect();
         for n in &names {
             p.a.reserve(n, 10, 4000).unwrap();
         }
@@ -1380,7 +1619,11 @@ mod tests {
                 p.b.handle_datagram(p.now, A, d).unwrap();
             }
         }
-        assert_eq!(p.b.usage_kbps(&names[29]), 10, "incomplete snapshot: nothing removed");
+        assert_eq!(
+            p.b.usage_kbps(&names[29]),
+            10,
+            "incomplete snapshot: nothing removed"
+        );
         p.advance(SECOND);
         p.exchange();
         assert_eq!(p.b.usage_kbps(&names[29]), 0);
@@ -1390,7 +1633,11 @@ mod tests {
     /// Everything B can observe of its view of A.
     fn view(b: &Bandwidth) -> (u64, usize, Option<(u64, u64)>) {
         let pa = b.peers.iter().find(|x| x.addr == A).unwrap();
-        (b.usage_kbps("hq"), pa.locations.len() + pa.bridges.len(), pa.key.as_ref().and_then(|k| k.rx))
+        (
+            b.usage_kbps("hq"),
+            pa.locations.len() + pa.bridges.len(),
+            pa.key.as_ref().and_then(|k| k.rx),
+        )
     }
 
     #[test]
@@ -1402,20 +1649,34 @@ mod tests {
         let mut expect = p.b.counters();
 
         // Replay of an accepted datagram.
-        assert_eq!(p.b.handle_datagram(p.now, A, &first), Err(DropReason::Replayed));
+        assert_eq!(
+            p.b.handle_datagram(p.now, A, &first),
+            Err(DropReason::Replayed)
+        );
         expect.dropped_replayed += 1;
 
         // A newer datagram signed with the wrong key (as if from a peer with another PSK).
         let mut forger = core(A, 100, p.now);
         forger.set_peer_key(B, key(8)).unwrap();
         forger.reserve("hq", 3000, 4000).unwrap();
-        let forged = Pair::drain(&mut forger).into_iter().find(|(d, _)| *d == B).unwrap().1;
-        assert_eq!(p.b.handle_datagram(p.now, A, &forged), Err(DropReason::Forged));
+        let forged = Pair::drain(&mut forger)
+            .into_iter()
+            .find(|(d, _)| *d == B)
+            .unwrap()
+            .1;
+        assert_eq!(
+            p.b.handle_datagram(p.now, A, &forged),
+            Err(DropReason::Forged)
+        );
         expect.dropped_forged += 1;
 
         // Every single-bit flip of the genuine datagram, re-sent with a higher sequence number.
         p.a.reserve("hq", 100, 4000).unwrap();
-        let next = Pair::drain(&mut p.a).into_iter().find(|(d, _)| *d == B).unwrap().1;
+        let next = Pair::drain(&mut p.a)
+            .into_iter()
+            .find(|(d, _)| *d == B)
+            .unwrap()
+            .1;
         for bit in 0..next.len() * 8 {
             let mut d = next.clone();
             d[bit / 8] ^= 1 << (bit % 8);
@@ -1447,9 +1708,16 @@ mod tests {
         }
 
         // From the wrong source address, or for another receiver.
-        assert_eq!(p.b.handle_datagram(p.now, C, &next), Err(DropReason::AddressMismatch));
+        assert_eq!(
+            p.b.handle_datagram(p.now, C, &next),
+            Err(DropReason::AddressMismatch)
+        );
         expect.dropped_address_mismatch += 1;
-        assert_eq!(p.a.handle_datagram(p.now, A, &next), Err(DropReason::AddressMismatch), "reflected back to its sender");
+        assert_eq!(
+            p.a.handle_datagram(p.now, A, &next),
+            Err(DropReason::AddressMismatch),
+            "reflected back to its sender"
+        );
 
         assert_eq!(view(&p.b), before, "nothing changed");
         assert_eq!(p.b.counters(), expect);
@@ -1464,7 +1732,10 @@ mod tests {
         let now = Instant::now();
         let (mut a, mut b) = (core(A, 1, now), core(B, 1, now));
         a.reserve("hq", 10, 100).unwrap();
-        assert!(Pair::drain(&mut a).is_empty(), "nothing is sent without a key");
+        assert!(
+            Pair::drain(&mut a).is_empty(),
+            "nothing is sent without a key"
+        );
         a.set_peer_key(B, key(1)).unwrap();
         let d = Pair::drain(&mut a).pop().unwrap().1;
         assert_eq!(b.handle_datagram(now, A, &d), Err(DropReason::NoKey));
@@ -1479,13 +1750,26 @@ mod tests {
         b.set_peer_key(A, key(2)).unwrap();
         let d2 = Pair::drain(&mut a2).pop().unwrap().1;
         b.handle_datagram(now, A, &d2).unwrap();
-        assert_eq!(b.usage_kbps("hq"), 0, "a restarted sender's earlier usage is void at once");
+        assert_eq!(
+            b.usage_kbps("hq"),
+            0,
+            "a restarted sender's earlier usage is void at once"
+        );
         // Removing the key forgets the peer's usage.
         b.remove_peer_key(A).unwrap();
         assert_eq!(b.handle_datagram(now, A, &d2), Err(DropReason::NoKey));
-        assert_eq!(b.set_peer_key(Ipv4Addr::new(10, 0, 0, 9), key(1)), Err(BandwidthError::UnknownPeer(Ipv4Addr::new(10, 0, 0, 9))));
+        assert_eq!(
+            b.set_peer_key(Ipv4Addr::new(10, 0, 0, 9), key(1)),
+            Err(BandwidthError::UnknownPeer(Ipv4Addr::new(10, 0, 0, 9)))
+        );
         let many: Vec<Ipv4Addr> = (1..=10).map(|i| Ipv4Addr::new(10, 1, 0, i)).collect();
-        assert_eq!(b.set_peers(&many), Err(BandwidthError::TooManyPeers { given: 10, max: MAX_PEERS }));
+        assert_eq!(
+            b.set_peers(&many),
+            Err(BandwidthError::TooManyPeers {
+                given: 10,
+                max: MAX_PEERS
+            })
+        );
         assert_eq!(b.peers.len(), 2, "the refused list changed nothing");
     }
 
@@ -1500,41 +1784,77 @@ mod tests {
         p.exchange();
         p.b.set_peer_key(A, key(9)).unwrap();
         p.exchange();
-        assert_eq!(p.b.handle_datagram(p.now, A, &old), Err(DropReason::Replayed), "replay state survives the rollover");
+        assert_eq!(
+            p.b.handle_datagram(p.now, A, &old),
+            Err(DropReason::Replayed),
+            "replay state survives the rollover"
+        );
         for _ in 0..REKEY_SEND_GRACE {
             p.advance(SECOND);
             p.exchange();
         }
         for (c, peer) in [(&p.a, B), (&p.b, A)] {
             let slot = c.peers.iter().find(|x| x.addr == peer).unwrap();
-            assert!(slot.prev.is_none() && slot.send_prev == 0, "both ends moved to the new key");
+            assert!(
+                slot.prev.is_none() && slot.send_prev == 0,
+                "both ends moved to the new key"
+            );
         }
-        assert_eq!(p.b.handle_datagram(p.now, A, &old), Err(DropReason::Forged), "the old key is retired");
-        assert_eq!((p.a.counters().dropped_forged, p.b.counters().dropped_forged), (0, 1));
+        assert_eq!(
+            p.b.handle_datagram(p.now, A, &old),
+            Err(DropReason::Forged),
+            "the old key is retired"
+        );
+        assert_eq!(
+            (p.a.counters().dropped_forged, p.b.counters().dropped_forged),
+            (0, 1)
+        );
         assert_eq!(p.b.usage_kbps("hq"), 500);
     }
 
     #[test]
     fn snapshots_are_split_to_the_path_mtu() {
         let mut p = Pair::new();
-        let names: Vec<String> = (0..MAX_LOCAL_LOCATIONS).map(|i| format!("{i:03}-{}", "x".repeat(150))).collect();
+        let names: Vec<String> = (0..MAX_LOCAL_LOCATIONS)
+            .map(|i| format!("{i:03}-{}", "x".repeat(150)))
+            .collect();
         for (i, n) in names.iter().enumerate() {
             p.a.reserve(n, i as u64 + 1, u64::MAX).unwrap();
         }
         for i in 0..MAX_LOCAL_BRIDGES {
             p.a.charge_bridge(&format!("bridge-{i}-{}", "y".repeat(240)), 10);
         }
-        assert_eq!(p.a.reserve(&"z".repeat(MAX_NAME_LEN + 1), 1, u64::MAX), Err(0), "unadvertisable name refused");
-        assert_eq!(p.a.reserve("one-too-many", 1, u64::MAX), Err(0), "local table full");
+        assert_eq!(
+            p.a.reserve(&"z".repeat(MAX_NAME_LEN + 1), 1, u64::MAX),
+            Err(0),
+            "unadvertisable name refused"
+        );
+        assert_eq!(
+            p.a.reserve("one-too-many", 1, u64::MAX),
+            Err(0),
+            "local table full"
+        );
         assert_eq!(p.a.counters().local_refused, 2);
         for mtu in [MIN_MTU, 1280, 1500] {
             p.a.set_path_mtu(B, mtu).unwrap();
             p.advance(SECOND);
             let sent = p.exchange();
             assert!(sent.len() > 1);
-            assert!(sent.iter().all(|d| d.len() + usize::from(IPV4_UDP_OVERHEAD) <= usize::from(mtu)), "MTU {mtu}");
-            let full = sent.iter().filter(|d| d.len() + usize::from(IPV4_UDP_OVERHEAD) + ENTRY_FIXED + 255 > usize::from(mtu)).count();
-            assert!(full + 1 >= sent.len(), "datagrams are filled before a new one is started");
+            assert!(
+                sent.iter()
+                    .all(|d| d.len() + usize::from(IPV4_UDP_OVERHEAD) <= usize::from(mtu)),
+                "MTU {mtu}"
+            );
+            let full = sent
+                .iter()
+                .filter(|d| {
+                    d.len() + usize::from(IPV4_UDP_OVERHEAD) + ENTRY_FIXED + 255 > usize::from(mtu)
+                })
+                .count();
+            assert!(
+                full + 1 >= sent.len(),
+                "datagrams are filled before a new one is started"
+            );
         }
         let s = p.b.status(p.now);
         assert_eq!(s.locations.len(), MAX_LOCAL_LOCATIONS);
@@ -1543,7 +1863,15 @@ mod tests {
             assert_eq!(p.b.usage_kbps(n), i as u64 + 1);
         }
         p.a.set_path_mtu(B, 100).unwrap();
-        assert_eq!(p.a.status(p.now).peers.iter().find(|x| x.addr == B).unwrap().path_mtu, MIN_MTU);
+        assert_eq!(
+            p.a.status(p.now)
+                .peers
+                .iter()
+                .find(|x| x.addr == B)
+                .unwrap()
+                .path_mtu,
+            MIN_MTU
+        );
     }
 
     /// A datagram from A to B with arbitrary entries, signed with `k`.
@@ -1551,7 +1879,18 @@ mod tests {
         let mut buf = vec![0u8; 65_535];
         let mut pos = HEADER_LEN;
         for (kind, name, kbps) in entries {
-            pos = write_entry(&mut buf, pos, usize::MAX, *kind, name, Usage { kbps: *kbps, calls: u32::from(*kbps > 0) }).unwrap();
+            pos = write_entry(
+                &mut buf,
+                pos,
+                usize::MAX,
+                *kind,
+                name,
+                Usage {
+                    kbps: *kbps,
+                    calls: u32::from(*kbps > 0),
+                },
+            )
+            .unwrap();
         }
         write_header(&mut buf, 0, entries.len() as u16, A, B, 1, seq);
         let len = seal(k, &mut buf, pos);
@@ -1562,25 +1901,46 @@ mod tests {
     #[test]
     fn a_peer_cannot_make_this_peer_keep_unbounded_entries() {
         let now = Instant::now();
-        let mut b = Bandwidth::new(BandwidthConfig { mtu: 9000, ..BandwidthConfig::new(B, 1) }, now);
+        let mut b = Bandwidth::new(
+            BandwidthConfig {
+                mtu: 9000,
+                ..BandwidthConfig::new(B, 1)
+            },
+            now,
+        );
         b.set_peers(&[A]).unwrap();
         b.set_peer_key(A, key(3)).unwrap();
-        let names: Vec<String> = (0..MAX_ENTRIES_PER_PEER + 1).map(|i| format!("l{i}")).collect();
+        let names: Vec<String> = (0..MAX_ENTRIES_PER_PEER + 1)
+            .map(|i| format!("l{i}"))
+            .collect();
         let mut seq = 0;
         for chunk in names[..MAX_ENTRIES_PER_PEER].chunks(200) {
             seq += 1;
-            let e: Vec<(u8, &str, u64)> = chunk.iter().map(|n| (KIND_LOCATION, n.as_str(), 5)).collect();
+            let e: Vec<(u8, &str, u64)> = chunk
+                .iter()
+                .map(|n| (KIND_LOCATION, n.as_str(), 5))
+                .collect();
             b.handle_datagram(now, A, &craft(&key(3), seq, &e)).unwrap();
         }
         let last = names.last().unwrap();
         seq += 1;
-        let d = craft(&key(3), seq, &[(KIND_LOCATION, "l0", 9), (KIND_LOCATION, last, 5)]);
+        let d = craft(
+            &key(3),
+            seq,
+            &[(KIND_LOCATION, "l0", 9), (KIND_LOCATION, last, 5)],
+        );
         assert_eq!(b.handle_datagram(now, A, &d), Err(DropReason::EntryLimit));
-        assert_eq!(b.usage_kbps("l0"), 5, "the refused datagram changed nothing");
+        assert_eq!(
+            b.usage_kbps("l0"),
+            5,
+            "the refused datagram changed nothing"
+        );
         // A zero frees a slot; then the new name fits.
-        b.handle_datagram(now, A, &craft(&key(3), seq, &[(KIND_LOCATION, "l0", 0)])).unwrap();
+        b.handle_datagram(now, A, &craft(&key(3), seq, &[(KIND_LOCATION, "l0", 0)]))
+            .unwrap();
         seq += 1;
-        b.handle_datagram(now, A, &craft(&key(3), seq, &[(KIND_LOCATION, last, 5)])).unwrap();
+        b.handle_datagram(now, A, &craft(&key(3), seq, &[(KIND_LOCATION, last, 5)]))
+            .unwrap();
         assert_eq!((b.usage_kbps("l0"), b.usage_kbps(last)), (0, 5));
         // Entries that do not parse to the end, trailing bytes, bad UTF-8, unknown kinds.
         let good = craft(&key(3), seq + 1, &[(KIND_LOCATION, last, 6)]);
@@ -1623,7 +1983,10 @@ mod tests {
             "confmesh_bandwidth_datagrams_dropped_total{reason=\"forged\"} 0",
             "confmesh_bandwidth_datagrams_accepted_total 1",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
         assert!(!text.contains("10.96.0.3"), "no age for a peer never heard");
     }
@@ -1635,15 +1998,26 @@ mod tests {
         let core = Arc::new(Mutex::new(self::core(A, 1, now)));
         let wakes = Arc::new(AtomicUsize::new(0));
         let w = wakes.clone();
-        let h = BandwidthLedgerHandle::new(core.clone(), Arc::new(move || {
-            w.fetch_add(1, Ordering::SeqCst);
-        }));
+        let h = BandwidthLedgerHandle::new(
+            core.clone(),
+            Arc::new(move || {
+                w.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
         lock(&core).set_peer_key(B, key(1)).unwrap();
         Pair::drain(&mut lock(&core));
         assert_eq!(h.try_reserve("hq", 600, 1000), Ok(()));
         assert_eq!(h.try_reserve("hq", 600, 1000), Err(600));
-        assert_eq!(wakes.load(Ordering::SeqCst), 1, "a refusal changes nothing and wakes nobody");
-        assert_eq!(Pair::drain(&mut lock(&core)).len(), 1, "the change is sent at once");
+        assert_eq!(
+            wakes.load(Ordering::SeqCst),
+            1,
+            "a refusal changes nothing and wakes nobody"
+        );
+        assert_eq!(
+            Pair::drain(&mut lock(&core)).len(),
+            1,
+            "the change is sent at once"
+        );
         h.charge_bridge("b1", 600);
         h.discharge_bridge("b1", 600);
         h.release("hq", 600);
@@ -1675,12 +2049,17 @@ mod tests {
         let mut rng = Rng(seed | 1);
         let t0 = Instant::now();
         let addrs = [A, B, C];
-        let mut cores: Vec<Bandwidth> = addrs.iter().enumerate().map(|(i, a)| core(*a, i as u64 + 1, t0)).collect();
+        let mut cores: Vec<Bandwidth> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| core(*a, i as u64 + 1, t0))
+            .collect();
         for (i, c) in cores.iter_mut().enumerate() {
             for (j, peer) in addrs.iter().enumerate() {
                 if i != j {
                     // Matches the initial key bytes of `pair_keys` below: 1, 2, 6.
-                    c.set_peer_key(*peer, key((i.min(j) * 4 + i.max(j)) as u8)).unwrap();
+                    c.set_peer_key(*peer, key((i.min(j) * 4 + i.max(j)) as u8))
+                        .unwrap();
                 }
             }
         }
@@ -1693,7 +2072,8 @@ mod tests {
         let (mut reserved, mut lost, mut refused, mut rekeys) = (0u32, 0u32, 0u32, 0u32);
         // Per pair (i < j): the current key byte, the step of its last rekey, and the step at
         // which the second end installs the new key.
-        let mut pair_keys: Vec<(usize, usize, u8, u32, Option<u32>)> = vec![(0, 1, 1, 0, None), (0, 2, 2, 0, None), (1, 2, 6, 0, None)];
+        let mut pair_keys: Vec<(usize, usize, u8, u32, Option<u32>)> =
+            vec![(0, 1, 1, 0, None), (0, 2, 2, 0, None), (1, 2, 6, 0, None)];
         for step in 0..600u32 {
             now += Duration::from_millis(rng.below(120));
             let lossy = step < 500;
@@ -1739,7 +2119,10 @@ mod tests {
             while in_flight.first().is_some_and(|f| f.0 <= now) {
                 let (_, to, from, d) = in_flight.remove(0);
                 let r = cores[to].handle_datagram(now, from, &d);
-                assert!(matches!(r, Ok(()) | Err(DropReason::Replayed)), "seed {seed}: {r:?}");
+                assert!(
+                    matches!(r, Ok(()) | Err(DropReason::Replayed)),
+                    "seed {seed}: {r:?}"
+                );
             }
         }
         assert!(
@@ -1753,7 +2136,12 @@ mod tests {
             for (i, c) in cores.iter_mut().enumerate() {
                 c.handle_timeout(now);
                 while let Some(t) = c.poll_transmit(&mut buf) {
-                    in_flight.push((now, addrs.iter().position(|a| *a == t.dest).unwrap(), addrs[i], buf[..t.len].to_vec()));
+                    in_flight.push((
+                        now,
+                        addrs.iter().position(|a| *a == t.dest).unwrap(),
+                        addrs[i],
+                        buf[..t.len].to_vec(),
+                    ));
                 }
             }
             for (_, to, from, d) in in_flight.drain(..) {
@@ -1763,18 +2151,34 @@ mod tests {
         for (l, name) in locations.iter().enumerate() {
             let truth: u64 = held.iter().map(|h| h[l].iter().sum::<u64>()).sum();
             for (i, c) in cores.iter().enumerate() {
-                assert_eq!(c.usage_kbps(name), truth, "seed {seed}: peer {i}, location {name}");
+                assert_eq!(
+                    c.usage_kbps(name),
+                    truth,
+                    "seed {seed}: peer {i}, location {name}"
+                );
             }
         }
         for c in &cores {
             let k = c.counters();
-            assert_eq!((k.dropped_forged, k.dropped_malformed, k.dropped_oversize, k.dropped_entry_limit), (0, 0, 0, 0), "seed {seed}");
+            assert_eq!(
+                (
+                    k.dropped_forged,
+                    k.dropped_malformed,
+                    k.dropped_oversize,
+                    k.dropped_entry_limit
+                ),
+                (0, 0, 0, 0),
+                "seed {seed}"
+            );
         }
     }
 
     #[test]
     fn lossy_reordering_link_converges_once_healed() {
-        let base = std::env::var("BANDWIDTH_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_u64);
+        let base = std::env::var("BANDWIDTH_SIM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed_u64);
         for i in 0..20 {
             let seed = base.wrapping_add(i);
             if let Err(e) = std::panic::catch_unwind(|| simulate(seed)) {

@@ -37,7 +37,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(field: &str, message: impl Into<String>) -> Self {
-        Self { field: field.to_owned(), message: message.into() }
+        Self {
+            field: field.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
@@ -46,7 +49,11 @@ impl fmt::Display for ConfigError {
         if self.field.is_empty() {
             write!(f, "configuration refused: {}", self.message)
         } else {
-            write!(f, "configuration refused: `{}`: {}", self.field, self.message)
+            write!(
+                f,
+                "configuration refused: `{}`: {}",
+                self.field, self.message
+            )
         }
     }
 }
@@ -187,19 +194,42 @@ impl AdminTls {
         let cert_field = "admin.tls_cert_file";
         let key_field = "admin.tls_key_file";
         let pem = std::fs::read(cert_file).map_err(|e| {
-            ConfigError::new(cert_field, format!("cannot read {}: {e}; point it at a readable PEM certificate file", cert_file.display()))
+            ConfigError::new(
+                cert_field,
+                format!(
+                    "cannot read {}: {e}; point it at a readable PEM certificate file",
+                    cert_file.display()
+                ),
+            )
         })?;
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().map_err(|e| {
-            ConfigError::new(cert_field, format!("{} is not valid PEM ({e}); give the certificate in PEM form", cert_file.display()))
-        })?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                ConfigError::new(
+                    cert_field,
+                    format!(
+                        "{} is not valid PEM ({e}); give the certificate in PEM form",
+                        cert_file.display()
+                    ),
+                )
+            })?;
         if chain.is_empty() {
             return Err(ConfigError::new(
                 cert_field,
-                format!("{} holds no \"BEGIN CERTIFICATE\" block; give the server certificate (then any intermediates) in PEM form", cert_file.display()),
+                format!(
+                    "{} holds no \"BEGIN CERTIFICATE\" block; give the server certificate (then any intermediates) in PEM form",
+                    cert_file.display()
+                ),
             ));
         }
         let key_pem = zeroize::Zeroizing::new(std::fs::read(key_file).map_err(|e| {
-            ConfigError::new(key_field, format!("cannot read {}: {e}; point it at a PEM private key readable by the daemon", key_file.display()))
+            ConfigError::new(
+                key_field,
+                format!(
+                    "cannot read {}: {e}; point it at a PEM private key readable by the daemon",
+                    key_file.display()
+                ),
+            )
         })?);
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
             ConfigError::new(
@@ -233,7 +263,12 @@ impl AdminTls {
                 ),
             })?;
         server.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(AdminTls { cert_file: cert_file.to_owned(), key_file: key_file.to_owned(), chain, server: std::sync::Arc::new(server) })
+        Ok(AdminTls {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            chain,
+            server: std::sync::Arc::new(server),
+        })
     }
 
     /// The rustls server configuration to accept connections with.
@@ -244,14 +279,19 @@ impl AdminTls {
 
 impl fmt::Debug for AdminTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AdminTls").field("cert_file", &self.cert_file).field("key_file", &self.key_file).finish_non_exhaustive()
+        f.debug_struct("AdminTls")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
     }
 }
 
 /// Two identities are equal when they come from the same files and carry the same certificates.
 impl PartialEq for AdminTls {
     fn eq(&self, other: &Self) -> bool {
-        self.cert_file == other.cert_file && self.key_file == other.key_file && self.chain == other.chain
+        self.cert_file == other.cert_file
+            && self.key_file == other.key_file
+            && self.chain == other.chain
     }
 }
 
@@ -341,28 +381,50 @@ impl Config {
     /// Reads and validates the configuration file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new("", format!("cannot read {}: {e}; pass an existing file with --config", path.display()))
+            ConfigError::new(
+                "",
+                format!(
+                    "cannot read {}: {e}; pass an existing file with --config",
+                    path.display()
+                ),
+            )
         })?;
         Config::parse(&text, machine_serial)
     }
 
     /// Validates configuration text. `default_serial` supplies the serial when the file has none
     /// (from the machine id in production; a fixed value in tests).
-    pub fn parse(text: &str, default_serial: impl FnOnce() -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn parse(
+        text: &str,
+        default_serial: impl FnOnce() -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(text, e))?;
         let Some(peer) = raw.peer else {
-            return Err(ConfigError::new("peer", "the [peer] table is missing; add it with at least hostname and mgmt_addr"));
+            return Err(ConfigError::new(
+                "peer",
+                "the [peer] table is missing; add it with at least hostname and mgmt_addr",
+            ));
         };
         let peer = validate_peer(peer, default_serial)?;
         let admin = validate_admin(raw.admin, &peer)?;
         let cluster = validate_cluster(raw.cluster, &peer)?;
-        Ok(Config { peer, admin, cluster })
+        Ok(Config {
+            peer,
+            admin,
+            cluster,
+        })
     }
 }
 
 fn toml_error(text: &str, e: toml::de::Error) -> ConfigError {
-    let field = e.span().map(|span| field_at(text, span.start)).unwrap_or_default();
-    ConfigError { field, message: format!("{}; check it against SPEC.md §7", e.message().trim_end()) }
+    let field = e
+        .span()
+        .map(|span| field_at(text, span.start))
+        .unwrap_or_default();
+    ConfigError {
+        field,
+        message: format!("{}; check it against SPEC.md §7", e.message().trim_end()),
+    }
 }
 
 /// The dotted name (`table.key`) of the key written on the line that holds byte `offset`.
@@ -370,7 +432,12 @@ fn field_at(text: &str, offset: usize) -> String {
     let offset = offset.min(text.len());
     let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("");
-    let key = line.split('=').next().unwrap_or("").trim().trim_matches('"');
+    let key = line
+        .split('=')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .trim_matches('"');
     let table = text[..line_start]
         .lines()
         .rev()
@@ -384,13 +451,18 @@ fn field_at(text: &str, offset: usize) -> String {
 }
 
 fn parse_ipv4(field: &str, text: &str) -> Result<Ipv4Addr, ConfigError> {
-    let addr: Ipv4Addr = text
-        .parse()
-        .map_err(|_| ConfigError::new(field, format!("{text:?} is not an IPv4 address; write it as a.b.c.d")))?;
+    let addr: Ipv4Addr = text.parse().map_err(|_| {
+        ConfigError::new(
+            field,
+            format!("{text:?} is not an IPv4 address; write it as a.b.c.d"),
+        )
+    })?;
     if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() || addr.is_loopback() {
         return Err(ConfigError::new(
             field,
-            format!("{addr} cannot be a peer address; use this host's unicast address on the cluster network"),
+            format!(
+                "{addr} cannot be a peer address; use this host's unicast address on the cluster network"
+            ),
         ));
     }
     Ok(addr)
@@ -399,41 +471,67 @@ fn parse_ipv4(field: &str, text: &str) -> Result<Ipv4Addr, ConfigError> {
 fn valid_label(label: &str) -> bool {
     !label.is_empty()
         && label.len() <= 63
-        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         && !label.starts_with('-')
         && !label.ends_with('-')
 }
 
-fn validate_peer(raw: RawPeer, default_serial: impl FnOnce() -> Option<String>) -> Result<PeerSettings, ConfigError> {
-    let hostname = raw
-        .hostname
-        .ok_or_else(|| ConfigError::new("peer.hostname", "missing; set the host name shown to the other peers"))?;
+fn validate_peer(
+    raw: RawPeer,
+    default_serial: impl FnOnce() -> Option<String>,
+) -> Result<PeerSettings, ConfigError> {
+    let hostname = raw.hostname.ok_or_else(|| {
+        ConfigError::new(
+            "peer.hostname",
+            "missing; set the host name shown to the other peers",
+        )
+    })?;
     if !valid_label(&hostname) {
         return Err(ConfigError::new(
             "peer.hostname",
-            format!("{hostname:?} is not a valid host name; use 1-63 letters, digits and inner hyphens"),
+            format!(
+                "{hostname:?} is not a valid host name; use 1-63 letters, digits and inner hyphens"
+            ),
         ));
     }
     if let Some(domain) = &raw.domain {
         if domain.len() > 253 || !domain.split('.').all(valid_label) {
-            return Err(ConfigError::new("peer.domain", format!("{domain:?} is not a valid DNS domain, e.g. example.com")));
+            return Err(ConfigError::new(
+                "peer.domain",
+                format!("{domain:?} is not a valid DNS domain, e.g. example.com"),
+            ));
         }
     }
     let serial = match raw.serial {
         Some(s) => s,
         None => default_serial().ok_or_else(|| {
-            ConfigError::new("peer.serial", "missing and /etc/machine-id is unreadable; set serial = \"...\" explicitly")
+            ConfigError::new(
+                "peer.serial",
+                "missing and /etc/machine-id is unreadable; set serial = \"...\" explicitly",
+            )
         })?,
     };
-    if serial.is_empty() || serial.len() > 64 || !serial.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    if serial.is_empty()
+        || serial.len() > 64
+        || !serial
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
         return Err(ConfigError::new(
             "peer.serial",
-            format!("{serial:?} is not usable in backup file names; use 1-64 letters, digits or hyphens"),
+            format!(
+                "{serial:?} is not usable in backup file names; use 1-64 letters, digits or hyphens"
+            ),
         ));
     }
-    let mgmt_text = raw
-        .mgmt_addr
-        .ok_or_else(|| ConfigError::new("peer.mgmt_addr", "missing; set this host's IPv4 address on the cluster network"))?;
+    let mgmt_text = raw.mgmt_addr.ok_or_else(|| {
+        ConfigError::new(
+            "peer.mgmt_addr",
+            "missing; set this host's IPv4 address on the cluster network",
+        )
+    })?;
     let mgmt_addr = parse_ipv4("peer.mgmt_addr", &mgmt_text)?;
     if raw.rendezvous_addrs.is_empty() {
         return Err(ConfigError::new(
@@ -447,26 +545,43 @@ fn validate_peer(raw: RawPeer, default_serial: impl FnOnce() -> Option<String>) 
         if addr == mgmt_addr {
             return Err(ConfigError::new(
                 "peer.rendezvous_addrs",
-                format!("{addr} is the management address; SIP must use a separate rendezvous address"),
+                format!(
+                    "{addr} is the management address; SIP must use a separate rendezvous address"
+                ),
             ));
         }
         if rendezvous_addrs.contains(&addr) {
-            return Err(ConfigError::new("peer.rendezvous_addrs", format!("{addr} is listed twice; list each address once")));
+            return Err(ConfigError::new(
+                "peer.rendezvous_addrs",
+                format!("{addr} is listed twice; list each address once"),
+            ));
         }
         rendezvous_addrs.push(addr);
     }
-    let state_dir = raw.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/confmesh"));
+    let state_dir = raw
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/confmesh"));
     if !state_dir.is_absolute() {
-        return Err(ConfigError::new("peer.state_dir", format!("{} is relative; use an absolute path", state_dir.display())));
+        return Err(ConfigError::new(
+            "peer.state_dir",
+            format!("{} is relative; use an absolute path", state_dir.display()),
+        ));
     }
     let mtu = match raw.mtu {
         None => 1500,
         Some(m) if (i64::from(MIN_MTU)..=i64::from(MAX_MTU)).contains(&m) => m as u16,
         Some(m) => {
-            return Err(ConfigError::new("peer.mtu", format!("{m} is out of range; use {MIN_MTU}..={MAX_MTU} (1500 for Ethernet)")));
+            return Err(ConfigError::new(
+                "peer.mtu",
+                format!("{m} is out of range; use {MIN_MTU}..={MAX_MTU} (1500 for Ethernet)"),
+            ));
         }
     };
-    let syslog = raw.syslog.iter().map(|s| parse_syslog(s)).collect::<Result<Vec<_>, _>>()?;
+    let syslog = raw
+        .syslog
+        .iter()
+        .map(|s| parse_syslog(s))
+        .collect::<Result<Vec<_>, _>>()?;
     let overlay_addr = match raw.overlay_addr {
         None => default_overlay_addr(mgmt_addr),
         Some(text) => {
@@ -474,7 +589,9 @@ fn validate_peer(raw: RawPeer, default_serial: impl FnOnce() -> Option<String>) 
             if !in_overlay(addr) {
                 return Err(ConfigError::new(
                     "peer.overlay_addr",
-                    format!("{addr} is outside the overlay {OVERLAY_PREFIX}/{OVERLAY_PREFIX_LEN}; pick an address inside it or omit the key"),
+                    format!(
+                        "{addr} is outside the overlay {OVERLAY_PREFIX}/{OVERLAY_PREFIX_LEN}; pick an address inside it or omit the key"
+                    ),
                 ));
             }
             addr
@@ -482,7 +599,10 @@ fn validate_peer(raw: RawPeer, default_serial: impl FnOnce() -> Option<String>) 
     };
     let control_socket = match raw.control_socket {
         Some(p) if !p.is_absolute() => {
-            return Err(ConfigError::new("peer.control_socket", format!("{} is relative; use an absolute path", p.display())));
+            return Err(ConfigError::new(
+                "peer.control_socket",
+                format!("{} is relative; use an absolute path", p.display()),
+            ));
         }
         Some(p) => p,
         None => state_dir.join("confmesh.sock"),
@@ -494,7 +614,9 @@ fn validate_peer(raw: RawPeer, default_serial: impl FnOnce() -> Option<String>) 
         Some(n) => {
             return Err(ConfigError::new(
                 "peer.sip_shards",
-                format!("{n} is out of range; use 1 (the default), up to {max}, or 0 for one per CPU"),
+                format!(
+                    "{n} is out of range; use 1 (the default), up to {max}, or 0 for one per CPU"
+                ),
             ));
         }
     };
@@ -520,14 +642,22 @@ fn parse_syslog(text: &str) -> Result<SyslogTarget, ConfigError> {
     } else if let Some(rest) = text.strip_prefix("tcp://") {
         (SyslogTransport::Tcp, rest)
     } else {
-        return Err(ConfigError::new(field, format!("{text:?} needs a scheme; write udp://a.b.c.d:514 or tcp://a.b.c.d:514")));
+        return Err(ConfigError::new(
+            field,
+            format!("{text:?} needs a scheme; write udp://a.b.c.d:514 or tcp://a.b.c.d:514"),
+        ));
     };
     let addr = match rest.parse::<SocketAddr>() {
         Ok(a) => a,
         Err(_) => rest
             .parse::<std::net::IpAddr>()
             .map(|ip| SocketAddr::new(ip, 514))
-            .map_err(|_| ConfigError::new(field, format!("{text:?}: {rest:?} is not an address[:port]")))?,
+            .map_err(|_| {
+                ConfigError::new(
+                    field,
+                    format!("{text:?}: {rest:?} is not an address[:port]"),
+                )
+            })?,
     };
     Ok(SyslogTarget { transport, addr })
 }
@@ -536,19 +666,38 @@ fn validate_admin(raw: RawAdmin, peer: &PeerSettings) -> Result<AdminSettings, C
     let listen = match raw.listen {
         None => SocketAddr::new(peer.mgmt_addr.into(), 8443),
         Some(text) => text.parse().map_err(|_| {
-            ConfigError::new("admin.listen", format!("{text:?} is not address:port, e.g. \"{}:8443\"", peer.mgmt_addr))
+            ConfigError::new(
+                "admin.listen",
+                format!(
+                    "{text:?} is not address:port, e.g. \"{}:8443\"",
+                    peer.mgmt_addr
+                ),
+            )
         })?,
     };
     let tls = match (raw.tls_cert_file, raw.tls_key_file) {
         (None, None) => None,
         (Some(cert), Some(key)) => Some(AdminTls::load(&cert, &key)?),
-        (Some(_), None) => return Err(ConfigError::new("admin.tls_key_file", "missing; TLS needs both tls_cert_file and tls_key_file")),
-        (None, Some(_)) => return Err(ConfigError::new("admin.tls_cert_file", "missing; TLS needs both tls_cert_file and tls_key_file")),
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                "admin.tls_key_file",
+                "missing; TLS needs both tls_cert_file and tls_key_file",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "admin.tls_cert_file",
+                "missing; TLS needs both tls_cert_file and tls_key_file",
+            ));
+        }
     };
     Ok(AdminSettings { listen, tls })
 }
 
-fn validate_cluster(raw: RawCluster, peer: &PeerSettings) -> Result<Option<ClusterSettings>, ConfigError> {
+fn validate_cluster(
+    raw: RawCluster,
+    peer: &PeerSettings,
+) -> Result<Option<ClusterSettings>, ConfigError> {
     if raw.peers.is_empty() {
         if raw.psk_file.is_some() {
             return Err(ConfigError::new(
@@ -563,14 +712,20 @@ fn validate_cluster(raw: RawCluster, peer: &PeerSettings) -> Result<Option<Clust
     for text in &raw.peers {
         let addr = parse_ipv4("cluster.peers", text)?;
         if !seen.insert(addr) {
-            return Err(ConfigError::new("cluster.peers", format!("{addr} is listed twice; list each peer once")));
+            return Err(ConfigError::new(
+                "cluster.peers",
+                format!("{addr} is listed twice; list each peer once"),
+            ));
         }
         peers.push(addr);
     }
     // Overlay addresses keep the low 17 bits of the management address: two peers that share
     // them would share an overlay address and never both become Active.
     for (i, a) in peers.iter().enumerate() {
-        if let Some(b) = peers[..i].iter().find(|&&b| default_overlay_addr(b) == default_overlay_addr(*a)) {
+        if let Some(b) = peers[..i]
+            .iter()
+            .find(|&&b| default_overlay_addr(b) == default_overlay_addr(*a))
+        {
             return Err(ConfigError::new(
                 "cluster.peers",
                 format!(
@@ -584,20 +739,28 @@ fn validate_cluster(raw: RawCluster, peer: &PeerSettings) -> Result<Option<Clust
     if peers.len() > MAX_PEERS {
         return Err(ConfigError::new(
             "cluster.peers",
-            format!("{} peers listed; a cluster holds at most {MAX_PEERS}", peers.len()),
+            format!(
+                "{} peers listed; a cluster holds at most {MAX_PEERS}",
+                peers.len()
+            ),
         ));
     }
     if !peers.contains(&peer.mgmt_addr) {
         return Err(ConfigError::new(
             "cluster.peers",
-            format!("does not include this peer's own mgmt_addr {}; add it (the list is identical on every peer)", peer.mgmt_addr),
+            format!(
+                "does not include this peer's own mgmt_addr {}; add it (the list is identical on every peer)",
+                peer.mgmt_addr
+            ),
         ));
     }
     for other in peers.iter().filter(|&&p| p != peer.mgmt_addr) {
         if peer.rendezvous_addrs.contains(other) {
             return Err(ConfigError::new(
                 "peer.rendezvous_addrs",
-                format!("{other} is another peer's management address; rendezvous addresses must be this host's own"),
+                format!(
+                    "{other} is another peer's management address; rendezvous addresses must be this host's own"
+                ),
             ));
         }
     }
@@ -620,17 +783,26 @@ fn validate_cluster(raw: RawCluster, peer: &PeerSettings) -> Result<Option<Clust
         ));
     }
     let psk_file = raw.psk_file.ok_or_else(|| {
-        ConfigError::new("cluster.psk_file", "missing; a cluster needs the pre-shared key file, identical on every peer")
+        ConfigError::new(
+            "cluster.psk_file",
+            "missing; a cluster needs the pre-shared key file, identical on every peer",
+        )
     })?;
     peers.sort();
-    Ok(Some(ClusterSettings { peers, psk_file, licence, protection: raw.protection.unwrap_or(Protection::Ah) }))
+    Ok(Some(ClusterSettings {
+        peers,
+        psk_file,
+        licence,
+        protection: raw.protection.unwrap_or(Protection::Ah),
+    }))
 }
 
 /// The default serial: the first 12 hex digits of `/etc/machine-id`, upper-cased, prefixed `CM`.
 fn machine_serial() -> Option<String> {
     let id = std::fs::read_to_string("/etc/machine-id").ok()?;
     let hex: String = id.trim().chars().take(12).collect();
-    (hex.len() == 12 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| format!("CM{}", hex.to_ascii_uppercase()))
+    (hex.len() == 12 && hex.chars().all(|c| c.is_ascii_hexdigit()))
+        .then(|| format!("CM{}", hex.to_ascii_uppercase()))
 }
 
 #[cfg(test)]
@@ -665,10 +837,20 @@ protection = "ah"
     fn spec_example_parses_with_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.peer.overlay_addr, Ipv4Addr::new(198, 18, 0, 1));
-        assert_eq!(c.peer.control_socket, PathBuf::from("/var/lib/confmesh/confmesh.sock"));
+        assert_eq!(
+            c.peer.control_socket,
+            PathBuf::from("/var/lib/confmesh/confmesh.sock")
+        );
         assert_eq!(c.admin.listen, "10.96.0.1:8443".parse().unwrap());
         let cluster = c.cluster.unwrap();
-        assert_eq!(cluster.peers, vec![Ipv4Addr::new(10, 96, 0, 1), Ipv4Addr::new(10, 96, 0, 2), Ipv4Addr::new(10, 96, 0, 3)]);
+        assert_eq!(
+            cluster.peers,
+            vec![
+                Ipv4Addr::new(10, 96, 0, 1),
+                Ipv4Addr::new(10, 96, 0, 2),
+                Ipv4Addr::new(10, 96, 0, 3)
+            ]
+        );
         assert_eq!(cluster.protection, Protection::Ah);
     }
 
@@ -682,29 +864,97 @@ protection = "ah"
     #[test]
     fn bad_configurations_name_the_field() {
         let cases: &[(&str, &str, &str)] = &[
-            ("own address missing", r#"peers = ["10.96.0.2","10.96.0.3"]"#, "cluster.peers"),
-            ("too many peers", r#"peers = ["10.96.0.1","10.96.0.2","10.96.0.3","10.96.0.4"]"#, "cluster.peers"),
-            ("duplicate peer", r#"peers = ["10.96.0.1","10.96.0.1"]"#, "cluster.peers"),
-            ("overlay collision", r#"peers = ["10.96.0.1","10.98.0.1"]"#, "cluster.peers"),
-            ("not an address", r#"peers = ["10.96.0.1","conductor2"]"#, "cluster.peers"),
-            ("select with three", r#"licence = "select""#, "cluster.licence"),
-            ("essentials clustered", r#"licence = "essentials""#, "cluster.licence"),
+            (
+                "own address missing",
+                r#"peers = ["10.96.0.2","10.96.0.3"]"#,
+                "cluster.peers",
+            ),
+            (
+                "too many peers",
+                r#"peers = ["10.96.0.1","10.96.0.2","10.96.0.3","10.96.0.4"]"#,
+                "cluster.peers",
+            ),
+            (
+                "duplicate peer",
+                r#"peers = ["10.96.0.1","10.96.0.1"]"#,
+                "cluster.peers",
+            ),
+            (
+                "overlay collision",
+                r#"peers = ["10.96.0.1","10.98.0.1"]"#,
+                "cluster.peers",
+            ),
+            (
+                "not an address",
+                r#"peers = ["10.96.0.1","conductor2"]"#,
+                "cluster.peers",
+            ),
+            (
+                "select with three",
+                r#"licence = "select""#,
+                "cluster.licence",
+            ),
+            (
+                "essentials clustered",
+                r#"licence = "essentials""#,
+                "cluster.licence",
+            ),
             ("unknown licence", r#"licence = "gold""#, "cluster.licence"),
-            ("unknown protection", r#"protection = "esp-cbc""#, "cluster.protection"),
-            ("rendezvous = mgmt", r#"rendezvous_addrs = ["10.96.0.1"]"#, "peer.rendezvous_addrs"),
-            ("no rendezvous", r#"rendezvous_addrs = []"#, "peer.rendezvous_addrs"),
+            (
+                "unknown protection",
+                r#"protection = "esp-cbc""#,
+                "cluster.protection",
+            ),
+            (
+                "rendezvous = mgmt",
+                r#"rendezvous_addrs = ["10.96.0.1"]"#,
+                "peer.rendezvous_addrs",
+            ),
+            (
+                "no rendezvous",
+                r#"rendezvous_addrs = []"#,
+                "peer.rendezvous_addrs",
+            ),
             ("mtu too small", "mtu = 500", "peer.mtu"),
             ("mtu negative", "mtu = -1", "peer.mtu"),
             ("bad hostname", r#"hostname = "bad_name!""#, "peer.hostname"),
-            ("loopback mgmt", r#"mgmt_addr = "127.0.0.1""#, "peer.mgmt_addr"),
+            (
+                "loopback mgmt",
+                r#"mgmt_addr = "127.0.0.1""#,
+                "peer.mgmt_addr",
+            ),
             ("mgmt not ipv4", r#"mgmt_addr = "::1""#, "peer.mgmt_addr"),
-            ("relative state dir", r#"state_dir = "var/lib""#, "peer.state_dir"),
-            ("syslog without scheme", r#"syslog = ["10.96.0.9:514"]"#, "peer.syslog"),
-            ("too many sip shards", r#"sip_shards = 99"#, "peer.sip_shards"),
-            ("negative sip shards", r#"sip_shards = -1"#, "peer.sip_shards"),
-            ("overlay outside prefix", r#"overlay_addr = "10.0.0.1""#, "peer.overlay_addr"),
+            (
+                "relative state dir",
+                r#"state_dir = "var/lib""#,
+                "peer.state_dir",
+            ),
+            (
+                "syslog without scheme",
+                r#"syslog = ["10.96.0.9:514"]"#,
+                "peer.syslog",
+            ),
+            (
+                "too many sip shards",
+                r#"sip_shards = 99"#,
+                "peer.sip_shards",
+            ),
+            (
+                "negative sip shards",
+                r#"sip_shards = -1"#,
+                "peer.sip_shards",
+            ),
+            (
+                "overlay outside prefix",
+                r#"overlay_addr = "10.0.0.1""#,
+                "peer.overlay_addr",
+            ),
             ("bad admin listen", r#"listen = "nowhere""#, "admin.listen"),
-            ("tls half set", r#"tls_cert_file = "/etc/cert.pem""#, "admin.tls_key_file"),
+            (
+                "tls half set",
+                r#"tls_cert_file = "/etc/cert.pem""#,
+                "admin.tls_key_file",
+            ),
             ("typo in key", r#"hostnme = "x""#, "peer.hostnme"),
             ("bad serial", r#"serial = "CM 0001/x""#, "peer.serial"),
             ("bad domain", r#"domain = "exa mple.com""#, "peer.domain"),
@@ -717,12 +967,18 @@ protection = "ah"
                 f if f.starts_with("admin.") => "[admin]",
                 _ => "[peer]",
             };
-            let mut text: String =
-                GOOD.lines().filter(|l| l.split_whitespace().next() != Some(key)).collect::<Vec<_>>().join("\n");
+            let mut text: String = GOOD
+                .lines()
+                .filter(|l| l.split_whitespace().next() != Some(key))
+                .collect::<Vec<_>>()
+                .join("\n");
             text = text.replacen(table, &format!("{table}\n{line}"), 1);
             let err = parse(&text).expect_err(name);
             assert_eq!(&err.field, field, "{name}: {err}");
-            assert!(err.to_string().contains(field), "{name}: message must name the field: {err}");
+            assert!(
+                err.to_string().contains(field),
+                "{name}: message must name the field: {err}"
+            );
         }
     }
 
@@ -738,46 +994,127 @@ protection = "ah"
         };
         let a = rcgen::generate_simple_self_signed(vec!["conductor1".to_owned()]).unwrap();
         let b = rcgen::generate_simple_self_signed(vec!["conductor1".to_owned()]).unwrap();
-        let (a_crt, a_key) = (file("a.crt", &a.cert.pem()), file("a.key", &a.key_pair.serialize_pem()));
+        let (a_crt, a_key) = (
+            file("a.crt", &a.cert.pem()),
+            file("a.key", &a.key_pair.serialize_pem()),
+        );
         let b_key = file("b.key", &b.key_pair.serialize_pem());
         let garbage = file("garbage", "not PEM at all\n");
-        let bad_der = file("bad.crt", "-----BEGIN CERTIFICATE-----\nAAECAwQF\n-----END CERTIFICATE-----\n");
+        let bad_der = file(
+            "bad.crt",
+            "-----BEGIN CERTIFICATE-----\nAAECAwQF\n-----END CERTIFICATE-----\n",
+        );
         let missing = dir.path().join("missing.pem");
 
         let with_tls = |cert: &Path, key: &Path| {
-            let lines = format!("[admin]\ntls_cert_file = {:?}\ntls_key_file = {:?}", cert.display().to_string(), key.display().to_string());
+            let lines = format!(
+                "[admin]\ntls_cert_file = {:?}\ntls_key_file = {:?}",
+                cert.display().to_string(),
+                key.display().to_string()
+            );
             parse(&GOOD.replacen("[admin]", &lines, 1))
         };
         let c = with_tls(&a_crt, &a_key).unwrap();
         let tls = c.admin.tls.as_ref().expect("TLS configured");
-        assert_eq!((tls.cert_file.as_path(), tls.key_file.as_path()), (a_crt.as_path(), a_key.as_path()));
-        assert_eq!(tls.server_config().alpn_protocols, vec![b"http/1.1".to_vec()]);
-        assert!(!format!("{tls:?}").contains("PRIVATE"), "Debug shows paths only");
-        assert_eq!(parse(GOOD).unwrap().admin.tls, None, "plain HTTP when neither is set");
+        assert_eq!(
+            (tls.cert_file.as_path(), tls.key_file.as_path()),
+            (a_crt.as_path(), a_key.as_path())
+        );
+        assert_eq!(
+            tls.server_config().alpn_protocols,
+            vec![b"http/1.1".to_vec()]
+        );
+        assert!(
+            !format!("{tls:?}").contains("PRIVATE"),
+            "Debug shows paths only"
+        );
+        assert_eq!(
+            parse(GOOD).unwrap().admin.tls,
+            None,
+            "plain HTTP when neither is set"
+        );
 
         let cases: &[(&str, &Path, &Path, &str, &str)] = &[
-            ("cert unreadable", &missing, &a_key, "admin.tls_cert_file", "cannot read"),
-            ("cert not PEM", &garbage, &a_key, "admin.tls_cert_file", "BEGIN CERTIFICATE"),
-            ("key given as cert", &a_key, &a_key, "admin.tls_cert_file", "BEGIN CERTIFICATE"),
-            ("cert not X.509", &bad_der, &a_key, "admin.tls_cert_file", "certificate"),
-            ("key unreadable", &a_crt, &missing, "admin.tls_key_file", "cannot read"),
-            ("key not PEM", &a_crt, &garbage, "admin.tls_key_file", "private key"),
-            ("cert given as key", &a_crt, &a_crt, "admin.tls_key_file", "private key"),
-            ("key of another cert", &a_crt, &b_key, "admin.tls_key_file", "does not match"),
+            (
+                "cert unreadable",
+                &missing,
+                &a_key,
+                "admin.tls_cert_file",
+                "cannot read",
+            ),
+            (
+                "cert not PEM",
+                &garbage,
+                &a_key,
+                "admin.tls_cert_file",
+                "BEGIN CERTIFICATE",
+            ),
+            (
+                "key given as cert",
+                &a_key,
+                &a_key,
+                "admin.tls_cert_file",
+                "BEGIN CERTIFICATE",
+            ),
+            (
+                "cert not X.509",
+                &bad_der,
+                &a_key,
+                "admin.tls_cert_file",
+                "certificate",
+            ),
+            (
+                "key unreadable",
+                &a_crt,
+                &missing,
+                "admin.tls_key_file",
+                "cannot read",
+            ),
+            (
+                "key not PEM",
+                &a_crt,
+                &garbage,
+                "admin.tls_key_file",
+                "private key",
+            ),
+            (
+                "cert given as key",
+                &a_crt,
+                &a_crt,
+                "admin.tls_key_file",
+                "private key",
+            ),
+            (
+                "key of another cert",
+                &a_crt,
+                &b_key,
+                "admin.tls_key_file",
+                "does not match",
+            ),
         ];
         for (name, cert, key, field, says) in cases {
             let err = with_tls(cert, key).expect_err(name);
             assert_eq!(&err.field, field, "{name}: {err}");
-            assert!(err.to_string().contains(field) && err.message.contains(says), "{name}: {err}");
+            assert!(
+                err.to_string().contains(field) && err.message.contains(says),
+                "{name}: {err}"
+            );
         }
         // Only one of the two: refused before any file is read.
-        let only_key = GOOD.replacen("[admin]", &format!("[admin]\ntls_key_file = {:?}", a_key.display().to_string()), 1);
+        let only_key = GOOD.replacen(
+            "[admin]",
+            &format!("[admin]\ntls_key_file = {:?}", a_key.display().to_string()),
+            1,
+        );
         assert_eq!(parse(&only_key).unwrap_err().field, "admin.tls_cert_file");
     }
 
     #[test]
     fn standalone_with_psk_is_refused() {
-        let text = GOOD.replace(r#"peers = ["10.96.0.3", "10.96.0.1", "10.96.0.2"]"#, "peers = []");
+        let text = GOOD.replace(
+            r#"peers = ["10.96.0.3", "10.96.0.1", "10.96.0.2"]"#,
+            "peers = []",
+        );
         assert_eq!(parse(&text).unwrap_err().field, "cluster.psk_file");
     }
 
@@ -788,8 +1125,14 @@ protection = "ah"
 
     #[test]
     fn overlay_mapping_keeps_low_bits() {
-        assert_eq!(default_overlay_addr(Ipv4Addr::new(10, 96, 0, 2)), Ipv4Addr::new(198, 18, 0, 2));
-        assert_eq!(default_overlay_addr(Ipv4Addr::new(172, 17, 255, 9)), Ipv4Addr::new(198, 19, 255, 9));
+        assert_eq!(
+            default_overlay_addr(Ipv4Addr::new(10, 96, 0, 2)),
+            Ipv4Addr::new(198, 18, 0, 2)
+        );
+        assert_eq!(
+            default_overlay_addr(Ipv4Addr::new(172, 17, 255, 9)),
+            Ipv4Addr::new(198, 19, 255, 9)
+        );
         assert!(in_overlay(Ipv4Addr::new(198, 19, 1, 1)));
         assert!(!in_overlay(Ipv4Addr::new(198, 20, 0, 1)));
     }

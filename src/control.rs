@@ -174,7 +174,10 @@ pub async fn serve(
         if UnixStream::connect(path).await.is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                format!("{} is in use: another confmesh daemon is running with this state_dir", path.display()),
+                format!(
+                    "{} is in use: another confmesh daemon is running with this state_dir",
+                    path.display()
+                ),
             ));
         }
         std::fs::remove_file(path)?;
@@ -220,7 +223,9 @@ impl Pending {
             match rx.try_recv() {
                 Ok(reply) => *self = Pending::Ready(reply),
                 Err(oneshot::error::TryRecvError::Empty) => return false,
-                Err(oneshot::error::TryRecvError::Closed) => *self = Pending::Ready(Err(DROPPED.to_owned())),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    *self = Pending::Ready(Err(DROPPED.to_owned()))
+                }
             }
         }
         true
@@ -251,7 +256,10 @@ const WRITE_CHUNK: usize = 64 * 1024;
 async fn serve_one(stream: UnixStream, calls: mpsc::Sender<Call>) -> std::io::Result<()> {
     let (read, write) = stream.into_split();
     let (pending_tx, pending_rx) = mpsc::channel::<InFlight>(MAX_IN_FLIGHT);
-    tokio::try_join!(read_requests(read, calls, pending_tx), write_answers(write, pending_rx))?;
+    tokio::try_join!(
+        read_requests(read, calls, pending_tx),
+        write_answers(write, pending_rx)
+    )?;
     Ok(())
 }
 
@@ -266,22 +274,37 @@ async fn read_requests(
     let in_flight_bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
     loop {
         // Wait for room before reading: the bounds on requests in flight are what bound memory.
-        let count = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+        let count = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         // The bound is per request: a connection may carry any number of them.
         line.clear();
-        if (&mut reader).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line).await? == 0 {
+        if (&mut reader)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?
+            == 0
+        {
             return Ok(());
         }
         let too_long = line.len() > MAX_REQUEST;
         // At most MAX_REQUEST + 1 bytes, less than MAX_IN_FLIGHT_BYTES: always granted in the end.
-        let bytes = in_flight_bytes.clone().acquire_many_owned(line.len() as u32).await.expect("semaphore never closed");
+        let bytes = in_flight_bytes
+            .clone()
+            .acquire_many_owned(line.len() as u32)
+            .await
+            .expect("semaphore never closed");
         let permit = (count, bytes);
         let next = match serde_json::from_slice::<Request>(&line) {
-            _ if too_long => Pending::Ready(Err(format!("request longer than {MAX_REQUEST} bytes"))),
-            Err(e) => Pending::Ready(Err(format!("bad request: {e}"))),
-            Ok(Request::AdminHash { .. }) => {
-                Pending::Ready(Err("password hashes are not served on the control socket".to_owned()))
+            _ if too_long => {
+                Pending::Ready(Err(format!("request longer than {MAX_REQUEST} bytes")))
             }
+            Err(e) => Pending::Ready(Err(format!("bad request: {e}"))),
+            Ok(Request::AdminHash { .. }) => Pending::Ready(Err(
+                "password hashes are not served on the control socket".to_owned(),
+            )),
             Ok(req) => {
                 let (tx, rx) = oneshot::channel();
                 if calls.send((req, tx)).await.is_err() {
@@ -329,7 +352,9 @@ async fn write_answers(
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
             }
         };
-        let Some((mut p, last, permit)) = next else { break };
+        let Some((mut p, last, permit)) = next else {
+            break;
+        };
         if !out.is_empty() && !p.is_ready() {
             tokio::task::yield_now().await;
             if !p.is_ready() {
@@ -340,8 +365,14 @@ async fn write_answers(
         let reply = p.answer().await;
         drop(permit);
         let wire = match reply {
-            Ok(v) => Wire { ok: Some(v), error: None },
-            Err(e) => Wire { ok: None, error: Some(e) },
+            Ok(v) => Wire {
+                ok: Some(v),
+                error: None,
+            },
+            Err(e) => Wire {
+                ok: None,
+                error: Some(e),
+            },
         };
         serde_json::to_writer(&mut out, &wire).map_err(std::io::Error::other)?;
         out.push(b'\n');
@@ -375,7 +406,8 @@ pub async fn call(socket: &Path, request: &Request) -> Reply {
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| "the daemon closed the connection without answering".to_owned())?;
-        let wire: Wire = serde_json::from_str(&answer).map_err(|e| format!("unreadable answer from the daemon: {e}"))?;
+        let wire: Wire = serde_json::from_str(&answer)
+            .map_err(|e| format!("unreadable answer from the daemon: {e}"))?;
         match (wire.ok, wire.error) {
             (_, Some(e)) => Err(e),
             (Some(v), None) => Ok(v),
@@ -384,7 +416,12 @@ pub async fn call(socket: &Path, request: &Request) -> Reply {
     };
     tokio::time::timeout(CALL_TIMEOUT, attempt)
         .await
-        .unwrap_or_else(|_| Err(format!("the daemon did not answer within {}s", CALL_TIMEOUT.as_secs())))
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the daemon did not answer within {}s",
+                CALL_TIMEOUT.as_secs()
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -415,7 +452,13 @@ mod tests {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            Served { _dir: dir, path, rx, stop_tx, server }
+            Served {
+                _dir: dir,
+                path,
+                rx,
+                stop_tx,
+                server,
+            }
         }
     }
 
@@ -427,12 +470,18 @@ mod tests {
             held.push(rx.recv().await.unwrap());
         }
         let more = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
-        assert!(more.is_err(), "more than {bound} of requests reached the daemon");
+        assert!(
+            more.is_err(),
+            "more than {bound} of requests reached the daemon"
+        );
         held
     }
 
     /// Answers every further request with `answer`, until aborted.
-    fn answer_the_rest(mut rx: mpsc::Receiver<Call>, answer: fn(Call)) -> tokio::task::JoinHandle<()> {
+    fn answer_the_rest(
+        mut rx: mpsc::Receiver<Call>,
+        answer: fn(Call),
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             while let Some(call) = rx.recv().await {
                 answer(call);
@@ -442,15 +491,31 @@ mod tests {
 
     #[test]
     fn requests_have_stable_json() {
-        let r = Request::PeersAdd { addr: "10.96.0.3".parse().unwrap() };
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"cmd":"peers-add","addr":"10.96.0.3"}"#);
+        let r = Request::PeersAdd {
+            addr: "10.96.0.3".parse().unwrap(),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"cmd":"peers-add","addr":"10.96.0.3"}"#
+        );
         let r: Request = serde_json::from_str(r#"{"cmd":"log","kind":"config"}"#).unwrap();
-        assert_eq!(r, Request::Log { kind: LogKind::Config });
+        assert_eq!(
+            r,
+            Request::Log {
+                kind: LogKind::Config
+            }
+        );
     }
 
     #[tokio::test]
     async fn round_trip_over_a_socket() {
-        let Served { _dir, path, mut rx, stop_tx, server } = Served::start().await;
+        let Served {
+            _dir,
+            path,
+            mut rx,
+            stop_tx,
+            server,
+        } = Served::start().await;
         tokio::spawn(async move {
             while let Some((req, reply)) = rx.recv().await {
                 let _ = reply.send(match req {
@@ -459,29 +524,59 @@ mod tests {
                 });
             }
         });
-        assert_eq!(call(&path, &Request::Status).await.unwrap()["mode"], "standalone");
+        assert_eq!(
+            call(&path, &Request::Status).await.unwrap()["mode"],
+            "standalone"
+        );
         assert_eq!(call(&path, &Request::Standalone).await.unwrap_err(), "no");
         // One connection carries far more than MAX_REQUEST in all; only one request is bounded.
         let stream = UnixStream::connect(&path).await.unwrap();
         let (read, mut write) = stream.into_split();
         let mut answers = BufReader::new(read).lines();
-        let request = format!("{}\n", serde_json::to_string(&Request::ConfigGet { key: "k".repeat(300) }).unwrap());
+        let request = format!(
+            "{}\n",
+            serde_json::to_string(&Request::ConfigGet {
+                key: "k".repeat(300)
+            })
+            .unwrap()
+        );
         for _ in 0..2 * MAX_REQUEST / request.len() {
             write.write_all(request.as_bytes()).await.unwrap();
             assert!(answers.next_line().await.unwrap().unwrap().contains("no"));
         }
-        write.write_all(&vec![b' '; MAX_REQUEST + 10]).await.unwrap();
+        write
+            .write_all(&vec![b' '; MAX_REQUEST + 10])
+            .await
+            .unwrap();
         write.write_all(b"\n").await.unwrap();
-        assert!(answers.next_line().await.unwrap().unwrap().contains("longer than"));
+        assert!(
+            answers
+                .next_line()
+                .await
+                .unwrap()
+                .unwrap()
+                .contains("longer than")
+        );
         stop_tx.send(true).unwrap();
         server.await.unwrap().unwrap();
         assert!(!path.exists());
-        assert!(call(&path, &Request::Status).await.unwrap_err().contains("cannot reach the daemon"));
+        assert!(
+            call(&path, &Request::Status)
+                .await
+                .unwrap_err()
+                .contains("cannot reach the daemon")
+        );
     }
 
     #[tokio::test]
     async fn pipelined_requests_are_answered_in_order_and_bounded() {
-        let Served { _dir, path, mut rx, stop_tx, server } = Served::start().await;
+        let Served {
+            _dir,
+            path,
+            mut rx,
+            stop_tx,
+            server,
+        } = Served::start().await;
         let total = 3 * MAX_IN_FLIGHT;
         let stream = UnixStream::connect(&path).await.unwrap();
         let (read, mut write) = stream.into_split();
@@ -489,7 +584,12 @@ mod tests {
         let sender = tokio::spawn(async move {
             let mut all = Vec::new();
             for i in 0..total {
-                all.extend(serde_json::to_vec(&Request::ConfigGet { key: format!("k{i}") }).unwrap());
+                all.extend(
+                    serde_json::to_vec(&Request::ConfigGet {
+                        key: format!("k{i}"),
+                    })
+                    .unwrap(),
+                );
                 all.push(b'\n');
             }
             write.write_all(&all).await.unwrap();
@@ -499,7 +599,9 @@ mod tests {
         let held = held(&mut rx, MAX_IN_FLIGHT, "MAX_IN_FLIGHT").await;
         // Answered newest first; the client still gets them in request order.
         let answer = |(req, reply): Call| {
-            let Request::ConfigGet { key } = req else { panic!("{req:?}") };
+            let Request::ConfigGet { key } = req else {
+                panic!("{req:?}")
+            };
             let _ = reply.send(Ok(Value::String(key)));
         };
         for call in held.into_iter().rev() {
@@ -513,7 +615,10 @@ mod tests {
             assert_eq!(wire.ok, Some(Value::String(format!("k{i}"))));
         }
         drop(sender.await.unwrap());
-        assert!(answers.next_line().await.unwrap().is_none(), "closed after the client closed");
+        assert!(
+            answers.next_line().await.unwrap().is_none(),
+            "closed after the client closed"
+        );
         stop_tx.send(true).unwrap();
         server.await.unwrap().unwrap();
         answering.abort();
@@ -521,15 +626,27 @@ mod tests {
 
     #[tokio::test]
     async fn large_pipelined_requests_are_bounded_in_bytes() {
-        let Served { _dir, path, mut rx, stop_tx, server } = Served::start().await;
+        let Served {
+            _dir,
+            path,
+            mut rx,
+            stop_tx,
+            server,
+        } = Served::start().await;
         let request = |i: usize| {
-            let mut line = serde_json::to_vec(&Request::ConfigGet { key: format!("{i:04}{}", "k".repeat(MAX_REQUEST - 100)) }).unwrap();
+            let mut line = serde_json::to_vec(&Request::ConfigGet {
+                key: format!("{i:04}{}", "k".repeat(MAX_REQUEST - 100)),
+            })
+            .unwrap();
             line.push(b'\n');
             line
         };
         let per_request = request(0).len();
         let fit = MAX_IN_FLIGHT_BYTES / per_request;
-        assert!(fit < MAX_IN_FLIGHT, "the byte bound is the one that holds here");
+        assert!(
+            fit < MAX_IN_FLIGHT,
+            "the byte bound is the one that holds here"
+        );
         let total = 3 * fit;
         let stream = UnixStream::connect(&path).await.unwrap();
         let (read, mut write) = stream.into_split();
@@ -541,7 +658,9 @@ mod tests {
         });
         let held = held(&mut rx, fit, "MAX_IN_FLIGHT_BYTES").await;
         let answer = |(req, reply): Call| {
-            let Request::ConfigGet { key } = req else { panic!("{req:?}") };
+            let Request::ConfigGet { key } = req else {
+                panic!("{req:?}")
+            };
             let _ = reply.send(Ok(Value::String(key[..4].to_owned())));
         };
         for call in held {
@@ -550,7 +669,8 @@ mod tests {
         let answering = answer_the_rest(rx, answer);
         let mut answers = BufReader::new(read).lines();
         for i in 0..total {
-            let wire: Wire = serde_json::from_str(&answers.next_line().await.unwrap().unwrap()).unwrap();
+            let wire: Wire =
+                serde_json::from_str(&answers.next_line().await.unwrap().unwrap()).unwrap();
             assert_eq!(wire.ok, Some(Value::String(format!("{i:04}"))));
         }
         drop(sender.await.unwrap());

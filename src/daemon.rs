@@ -29,7 +29,9 @@ use crate::control::{self, Call, Request};
 use crate::eventlog::{LogKind, Logs, Severity, rfc3339, wall_ms};
 use crate::keylog::KeyLog;
 use crate::live::{self, MembershipChange};
-use crate::membership::{Hello, IkeState, LocalIdentity, Membership, MembershipEvent, MAX_HELLO_LEN};
+use crate::membership::{
+    Hello, IkeState, LocalIdentity, MAX_HELLO_LEN, Membership, MembershipEvent,
+};
 use crate::shared::{self, REPLICATION_PORT};
 use crate::status::{AlarmStatus, PeerStatus, Status};
 
@@ -140,28 +142,51 @@ pub const TUN_NAME: &str = "confmesh0";
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let config = Config::load(&opts.config_path)?;
     let state_dir = config.peer.state_dir.clone();
-    std::fs::create_dir_all(&state_dir).map_err(io(format!("cannot create state_dir {}", state_dir.display())))?;
-    let logs = Logs::open(&state_dir, &config.peer.hostname, config.peer.syslog.clone())
-        .map_err(io(format!("cannot open the logs under {}", state_dir.display())))?;
+    std::fs::create_dir_all(&state_dir).map_err(io(format!(
+        "cannot create state_dir {}",
+        state_dir.display()
+    )))?;
+    let logs = Logs::open(
+        &state_dir,
+        &config.peer.hostname,
+        config.peer.syslog.clone(),
+    )
+    .map_err(io(format!(
+        "cannot open the logs under {}",
+        state_dir.display()
+    )))?;
     let keylog = match &opts.keylog {
         Some(path) => {
             tracing::warn!(path = %path.display(), "key logging is on: SA keys are written to the key log; use this for debugging only");
-            Some(KeyLog::open(path).map_err(io(format!("cannot open the key log {}", path.display())))?)
+            Some(
+                KeyLog::open(path)
+                    .map_err(io(format!("cannot open the key log {}", path.display())))?,
+            )
         }
         None => None,
     };
     let store = shared::open_store(&state_dir, config.peer.mgmt_addr).await?;
-    let others: Vec<Ipv4Addr> =
-        config.cluster.iter().flat_map(|c| c.peers.iter().copied()).filter(|p| *p != config.peer.mgmt_addr).collect();
+    let others: Vec<Ipv4Addr> = config
+        .cluster
+        .iter()
+        .flat_map(|c| c.peers.iter().copied())
+        .filter(|p| *p != config.peer.mgmt_addr)
+        .collect();
     let bandwidth = BandwidthService::start(config.peer.mgmt_addr, BANDWIDTH_PORT, &others)
-        .map_err(io(format!("cannot bind bandwidth updates on {}:{BANDWIDTH_PORT} (peer.mgmt_addr)", config.peer.mgmt_addr)))?;
+        .map_err(io(format!(
+            "cannot bind bandwidth updates on {}:{BANDWIDTH_PORT} (peer.mgmt_addr)",
+            config.peer.mgmt_addr
+        )))?;
     let sip = B2buaSettings {
         shards: config.peer.sip_shards,
         ..B2buaSettings::on_rendezvous(&config.peer.rendezvous_addrs, &config.peer.hostname)
     };
     let b2bua = start_on_store(store.clone(), bandwidth.ledger(), sip)
         .await
-        .map_err(|e| DaemonError::Io { what: "cannot start the SIP B2BUA".into(), source: std::io::Error::other(e) })?;
+        .map_err(|e| DaemonError::Io {
+            what: "cannot start the SIP B2BUA".into(),
+            source: std::io::Error::other(e),
+        })?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (calls_tx, mut calls) = mpsc::channel::<Call>(32);
     let socket_path = config.peer.control_socket.clone();
@@ -173,16 +198,41 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
-        .map_err(io(format!("cannot listen for the admin API on {} (admin.listen)", config.admin.listen)))?;
+        .map_err(io(format!(
+            "cannot listen for the admin API on {} (admin.listen)",
+            config.admin.listen
+        )))?;
     let (admin_control, admin_updates) = crate::admin::AdminControl::new(config.admin.clone());
-    let admin = tokio::spawn(crate::admin::serve(admin_listener, config.admin.tls.clone(), admin_updates, calls_tx.clone(), stop_rx.clone()));
+    let admin = tokio::spawn(crate::admin::serve(
+        admin_listener,
+        config.admin.tls.clone(),
+        admin_updates,
+        calls_tx.clone(),
+        stop_rx.clone(),
+    ));
     let (inputs_tx, mut inputs) = mpsc::channel(INPUT_QUEUE);
-    let mut daemon = Daemon { inputs: inputs_tx, opts, config, logs, keylog, store, bandwidth, b2bua, admin: admin_control, cluster: None };
+    let mut daemon = Daemon {
+        inputs: inputs_tx,
+        opts,
+        config,
+        logs,
+        keylog,
+        store,
+        bandwidth,
+        b2bua,
+        admin: admin_control,
+        cluster: None,
+    };
     let cluster = daemon.config.cluster.clone();
     daemon.logs.append(
         LogKind::Events,
         Severity::Notice,
-        format!("confmesh {} started as {} ({})", daemon.opts.version, daemon.config.peer.hostname, mode_name(&cluster)),
+        format!(
+            "confmesh {} started as {} ({})",
+            daemon.opts.version,
+            daemon.config.peer.hostname,
+            mode_name(&cluster)
+        ),
     );
     if let Some(settings) = cluster {
         daemon.join(settings).await?;
@@ -233,9 +283,16 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
         daemon.drive().await;
     }
-    daemon.logs.append(LogKind::Events, Severity::Notice, "confmesh stopping");
+    daemon
+        .logs
+        .append(LogKind::Events, Severity::Notice, "confmesh stopping");
     daemon.leave_quietly().await;
-    let Daemon { bandwidth, store, b2bua, .. } = daemon;
+    let Daemon {
+        bandwidth,
+        store,
+        b2bua,
+        ..
+    } = daemon;
     b2bua.shutdown().await;
     bandwidth.shutdown().await;
     drop(store);
@@ -261,7 +318,11 @@ async fn feed_hellos(socket: Arc<UdpSocket>, inputs: mpsc::Sender<Input>) {
     loop {
         match socket.recv_from(&mut buf).await {
             Ok((len, from)) if len <= MAX_HELLO_LEN => {
-                if inputs.send(Input::Hello(buf[..len].to_vec(), from)).await.is_err() {
+                if inputs
+                    .send(Input::Hello(buf[..len].to_vec(), from))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -301,7 +362,8 @@ impl IkeGate {
             SocketAddr::V6(_) => false,
         };
         if !known {
-            self.unknown_source.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.unknown_source
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         known
     }
@@ -318,7 +380,8 @@ async fn feed_ike(socket: Arc<UdpSocket>, gate: Arc<IkeGate>, inputs: mpsc::Send
                 match inputs.try_send(Input::Ike(buf[..len].to_vec(), from)) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        gate.queue_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        gate.queue_full
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
@@ -334,13 +397,25 @@ async fn feed_ike(socket: Arc<UdpSocket>, gate: Arc<IkeGate>, inputs: mpsc::Send
 
 /// Reads the pre-shared key; surrounding whitespace (a trailing newline) is not part of it.
 fn read_psk(path: &Path) -> Result<Zeroizing<Vec<u8>>, DaemonError> {
-    let raw = Zeroizing::new(std::fs::read(path).map_err(io(format!("cannot read cluster.psk_file {}", path.display())))?);
-    let start = raw.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(raw.len());
-    let end = raw.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let raw = Zeroizing::new(std::fs::read(path).map_err(io(format!(
+        "cannot read cluster.psk_file {}",
+        path.display()
+    )))?);
+    let start = raw
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(raw.len());
+    let end = raw
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     if end - start < 8 {
         return Err(DaemonError::Config(crate::config::ConfigError {
             field: "cluster.psk_file".into(),
-            message: format!("{} holds a key shorter than 8 bytes; put the same long random key on every peer", path.display()),
+            message: format!(
+                "{} holds a key shorter than 8 bytes; put the same long random key on every peer",
+                path.display()
+            ),
         }));
     }
     Ok(Zeroizing::new(raw[start..end].to_vec()))
@@ -366,12 +441,18 @@ fn os_seed() -> Result<[u8; 32], DaemonError> {
     let mut seed = [0u8; 32];
     ring::rand::SystemRandom::new()
         .fill(&mut seed)
-        .map_err(|_| DaemonError::Io { what: "cannot read randomness from the OS".into(), source: std::io::Error::other("getrandom failed") })?;
+        .map_err(|_| DaemonError::Io {
+            what: "cannot read randomness from the OS".into(),
+            source: std::io::Error::other("getrandom failed"),
+        })?;
     Ok(seed)
 }
 
 /// Passes the dataplane's events to the state loop.
-async fn feed_overlay_events(mut events: mpsc::Receiver<OverlayEvent>, inputs: mpsc::Sender<Input>) {
+async fn feed_overlay_events(
+    mut events: mpsc::Receiver<OverlayEvent>,
+    inputs: mpsc::Sender<Input>,
+) {
     while let Some(e) = events.recv().await {
         if inputs.send(Input::Overlay(e)).await.is_err() {
             return;
@@ -387,7 +468,11 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 fn mode_name(cluster: &Option<ClusterSettings>) -> &'static str {
-    if cluster.is_some() { "cluster" } else { "standalone" }
+    if cluster.is_some() {
+        "cluster"
+    } else {
+        "standalone"
+    }
 }
 
 impl Daemon {
@@ -430,53 +515,85 @@ impl Daemon {
                     message: "changed; the protection of the SAs only changes with a restart of the daemon".into(),
                 }));
             }
-            for gone in c.settings.peers.iter().filter(|p| !settings.peers.contains(p) && **p != me) {
+            for gone in c
+                .settings
+                .peers
+                .iter()
+                .filter(|p| !settings.peers.contains(p) && **p != me)
+            {
                 c.ike.remove_peer(now, *gone);
                 c.overlay.remove_peer(*gone);
                 let _ = self.bandwidth.remove_peer_key(*gone);
             }
             for &(addr, overlay) in peers.iter().filter(|p| p.0 != me) {
-                c.ike.set_peer(now, PeerConfig { addr, overlay, psk: psk.clone() });
+                c.ike.set_peer(
+                    now,
+                    PeerConfig {
+                        addr,
+                        overlay,
+                        psk: psk.clone(),
+                    },
+                );
             }
             c.membership.set_peers(&peers);
-            c.ike_gate.set_peers(peers.iter().map(|p| p.0).filter(|&p| p != me));
+            c.ike_gate
+                .set_peers(peers.iter().map(|p| p.0).filter(|&p| p != me));
             c.replication.set_peers(sync_peers(&peers, me));
             c.settings = settings;
             self.set_bandwidth_peers(&peers);
             return Ok(());
         }
-        let local = PeerAddrs { mgmt: self.config.peer.mgmt_addr, overlay: self.config.peer.overlay_addr };
+        let local = PeerAddrs {
+            mgmt: self.config.peer.mgmt_addr,
+            overlay: self.config.peer.overlay_addr,
+        };
         let (overlay, overlay_events) = Overlay::start(OverlayConfig {
             tun_name: TUN_NAME.to_owned(),
             local,
             overlay_prefix_len: OVERLAY_PREFIX_LEN,
             mtu: self.config.peer.mtu,
         })
-        .map_err(|e| DaemonError::Io { what: "cannot start the overlay".into(), source: std::io::Error::other(e) })?;
+        .map_err(|e| DaemonError::Io {
+            what: "cannot start the overlay".into(),
+            source: std::io::Error::other(e),
+        })?;
         // Hellos and the store's sync listen on the overlay's TUN device only: a packet addressed
         // to an overlay address but arriving on another interface did not come through an SA.
         let hello_addr = SocketAddrV4::new(self.config.peer.overlay_addr, HELLO_PORT);
-        let hello = UdpSocket::bind(hello_addr)
-            .await
-            .map_err(io(format!("cannot bind the hello socket on the overlay address {hello_addr}")))?;
-        hello.bind_device(Some(TUN_NAME.as_bytes())).map_err(io(format!("cannot bind the hello socket to {TUN_NAME}")))?;
+        let hello = UdpSocket::bind(hello_addr).await.map_err(io(format!(
+            "cannot bind the hello socket on the overlay address {hello_addr}"
+        )))?;
+        hello
+            .bind_device(Some(TUN_NAME.as_bytes()))
+            .map_err(io(format!("cannot bind the hello socket to {TUN_NAME}")))?;
         let hello = Arc::new(hello);
         let ike_addr = SocketAddrV4::new(me, confmesh_ike::IKE_PORT);
-        let ike_socket = Arc::new(
-            UdpSocket::bind(ike_addr).await.map_err(io(format!("cannot bind IKE on {ike_addr} (peer.mgmt_addr)")))?,
-        );
+        let ike_socket = Arc::new(UdpSocket::bind(ike_addr).await.map_err(io(format!(
+            "cannot bind IKE on {ike_addr} (peer.mgmt_addr)"
+        )))?);
         let mut ike_config = EndpointConfig::new(me, self.config.peer.overlay_addr);
         ike_config.protection = ike_protection(settings.protection);
         let mut ike = Endpoint::new(ike_config, os_seed()?);
         for &(addr, overlay) in peers.iter().filter(|p| p.0 != me) {
-            ike.set_peer(now, PeerConfig { addr, overlay, psk: psk.clone() });
+            ike.set_peer(
+                now,
+                PeerConfig {
+                    addr,
+                    overlay,
+                    psk: psk.clone(),
+                },
+            );
         }
         let ike_gate = Arc::new(IkeGate::default());
         ike_gate.set_peers(peers.iter().map(|p| p.0).filter(|&p| p != me));
         let feeders = Feeders(vec![
             tokio::spawn(feed_hellos(hello.clone(), self.inputs.clone())),
             tokio::spawn(feed_overlay_events(overlay_events, self.inputs.clone())),
-            tokio::spawn(feed_ike(ike_socket.clone(), ike_gate.clone(), self.inputs.clone())),
+            tokio::spawn(feed_ike(
+                ike_socket.clone(),
+                ike_gate.clone(),
+                self.inputs.clone(),
+            )),
         ]);
         let sync_addr = SocketAddrV4::new(self.config.peer.overlay_addr, REPLICATION_PORT);
         let sync_listener = tokio::net::TcpSocket::new_v4()
@@ -486,13 +603,34 @@ impl Daemon {
                 s.bind(sync_addr.into())?;
                 s.listen(64)
             })
-            .map_err(io(format!("cannot listen for the store's sync on {sync_addr} ({TUN_NAME})")))?;
-        let replication = Replication::with_listener(self.store.clone(), sync_listener, sync_peers(&peers, me))
-            .map(Arc::new)
-            .map_err(|e| DaemonError::Io { what: "cannot start replication".into(), source: std::io::Error::other(e) })?;
+            .map_err(io(format!(
+                "cannot listen for the store's sync on {sync_addr} ({TUN_NAME})"
+            )))?;
+        let replication =
+            Replication::with_listener(self.store.clone(), sync_listener, sync_peers(&peers, me))
+                .map(Arc::new)
+                .map_err(|e| DaemonError::Io {
+                    what: "cannot start replication".into(),
+                    source: std::io::Error::other(e),
+                })?;
         self.b2bua.set_replication(Some(replication.clone()));
-        let membership = Membership::new(self.local_identity(&settings), &peers, self.config.peer.mtu, now);
-        self.cluster = Some(ClusterState { settings, membership, hello, overlay, ike, ike_socket, ike_gate, replication, _feeders: feeders });
+        let membership = Membership::new(
+            self.local_identity(&settings),
+            &peers,
+            self.config.peer.mtu,
+            now,
+        );
+        self.cluster = Some(ClusterState {
+            settings,
+            membership,
+            hello,
+            overlay,
+            ike,
+            ike_socket,
+            ike_gate,
+            replication,
+            _feeders: feeders,
+        });
         self.set_bandwidth_peers(&peers);
         Ok(())
     }
@@ -522,8 +660,15 @@ impl Daemon {
     }
 
     /// Writes a backup of this peer (configuration file and store; no logs) and returns its path.
-    async fn backup(&mut self, dir: Option<PathBuf>, password_file: Option<PathBuf>) -> Result<PathBuf, String> {
-        let password = password_file.as_deref().map(shared::read_password).transpose()?;
+    async fn backup(
+        &mut self,
+        dir: Option<PathBuf>,
+        password_file: Option<PathBuf>,
+    ) -> Result<PathBuf, String> {
+        let password = password_file
+            .as_deref()
+            .map(shared::read_password)
+            .transpose()?;
         let config_text = std::fs::read(&self.opts.config_path)
             .map_err(|e| format!("cannot read {}: {e}", self.opts.config_path.display()))?;
         let store = self.store.clone();
@@ -534,46 +679,81 @@ impl Daemon {
                 (shared::CONFIG_MEMBER.to_owned(), config_text),
                 (shared::STORE_MEMBER.to_owned(), shared::export(&store)?),
             ];
-            crate::backup::create(&dir, &version, &serial, wall_ms(), &members, password.as_deref().map(|p| &p[..]))
-                .map_err(|e| format!("cannot write the backup in {}: {e}", dir.display()))
+            crate::backup::create(
+                &dir,
+                &version,
+                &serial,
+                wall_ms(),
+                &members,
+                password.as_deref().map(|p| &p[..]),
+            )
+            .map_err(|e| format!("cannot write the backup in {}: {e}", dir.display()))
         })
         .await
         .map_err(|e| e.to_string())??;
-        self.logs.append(LogKind::Config, Severity::Notice, format!("backup written to {}", path.display()));
+        self.logs.append(
+            LogKind::Config,
+            Severity::Notice,
+            format!("backup written to {}", path.display()),
+        );
         Ok(path)
     }
 
     /// Restores a backup of this peer: everything is checked first, so a refusal changes nothing.
     async fn restore(&mut self, file: PathBuf, password_file: Option<PathBuf>) -> control::Reply {
-        let password = password_file.as_deref().map(shared::read_password).transpose()?;
+        let password = password_file
+            .as_deref()
+            .map(shared::read_password)
+            .transpose()?;
         let serial = self.config.peer.serial.clone();
         let f = file.clone();
-        let (manifest, members) =
-            tokio::task::spawn_blocking(move || crate::backup::open(&f, password.as_deref().map(|p| &p[..]), &serial))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("restore refused, nothing changed: {e}"))?;
+        let (manifest, members) = tokio::task::spawn_blocking(move || {
+            crate::backup::open(&f, password.as_deref().map(|p| &p[..]), &serial)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("restore refused, nothing changed: {e}"))?;
         let member = |name: &str| {
             members
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, b)| b.as_slice())
-                .ok_or_else(|| format!("restore refused, nothing changed: the backup has no {name}"))
+                .ok_or_else(|| {
+                    format!("restore refused, nothing changed: the backup has no {name}")
+                })
         };
         let text = std::str::from_utf8(member(shared::CONFIG_MEMBER)?)
-            .map_err(|_| "restore refused, nothing changed: the backup's configuration is not UTF-8".to_owned())?
+            .map_err(|_| {
+                "restore refused, nothing changed: the backup's configuration is not UTF-8"
+                    .to_owned()
+            })?
             .to_owned();
         let serial = self.config.peer.serial.clone();
-        let config = Config::parse(&text, || Some(serial)).map_err(|e| format!("restore refused, nothing changed: {e}"))?;
-        self.check_live_change(&config).map_err(|e| format!("restore refused, nothing changed: {e}"))?;
-        let snapshot = shared::import(member(shared::STORE_MEMBER)?).map_err(|e| format!("restore refused, nothing changed: {e}"))?;
-        self.store.replace_all_async(snapshot).await.map_err(|e| format!("restore failed: {e}"))?;
-        live::write_atomically(&self.opts.config_path, &text)
-            .map_err(|e| format!("store restored, but cannot write {}: {e}", self.opts.config_path.display()))?;
+        let config = Config::parse(&text, || Some(serial))
+            .map_err(|e| format!("restore refused, nothing changed: {e}"))?;
+        self.check_live_change(&config)
+            .map_err(|e| format!("restore refused, nothing changed: {e}"))?;
+        let snapshot = shared::import(member(shared::STORE_MEMBER)?)
+            .map_err(|e| format!("restore refused, nothing changed: {e}"))?;
+        self.store
+            .replace_all_async(snapshot)
+            .await
+            .map_err(|e| format!("restore failed: {e}"))?;
+        live::write_atomically(&self.opts.config_path, &text).map_err(|e| {
+            format!(
+                "store restored, but cannot write {}: {e}",
+                self.opts.config_path.display()
+            )
+        })?;
         self.logs.append(
             LogKind::Config,
             Severity::Notice,
-            format!("restored backup {} taken {} (version {})", file.display(), manifest.created, manifest.version),
+            format!(
+                "restored backup {} taken {} (version {})",
+                file.display(),
+                manifest.created,
+                manifest.version
+            ),
         );
         self.apply(config).await.map_err(|e| e.to_string())?;
         Ok(json!({ "restored": file, "created": manifest.created }))
@@ -582,14 +762,20 @@ impl Daemon {
     /// Leaves the cluster: stops talking to the other peers.
     async fn leave(&mut self) {
         if self.leave_quietly().await {
-            self.logs.append(LogKind::Events, Severity::Notice, "left the cluster: now standalone");
+            self.logs.append(
+                LogKind::Events,
+                Severity::Notice,
+                "left the cluster: now standalone",
+            );
         }
     }
 
     /// Deletes every SA (the peers learn it from DELETE payloads at once) and drops the cluster
     /// state. Returns whether there was one.
     async fn leave_quietly(&mut self) -> bool {
-        let Some(mut c) = self.cluster.take() else { return false };
+        let Some(mut c) = self.cluster.take() else {
+            return false;
+        };
         c.ike.shutdown(Instant::now());
         while let Some(t) = c.ike.poll_transmit() {
             let _ = c.ike_socket.try_send_to(&t.payload, t.dst.into());
@@ -617,7 +803,13 @@ impl Daemon {
         let me = self.config.peer.mgmt_addr;
         let Some(c) = &mut self.cluster else { return };
         match event {
-            IkeEvent::IkeUp { peer, icookie, rcookie, enc_key, bandwidth_key } => {
+            IkeEvent::IkeUp {
+                peer,
+                icookie,
+                rcookie,
+                enc_key,
+                bandwidth_key,
+            } => {
                 if let Err(e) = self.bandwidth.set_peer_key(peer, bandwidth_key) {
                     tracing::warn!(%peer, "bandwidth updates: {e}");
                 }
@@ -626,12 +818,28 @@ impl Daemon {
                         tracing::warn!("key log: {e}");
                     }
                 }
-                self.logs.append(LogKind::Events, Severity::Info, format!("IKE phase 1 with {peer} established"));
+                self.logs.append(
+                    LogKind::Events,
+                    Severity::Info,
+                    format!("IKE phase 1 with {peer} established"),
+                );
             }
             IkeEvent::IkeDown { peer } => tracing::debug!(%peer, "IKE phase 1 SA gone"),
-            IkeEvent::ChildUp { peer, protection, outbound, inbound, lifetime, lifetime_kb } => {
-                let Some(v) = c.membership.peers().find(|v| v.addr == peer) else { return };
-                let addrs = PeerAddrs { mgmt: peer, overlay: v.overlay_addr };
+            IkeEvent::ChildUp {
+                peer,
+                protection,
+                outbound,
+                inbound,
+                lifetime,
+                lifetime_kb,
+            } => {
+                let Some(v) = c.membership.peers().find(|v| v.addr == peer) else {
+                    return;
+                };
+                let addrs = PeerAddrs {
+                    mgmt: peer,
+                    overlay: v.overlay_addr,
+                };
                 let dp = dataplane_protection(protection);
                 // IKE rekeys on time itself; the dataplane's time limits are a backstop, its
                 // volume limits the only enforcement of the kilobyte lifetime.
@@ -643,8 +851,18 @@ impl Daemon {
                     hard_bytes: bytes,
                     ..confmesh_dataplane::Lifetime::default()
                 };
-                let out = confmesh_dataplane::SaParams { spi: outbound.spi, protection: dp, key: &outbound.key, lifetime: limits };
-                let inn = confmesh_dataplane::SaParams { spi: inbound.spi, protection: dp, key: &inbound.key, lifetime: limits };
+                let out = confmesh_dataplane::SaParams {
+                    spi: outbound.spi,
+                    protection: dp,
+                    key: &outbound.key,
+                    lifetime: limits,
+                };
+                let inn = confmesh_dataplane::SaParams {
+                    spi: inbound.spi,
+                    protection: dp,
+                    key: &inbound.key,
+                    lifetime: limits,
+                };
                 if let Err(e) = c.overlay.install_sa_pair(addrs, &out, &inn) {
                     tracing::error!(%peer, "cannot install the SA pair: {e}");
                     return;
@@ -661,24 +879,43 @@ impl Daemon {
                 self.logs.append(
                     LogKind::Events,
                     Severity::Info,
-                    format!("SA pair with {peer} established (out {:08x}, in {:08x})", outbound.spi, inbound.spi),
+                    format!(
+                        "SA pair with {peer} established (out {:08x}, in {:08x})",
+                        outbound.spi, inbound.spi
+                    ),
                 );
             }
-            IkeEvent::ChildDown { peer, protection, inbound_spi, reason, .. } => {
-                c.overlay.remove_inbound_sa(dataplane_protection(protection), inbound_spi);
+            IkeEvent::ChildDown {
+                peer,
+                protection,
+                inbound_spi,
+                reason,
+                ..
+            } => {
+                c.overlay
+                    .remove_inbound_sa(dataplane_protection(protection), inbound_spi);
                 tracing::debug!(%peer, ?reason, "SA {inbound_spi:08x} removed");
             }
             IkeEvent::PeerDead { peer } => {
                 c.overlay.remove_peer(peer);
                 let _ = self.bandwidth.remove_peer_key(peer);
                 c.membership.handle_ike(peer, IkeState::Connecting);
-                self.logs.append(LogKind::Events, Severity::Warning, format!("peer {peer} stopped answering dead-peer detection"));
+                self.logs.append(
+                    LogKind::Events,
+                    Severity::Warning,
+                    format!("peer {peer} stopped answering dead-peer detection"),
+                );
             }
             IkeEvent::Failed { peer, reason } => {
                 if reason == confmesh_ike::Failure::AuthenticationFailed {
-                    c.membership.handle_ike(peer, IkeState::AuthenticationFailed);
+                    c.membership
+                        .handle_ike(peer, IkeState::AuthenticationFailed);
                 }
-                self.logs.append(LogKind::Events, Severity::Warning, format!("IKE with {peer}: {reason}"));
+                self.logs.append(
+                    LogKind::Events,
+                    Severity::Warning,
+                    format!("IKE with {peer}: {reason}"),
+                );
             }
         }
     }
@@ -690,17 +927,27 @@ impl Daemon {
             tracing::debug!(%from, "malformed hello dropped");
             return;
         };
-        let Some(peer) = c.membership.peers().find(|v| v.overlay_addr == *from.ip()).map(|v| v.addr) else {
+        let Some(peer) = c
+            .membership
+            .peers()
+            .find(|v| v.overlay_addr == *from.ip())
+            .map(|v| v.addr)
+        else {
             return;
         };
-        c.membership.handle_hello(Instant::now(), wall_ms(), peer, hello);
+        c.membership
+            .handle_hello(Instant::now(), wall_ms(), peer, hello);
     }
 
     fn handle_overlay(&mut self, event: OverlayEvent) {
         let Some(c) = &mut self.cluster else { return };
         match event {
             OverlayEvent::PathMtuChanged { peer, path_mtu } => {
-                self.logs.append(LogKind::Events, Severity::Info, format!("path MTU to {peer} is now {path_mtu}"));
+                self.logs.append(
+                    LogKind::Events,
+                    Severity::Info,
+                    format!("path MTU to {peer} is now {path_mtu}"),
+                );
                 c.membership.set_path_mtu(peer, path_mtu);
                 if let Err(e) = self.bandwidth.set_path_mtu(peer, path_mtu) {
                     tracing::debug!(%peer, "bandwidth updates: {e}");
@@ -743,14 +990,28 @@ impl Daemon {
         }
         while let Some(event) = c.membership.poll_event() {
             let (severity, message) = match event {
-                MembershipEvent::Active { peer, hostname } => (Severity::Notice, format!("peer {peer} active as {hostname}")),
-                MembershipEvent::NotActive { peer, reason, detail } => {
-                    (Severity::Warning, format!("peer {peer} not active: {} {detail}", reason.describe()).trim_end().to_owned())
-                }
-                MembershipEvent::AlarmRaised(a) => {
-                    (Severity::Warning, format!("alarm raised: {:?} with {}: {}", a.kind, a.peer, a.detail))
-                }
-                MembershipEvent::AlarmCleared { kind, peer, .. } => (Severity::Notice, format!("alarm cleared: {kind:?} with {peer}")),
+                MembershipEvent::Active { peer, hostname } => (
+                    Severity::Notice,
+                    format!("peer {peer} active as {hostname}"),
+                ),
+                MembershipEvent::NotActive {
+                    peer,
+                    reason,
+                    detail,
+                } => (
+                    Severity::Warning,
+                    format!("peer {peer} not active: {} {detail}", reason.describe())
+                        .trim_end()
+                        .to_owned(),
+                ),
+                MembershipEvent::AlarmRaised(a) => (
+                    Severity::Warning,
+                    format!("alarm raised: {:?} with {}: {}", a.kind, a.peer, a.detail),
+                ),
+                MembershipEvent::AlarmCleared { kind, peer, .. } => (
+                    Severity::Notice,
+                    format!("alarm cleared: {kind:?} with {peer}"),
+                ),
             };
             self.logs.append(LogKind::Events, severity, message);
         }
@@ -759,20 +1020,35 @@ impl Daemon {
     async fn handle_request(&mut self, request: Request) -> control::Reply {
         match request {
             Request::Status => serde_json::to_value(self.status()).map_err(|e| e.to_string()),
-            Request::Alarms => Ok(serde_json::to_value(self.status().alarms).map_err(|e| e.to_string())?),
+            Request::Alarms => {
+                Ok(serde_json::to_value(self.status().alarms).map_err(|e| e.to_string())?)
+            }
             Request::Log { kind } => {
-                let entries = self.logs.read(kind).map_err(|e| format!("cannot read the log: {e}"))?;
-                Ok(Value::Array(entries.iter().map(|e| Value::String(e.to_line())).collect()))
+                let entries = self
+                    .logs
+                    .read(kind)
+                    .map_err(|e| format!("cannot read the log: {e}"))?;
+                Ok(Value::Array(
+                    entries.iter().map(|e| Value::String(e.to_line())).collect(),
+                ))
             }
             Request::PeersAdd { addr } => self.change(MembershipChange::Add(addr)).await,
             Request::PeersRemove { addr } => self.change(MembershipChange::Remove(addr)).await,
             Request::Standalone => self.change(MembershipChange::Standalone).await,
-            Request::Reload => self.reload().await.map(|()| json!("reloaded")).map_err(|e| e.to_string()),
+            Request::Reload => self
+                .reload()
+                .await
+                .map(|()| json!("reloaded"))
+                .map_err(|e| e.to_string()),
             Request::Metrics => Ok(Value::String(self.metrics())),
-            Request::Backup { dir, password_file } => {
-                self.backup(dir, password_file).await.map(|p| json!({ "backup": p }))
-            }
-            Request::Restore { file, password_file } => self.restore(file, password_file).await,
+            Request::Backup { dir, password_file } => self
+                .backup(dir, password_file)
+                .await
+                .map(|p| json!({ "backup": p })),
+            Request::Restore {
+                file,
+                password_file,
+            } => self.restore(file, password_file).await,
             other @ (Request::AdminHash { .. }
             | Request::AdminAdd { .. }
             | Request::AdminRemove { .. }
@@ -784,14 +1060,29 @@ impl Daemon {
                 let replication = self.cluster.as_ref().map(|c| c.replication.clone());
                 shared::answer(self.store.clone(), replication, other).await
             }
-            Request::Faults { peer, delay_ms, jitter_ms, loss_pct, duplicate_pct, reorder_pct } => {
-                let Some(c) = &self.cluster else { return Err("standalone: there is no peer to inject faults towards".into()) };
+            Request::Faults {
+                peer,
+                delay_ms,
+                jitter_ms,
+                loss_pct,
+                duplicate_pct,
+                reorder_pct,
+            } => {
+                let Some(c) = &self.cluster else {
+                    return Err("standalone: there is no peer to inject faults towards".into());
+                };
                 if !c.settings.peers.contains(&peer) || peer == self.config.peer.mgmt_addr {
                     return Err(format!("{peer} is not another peer of this cluster"));
                 }
-                for (what, pct) in [("loss", loss_pct), ("duplicate", duplicate_pct), ("reorder", reorder_pct)] {
+                for (what, pct) in [
+                    ("loss", loss_pct),
+                    ("duplicate", duplicate_pct),
+                    ("reorder", reorder_pct),
+                ] {
                     if !(0.0..=100.0).contains(&pct) {
-                        return Err(format!("--{what}-pct {pct} is not a percentage; use 0 to 100"));
+                        return Err(format!(
+                            "--{what}-pct {pct} is not a percentage; use 0 to 100"
+                        ));
                     }
                 }
                 let faults = FaultConfig {
@@ -820,7 +1111,8 @@ impl Daemon {
         let text = std::fs::read_to_string(&self.opts.config_path)
             .map_err(|e| format!("cannot read {}: {e}", self.opts.config_path.display()))?;
         let serial = self.config.peer.serial.clone();
-        let (text, config) = live::edit(&text, change, || Some(serial)).map_err(|e| e.to_string())?;
+        let (text, config) =
+            live::edit(&text, change, || Some(serial)).map_err(|e| e.to_string())?;
         live::write_atomically(&self.opts.config_path, &text)
             .map_err(|e| format!("cannot write {}: {e}", self.opts.config_path.display()))?;
         let what = match change {
@@ -840,7 +1132,8 @@ impl Daemon {
         // The admin API first: a new address that cannot be bound refuses the whole reload, the
         // old listener serving on; new certificate files (already checked by `load`) take over.
         let admin_changes = self.admin.reconfigure(&config.admin).await?;
-        self.logs.append(LogKind::Config, Severity::Notice, "configuration reloaded");
+        self.logs
+            .append(LogKind::Config, Severity::Notice, "configuration reloaded");
         for change in admin_changes {
             self.logs.append(LogKind::Config, Severity::Notice, change);
         }
@@ -850,15 +1143,28 @@ impl Daemon {
     /// Refuses a new configuration that changes what only a restart can change.
     fn check_live_change(&self, config: &Config) -> Result<(), DaemonError> {
         let restart_needed = [
-            ("peer.mgmt_addr", config.peer.mgmt_addr != self.config.peer.mgmt_addr),
-            ("peer.overlay_addr", config.peer.overlay_addr != self.config.peer.overlay_addr),
-            ("peer.state_dir", config.peer.state_dir != self.config.peer.state_dir),
-            ("peer.control_socket", config.peer.control_socket != self.config.peer.control_socket),
+            (
+                "peer.mgmt_addr",
+                config.peer.mgmt_addr != self.config.peer.mgmt_addr,
+            ),
+            (
+                "peer.overlay_addr",
+                config.peer.overlay_addr != self.config.peer.overlay_addr,
+            ),
+            (
+                "peer.state_dir",
+                config.peer.state_dir != self.config.peer.state_dir,
+            ),
+            (
+                "peer.control_socket",
+                config.peer.control_socket != self.config.peer.control_socket,
+            ),
         ];
         if let Some((field, _)) = restart_needed.iter().find(|(_, changed)| *changed) {
             return Err(DaemonError::Config(crate::config::ConfigError {
                 field: (*field).to_owned(),
-                message: "changed; this setting only takes effect after a restart of the daemon".into(),
+                message: "changed; this setting only takes effect after a restart of the daemon"
+                    .into(),
             }));
         }
         Ok(())
@@ -869,15 +1175,20 @@ impl Daemon {
         let me = config.peer.mgmt_addr;
         // From standalone into a list with other peers: this peer joins an existing cluster. A
         // list of only itself makes it a cluster's first peer, whose configuration is kept.
-        let joining = self.cluster.is_none() && cluster.as_ref().is_some_and(|c| c.peers.iter().any(|p| *p != me));
+        let joining = self.cluster.is_none()
+            && cluster
+                .as_ref()
+                .is_some_and(|c| c.peers.iter().any(|p| *p != me));
         self.config = config;
         match cluster {
             Some(settings) => {
                 if joining {
-                    self.take_cluster_content().await.map_err(|e| DaemonError::Io {
-                        what: "cannot take the cluster's shared configuration".into(),
-                        source: std::io::Error::other(e),
-                    })?;
+                    self.take_cluster_content()
+                        .await
+                        .map_err(|e| DaemonError::Io {
+                            what: "cannot take the cluster's shared configuration".into(),
+                            source: std::io::Error::other(e),
+                        })?;
                 }
                 self.join(settings).await?
             }
@@ -885,13 +1196,25 @@ impl Daemon {
         }
         // Alone (standalone, or the only peer in its list): no member will ever send this peer the
         // cluster's content, so a join in progress ends here and writes are accepted again.
-        let alone = self.cluster.is_none() || self.config.cluster.as_ref().is_some_and(|c| c.peers.iter().all(|p| *p == me));
+        let alone = self.cluster.is_none()
+            || self
+                .config
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.peers.iter().all(|p| *p == me));
         if alone && self.store.joining() {
-            self.store.stop_joining_async().await.map_err(|e| DaemonError::Io {
-                what: "cannot end the join".into(),
-                source: std::io::Error::other(e),
-            })?;
-            self.logs.append(LogKind::Config, Severity::Notice, "join abandoned: this peer is alone, its shared configuration accepts writes again");
+            self.store
+                .stop_joining_async()
+                .await
+                .map_err(|e| DaemonError::Io {
+                    what: "cannot end the join".into(),
+                    source: std::io::Error::other(e),
+                })?;
+            self.logs.append(
+                LogKind::Config,
+                Severity::Notice,
+                "join abandoned: this peer is alone, its shared configuration accepts writes again",
+            );
         }
         Ok(())
     }
@@ -900,98 +1223,365 @@ impl Daemon {
         use crate::metrics::{Kind, MetricsPage, PeerMetric};
         let status = self.status();
         let mut m = MetricsPage::default();
-        m.family("confmesh_info", Kind::Gauge, "Always 1; labels carry the version and mode of this peer.").sample(
+        m.family(
             "confmesh_info",
-            &[("version", &status.version), ("mode", &status.mode), ("hostname", &status.hostname)],
+            Kind::Gauge,
+            "Always 1; labels carry the version and mode of this peer.",
+        )
+        .sample(
+            "confmesh_info",
+            &[
+                ("version", &status.version),
+                ("mode", &status.mode),
+                ("hostname", &status.hostname),
+            ],
             1.0,
         );
-        let others: Vec<_> = status.peers.iter().filter(|p| p.state != "this-system").collect();
-        m.family("confmesh_peer_active", Kind::Gauge, "1 when the peer is Active, 0 when Not active (see the reason label).");
+        let others: Vec<_> = status
+            .peers
+            .iter()
+            .filter(|p| p.state != "this-system")
+            .collect();
+        m.family(
+            "confmesh_peer_active",
+            Kind::Gauge,
+            "1 when the peer is Active, 0 when Not active (see the reason label).",
+        );
         for p in &others {
             let addr = p.addr.to_string();
-            m.sample("confmesh_peer_active", &[("peer", &addr), ("reason", p.reason.as_deref().unwrap_or(""))], f64::from(u8::from(p.state == "active")));
+            m.sample(
+                "confmesh_peer_active",
+                &[
+                    ("peer", &addr),
+                    ("reason", p.reason.as_deref().unwrap_or("")),
+                ],
+                f64::from(u8::from(p.state == "active")),
+            );
         }
-        m.family("confmesh_peer_rtt_seconds", Kind::Gauge, "Median round-trip time of recent hellos to the peer.");
+        m.family(
+            "confmesh_peer_rtt_seconds",
+            Kind::Gauge,
+            "Median round-trip time of recent hellos to the peer.",
+        );
         for p in others.iter().filter(|p| p.rtt_ms.is_some()) {
-            m.sample("confmesh_peer_rtt_seconds", &[("peer", &p.addr.to_string())], p.rtt_ms.unwrap_or_default() / 1e3);
+            m.sample(
+                "confmesh_peer_rtt_seconds",
+                &[("peer", &p.addr.to_string())],
+                p.rtt_ms.unwrap_or_default() / 1e3,
+            );
         }
-        m.family("confmesh_peer_clock_skew_seconds", Kind::Gauge, "The peer's clock minus this peer's clock.");
+        m.family(
+            "confmesh_peer_clock_skew_seconds",
+            Kind::Gauge,
+            "The peer's clock minus this peer's clock.",
+        );
         for p in others.iter().filter(|p| p.clock_skew_ms.is_some()) {
-            m.sample("confmesh_peer_clock_skew_seconds", &[("peer", &p.addr.to_string())], p.clock_skew_ms.unwrap_or_default() / 1e3);
+            m.sample(
+                "confmesh_peer_clock_skew_seconds",
+                &[("peer", &p.addr.to_string())],
+                p.clock_skew_ms.unwrap_or_default() / 1e3,
+            );
         }
-        m.family("confmesh_peer_path_mtu_bytes", Kind::Gauge, "Path MTU towards the peer used to frame synchronisation traffic.");
+        m.family(
+            "confmesh_peer_path_mtu_bytes",
+            Kind::Gauge,
+            "Path MTU towards the peer used to frame synchronisation traffic.",
+        );
         for p in &others {
-            m.sample("confmesh_peer_path_mtu_bytes", &[("peer", &p.addr.to_string())], f64::from(p.path_mtu.unwrap_or(0)));
+            m.sample(
+                "confmesh_peer_path_mtu_bytes",
+                &[("peer", &p.addr.to_string())],
+                f64::from(p.path_mtu.unwrap_or(0)),
+            );
         }
-        m.family("confmesh_peer_sas", Kind::Gauge, "IPsec SAs with the peer, both directions.");
+        m.family(
+            "confmesh_peer_sas",
+            Kind::Gauge,
+            "IPsec SAs with the peer, both directions.",
+        );
         for p in &others {
-            m.sample("confmesh_peer_sas", &[("peer", &p.addr.to_string())], f64::from(p.sas));
+            m.sample(
+                "confmesh_peer_sas",
+                &[("peer", &p.addr.to_string())],
+                f64::from(p.sas),
+            );
         }
         if let Some(c) = &self.cluster {
-            let reports: Vec<_> = others.iter().filter_map(|p| c.overlay.peer_report(p.addr).map(|r| (p.addr.to_string(), r.status.counters))).collect();
+            let reports: Vec<_> = others
+                .iter()
+                .filter_map(|p| {
+                    c.overlay
+                        .peer_report(p.addr)
+                        .map(|r| (p.addr.to_string(), r.status.counters))
+                })
+                .collect();
             let dataplane: [PeerMetric<confmesh_dataplane::PeerCounters>; 11] = [
-                ("confmesh_dataplane_tx_packets_total", Kind::Counter, "Protected packets sent to the peer.", |c| Some(c.tx_packets as f64)),
-                ("confmesh_dataplane_tx_bytes_total", Kind::Counter, "Bytes of protected packets sent to the peer.", |c| Some(c.tx_bytes as f64)),
-                ("confmesh_dataplane_rx_packets_total", Kind::Counter, "Packets from the peer that verified and were delivered.", |c| Some(c.rx_packets as f64)),
-                ("confmesh_dataplane_rx_bytes_total", Kind::Counter, "Bytes of packets from the peer that verified.", |c| Some(c.rx_bytes as f64)),
-                ("confmesh_dataplane_icv_failures_total", Kind::Counter, "Packets from the peer whose ICV/tag did not verify (dropped).", |c| Some(c.icv_failures as f64)),
-                ("confmesh_dataplane_replay_drops_total", Kind::Counter, "Packets from the peer dropped by the anti-replay window.", |c| Some(c.replay_drops as f64)),
-                ("confmesh_dataplane_malformed_total", Kind::Counter, "Malformed packets from the peer (dropped).", |c| Some(c.malformed as f64)),
-                ("confmesh_dataplane_no_sa_total", Kind::Counter, "Packets to or from the peer with no SA to use (dropped).", |c| Some(c.no_sa as f64)),
-                ("confmesh_dataplane_oversize_total", Kind::Counter, "Inner packets too large for the path MTU, answered with ICMP.", |c| Some(c.oversize as f64)),
-                ("confmesh_dataplane_pmtu_updates_total", Kind::Counter, "Path MTU changes towards the peer.", |c| Some(c.pmtu_updates as f64)),
-                ("confmesh_dataplane_fragmentation_attempts_total", Kind::Counter, "Outer packets the kernel would have fragmented (refused, never sent).", |c| Some(c.fragmentation_attempts as f64)),
+                (
+                    "confmesh_dataplane_tx_packets_total",
+                    Kind::Counter,
+                    "Protected packets sent to the peer.",
+                    |c| Some(c.tx_packets as f64),
+                ),
+                (
+                    "confmesh_dataplane_tx_bytes_total",
+                    Kind::Counter,
+                    "Bytes of protected packets sent to the peer.",
+                    |c| Some(c.tx_bytes as f64),
+                ),
+                (
+                    "confmesh_dataplane_rx_packets_total",
+                    Kind::Counter,
+                    "Packets from the peer that verified and were delivered.",
+                    |c| Some(c.rx_packets as f64),
+                ),
+                (
+                    "confmesh_dataplane_rx_bytes_total",
+                    Kind::Counter,
+                    "Bytes of packets from the peer that verified.",
+                    |c| Some(c.rx_bytes as f64),
+                ),
+                (
+                    "confmesh_dataplane_icv_failures_total",
+                    Kind::Counter,
+                    "Packets from the peer whose ICV/tag did not verify (dropped).",
+                    |c| Some(c.icv_failures as f64),
+                ),
+                (
+                    "confmesh_dataplane_replay_drops_total",
+                    Kind::Counter,
+                    "Packets from the peer dropped by the anti-replay window.",
+                    |c| Some(c.replay_drops as f64),
+                ),
+                (
+                    "confmesh_dataplane_malformed_total",
+                    Kind::Counter,
+                    "Malformed packets from the peer (dropped).",
+                    |c| Some(c.malformed as f64),
+                ),
+                (
+                    "confmesh_dataplane_no_sa_total",
+                    Kind::Counter,
+                    "Packets to or from the peer with no SA to use (dropped).",
+                    |c| Some(c.no_sa as f64),
+                ),
+                (
+                    "confmesh_dataplane_oversize_total",
+                    Kind::Counter,
+                    "Inner packets too large for the path MTU, answered with ICMP.",
+                    |c| Some(c.oversize as f64),
+                ),
+                (
+                    "confmesh_dataplane_pmtu_updates_total",
+                    Kind::Counter,
+                    "Path MTU changes towards the peer.",
+                    |c| Some(c.pmtu_updates as f64),
+                ),
+                (
+                    "confmesh_dataplane_fragmentation_attempts_total",
+                    Kind::Counter,
+                    "Outer packets the kernel would have fragmented (refused, never sent).",
+                    |c| Some(c.fragmentation_attempts as f64),
+                ),
             ];
             m.per_peer(&dataplane, &reports);
-            let states: Vec<_> = others.iter().filter_map(|p| c.ike.peer_state(p.addr).map(|s| (p.addr.to_string(), s))).collect();
+            let states: Vec<_> = others
+                .iter()
+                .filter_map(|p| c.ike.peer_state(p.addr).map(|s| (p.addr.to_string(), s)))
+                .collect();
             let ike: [PeerMetric<confmesh_ike::PeerState>; 13] = [
-                ("confmesh_ike_established", Kind::Gauge, "1 while a phase-1 SA with the peer is established.", |s| Some(f64::from(u8::from(s.ike_established)))),
-                ("confmesh_ike_datagrams_in_total", Kind::Counter, "IKE datagrams received from the peer.", |s| Some(s.counters.datagrams_in as f64)),
-                ("confmesh_ike_datagrams_out_total", Kind::Counter, "IKE datagrams sent to the peer, retransmissions included.", |s| Some(s.counters.datagrams_out as f64)),
-                ("confmesh_ike_retransmits_total", Kind::Counter, "IKE retransmissions to the peer.", |s| Some(s.counters.retransmits as f64)),
-                ("confmesh_ike_malformed_total", Kind::Counter, "IKE datagrams from the peer that were malformed or matched no exchange.", |s| Some(s.counters.malformed as f64)),
-                ("confmesh_ike_auth_failures_total", Kind::Counter, "Phase-1 exchanges with the peer that failed authentication.", |s| Some(s.counters.auth_failures as f64)),
-                ("confmesh_ike_timeouts_total", Kind::Counter, "IKE exchanges with the peer that timed out.", |s| Some(s.counters.timeouts as f64)),
-                ("confmesh_ike_sa_established_total", Kind::Counter, "Phase-1 SAs established with the peer.", |s| Some(s.counters.ike_established as f64)),
-                ("confmesh_ike_child_established_total", Kind::Counter, "Child SA pairs established with the peer.", |s| Some(s.counters.child_established as f64)),
-                ("confmesh_ike_dpd_sent_total", Kind::Counter, "Dead-peer-detection probes sent to the peer.", |s| Some(s.counters.dpd_sent as f64)),
-                ("confmesh_ike_deletes_received_total", Kind::Counter, "DELETE payloads received from the peer.", |s| Some(s.counters.deletes_received as f64)),
-                ("confmesh_ike_half_open_evicted_total", Kind::Counter, "Half-open exchanges from the peer's address evicted for newer ones (a flood of forged first messages shows here).", |s| Some(s.counters.half_open_evicted as f64)),
-                ("confmesh_ike_restarted_total", Kind::Counter, "Our phase-1 exchanges restarted because the peer no longer held them.", |s| Some(s.counters.restarted as f64)),
+                (
+                    "confmesh_ike_established",
+                    Kind::Gauge,
+                    "1 while a phase-1 SA with the peer is established.",
+                    |s| Some(f64::from(u8::from(s.ike_established))),
+                ),
+                (
+                    "confmesh_ike_datagrams_in_total",
+                    Kind::Counter,
+                    "IKE datagrams received from the peer.",
+                    |s| Some(s.counters.datagrams_in as f64),
+                ),
+                (
+                    "confmesh_ike_datagrams_out_total",
+                    Kind::Counter,
+                    "IKE datagrams sent to the peer, retransmissions included.",
+                    |s| Some(s.counters.datagrams_out as f64),
+                ),
+                (
+                    "confmesh_ike_retransmits_total",
+                    Kind::Counter,
+                    "IKE retransmissions to the peer.",
+                    |s| Some(s.counters.retransmits as f64),
+                ),
+                (
+                    "confmesh_ike_malformed_total",
+                    Kind::Counter,
+                    "IKE datagrams from the peer that were malformed or matched no exchange.",
+                    |s| Some(s.counters.malformed as f64),
+                ),
+                (
+                    "confmesh_ike_auth_failures_total",
+                    Kind::Counter,
+                    "Phase-1 exchanges with the peer that failed authentication.",
+                    |s| Some(s.counters.auth_failures as f64),
+                ),
+                (
+                    "confmesh_ike_timeouts_total",
+                    Kind::Counter,
+                    "IKE exchanges with the peer that timed out.",
+                    |s| Some(s.counters.timeouts as f64),
+                ),
+                (
+                    "confmesh_ike_sa_established_total",
+                    Kind::Counter,
+                    "Phase-1 SAs established with the peer.",
+                    |s| Some(s.counters.ike_established as f64),
+                ),
+                (
+                    "confmesh_ike_child_established_total",
+                    Kind::Counter,
+                    "Child SA pairs established with the peer.",
+                    |s| Some(s.counters.child_established as f64),
+                ),
+                (
+                    "confmesh_ike_dpd_sent_total",
+                    Kind::Counter,
+                    "Dead-peer-detection probes sent to the peer.",
+                    |s| Some(s.counters.dpd_sent as f64),
+                ),
+                (
+                    "confmesh_ike_deletes_received_total",
+                    Kind::Counter,
+                    "DELETE payloads received from the peer.",
+                    |s| Some(s.counters.deletes_received as f64),
+                ),
+                (
+                    "confmesh_ike_half_open_evicted_total",
+                    Kind::Counter,
+                    "Half-open exchanges from the peer's address evicted for newer ones (a flood of forged first messages shows here).",
+                    |s| Some(s.counters.half_open_evicted as f64),
+                ),
+                (
+                    "confmesh_ike_restarted_total",
+                    Kind::Counter,
+                    "Our phase-1 exchanges restarted because the peer no longer held them.",
+                    |s| Some(s.counters.restarted as f64),
+                ),
             ];
             m.per_peer(&ike, &states);
             let e = c.ike.counters();
-            m.family("confmesh_ike_dropped_total", Kind::Counter, "IKE datagrams dropped before any exchange, by reason.");
-            let gate = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+            m.family(
+                "confmesh_ike_dropped_total",
+                Kind::Counter,
+                "IKE datagrams dropped before any exchange, by reason.",
+            );
+            let gate =
+                |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
             for (reason, n) in [
-                ("unknown-source", e.unknown_source + gate(&c.ike_gate.unknown_source)),
+                (
+                    "unknown-source",
+                    e.unknown_source + gate(&c.ike_gate.unknown_source),
+                ),
                 ("queue-full", gate(&c.ike_gate.queue_full)),
                 ("refused-exchange", e.refused_exchange),
                 ("half-open-limit", e.half_open_refused),
             ] {
-                m.sample("confmesh_ike_dropped_total", &[("reason", reason)], n as f64);
+                m.sample(
+                    "confmesh_ike_dropped_total",
+                    &[("reason", reason)],
+                    n as f64,
+                );
             }
             let repl = c.replication.status();
             let peer = |origin: u32| Ipv4Addr::from(origin).to_string();
             let replication: [PeerMetric<confmesh_replication::service::PeerReplication>; 8] = [
-                ("confmesh_replication_connected", Kind::Gauge, "1 while a sync session with the peer is up.", |r| Some(f64::from(u8::from(r.connected)))),
-                ("confmesh_replication_lag_entries", Kind::Gauge, "Entries this peer holds that the peer has not acknowledged.", |r| r.lag_entries.map(|l| l as f64)),
-                ("confmesh_replication_queue_bytes", Kind::Gauge, "Bytes queued for the peer, not yet written to its socket.", |r| Some(r.queue_depth as f64)),
-                ("confmesh_replication_sent_bytes_total", Kind::Counter, "Sync bytes sent to the peer.", |r| Some(r.bytes_sent as f64)),
-                ("confmesh_replication_received_bytes_total", Kind::Counter, "Sync bytes received from the peer.", |r| Some(r.bytes_received as f64)),
-                ("confmesh_replication_sent_entries_total", Kind::Counter, "Entries sent to the peer.", |r| Some(r.entries_sent as f64)),
-                ("confmesh_replication_received_entries_total", Kind::Counter, "Entries received from the peer.", |r| Some(r.entries_received as f64)),
-                ("confmesh_replication_last_sync_timestamp_seconds", Kind::Gauge, "Unix time of the peer's last acknowledgement.", |r| r.last_sync_unix_ms.map(|t| t as f64 / 1e3)),
+                (
+                    "confmesh_replication_connected",
+                    Kind::Gauge,
+                    "1 while a sync session with the peer is up.",
+                    |r| Some(f64::from(u8::from(r.connected))),
+                ),
+                (
+                    "confmesh_replication_lag_entries",
+                    Kind::Gauge,
+                    "Entries this peer holds that the peer has not acknowledged.",
+                    |r| r.lag_entries.map(|l| l as f64),
+                ),
+                (
+                    "confmesh_replication_queue_bytes",
+                    Kind::Gauge,
+                    "Bytes queued for the peer, not yet written to its socket.",
+                    |r| Some(r.queue_depth as f64),
+                ),
+                (
+                    "confmesh_replication_sent_bytes_total",
+                    Kind::Counter,
+                    "Sync bytes sent to the peer.",
+                    |r| Some(r.bytes_sent as f64),
+                ),
+                (
+                    "confmesh_replication_received_bytes_total",
+                    Kind::Counter,
+                    "Sync bytes received from the peer.",
+                    |r| Some(r.bytes_received as f64),
+                ),
+                (
+                    "confmesh_replication_sent_entries_total",
+                    Kind::Counter,
+                    "Entries sent to the peer.",
+                    |r| Some(r.entries_sent as f64),
+                ),
+                (
+                    "confmesh_replication_received_entries_total",
+                    Kind::Counter,
+                    "Entries received from the peer.",
+                    |r| Some(r.entries_received as f64),
+                ),
+                (
+                    "confmesh_replication_last_sync_timestamp_seconds",
+                    Kind::Gauge,
+                    "Unix time of the peer's last acknowledgement.",
+                    |r| r.last_sync_unix_ms.map(|t| t as f64 / 1e3),
+                ),
             ];
-            let rows: Vec<_> = repl.peers.into_iter().map(|r| (peer(r.origin), r)).collect();
+            let rows: Vec<_> = repl
+                .peers
+                .into_iter()
+                .map(|r| (peer(r.origin), r))
+                .collect();
             m.per_peer(&replication, &rows);
             let st = repl.store;
             for (name, kind, help, v) in [
-                ("confmesh_store_journal_syncs_total", Kind::Counter, "Groups of writes made durable together, one journal sync each.", st.journal_syncs as f64),
-                ("confmesh_store_journal_bytes_total", Kind::Counter, "Bytes appended to the store's journal.", st.journal_bytes as f64),
-                ("confmesh_store_checkpoints_total", Kind::Counter, "Checkpoints that copied the journal into the database file.", st.checkpoints as f64),
-                ("confmesh_store_checkpoint_failures_total", Kind::Counter, "Failed checkpoint attempts (retried; the journal keeps the changes).", st.checkpoint_failures as f64),
-                ("confmesh_store_unflushed_keys", Kind::Gauge, "Changed keys in memory and the journal, not yet in the database file.", st.unflushed_keys as f64),
+                (
+                    "confmesh_store_journal_syncs_total",
+                    Kind::Counter,
+                    "Groups of writes made durable together, one journal sync each.",
+                    st.journal_syncs as f64,
+                ),
+                (
+                    "confmesh_store_journal_bytes_total",
+                    Kind::Counter,
+                    "Bytes appended to the store's journal.",
+                    st.journal_bytes as f64,
+                ),
+                (
+                    "confmesh_store_checkpoints_total",
+                    Kind::Counter,
+                    "Checkpoints that copied the journal into the database file.",
+                    st.checkpoints as f64,
+                ),
+                (
+                    "confmesh_store_checkpoint_failures_total",
+                    Kind::Counter,
+                    "Failed checkpoint attempts (retried; the journal keeps the changes).",
+                    st.checkpoint_failures as f64,
+                ),
+                (
+                    "confmesh_store_unflushed_keys",
+                    Kind::Gauge,
+                    "Changed keys in memory and the journal, not yet in the database file.",
+                    st.unflushed_keys as f64,
+                ),
             ] {
                 m.family(name, kind, help);
                 m.sample(name, &[], v);
@@ -999,9 +1589,17 @@ impl Daemon {
         }
         self.bandwidth.status().write_metrics(&mut m);
         self.b2bua.status().write_metrics(&mut m);
-        m.family("confmesh_alarms", Kind::Gauge, "Raised alarms by kind and peer (1 per raised alarm).");
+        m.family(
+            "confmesh_alarms",
+            Kind::Gauge,
+            "Raised alarms by kind and peer (1 per raised alarm).",
+        );
         for a in &status.alarms {
-            m.sample("confmesh_alarms", &[("kind", &a.kind), ("peer", &a.peer.to_string())], 1.0);
+            m.sample(
+                "confmesh_alarms",
+                &[("kind", &a.kind), ("peer", &a.peer.to_string())],
+                1.0,
+            );
         }
         m.finish()
     }
@@ -1028,8 +1626,18 @@ impl Daemon {
                     addr: v.addr,
                     hostname: v.hostname.clone(),
                     overlay_addr: v.overlay_addr,
-                    state: if v.is_active() { "active" } else { "not-active" }.into(),
-                    reason: v.reason.map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()),
+                    state: if v.is_active() {
+                        "active"
+                    } else {
+                        "not-active"
+                    }
+                    .into(),
+                    reason: v.reason.map(|r| {
+                        serde_json::to_value(r)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default()
+                    }),
                     detail: v.detail.clone(),
                     rtt_ms: v.rtt_ms.map(|r| (r * 1000.0).round() / 1000.0),
                     clock_skew_ms: v.clock_skew_ms.map(|s| (s * 10.0).round() / 10.0),
@@ -1051,7 +1659,10 @@ impl Daemon {
                 .membership
                 .alarms()
                 .map(|a| AlarmStatus {
-                    kind: serde_json::to_value(a.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+                    kind: serde_json::to_value(a.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
                     peer: a.peer,
                     raised_at: rfc3339(a.raised_at_ms),
                     detail: a.detail.clone(),
@@ -1066,7 +1677,10 @@ impl Daemon {
             peers,
             alarms,
             conferences: self.b2bua.conferences(),
-            replication: self.cluster.as_ref().and_then(|c| serde_json::to_value(c.replication.status()).ok()),
+            replication: self
+                .cluster
+                .as_ref()
+                .and_then(|c| serde_json::to_value(c.replication.status()).ok()),
             bandwidth: serde_json::to_value(self.bandwidth.status()).ok(),
         }
     }
@@ -1078,7 +1692,12 @@ fn sync_peers(peers: &[(Ipv4Addr, Ipv4Addr)], me: Ipv4Addr) -> Vec<(u32, SocketA
     peers
         .iter()
         .filter(|p| p.0 != me)
-        .map(|&(mgmt, overlay)| (u32::from(mgmt), SocketAddrV4::new(overlay, REPLICATION_PORT).into()))
+        .map(|&(mgmt, overlay)| {
+            (
+                u32::from(mgmt),
+                SocketAddrV4::new(overlay, REPLICATION_PORT).into(),
+            )
+        })
         .collect()
 }
 

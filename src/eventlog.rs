@@ -78,7 +78,12 @@ pub struct Entry {
 impl Entry {
     /// The entry as one human-readable line (RFC 3339 UTC time, severity, message).
     pub fn to_line(&self) -> String {
-        format!("{} {:<7} {}", rfc3339(self.ts_ms), format!("{:?}", self.severity).to_lowercase(), self.message)
+        format!(
+            "{} {:<7} {}",
+            rfc3339(self.ts_ms),
+            format!("{:?}", self.severity).to_lowercase(),
+            self.message
+        )
     }
 }
 
@@ -111,13 +116,15 @@ impl Logs {
         };
         let tcp = if syslog.iter().any(|t| t.transport == SyslogTransport::Tcp) {
             let (tx, rx) = std::sync::mpsc::sync_channel::<(SocketAddr, String)>(TCP_QUEUE);
-            std::thread::Builder::new().name("syslog-tcp".into()).spawn(move || {
-                for (addr, msg) in rx {
-                    if let Err(e) = send_tcp(addr, &msg) {
-                        tracing::debug!(collector = %addr, "syslog send failed: {e}");
+            std::thread::Builder::new()
+                .name("syslog-tcp".into())
+                .spawn(move || {
+                    for (addr, msg) in rx {
+                        if let Err(e) = send_tcp(addr, &msg) {
+                            tracing::debug!(collector = %addr, "syslog send failed: {e}");
+                        }
                     }
-                }
-            })?;
+                })?;
             Some(tx)
         } else {
             None
@@ -136,7 +143,11 @@ impl Logs {
     /// Appends an entry durably, rotates if needed, and copies it to syslog. A failing log disk is
     /// reported through `tracing` but never stops the daemon.
     pub fn append(&mut self, kind: LogKind, severity: Severity, message: impl Into<String>) {
-        let entry = Entry { ts_ms: wall_ms(), severity, message: message.into() };
+        let entry = Entry {
+            ts_ms: wall_ms(),
+            severity,
+            message: message.into(),
+        };
         if let Err(e) = self.write(kind, &entry) {
             tracing::error!(log = kind.file_name(), "cannot write log entry: {e}");
         }
@@ -186,9 +197,13 @@ impl Logs {
         );
         for target in &self.syslog {
             let sent = match target.transport {
-                SyslogTransport::Udp => self.udp.as_ref().map_or(Ok(()), |s| s.send_to(msg.as_bytes(), target.addr).map(drop)),
+                SyslogTransport::Udp => self
+                    .udp
+                    .as_ref()
+                    .map_or(Ok(()), |s| s.send_to(msg.as_bytes(), target.addr).map(drop)),
                 SyslogTransport::Tcp => self.tcp.as_ref().map_or(Ok(()), |q| {
-                    q.try_send((target.addr, msg.clone())).map_err(|_| io::Error::other("TCP syslog queue full; message dropped"))
+                    q.try_send((target.addr, msg.clone()))
+                        .map_err(|_| io::Error::other("TCP syslog queue full; message dropped"))
                 }),
             };
             if let Err(e) = sent {
@@ -201,7 +216,10 @@ impl Logs {
     pub fn read(&self, kind: LogKind) -> io::Result<Vec<Entry>> {
         let path = self.dir.join(kind.file_name());
         let mut out = Vec::new();
-        let mut files: Vec<PathBuf> = (1..=KEEP_ROTATED).rev().map(|i| rotated(&path, i)).collect();
+        let mut files: Vec<PathBuf> = (1..=KEEP_ROTATED)
+            .rev()
+            .map(|i| rotated(&path, i))
+            .collect();
         files.push(path);
         for file in files.iter().filter(|f| f.exists()) {
             for line in BufReader::new(File::open(file)?).lines() {
@@ -235,7 +253,9 @@ fn rotated(path: &Path, i: usize) -> PathBuf {
 
 /// The wall clock in ms since the Unix epoch.
 pub fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Formats ms since the epoch as RFC 3339 UTC with milliseconds (civil-from-days, no time crate).
@@ -289,22 +309,33 @@ mod tests {
         assert_eq!(events.len(), n);
         assert!(events[0].message.starts_with("0 "));
         assert!(dir.path().join("log/events.log.1").exists());
-        assert_eq!(logs.read(LogKind::Config).unwrap()[0].message, "peers add 10.96.0.3");
+        assert_eq!(
+            logs.read(LogKind::Config).unwrap()[0].message,
+            "peers add 10.96.0.3"
+        );
     }
 
     #[test]
     fn syslog_udp_is_rfc5424() {
         let dir = tempfile::tempdir().unwrap();
         let collector = UdpSocket::bind("127.0.0.1:0").unwrap();
-        collector.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let target = SyslogTarget { transport: SyslogTransport::Udp, addr: collector.local_addr().unwrap() };
+        collector
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let target = SyslogTarget {
+            transport: SyslogTransport::Udp,
+            addr: collector.local_addr().unwrap(),
+        };
         let mut logs = Logs::open(dir.path(), "conductor1", vec![target]).unwrap();
         logs.append(LogKind::Events, Severity::Warning, "alarm raised: latency");
         let mut buf = [0u8; 512];
         let n = collector.recv(&mut buf).unwrap();
         let msg = std::str::from_utf8(&buf[..n]).unwrap();
         assert!(msg.starts_with("<132>1 "), "{msg}");
-        assert!(msg.contains(" conductor1 confmesh ") && msg.ends_with("event - alarm raised: latency"), "{msg}");
+        assert!(
+            msg.contains(" conductor1 confmesh ") && msg.ends_with("event - alarm raised: latency"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -312,7 +343,10 @@ mod tests {
         use std::io::Read;
         let dir = tempfile::tempdir().unwrap();
         let collector = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let target = SyslogTarget { transport: SyslogTransport::Tcp, addr: collector.local_addr().unwrap() };
+        let target = SyslogTarget {
+            transport: SyslogTransport::Tcp,
+            addr: collector.local_addr().unwrap(),
+        };
         let mut logs = Logs::open(dir.path(), "conductor2", vec![target]).unwrap();
         logs.append(LogKind::Config, Severity::Notice, "peers remove 10.96.0.3");
         let (mut conn, _) = collector.accept().unwrap();
@@ -321,6 +355,9 @@ mod tests {
         conn.read_to_string(&mut got).unwrap();
         let (len, msg) = got.split_once(' ').unwrap();
         assert_eq!(len.parse::<usize>().unwrap(), msg.len(), "{got}");
-        assert!(msg.starts_with("<133>1 ") && msg.ends_with("config - peers remove 10.96.0.3"), "{msg}");
+        assert!(
+            msg.starts_with("<133>1 ") && msg.ends_with("config - peers remove 10.96.0.3"),
+            "{msg}"
+        );
     }
 }

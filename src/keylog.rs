@@ -30,21 +30,43 @@ pub struct KeyLog {
 impl KeyLog {
     /// Opens (or creates, owner-only) the key log for appending.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
         Ok(Self { file })
     }
 
     /// Records a phase-1 SA: its cookies and AES-256-CBC key.
     pub fn ike(&mut self, icookie: &[u8; 8], rcookie: &[u8; 8], key: &[u8]) -> io::Result<()> {
-        let line = format!("IKEV1 icookie={} rcookie={} enc=aes256-cbc key={}\n", hex(icookie), hex(rcookie), hex(key));
+        let line = format!(
+            "IKEV1 icookie={} rcookie={} enc=aes256-cbc key={}\n",
+            hex(icookie),
+            hex(rcookie),
+            hex(key)
+        );
         self.file.write_all(line.as_bytes())
     }
 
     /// Records one direction of a child SA; `src`/`dst` are the outer addresses it protects.
-    pub fn child(&mut self, protection: Protection, src: Ipv4Addr, dst: Ipv4Addr, spi: u32, key: &[u8]) -> io::Result<()> {
+    pub fn child(
+        &mut self,
+        protection: Protection,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        spi: u32,
+        key: &[u8],
+    ) -> io::Result<()> {
         let line = match protection {
-            Protection::Ah => format!("AH src={src} dst={dst} spi={spi:08x} auth=hmac-sha2-256-128 key={}\n", hex(key)),
-            Protection::EspGcm => format!("ESP src={src} dst={dst} spi={spi:08x} enc=aes256-gcm16 key={}\n", hex(key)),
+            Protection::Ah => format!(
+                "AH src={src} dst={dst} spi={spi:08x} auth=hmac-sha2-256-128 key={}\n",
+                hex(key)
+            ),
+            Protection::EspGcm => format!(
+                "ESP src={src} dst={dst} spi={spi:08x} enc=aes256-gcm16 key={}\n",
+                hex(key)
+            ),
         };
         self.file.write_all(line.as_bytes())
     }
@@ -60,14 +82,49 @@ mod tests {
         let path = dir.path().join("keys");
         let mut k = KeyLog::open(&path).unwrap();
         k.ike(&[1; 8], &[0xab; 8], &[0x11; 32]).unwrap();
-        k.child(Protection::Ah, Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2), 0x1234, &[0x22; 32]).unwrap();
-        k.child(Protection::EspGcm, Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 1), 0xdeadbeef, &[0x33; 36]).unwrap();
+        k.child(
+            Protection::Ah,
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            0x1234,
+            &[0x22; 32],
+        )
+        .unwrap();
+        k.child(
+            Protection::EspGcm,
+            Ipv4Addr::new(10, 0, 0, 2),
+            Ipv4Addr::new(10, 0, 0, 1),
+            0xdeadbeef,
+            &[0x33; 36],
+        )
+        .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<_> = text.lines().collect();
-        assert_eq!(lines[0], format!("IKEV1 icookie=0101010101010101 rcookie=abababababababab enc=aes256-cbc key={}", "11".repeat(32)));
-        assert_eq!(lines[1], format!("AH src=10.0.0.1 dst=10.0.0.2 spi=00001234 auth=hmac-sha2-256-128 key={}", "22".repeat(32)));
-        assert_eq!(lines[2], format!("ESP src=10.0.0.2 dst=10.0.0.1 spi=deadbeef enc=aes256-gcm16 key={}", "33".repeat(36)));
+        assert_eq!(
+            lines[0],
+            format!(
+                "IKEV1 icookie=0101010101010101 rcookie=abababababababab enc=aes256-cbc key={}",
+                "11".repeat(32)
+            )
+        );
+        assert_eq!(
+            lines[1],
+            format!(
+                "AH src=10.0.0.1 dst=10.0.0.2 spi=00001234 auth=hmac-sha2-256-128 key={}",
+                "22".repeat(32)
+            )
+        );
+        assert_eq!(
+            lines[2],
+            format!(
+                "ESP src=10.0.0.2 dst=10.0.0.1 spi=deadbeef enc=aes256-gcm16 key={}",
+                "33".repeat(36)
+            )
+        );
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

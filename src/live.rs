@@ -29,9 +29,10 @@ pub fn edit(
     change: MembershipChange,
     default_serial: impl FnOnce() -> Option<String>,
 ) -> Result<(String, Config), ConfigError> {
-    let mut doc: DocumentMut = text
-        .parse()
-        .map_err(|e| ConfigError { field: String::new(), message: format!("the configuration file no longer parses: {e}") })?;
+    let mut doc: DocumentMut = text.parse().map_err(|e| ConfigError {
+        field: String::new(),
+        message: format!("the configuration file no longer parses: {e}"),
+    })?;
     if !doc.contains_table("cluster") {
         doc.insert("cluster", Item::Table(Table::new()));
     }
@@ -42,14 +43,25 @@ pub fn edit(
     let mut peers: Vec<String> = cluster
         .get("peers")
         .and_then(Item::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
-    let mgmt = doc.get("peer").and_then(|p| p.get("mgmt_addr")).and_then(Item::as_str).map(str::to_owned);
+    let mgmt = doc
+        .get("peer")
+        .and_then(|p| p.get("mgmt_addr"))
+        .and_then(Item::as_str)
+        .map(str::to_owned);
     let cluster = doc["cluster"].as_table_mut().expect("checked above");
     match change {
         MembershipChange::Add(addr) => {
             if peers.iter().any(|p| p.parse() == Ok(addr)) {
-                return Err(ConfigError { field: "cluster.peers".into(), message: format!("{addr} is already a peer") });
+                return Err(ConfigError {
+                    field: "cluster.peers".into(),
+                    message: format!("{addr} is already a peer"),
+                });
             }
             // Joining from standalone: the list starts with this peer itself.
             if peers.is_empty() {
@@ -61,7 +73,10 @@ pub fn edit(
             let before = peers.len();
             peers.retain(|p| p.parse() != Ok(addr));
             if peers.len() == before {
-                return Err(ConfigError { field: "cluster.peers".into(), message: format!("{addr} is not in the peer list") });
+                return Err(ConfigError {
+                    field: "cluster.peers".into(),
+                    message: format!("{addr} is not in the peer list"),
+                });
             }
             if mgmt.as_deref().and_then(|m| m.parse().ok()) == Some(addr) {
                 return Err(ConfigError {
@@ -133,11 +148,27 @@ licence = "full"
 
     #[test]
     fn add_remove_standalone() {
-        let (text, c) = edit(TWO, MembershipChange::Add("10.96.0.3".parse().unwrap()), serial).unwrap();
+        let (text, c) = edit(
+            TWO,
+            MembershipChange::Add("10.96.0.3".parse().unwrap()),
+            serial,
+        )
+        .unwrap();
         assert!(text.starts_with("# operator's comment stays"));
         assert_eq!(c.cluster.unwrap().peers.len(), 3);
-        let (text, c) = edit(&text, MembershipChange::Remove("10.96.0.2".parse().unwrap()), serial).unwrap();
-        assert_eq!(c.cluster.unwrap().peers, vec!["10.96.0.1".parse::<Ipv4Addr>().unwrap(), "10.96.0.3".parse().unwrap()]);
+        let (text, c) = edit(
+            &text,
+            MembershipChange::Remove("10.96.0.2".parse().unwrap()),
+            serial,
+        )
+        .unwrap();
+        assert_eq!(
+            c.cluster.unwrap().peers,
+            vec![
+                "10.96.0.1".parse::<Ipv4Addr>().unwrap(),
+                "10.96.0.3".parse().unwrap()
+            ]
+        );
         let (text, c) = edit(&text, MembershipChange::Standalone, serial).unwrap();
         assert!(c.cluster.is_none());
         assert!(!text.contains("psk_file"));
@@ -145,21 +176,46 @@ licence = "full"
 
     #[test]
     fn refusals_change_nothing() {
-        let e = edit(TWO, MembershipChange::Add("10.96.0.2".parse().unwrap()), serial).unwrap_err();
+        let e = edit(
+            TWO,
+            MembershipChange::Add("10.96.0.2".parse().unwrap()),
+            serial,
+        )
+        .unwrap_err();
         assert!(e.message.contains("already"));
-        let e = edit(TWO, MembershipChange::Remove("10.96.0.9".parse().unwrap()), serial).unwrap_err();
+        let e = edit(
+            TWO,
+            MembershipChange::Remove("10.96.0.9".parse().unwrap()),
+            serial,
+        )
+        .unwrap_err();
         assert!(e.message.contains("not in the peer list"));
-        let e = edit(TWO, MembershipChange::Remove("10.96.0.1".parse().unwrap()), serial).unwrap_err();
+        let e = edit(
+            TWO,
+            MembershipChange::Remove("10.96.0.1".parse().unwrap()),
+            serial,
+        )
+        .unwrap_err();
         assert!(e.message.contains("standalone"));
         // Select licence: a third peer is refused by validation, naming the licence.
         let select = TWO.replace("\"full\"", "\"select\"");
-        let e = edit(&select, MembershipChange::Add("10.96.0.3".parse().unwrap()), serial).unwrap_err();
+        let e = edit(
+            &select,
+            MembershipChange::Add("10.96.0.3".parse().unwrap()),
+            serial,
+        )
+        .unwrap_err();
         assert_eq!(e.field, "cluster.licence");
     }
 
     #[test]
     fn removing_the_last_other_peer_goes_standalone() {
-        let (_, c) = edit(TWO, MembershipChange::Remove("10.96.0.2".parse().unwrap()), serial).unwrap();
+        let (_, c) = edit(
+            TWO,
+            MembershipChange::Remove("10.96.0.2".parse().unwrap()),
+            serial,
+        )
+        .unwrap();
         assert!(c.cluster.is_none());
     }
 

@@ -247,9 +247,13 @@ fn main() -> ExitCode {
                 PeersOp::Add { addr } => Request::PeersAdd { addr },
                 PeersOp::Remove { addr } => Request::PeersRemove { addr },
             };
-            client(target, req, |v| format!("ok: now {}", v.as_str().unwrap_or("?")))
+            client(target, req, |v| {
+                format!("ok: now {}", v.as_str().unwrap_or("?"))
+            })
         }
-        Command::Standalone { target } => client(target, Request::Standalone, |_| "ok: now standalone".into()),
+        Command::Standalone { target } => {
+            client(target, Request::Standalone, |_| "ok: now standalone".into())
+        }
         Command::Alarms { target } => client(target, Request::Alarms, |v| {
             let alarms = v.as_array().cloned().unwrap_or_default();
             if alarms.is_empty() {
@@ -257,7 +261,15 @@ fn main() -> ExitCode {
             }
             alarms
                 .iter()
-                .map(|a| format!("{} {} with {}: {}", a["raised_at"].as_str().unwrap_or(""), a["kind"].as_str().unwrap_or(""), a["peer"].as_str().unwrap_or(""), a["detail"].as_str().unwrap_or("")))
+                .map(|a| {
+                    format!(
+                        "{} {} with {}: {}",
+                        a["raised_at"].as_str().unwrap_or(""),
+                        a["kind"].as_str().unwrap_or(""),
+                        a["peer"].as_str().unwrap_or(""),
+                        a["detail"].as_str().unwrap_or("")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("\n")
         }),
@@ -267,59 +279,138 @@ fn main() -> ExitCode {
                 LogArg::Config => LogKind::Config,
             };
             client(target, Request::Log { kind }, |v| {
-                v.as_array().map(|a| a.iter().filter_map(|l| l.as_str()).collect::<Vec<_>>().join("\n")).unwrap_or_default()
+                v.as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|l| l.as_str())
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .unwrap_or_default()
             })
         }
         Command::Reload { target } => client(target, Request::Reload, |_| "ok: reloaded".into()),
         Command::Config { op, target } => config_command(op, target),
         Command::Admin { op, target } => admin_command(op, target),
-        Command::Backup { password_file, dir, target } => {
+        Command::Backup {
+            password_file,
+            dir,
+            target,
+        } => {
             let (password_file, dir) = (password_file.map(absolute), dir.map(absolute));
-            client(target, Request::Backup { dir, password_file }, |v| v["backup"].as_str().unwrap_or("").to_owned())
+            client(target, Request::Backup { dir, password_file }, |v| {
+                v["backup"].as_str().unwrap_or("").to_owned()
+            })
         }
-        Command::Restore { file, password_file, target } => {
-            let req = Request::Restore { file: absolute(file), password_file: password_file.map(absolute) };
-            client(target, req, |v| format!("restored {}", v["restored"].as_str().unwrap_or("")))
+        Command::Restore {
+            file,
+            password_file,
+            target,
+        } => {
+            let req = Request::Restore {
+                file: absolute(file),
+                password_file: password_file.map(absolute),
+            };
+            client(target, req, |v| {
+                format!("restored {}", v["restored"].as_str().unwrap_or(""))
+            })
         }
-        Command::Faults { peer, delay_ms, jitter_ms, loss_pct, duplicate_pct, reorder_pct, target } => {
-            client(target, Request::Faults { peer, delay_ms, jitter_ms, loss_pct, duplicate_pct, reorder_pct }, |_| "ok".into())
-        }
+        Command::Faults {
+            peer,
+            delay_ms,
+            jitter_ms,
+            loss_pct,
+            duplicate_pct,
+            reorder_pct,
+            target,
+        } => client(
+            target,
+            Request::Faults {
+                peer,
+                delay_ms,
+                jitter_ms,
+                loss_pct,
+                duplicate_pct,
+                reorder_pct,
+            },
+            |_| "ok".into(),
+        ),
     }
 }
 
 fn config_command(op: ConfigOp, target: Target) -> ExitCode {
     match op {
         ConfigOp::Get { key } => client(target, Request::ConfigGet { key }, |v| v.to_string()),
-        ConfigOp::Set { key, value, wait_peers } => match serde_json::from_str(&value) {
-            Ok(value) => client(target, Request::ConfigSet { key, value, wait_peers }, |_| String::new()),
-            Err(e) => fail(format!("the value is not JSON ({e}); quote strings, e.g. '\"text\"'")),
+        ConfigOp::Set {
+            key,
+            value,
+            wait_peers,
+        } => match serde_json::from_str(&value) {
+            Ok(value) => client(
+                target,
+                Request::ConfigSet {
+                    key,
+                    value,
+                    wait_peers,
+                },
+                |_| String::new(),
+            ),
+            Err(e) => fail(format!(
+                "the value is not JSON ({e}); quote strings, e.g. '\"text\"'"
+            )),
         },
-        ConfigOp::Delete { key, wait_peers } => client(target, Request::ConfigDelete { key, wait_peers }, |_| String::new()),
+        ConfigOp::Delete { key, wait_peers } => {
+            client(target, Request::ConfigDelete { key, wait_peers }, |_| {
+                String::new()
+            })
+        }
         ConfigOp::List { prefix } => client(target, Request::ConfigList { prefix }, |v| {
-            v.as_object().map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join("\n")).unwrap_or_default()
+            v.as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .unwrap_or_default()
         }),
     }
 }
 
 fn admin_command(op: AdminOp, target: Target) -> ExitCode {
     match op {
-        AdminOp::Add { name, password_file } => {
+        AdminOp::Add {
+            name,
+            password_file,
+        } => {
             let password = match std::fs::read_to_string(&password_file) {
                 Ok(p) => zeroize::Zeroizing::new(p),
                 Err(e) => return fail(format!("cannot read {}: {e}", password_file.display())),
             };
             let password = password.trim_end_matches(['\n', '\r']);
             if password.len() < 8 {
-                return fail(format!("the password in {} is shorter than 8 characters", password_file.display()));
+                return fail(format!(
+                    "the password in {} is shorter than 8 characters",
+                    password_file.display()
+                ));
             }
             match confmesh::admin::hash_password(password) {
                 Ok(hash) => client(target, Request::AdminAdd { name, hash }, |_| String::new()),
                 Err(e) => fail(e),
             }
         }
-        AdminOp::Remove { name } => client(target, Request::AdminRemove { name }, |_| String::new()),
+        AdminOp::Remove { name } => {
+            client(target, Request::AdminRemove { name }, |_| String::new())
+        }
         AdminOp::List => client(target, Request::AdminList, |v| {
-            v.as_array().map(|a| a.iter().filter_map(|n| n.as_str()).collect::<Vec<_>>().join("\n")).unwrap_or_default()
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .unwrap_or_default()
         }),
     }
 }
@@ -335,24 +426,38 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 fn run(config: PathBuf, keylog: Option<PathBuf>) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
-    let version = std::env::var(VERSION_OVERRIDE_ENV).unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_owned());
-    match runtime().block_on(daemon::run(Options { config_path: config, keylog, version })) {
+    let version = std::env::var(VERSION_OVERRIDE_ENV)
+        .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_owned());
+    match runtime().block_on(daemon::run(Options {
+        config_path: config,
+        keylog,
+        version,
+    })) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }
 
-fn client(target: Target, request: Request, render: impl FnOnce(serde_json::Value) -> String) -> ExitCode {
+fn client(
+    target: Target,
+    request: Request,
+    render: impl FnOnce(serde_json::Value) -> String,
+) -> ExitCode {
     let socket = match (target.socket, target.config) {
         (Some(s), _) => s,
         (None, Some(c)) => match daemon::control_socket_of(&c) {
@@ -361,7 +466,10 @@ fn client(target: Target, request: Request, render: impl FnOnce(serde_json::Valu
         },
         (None, None) => PathBuf::from("/var/lib/confmesh/confmesh.sock"),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match rt.block_on(control::call(&socket, &request)) {
         Ok(v) => {
             let text = render(v);

@@ -93,7 +93,11 @@ pub fn peer_list_hash(peers: &[Ipv4Addr]) -> String {
     for p in &sorted {
         h.update(p.octets());
     }
-    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Why a peer is not active, as the status JSON names it (SPEC.md §7).
@@ -123,7 +127,9 @@ impl NotActiveReason {
     pub fn describe(self) -> &'static str {
         match self {
             NotActiveReason::Unreachable => "unreachable",
-            NotActiveReason::AuthenticationFailed => "authentication failed (pre-shared key mismatch?)",
+            NotActiveReason::AuthenticationFailed => {
+                "authentication failed (pre-shared key mismatch?)"
+            }
             NotActiveReason::PeerListMismatch => "peer list mismatch",
             NotActiveReason::VersionMismatch => "version mismatch",
             NotActiveReason::LicenceMismatch => "licence mismatch",
@@ -281,7 +287,9 @@ impl PeerView {
 
     /// The path MTU is the smaller of what we measured and what the peer measured towards us.
     fn update_path_mtu(&mut self) {
-        self.path_mtu = self.reported_mtu.map_or(self.local_mtu, |r| r.min(self.local_mtu));
+        self.path_mtu = self
+            .reported_mtu
+            .map_or(self.local_mtu, |r| r.min(self.local_mtu));
     }
 
     /// What IKE last said about this peer.
@@ -307,7 +315,12 @@ pub struct Membership {
 impl Membership {
     /// Starts membership for `local` with the full peer list (own address included) and each
     /// other peer's overlay address.
-    pub fn new(local: LocalIdentity, peers: &[(Ipv4Addr, Ipv4Addr)], configured_mtu: u16, now: Instant) -> Self {
+    pub fn new(
+        local: LocalIdentity,
+        peers: &[(Ipv4Addr, Ipv4Addr)],
+        configured_mtu: u16,
+        now: Instant,
+    ) -> Self {
         let mut m = Membership {
             local,
             list_hash: String::new(),
@@ -333,12 +346,17 @@ impl Membership {
         }
         self.list_hash = peer_list_hash(&all);
         self.cluster_size = all.len();
-        self.peers.retain(|addr, _| peers.iter().any(|p| p.0 == *addr));
+        self.peers
+            .retain(|addr, _| peers.iter().any(|p| p.0 == *addr));
         for &(addr, overlay) in peers.iter().filter(|p| p.0 != me) {
             let mtu = self.configured_mtu;
-            self.peers.entry(addr).or_insert_with(|| PeerView::new(addr, overlay, mtu)).overlay_addr = overlay;
+            self.peers
+                .entry(addr)
+                .or_insert_with(|| PeerView::new(addr, overlay, mtu))
+                .overlay_addr = overlay;
         }
-        self.alarms.retain(|(_, peer), _| self.peers.contains_key(peer));
+        self.alarms
+            .retain(|(_, peer), _| self.peers.contains_key(peer));
         // Facts judged against the old list are stale: re-judge with what each peer said last.
         let addrs: Vec<Ipv4Addr> = self.peers.keys().copied().collect();
         for addr in addrs {
@@ -364,7 +382,9 @@ impl Membership {
     /// A hello arrived from `from` (the overlay source mapped to its management address).
     /// `wall_ms` is our wall clock now.
     pub fn handle_hello(&mut self, now: Instant, wall_ms: u64, from: Ipv4Addr, hello: Hello) {
-        let Some(view) = self.peers.get_mut(&from) else { return };
+        let Some(view) = self.peers.get_mut(&from) else {
+            return;
+        };
         if hello.mgmt_addr != from {
             return;
         }
@@ -374,7 +394,10 @@ impl Membership {
             if let Some(pos) = view.sent.iter().position(|(seq, _)| *seq == echo.seq) {
                 let (_, sent_at) = view.sent[pos];
                 let held = Duration::from_micros(echo.held_us);
-                if let Some(rtt) = now.checked_duration_since(sent_at).and_then(|d| d.checked_sub(held)) {
+                if let Some(rtt) = now
+                    .checked_duration_since(sent_at)
+                    .and_then(|d| d.checked_sub(held))
+                {
                     let rtt_ms = rtt.as_secs_f64() * 1e3;
                     if view.rtts.len() == RTT_SAMPLES {
                         view.rtts.pop_front();
@@ -417,7 +440,10 @@ impl Membership {
         let stale: Vec<Ipv4Addr> = self
             .peers
             .values()
-            .filter(|v| v.last_heard.is_some_and(|t| now.saturating_duration_since(t) >= UNREACHABLE_AFTER))
+            .filter(|v| {
+                v.last_heard
+                    .is_some_and(|t| now.saturating_duration_since(t) >= UNREACHABLE_AFTER)
+            })
             .map(|v| v.addr)
             .collect();
         for addr in stale {
@@ -436,7 +462,11 @@ impl Membership {
     }
 
     /// The next hello to send, one per peer per [`HELLO_INTERVAL`]: `(peer mgmt, peer overlay, hello)`.
-    pub fn poll_transmit(&mut self, now: Instant, wall_ms: u64) -> Vec<(Ipv4Addr, Ipv4Addr, Hello)> {
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+    ) -> Vec<(Ipv4Addr, Ipv4Addr, Hello)> {
         if now < self.next_hello {
             return Vec::new();
         }
@@ -475,7 +505,11 @@ impl Membership {
 
     /// When [`Membership::handle_timeout`] is next due.
     pub fn poll_timeout(&self) -> Instant {
-        let unreachable = self.peers.values().filter_map(|v| v.last_heard.map(|t| t + UNREACHABLE_AFTER)).min();
+        let unreachable = self
+            .peers
+            .values()
+            .filter_map(|v| v.last_heard.map(|t| t + UNREACHABLE_AFTER))
+            .min();
         unreachable.map_or(self.next_hello, |u| u.min(self.next_hello))
     }
 
@@ -486,20 +520,31 @@ impl Membership {
 
     /// Re-decides a peer's state and alarms from what is known of it.
     fn judge(&mut self, addr: Ipv4Addr, wall_ms: Option<u64>) {
-        let Some(view) = self.peers.get(&addr) else { return };
+        let Some(view) = self.peers.get(&addr) else {
+            return;
+        };
         let local = &self.local;
         let mut alarms: Vec<(AlarmKind, String)> = Vec::new();
         let one_way = view.rtt_ms.map(|r| r / 2.0);
         if let Some(ow) = one_way.filter(|&ow| ow > MAX_ONE_WAY_LATENCY_MS) {
-            alarms.push((AlarmKind::Latency, format!("one-way latency {ow:.1} ms exceeds {MAX_ONE_WAY_LATENCY_MS} ms")));
+            alarms.push((
+                AlarmKind::Latency,
+                format!("one-way latency {ow:.1} ms exceeds {MAX_ONE_WAY_LATENCY_MS} ms"),
+            ));
         }
         if let Some(skew) = view.clock_skew_ms.filter(|s| s.abs() > MAX_CLOCK_SKEW_MS) {
-            alarms.push((AlarmKind::ClockSkew, format!("clock differs by {skew:.0} ms (limit {MAX_CLOCK_SKEW_MS} ms); check NTP")));
+            alarms.push((
+                AlarmKind::ClockSkew,
+                format!("clock differs by {skew:.0} ms (limit {MAX_CLOCK_SKEW_MS} ms); check NTP"),
+            ));
         }
         if view.path_mtu < MIN_SYNC_PATH_MTU {
             alarms.push((
                 AlarmKind::PathMtu,
-                format!("path MTU {} is below the {MIN_SYNC_PATH_MTU} bytes synchronisation needs", view.path_mtu),
+                format!(
+                    "path MTU {} is below the {MIN_SYNC_PATH_MTU} bytes synchronisation needs",
+                    view.path_mtu
+                ),
             ));
         }
         let (reason, detail) = match (&view.last_facts, view.ike) {
@@ -510,26 +555,37 @@ impl Membership {
             (None, _) => (Some(NotActiveReason::Unreachable), None),
             (Some(h), _) if h.proto != HELLO_PROTOCOL || h.version != local.version => (
                 Some(NotActiveReason::VersionMismatch),
-                Some(format!("peer runs {}, this peer runs {}", h.version, local.version)),
-            ),
-            (Some(h), _) if h.licence != local.licence || self.cluster_size > local.licence.max_peers() => (
-                Some(NotActiveReason::LicenceMismatch),
                 Some(format!(
-                    "peer licence {}, this peer {} ({} peers listed)",
-                    h.licence.as_str(),
-                    local.licence.as_str(),
-                    self.cluster_size
+                    "peer runs {}, this peer runs {}",
+                    h.version, local.version
                 )),
             ),
-            (Some(h), _) if h.peer_list_hash != self.list_hash => {
-                (Some(NotActiveReason::PeerListMismatch), Some("the peer lists differ; make them identical".to_owned()))
+            (Some(h), _)
+                if h.licence != local.licence || self.cluster_size > local.licence.max_peers() =>
+            {
+                (
+                    Some(NotActiveReason::LicenceMismatch),
+                    Some(format!(
+                        "peer licence {}, this peer {} ({} peers listed)",
+                        h.licence.as_str(),
+                        local.licence.as_str(),
+                        self.cluster_size
+                    )),
+                )
             }
+            (Some(h), _) if h.peer_list_hash != self.list_hash => (
+                Some(NotActiveReason::PeerListMismatch),
+                Some("the peer lists differ; make them identical".to_owned()),
+            ),
             // Heard one way only so far: latency and skew are unknown until a hello comes back.
-            _ if view.rtt_ms.is_none() => {
-                (Some(NotActiveReason::Unreachable), Some("no hello round trip measured yet".to_owned()))
-            }
+            _ if view.rtt_ms.is_none() => (
+                Some(NotActiveReason::Unreachable),
+                Some("no hello round trip measured yet".to_owned()),
+            ),
             _ => match alarms.first() {
-                Some((AlarmKind::ClockSkew, d)) => (Some(NotActiveReason::ClockSkew), Some(d.clone())),
+                Some((AlarmKind::ClockSkew, d)) => {
+                    (Some(NotActiveReason::ClockSkew), Some(d.clone()))
+                }
                 Some((AlarmKind::Latency, d)) => (Some(NotActiveReason::Latency), Some(d.clone())),
                 Some((AlarmKind::PathMtu, d)) => (Some(NotActiveReason::PathMtu), Some(d.clone())),
                 None => (None, None),
@@ -542,8 +598,15 @@ impl Membership {
         view.detail = detail.clone();
         if changed {
             self.events.push_back(match reason {
-                None => MembershipEvent::Active { peer: addr, hostname },
-                Some(reason) => MembershipEvent::NotActive { peer: addr, reason, detail: detail.unwrap_or_default() },
+                None => MembershipEvent::Active {
+                    peer: addr,
+                    hostname,
+                },
+                Some(reason) => MembershipEvent::NotActive {
+                    peer: addr,
+                    reason,
+                    detail: detail.unwrap_or_default(),
+                },
             });
         }
         let Some(wall_ms) = wall_ms else { return };
@@ -551,13 +614,22 @@ impl Membership {
             let want = alarms.iter().find(|(k, _)| *k == kind);
             match (want, self.alarms.contains_key(&(kind, addr))) {
                 (Some((_, detail)), false) => {
-                    let alarm = Alarm { kind, peer: addr, raised_at_ms: wall_ms, detail: detail.clone() };
+                    let alarm = Alarm {
+                        kind,
+                        peer: addr,
+                        raised_at_ms: wall_ms,
+                        detail: detail.clone(),
+                    };
                     self.alarms.insert((kind, addr), alarm.clone());
                     self.events.push_back(MembershipEvent::AlarmRaised(alarm));
                 }
                 (None, true) => {
                     self.alarms.remove(&(kind, addr));
-                    self.events.push_back(MembershipEvent::AlarmCleared { kind, peer: addr, cleared_at_ms: wall_ms });
+                    self.events.push_back(MembershipEvent::AlarmCleared {
+                        kind,
+                        peer: addr,
+                        cleared_at_ms: wall_ms,
+                    });
                 }
                 _ => {}
             }
@@ -583,9 +655,20 @@ mod tests {
         crate::config::default_overlay_addr(a)
     }
 
-    fn node(me: Ipv4Addr, version: &str, licence: Licence, peers: &[Ipv4Addr], t0: Instant) -> Membership {
+    fn node(
+        me: Ipv4Addr,
+        version: &str,
+        licence: Licence,
+        peers: &[Ipv4Addr],
+        t0: Instant,
+    ) -> Membership {
         let list: Vec<_> = peers.iter().map(|&p| (p, ov(p))).collect();
-        let local = LocalIdentity { hostname: format!("h{}", me.octets()[3]), version: version.into(), licence, mgmt_addr: me };
+        let local = LocalIdentity {
+            hostname: format!("h{}", me.octets()[3]),
+            version: version.into(),
+            licence,
+            mgmt_addr: me,
+        };
         Membership::new(local, &list, 1500, t0)
     }
 
@@ -601,7 +684,14 @@ mod tests {
 
     impl Net {
         fn new(nodes: Vec<(Membership, i64)>, now: Instant) -> Self {
-            Net { nodes, now, wall0: 1_700_000_000_000, one_way: Duration::from_micros(200), cut: None, in_flight: Vec::new() }
+            Net {
+                nodes,
+                now,
+                wall0: 1_700_000_000_000,
+                one_way: Duration::from_micros(200),
+                cut: None,
+                in_flight: Vec::new(),
+            }
         }
         fn run(&mut self, total: Duration) {
             let step = Duration::from_micros(100);
@@ -618,7 +708,11 @@ mod tests {
                     due
                 };
                 for (_, from, to, hello) in due {
-                    if let Some((m, skew)) = self.nodes.iter_mut().find(|(m, _)| m.local().mgmt_addr == to) {
+                    if let Some((m, skew)) = self
+                        .nodes
+                        .iter_mut()
+                        .find(|(m, _)| m.local().mgmt_addr == to)
+                    {
                         m.handle_hello(self.now, (wall as i64 + *skew) as u64, from, hello);
                     }
                 }
@@ -632,18 +726,27 @@ mod tests {
                         if self.cut.is_some_and(|c| c == me || c == to) {
                             continue;
                         }
-                        self.in_flight.push((self.now + self.one_way, me, to, hello));
+                        self.in_flight
+                            .push((self.now + self.one_way, me, to, hello));
                     }
                 }
             }
             self.wall0 = wall_us / 1000;
         }
         fn view(&self, of: Ipv4Addr, peer: Ipv4Addr) -> PeerView {
-            let (m, _) = self.nodes.iter().find(|(m, _)| m.local().mgmt_addr == of).unwrap();
+            let (m, _) = self
+                .nodes
+                .iter()
+                .find(|(m, _)| m.local().mgmt_addr == of)
+                .unwrap();
             m.peers().find(|v| v.addr == peer).unwrap().clone()
         }
         fn alarms(&self, of: Ipv4Addr) -> Vec<AlarmKind> {
-            let (m, _) = self.nodes.iter().find(|(m, _)| m.local().mgmt_addr == of).unwrap();
+            let (m, _) = self
+                .nodes
+                .iter()
+                .find(|(m, _)| m.local().mgmt_addr == of)
+                .unwrap();
             m.alarms().map(|a| a.kind).collect()
         }
     }
@@ -667,7 +770,10 @@ mod tests {
         for (x, y) in [(A, B), (A, C), (B, A), (C, B)] {
             let v = net.view(x, y);
             assert!(v.is_active(), "{x} sees {y}: {:?} {:?}", v.reason, v.detail);
-            assert_eq!(v.hostname.as_deref(), Some(format!("h{}", y.octets()[3]).as_str()));
+            assert_eq!(
+                v.hostname.as_deref(),
+                Some(format!("h{}", y.octets()[3]).as_str())
+            );
             let rtt = v.rtt_ms.unwrap();
             assert!((0.3..=0.5).contains(&rtt), "rtt {rtt}");
             assert!(v.clock_skew_ms.unwrap().abs() < 2.0);
@@ -693,30 +799,54 @@ mod tests {
         let t0 = Instant::now();
         let two = [A, B];
         let mut net = Net::new(
-            vec![(node(A, "0.1.0", Licence::Full, &two, t0), 0), (node(B, "0.2.0", Licence::Full, &two, t0), 0)],
+            vec![
+                (node(A, "0.1.0", Licence::Full, &two, t0), 0),
+                (node(B, "0.2.0", Licence::Full, &two, t0), 0),
+            ],
             t0,
         );
         net.run(Duration::from_secs(2));
         let v = net.view(A, B);
         assert_eq!(v.reason, Some(NotActiveReason::VersionMismatch));
         assert!(v.detail.unwrap().contains("0.2.0"));
-        assert_eq!(net.view(B, A).reason, Some(NotActiveReason::VersionMismatch));
+        assert_eq!(
+            net.view(B, A).reason,
+            Some(NotActiveReason::VersionMismatch)
+        );
 
         let mut net = Net::new(
-            vec![(node(A, "0.1.0", Licence::Full, &two, t0), 0), (node(B, "0.1.0", Licence::Select, &two, t0), 0)],
+            vec![
+                (node(A, "0.1.0", Licence::Full, &two, t0), 0),
+                (node(B, "0.1.0", Licence::Select, &two, t0), 0),
+            ],
             t0,
         );
         net.run(Duration::from_secs(2));
-        assert_eq!(net.view(A, B).reason, Some(NotActiveReason::LicenceMismatch));
-        assert_eq!(net.view(B, A).reason, Some(NotActiveReason::LicenceMismatch));
+        assert_eq!(
+            net.view(A, B).reason,
+            Some(NotActiveReason::LicenceMismatch)
+        );
+        assert_eq!(
+            net.view(B, A).reason,
+            Some(NotActiveReason::LicenceMismatch)
+        );
 
         let mut net = Net::new(
-            vec![(node(A, "0.1.0", Licence::Full, &[A, B, C], t0), 0), (node(B, "0.1.0", Licence::Full, &two, t0), 0)],
+            vec![
+                (node(A, "0.1.0", Licence::Full, &[A, B, C], t0), 0),
+                (node(B, "0.1.0", Licence::Full, &two, t0), 0),
+            ],
             t0,
         );
         net.run(Duration::from_secs(2));
-        assert_eq!(net.view(A, B).reason, Some(NotActiveReason::PeerListMismatch));
-        assert_eq!(net.view(B, A).reason, Some(NotActiveReason::PeerListMismatch));
+        assert_eq!(
+            net.view(A, B).reason,
+            Some(NotActiveReason::PeerListMismatch)
+        );
+        assert_eq!(
+            net.view(B, A).reason,
+            Some(NotActiveReason::PeerListMismatch)
+        );
         // Fixing the list live makes both active again.
         net.nodes[0].0.set_peers(&[(A, ov(A)), (B, ov(B))]);
         net.run(Duration::from_secs(2));
@@ -742,7 +872,10 @@ mod tests {
         while let Some(e) = net.nodes[1].0.poll_event() {
             match e {
                 MembershipEvent::AlarmRaised(a) if a.kind == AlarmKind::Latency => raised += 1,
-                MembershipEvent::AlarmCleared { kind: AlarmKind::Latency, .. } => cleared += 1,
+                MembershipEvent::AlarmCleared {
+                    kind: AlarmKind::Latency,
+                    ..
+                } => cleared += 1,
                 _ => {}
             }
         }
@@ -754,13 +887,20 @@ mod tests {
         let t0 = Instant::now();
         let two = [A, B];
         let mut net = Net::new(
-            vec![(node(A, "0.1.0", Licence::Full, &two, t0), 0), (node(B, "0.1.0", Licence::Full, &two, t0), 2500)],
+            vec![
+                (node(A, "0.1.0", Licence::Full, &two, t0), 0),
+                (node(B, "0.1.0", Licence::Full, &two, t0), 2500),
+            ],
             t0,
         );
         net.run(Duration::from_secs(3));
         let v = net.view(A, B);
         assert_eq!(v.reason, Some(NotActiveReason::ClockSkew));
-        assert!((v.clock_skew_ms.unwrap() - 2500.0).abs() < 3.0, "{:?}", v.clock_skew_ms);
+        assert!(
+            (v.clock_skew_ms.unwrap() - 2500.0).abs() < 3.0,
+            "{:?}",
+            v.clock_skew_ms
+        );
         assert!((net.view(B, A).clock_skew_ms.unwrap() + 2500.0).abs() < 3.0);
     }
 
@@ -769,14 +909,24 @@ mod tests {
         let mut net = trio(Instant::now());
         net.nodes[0].0.handle_ike(C, IkeState::AuthenticationFailed);
         net.run(Duration::from_secs(2));
-        assert_eq!(net.view(A, C).reason, Some(NotActiveReason::AuthenticationFailed));
+        assert_eq!(
+            net.view(A, C).reason,
+            Some(NotActiveReason::AuthenticationFailed)
+        );
         net.nodes[0].0.handle_ike(C, IkeState::Established);
         net.nodes[0].0.set_path_mtu(B, 1280);
         net.run(Duration::from_secs(2));
         assert!(net.view(A, C).is_active());
         assert_eq!(net.view(A, B).path_mtu, 1280);
-        assert!(net.view(A, B).is_active(), "1280 still carries sync traffic");
-        assert_eq!(net.view(B, A).path_mtu, 1280, "the peer adopts the smaller reported MTU");
+        assert!(
+            net.view(A, B).is_active(),
+            "1280 still carries sync traffic"
+        );
+        assert_eq!(
+            net.view(B, A).path_mtu,
+            1280,
+            "the peer adopts the smaller reported MTU"
+        );
         net.nodes[0].0.set_path_mtu(B, 600);
         net.run(Duration::from_secs(1));
         assert_eq!(net.view(A, B).reason, Some(NotActiveReason::PathMtu));

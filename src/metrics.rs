@@ -31,7 +31,11 @@ impl MetricsPage {
             Kind::Gauge => "gauge",
             Kind::Counter => "counter",
         };
-        let _ = writeln!(self.out, "# HELP {name} {}", help.replace('\\', "\\\\").replace('\n', "\\n"));
+        let _ = writeln!(
+            self.out,
+            "# HELP {name} {}",
+            help.replace('\\', "\\\\").replace('\n', "\\n")
+        );
         let _ = writeln!(self.out, "# TYPE {name} {kind}");
         self
     }
@@ -45,7 +49,10 @@ impl MetricsPage {
                 if i > 0 {
                     self.out.push(',');
                 }
-                let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                let v = v
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
                 let _ = write!(self.out, "{k}=\"{v}\"");
             }
             self.out.push('}');
@@ -85,8 +92,16 @@ mod tests {
     #[test]
     fn escapes_labels_and_declares_types() {
         let mut m = MetricsPage::default();
-        m.family("confmesh_peer_active", Kind::Gauge, "1 when the peer is active")
-            .sample("confmesh_peer_active", &[("peer", "10.96.0.2"), ("host", "a\"b")], 1.0);
+        m.family(
+            "confmesh_peer_active",
+            Kind::Gauge,
+            "1 when the peer is active",
+        )
+        .sample(
+            "confmesh_peer_active",
+            &[("peer", "10.96.0.2"), ("host", "a\"b")],
+            1.0,
+        );
         let text = m.finish();
         assert_eq!(
             text,

@@ -36,7 +36,10 @@ pub async fn open_store(state_dir: &Path, mgmt: Ipv4Addr) -> Result<Arc<Store>, 
     let path = state_dir.join(STORE_FILE);
     tokio::task::spawn_blocking(move || Store::open(&path, u32::from(mgmt)))
         .await
-        .map_err(|e| StoreError::Io { path: state_dir.join(STORE_FILE), detail: e.to_string() })?
+        .map_err(|e| StoreError::Io {
+            path: state_dir.join(STORE_FILE),
+            detail: e.to_string(),
+        })?
         .map(Arc::new)
 }
 
@@ -61,14 +64,23 @@ const WAIT_PEERS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5
 
 /// Answers a shared-configuration or administrator request; writes return once durable locally,
 /// or also on `wait_peers` other peers when asked (which needs the sync sessions, `replication`).
-pub async fn answer(store: Arc<Store>, replication: Option<Arc<Replication>>, request: Request) -> Reply {
+pub async fn answer(
+    store: Arc<Store>,
+    replication: Option<Arc<Replication>>,
+    request: Request,
+) -> Reply {
     let replication = replication.as_deref();
     match request {
         Request::ConfigGet { key } => {
             check_config_key(&key)?;
-            get(&store, &key)?.ok_or_else(|| format!("not found: no shared configuration key {key}"))
+            get(&store, &key)?
+                .ok_or_else(|| format!("not found: no shared configuration key {key}"))
         }
-        Request::ConfigSet { key, value, wait_peers } => {
+        Request::ConfigSet {
+            key,
+            value,
+            wait_peers,
+        } => {
             check_config_key(&key)?;
             check_value(&key, &value)?;
             write(&store, replication, &key, Some(value), wait_peers).await
@@ -81,19 +93,37 @@ pub async fn answer(store: Arc<Store>, replication: Option<Arc<Replication>>, re
             write(&store, replication, &key, None, wait_peers).await
         }
         Request::ConfigList { prefix } => {
-            let entries = store.list(Namespace::Config, &prefix).map_err(|e| e.to_string())?;
-            let map = entries.into_iter().filter(|(k, _)| !k.starts_with(ADMIN_PREFIX)).collect();
+            let entries = store
+                .list(Namespace::Config, &prefix)
+                .map_err(|e| e.to_string())?;
+            let map = entries
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with(ADMIN_PREFIX))
+                .collect();
             Ok(Value::Object(map))
         }
         Request::AdminHash { name } => match get(&store, &admin_key(&name)?)? {
-            Some(v) => v.get("argon2id").cloned().ok_or_else(|| format!("account {name} has no usable password hash")),
+            Some(v) => v
+                .get("argon2id")
+                .cloned()
+                .ok_or_else(|| format!("account {name} has no usable password hash")),
             None => Err(format!("not found: no administrator {name}")),
         },
         Request::AdminAdd { name, hash } => {
             if !hash.starts_with("$argon2id$") {
-                return Err("the password hash must be an Argon2id PHC string (use `confmesh admin add`)".into());
+                return Err(
+                    "the password hash must be an Argon2id PHC string (use `confmesh admin add`)"
+                        .into(),
+                );
             }
-            write(&store, None, &admin_key(&name)?, Some(json!({ "argon2id": hash })), 0).await
+            write(
+                &store,
+                None,
+                &admin_key(&name)?,
+                Some(json!({ "argon2id": hash })),
+                0,
+            )
+            .await
         }
         Request::AdminRemove { name } => {
             let key = admin_key(&name)?;
@@ -103,8 +133,13 @@ pub async fn answer(store: Arc<Store>, replication: Option<Arc<Replication>>, re
             write(&store, None, &key, None, 0).await
         }
         Request::AdminList => {
-            let entries = store.list(Namespace::Config, ADMIN_PREFIX).map_err(|e| e.to_string())?;
-            Ok(entries.into_iter().map(|(k, _)| Value::String(k[ADMIN_PREFIX.len()..].to_owned())).collect())
+            let entries = store
+                .list(Namespace::Config, ADMIN_PREFIX)
+                .map_err(|e| e.to_string())?;
+            Ok(entries
+                .into_iter()
+                .map(|(k, _)| Value::String(k[ADMIN_PREFIX.len()..].to_owned()))
+                .collect())
         }
         other => Err(format!("not a shared-configuration request: {other:?}")),
     }
@@ -116,12 +151,23 @@ fn get(store: &Store, key: &str) -> Result<Option<Value>, String> {
 
 /// Writes (`Some`) or deletes (`None`) a shared-configuration key; answered once durable here and,
 /// if `wait_peers` > 0, on that many other peers (which needs the sync sessions, `replication`).
-async fn write(store: &Store, replication: Option<&Replication>, key: &str, value: Option<Value>, wait_peers: usize) -> Reply {
+async fn write(
+    store: &Store,
+    replication: Option<&Replication>,
+    key: &str,
+    value: Option<Value>,
+    wait_peers: usize,
+) -> Reply {
     let stamp = if wait_peers == 0 {
-        store.write_async(Namespace::Config, key, value, wall_ms()).await.map_err(|e| e.to_string())?
+        store
+            .write_async(Namespace::Config, key, value, wall_ms())
+            .await
+            .map_err(|e| e.to_string())?
     } else {
         let Some(r) = replication else {
-            return Err(format!("--wait-peers {wait_peers}: this peer is standalone, there is no other peer to wait for"));
+            return Err(format!(
+                "--wait-peers {wait_peers}: this peer is standalone, there is no other peer to wait for"
+            ));
         };
         r.write(Namespace::Config, key, value, wait_peers, WAIT_PEERS_TIMEOUT).await.map_err(|e| match e {
             WriteError::TooFewPeers { configured, .. } => {
@@ -139,18 +185,28 @@ async fn write(store: &Store, replication: Option<&Replication>, key: &str, valu
 
 fn check_config_key(key: &str) -> Result<(), String> {
     if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("bad key {key:?}: keys are non-empty and have no spaces, e.g. bridge/b1"));
+        return Err(format!(
+            "bad key {key:?}: keys are non-empty and have no spaces, e.g. bridge/b1"
+        ));
     }
     if key.starts_with(ADMIN_PREFIX) {
-        return Err("administrator accounts are managed with `confmesh admin add|remove|list`".into());
+        return Err(
+            "administrator accounts are managed with `confmesh admin add|remove|list`".into(),
+        );
     }
     Ok(())
 }
 
 fn admin_key(name: &str) -> Result<String, String> {
-    let ok = !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if !ok {
-        return Err(format!("bad account name {name:?}: use 1-64 letters, digits, '.', '_' or '-'"));
+        return Err(format!(
+            "bad account name {name:?}: use 1-64 letters, digits, '.', '_' or '-'"
+        ));
     }
     Ok(format!("{ADMIN_PREFIX}{name}"))
 }
@@ -182,8 +238,14 @@ pub fn backup_dir(state_dir: &Path) -> PathBuf {
 
 /// Reads a password file for backups: trimmed of its final newline, never empty.
 pub fn read_password(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
-    let raw = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| format!("cannot read the password file {}: {e}", path.display()))?);
-    let end = raw.iter().rposition(|&b| b != b'\n' && b != b'\r').map_or(0, |i| i + 1);
+    let raw = zeroize::Zeroizing::new(
+        std::fs::read(path)
+            .map_err(|e| format!("cannot read the password file {}: {e}", path.display()))?,
+    );
+    let end = raw
+        .iter()
+        .rposition(|&b| b != b'\n' && b != b'\r')
+        .map_or(0, |i| i + 1);
     if end == 0 {
         return Err(format!("the password file {} is empty", path.display()));
     }
@@ -197,27 +259,116 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn config_and_admin_requests() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open_store(dir.path(), Ipv4Addr::new(10, 96, 0, 1)).await.unwrap();
+        let store = open_store(dir.path(), Ipv4Addr::new(10, 96, 0, 1))
+            .await
+            .unwrap();
         let ask = |r| answer(store.clone(), None, r);
         let bridge = json!({"uri": "sip:10.96.4.1:5060", "capacity": 20});
-        ask(Request::ConfigSet { key: "bridge/b1".into(), value: bridge.clone(), wait_peers: 0 }).await.unwrap();
-        let standalone = ask(Request::ConfigSet { key: "bridge/b1".into(), value: bridge.clone(), wait_peers: 1 }).await.unwrap_err();
+        ask(Request::ConfigSet {
+            key: "bridge/b1".into(),
+            value: bridge.clone(),
+            wait_peers: 0,
+        })
+        .await
+        .unwrap();
+        let standalone = ask(Request::ConfigSet {
+            key: "bridge/b1".into(),
+            value: bridge.clone(),
+            wait_peers: 1,
+        })
+        .await
+        .unwrap_err();
         assert!(standalone.contains("standalone"), "{standalone}");
-        assert_eq!(ask(Request::ConfigGet { key: "bridge/b1".into() }).await.unwrap(), bridge);
-        let bad = ask(Request::ConfigSet { key: "bridge/b2".into(), value: json!({"uri": "sip:10.96.4.2"}), wait_peers: 0 }).await.unwrap_err();
-        assert!(bad.contains("bridge/b2") && bad.contains("capacity"), "{bad}");
-        assert!(ask(Request::ConfigGet { key: "nope".into() }).await.unwrap_err().starts_with("not found"));
-        assert!(ask(Request::ConfigSet { key: "admin/x".into(), value: json!(1), wait_peers: 0 }).await.is_err());
-        ask(Request::AdminAdd { name: "ops".into(), hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into() }).await.unwrap();
-        assert!(ask(Request::AdminAdd { name: "ops".into(), hash: "plain".into() }).await.is_err());
+        assert_eq!(
+            ask(Request::ConfigGet {
+                key: "bridge/b1".into()
+            })
+            .await
+            .unwrap(),
+            bridge
+        );
+        let bad = ask(Request::ConfigSet {
+            key: "bridge/b2".into(),
+            value: json!({"uri": "sip:10.96.4.2"}),
+            wait_peers: 0,
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            bad.contains("bridge/b2") && bad.contains("capacity"),
+            "{bad}"
+        );
+        assert!(
+            ask(Request::ConfigGet { key: "nope".into() })
+                .await
+                .unwrap_err()
+                .starts_with("not found")
+        );
+        assert!(
+            ask(Request::ConfigSet {
+                key: "admin/x".into(),
+                value: json!(1),
+                wait_peers: 0
+            })
+            .await
+            .is_err()
+        );
+        ask(Request::AdminAdd {
+            name: "ops".into(),
+            hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+        })
+        .await
+        .unwrap();
+        assert!(
+            ask(Request::AdminAdd {
+                name: "ops".into(),
+                hash: "plain".into()
+            })
+            .await
+            .is_err()
+        );
         assert_eq!(ask(Request::AdminList).await.unwrap(), json!(["ops"]));
-        assert!(ask(Request::AdminHash { name: "ops".into() }).await.unwrap().as_str().unwrap().starts_with("$argon2id$"));
-        let list = ask(Request::ConfigList { prefix: String::new() }).await.unwrap();
-        assert_eq!(list, json!({"bridge/b1": bridge}), "accounts stay out of config list");
-        ask(Request::ConfigDelete { key: "bridge/b1".into(), wait_peers: 0 }).await.unwrap();
-        assert!(ask(Request::ConfigDelete { key: "bridge/b1".into(), wait_peers: 0 }).await.unwrap_err().starts_with("not found"));
-        ask(Request::AdminRemove { name: "ops".into() }).await.unwrap();
-        assert!(ask(Request::AdminHash { name: "ops".into() }).await.is_err());
+        assert!(
+            ask(Request::AdminHash { name: "ops".into() })
+                .await
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .starts_with("$argon2id$")
+        );
+        let list = ask(Request::ConfigList {
+            prefix: String::new(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            list,
+            json!({"bridge/b1": bridge}),
+            "accounts stay out of config list"
+        );
+        ask(Request::ConfigDelete {
+            key: "bridge/b1".into(),
+            wait_peers: 0,
+        })
+        .await
+        .unwrap();
+        assert!(
+            ask(Request::ConfigDelete {
+                key: "bridge/b1".into(),
+                wait_peers: 0
+            })
+            .await
+            .unwrap_err()
+            .starts_with("not found")
+        );
+        ask(Request::AdminRemove { name: "ops".into() })
+            .await
+            .unwrap();
+        assert!(
+            ask(Request::AdminHash { name: "ops".into() })
+                .await
+                .is_err()
+        );
         let snap = import(&export(&store).unwrap()).unwrap();
         assert_eq!(snap.entries.len(), 2, "two tombstones");
     }

@@ -90,7 +90,13 @@ impl PeerStatus {
         match self.state.as_str() {
             "this-system" => "This system".to_owned(),
             "active" => format!("Active as {}", self.hostname.as_deref().unwrap_or("?")),
-            _ => format!("Not active: {}", self.detail.as_deref().or(self.reason.as_deref()).unwrap_or("unknown")),
+            _ => format!(
+                "Not active: {}",
+                self.detail
+                    .as_deref()
+                    .or(self.reason.as_deref())
+                    .unwrap_or("unknown")
+            ),
         }
     }
 }
@@ -99,8 +105,16 @@ impl Status {
     /// The table `confmesh status` prints.
     pub fn to_table(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "{} — confmesh {} — {}", self.hostname, self.version, self.mode);
-        let _ = writeln!(out, "{:<15} {:<15} {:>8} {:>9} {:>5}  {:<26} STATUS", "PEER", "OVERLAY", "RTT", "SKEW", "PMTU", "IKE (SAs)");
+        let _ = writeln!(
+            out,
+            "{} — confmesh {} — {}",
+            self.hostname, self.version, self.mode
+        );
+        let _ = writeln!(
+            out,
+            "{:<15} {:<15} {:>8} {:>9} {:>5}  {:<26} STATUS",
+            "PEER", "OVERLAY", "RTT", "SKEW", "PMTU", "IKE (SAs)"
+        );
         for p in &self.peers {
             let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}ms"));
             let _ = writeln!(
@@ -111,7 +125,9 @@ impl Status {
                 ms(p.rtt_ms),
                 ms(p.clock_skew_ms),
                 p.path_mtu.map_or("-".to_owned(), |m| m.to_string()),
-                p.ike.as_deref().map_or("-".to_owned(), |i| format!("{i} ({})", p.sas)),
+                p.ike
+                    .as_deref()
+                    .map_or("-".to_owned(), |i| format!("{i} ({})", p.sas)),
                 p.describe()
             );
         }
@@ -119,11 +135,19 @@ impl Status {
             let _ = writeln!(out, "alarms: none");
         } else {
             for a in &self.alarms {
-                let _ = writeln!(out, "alarm: {} with {} since {}: {}", a.kind, a.peer, a.raised_at, a.detail);
+                let _ = writeln!(
+                    out,
+                    "alarm: {} with {} since {}: {}",
+                    a.kind, a.peer, a.raised_at, a.detail
+                );
             }
         }
         for c in &self.conferences {
-            let _ = writeln!(out, "conference {} on bridge {}: {} calls", c.name, c.bridge, c.calls);
+            let _ = writeln!(
+                out,
+                "conference {} on bridge {}: {} calls",
+                c.name, c.bridge, c.calls
+            );
         }
         out
     }

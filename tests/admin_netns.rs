@@ -22,7 +22,10 @@ fn curl(topo: &Topology, i: u8, args: &[&str]) -> (u16, String) {
 /// `curl` inside namespace `ns` ("p1", "vcs", ...); returns (HTTP status, body), status 0 when
 /// no HTTP answer came.
 fn curl_in(topo: &Topology, ns: &str, args: &[&str]) -> (u16, String) {
-    let out = topo.exec(ns, &[&["curl", "-s", "-m", "10", "-w", "\n%{http_code}"], args].concat());
+    let out = topo.exec(
+        ns,
+        &[&["curl", "-s", "-m", "10", "-w", "\n%{http_code}"], args].concat(),
+    );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_owned())
@@ -37,9 +40,18 @@ fn python(script: &str, input: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run /usr/bin/python3");
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "python check failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -64,53 +76,154 @@ fn metrics_parse_page_validates_and_api_needs_an_account() {
     let topo = Topology::up("cmad", 2);
     let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[1, 2]));
     let d2 = Daemon::start(&topo, &PeerSpec::new(2, &[1, 2]));
-    let formed = wait_until(Duration::from_secs(20), || shows(&d1, 2, "active", None) && shows(&d2, 1, "active", None));
+    let formed = wait_until(Duration::from_secs(20), || {
+        shows(&d1, 2, "active", None) && shows(&d2, 1, "active", None)
+    });
     assert!(formed, "cluster did not form: {}", d1.log());
 
     // /metrics needs no account and parses with the reference parser.
     let (code, metrics) = curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]);
     assert_eq!(code, 200, "{metrics}");
     let families = python(PARSE_METRICS, &metrics);
-    for f in ["confmesh_info", "confmesh_peer_active", "confmesh_peer_rtt_seconds", "confmesh_peer_sas", "confmesh_replication_connected", "confmesh_ike_established"] {
-        assert!(families.lines().any(|l| l == f), "{f} missing from /metrics families:\n{families}");
+    for f in [
+        "confmesh_info",
+        "confmesh_peer_active",
+        "confmesh_peer_rtt_seconds",
+        "confmesh_peer_sas",
+        "confmesh_replication_connected",
+        "confmesh_ike_established",
+    ] {
+        assert!(
+            families.lines().any(|l| l == f),
+            "{f} missing from /metrics families:\n{families}"
+        );
     }
 
     // Without an account, the API and the page refuse.
-    assert_eq!(curl(&topo, 1, &["http://10.96.0.1:8443/api/v1/status"]).0, 401);
+    assert_eq!(
+        curl(&topo, 1, &["http://10.96.0.1:8443/api/v1/status"]).0,
+        401
+    );
     assert_eq!(curl(&topo, 1, &["http://10.96.0.1:8443/"]).0, 401);
     let pw = d1.dir.join("admin-password");
     std::fs::write(&pw, "s3cret-admin-pass\n").unwrap();
-    let out = d1.cli(&["admin", "add", "ops", "--password-file", pw.to_str().unwrap()]);
-    assert!(out.status.success(), "admin add: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(!std::fs::read_to_string(d1.dir.join("daemon.log")).unwrap().contains("s3cret-admin-pass"));
+    let out = d1.cli(&[
+        "admin",
+        "add",
+        "ops",
+        "--password-file",
+        pw.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "admin add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !std::fs::read_to_string(d1.dir.join("daemon.log"))
+            .unwrap()
+            .contains("s3cret-admin-pass")
+    );
     let auth = "ops:s3cret-admin-pass";
-    assert_eq!(curl(&topo, 1, &["-u", "ops:wrong-password", "http://10.96.0.1:8443/api/v1/status"]).0, 401);
+    assert_eq!(
+        curl(
+            &topo,
+            1,
+            &[
+                "-u",
+                "ops:wrong-password",
+                "http://10.96.0.1:8443/api/v1/status"
+            ]
+        )
+        .0,
+        401
+    );
 
     // The page is valid HTML and shows the peers.
     let (code, page) = curl(&topo, 1, &["-u", auth, "http://10.96.0.1:8443/"]);
     assert_eq!(code, 200, "{page}");
     assert_eq!(python(PARSE_HTML, &page).trim(), "valid");
-    assert!(page.contains("conductor1") && page.contains("conductor2"), "{page}");
+    assert!(
+        page.contains("conductor1") && page.contains("conductor2"),
+        "{page}"
+    );
 
     // The account replicates: peer 2's API accepts it too.
-    let replicated = wait_until(Duration::from_secs(10), || curl(&topo, 2, &["-u", auth, "http://10.96.0.2:8443/api/v1/status"]).0 == 200);
+    let replicated = wait_until(Duration::from_secs(10), || {
+        curl(
+            &topo,
+            2,
+            &["-u", auth, "http://10.96.0.2:8443/api/v1/status"],
+        )
+        .0 == 200
+    });
     assert!(replicated, "the account did not reach peer 2");
 
     // Shared configuration through the API: written on peer 1, read on peer 2.
     let bridge = r#"{"uri":"sip:10.96.4.1:5060","capacity":20}"#;
-    let (code, body) = curl(&topo, 1, &["-u", auth, "-X", "PUT", "--data", bridge, "http://10.96.0.1:8443/api/v1/config/bridge/b1"]);
+    let (code, body) = curl(
+        &topo,
+        1,
+        &[
+            "-u",
+            auth,
+            "-X",
+            "PUT",
+            "--data",
+            bridge,
+            "http://10.96.0.1:8443/api/v1/config/bridge/b1",
+        ],
+    );
     assert_eq!(code, 200, "{body}");
     let read_back = wait_until(Duration::from_secs(10), || {
-        let (code, body) = curl(&topo, 2, &["-u", auth, "http://10.96.0.2:8443/api/v1/config/bridge/b1"]);
-        code == 200 && serde_json::from_str::<serde_json::Value>(&body).ok() == serde_json::from_str(bridge).ok()
+        let (code, body) = curl(
+            &topo,
+            2,
+            &["-u", auth, "http://10.96.0.2:8443/api/v1/config/bridge/b1"],
+        );
+        code == 200
+            && serde_json::from_str::<serde_json::Value>(&body).ok()
+                == serde_json::from_str(bridge).ok()
     });
     assert!(read_back, "bridge/b1 did not replicate to peer 2");
-    let (code, body) = curl(&topo, 1, &["-u", auth, "-X", "PUT", "--data", r#"{"uri":"sip:x"}"#, "http://10.96.0.1:8443/api/v1/config/bridge/b2"]);
+    let (code, body) = curl(
+        &topo,
+        1,
+        &[
+            "-u",
+            auth,
+            "-X",
+            "PUT",
+            "--data",
+            r#"{"uri":"sip:x"}"#,
+            "http://10.96.0.1:8443/api/v1/config/bridge/b2",
+        ],
+    );
     assert_eq!(code, 400, "{body}");
-    assert!(body.contains("\"error\"") && body.contains("capacity"), "{body}");
-    let (code, _) = curl(&topo, 1, &["-u", auth, "-X", "DELETE", "http://10.96.0.1:8443/api/v1/config/bridge/b1"]);
+    assert!(
+        body.contains("\"error\"") && body.contains("capacity"),
+        "{body}"
+    );
+    let (code, _) = curl(
+        &topo,
+        1,
+        &[
+            "-u",
+            auth,
+            "-X",
+            "DELETE",
+            "http://10.96.0.1:8443/api/v1/config/bridge/b1",
+        ],
+    );
     assert_eq!(code, 200);
-    let gone = wait_until(Duration::from_secs(10), || curl(&topo, 2, &["-u", auth, "http://10.96.0.2:8443/api/v1/config/bridge/b1"]).0 == 404);
+    let gone = wait_until(Duration::from_secs(10), || {
+        curl(
+            &topo,
+            2,
+            &["-u", auth, "http://10.96.0.2:8443/api/v1/config/bridge/b1"],
+        )
+        .0 == 404
+    });
     assert!(gone, "the delete did not replicate");
 }
 
@@ -126,7 +239,19 @@ impl Capture {
     fn start(topo: &Topology, file: &Path) -> Capture {
         let log = file.with_extension("log");
         let child = Command::new("ip")
-            .args(["netns", "exec", &topo.ns("r"), "tcpdump", "-i", "any", "--immediate-mode", "-U", "-s", "0", "-w"])
+            .args([
+                "netns",
+                "exec",
+                &topo.ns("r"),
+                "tcpdump",
+                "-i",
+                "any",
+                "--immediate-mode",
+                "-U",
+                "-s",
+                "0",
+                "-w",
+            ])
             .arg(file)
             .args(["tcp", "port", "8443"])
             .stdin(Stdio::null())
@@ -134,9 +259,20 @@ impl Capture {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("run tcpdump");
-        let capture = Capture { child: Some(child), file: file.to_owned() };
-        let ready = wait_until(Duration::from_secs(10), || std::fs::read_to_string(&log).unwrap_or_default().contains("listening on"));
-        assert!(ready, "tcpdump did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        let capture = Capture {
+            child: Some(child),
+            file: file.to_owned(),
+        };
+        let ready = wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("listening on")
+        });
+        assert!(
+            ready,
+            "tcpdump did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         capture
     }
 
@@ -173,7 +309,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn holds_credentials(capture: &[u8], user: &str, password: &str) -> bool {
     use base64::Engine as _;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    contains(capture, password.as_bytes()) || contains(capture, basic.as_bytes()) || contains(capture, b"Authorization")
+    contains(capture, password.as_bytes())
+        || contains(capture, basic.as_bytes())
+        || contains(capture, b"Authorization")
 }
 
 #[test]
@@ -184,21 +322,45 @@ fn tls_admin_api_keeps_the_password_off_the_wire() {
     let topo = Topology::up("cmat", 1);
     let mut d1 = Daemon::start(&topo, &PeerSpec::new(1, &[]));
     let plain_config = std::fs::read_to_string(&d1.config).unwrap();
-    let up = wait_until(Duration::from_secs(20), || curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0 == 200);
+    let up = wait_until(Duration::from_secs(20), || {
+        curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0 == 200
+    });
     assert!(up, "admin API did not come up: {}", d1.log());
     let password = "tls-netns-pass-5d2c9e";
     let pw = d1.dir.join("admin-password");
     std::fs::write(&pw, format!("{password}\n")).unwrap();
-    let out = d1.cli(&["admin", "add", "ops", "--password-file", pw.to_str().unwrap()]);
-    assert!(out.status.success(), "admin add: {}", String::from_utf8_lossy(&out.stderr));
+    let out = d1.cli(&[
+        "admin",
+        "add",
+        "ops",
+        "--password-file",
+        pw.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "admin add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let auth = format!("ops:{password}");
 
     // The control, and the gap TLS closes: plain HTTP from the operator's machine (the vcs
     // namespace) carries the password across the router, and the capture there finds it.
     let capture = Capture::start(&topo, &topo.dir.path().join("plain.pcap"));
-    assert_eq!(curl_in(&topo, "vcs", &["-u", &auth, "http://10.96.0.1:8443/api/v1/status"]).0, 200);
+    assert_eq!(
+        curl_in(
+            &topo,
+            "vcs",
+            &["-u", &auth, "http://10.96.0.1:8443/api/v1/status"]
+        )
+        .0,
+        200
+    );
     let seen = capture.finish();
-    assert!(holds_credentials(&seen, "ops", password), "the capture method must see a password sent in clear ({} bytes captured)", seen.len());
+    assert!(
+        holds_credentials(&seen, "ops", password),
+        "the capture method must see a password sent in clear ({} bytes captured)",
+        seen.len()
+    );
 
     // A certificate for the management address, made here; the key readable by its owner only.
     let generated = rcgen::generate_simple_self_signed(vec!["10.96.0.1".to_owned()]).unwrap();
@@ -206,45 +368,120 @@ fn tls_admin_api_keeps_the_password_off_the_wire() {
     std::fs::write(&cert, generated.cert.pem()).unwrap();
     std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let admin = |cert: &Path, key: &Path| format!("{plain_config}\n[admin]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n", cert.display().to_string(), key.display().to_string());
+    let admin = |cert: &Path, key: &Path| {
+        format!(
+            "{plain_config}\n[admin]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+    };
 
     // A key that is not a key: the daemon refuses to start and says which field.
     d1.stop();
     std::fs::write(&d1.config, admin(&cert, &cert)).unwrap();
     d1.restart();
-    let status = d1.wait_exit(Duration::from_secs(20)).expect("the daemon must refuse a bad key, not run");
+    let status = d1
+        .wait_exit(Duration::from_secs(20))
+        .expect("the daemon must refuse a bad key, not run");
     assert!(!status.success());
-    assert!(d1.log().contains("admin.tls_key_file"), "the refusal must name the field: {}", d1.log());
+    assert!(
+        d1.log().contains("admin.tls_key_file"),
+        "the refusal must name the field: {}",
+        d1.log()
+    );
 
     // The right files: HTTPS with the CA file.
     std::fs::write(&d1.config, admin(&cert, &key)).unwrap();
     d1.restart();
     let ca = cert.to_str().unwrap();
-    let up = wait_until(Duration::from_secs(20), || curl_in(&topo, "vcs", &["--cacert", ca, "https://10.96.0.1:8443/metrics"]).0 == 200);
+    let up = wait_until(Duration::from_secs(20), || {
+        curl_in(
+            &topo,
+            "vcs",
+            &["--cacert", ca, "https://10.96.0.1:8443/metrics"],
+        )
+        .0 == 200
+    });
     assert!(up, "HTTPS did not come up: {}", d1.log());
 
     let capture = Capture::start(&topo, &topo.dir.path().join("tls.pcap"));
-    let (code, body) = curl_in(&topo, "vcs", &["--cacert", ca, "-u", &auth, "https://10.96.0.1:8443/api/v1/status"]);
+    let (code, body) = curl_in(
+        &topo,
+        "vcs",
+        &[
+            "--cacert",
+            ca,
+            "-u",
+            &auth,
+            "https://10.96.0.1:8443/api/v1/status",
+        ],
+    );
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("conductor1"), "{body}");
-    let (code, page) = curl_in(&topo, "vcs", &["--cacert", ca, "-u", &auth, "https://10.96.0.1:8443/"]);
+    let (code, page) = curl_in(
+        &topo,
+        "vcs",
+        &["--cacert", ca, "-u", &auth, "https://10.96.0.1:8443/"],
+    );
     assert_eq!(code, 200);
     assert_eq!(python(PARSE_HTML, &page).trim(), "valid");
-    assert_eq!(curl_in(&topo, "vcs", &["--cacert", ca, "-u", "ops:wrong", "https://10.96.0.1:8443/api/v1/status"]).0, 401);
-    assert_eq!(curl_in(&topo, "vcs", &["--cacert", ca, "-u", &format!("nobody:{password}"), "https://10.96.0.1:8443/api/v1/status"]).0, 401);
+    assert_eq!(
+        curl_in(
+            &topo,
+            "vcs",
+            &[
+                "--cacert",
+                ca,
+                "-u",
+                "ops:wrong",
+                "https://10.96.0.1:8443/api/v1/status"
+            ]
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        curl_in(
+            &topo,
+            "vcs",
+            &[
+                "--cacert",
+                ca,
+                "-u",
+                &format!("nobody:{password}"),
+                "https://10.96.0.1:8443/api/v1/status"
+            ]
+        )
+        .0,
+        401
+    );
     let seen = capture.finish();
-    let packets = Command::new("tcpdump").arg("-r").arg(topo.dir.path().join("tls.pcap")).output().unwrap();
+    let packets = Command::new("tcpdump")
+        .arg("-r")
+        .arg(topo.dir.path().join("tls.pcap"))
+        .output()
+        .unwrap();
     let packets = String::from_utf8_lossy(&packets.stdout).lines().count();
     assert!(packets >= 20, "the capture holds only {packets} packets");
-    assert!(!holds_credentials(&seen, "ops", password), "credentials crossed the router in clear over HTTPS");
-    assert!(!contains(&seen, b"HTTP/1.1"), "HTTP crossed the router in clear");
+    assert!(
+        !holds_credentials(&seen, "ops", password),
+        "credentials crossed the router in clear over HTTPS"
+    );
+    assert!(
+        !contains(&seen, b"HTTP/1.1"),
+        "HTTP crossed the router in clear"
+    );
 
     // Plain HTTP to the TLS port gets no HTTP answer; a client that does not trust the
     // certificate is stopped before it sends anything.
     let (code, body) = curl_in(&topo, "vcs", &["http://10.96.0.1:8443/metrics"]);
     assert_eq!(code, 0, "plain HTTP was answered: {body}");
     assert!(!body.contains("confmesh_info"), "{body}");
-    assert_eq!(curl_in(&topo, "vcs", &["https://10.96.0.1:8443/metrics"]).0, 0, "an untrusted certificate must fail verification");
+    assert_eq!(
+        curl_in(&topo, "vcs", &["https://10.96.0.1:8443/metrics"]).0,
+        0,
+        "an untrusted certificate must fail verification"
+    );
 }
 
 /// A configuration reload (`confmesh reload`, as SIGHUP) changes the admin API without a restart:
@@ -259,7 +496,9 @@ fn a_reload_rotates_the_admin_certificate_and_moves_the_listener() {
     let topo = Topology::up("cmar", 1);
     let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[]));
     let plain_config = std::fs::read_to_string(&d1.config).unwrap();
-    let up = wait_until(Duration::from_secs(20), || curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0 == 200);
+    let up = wait_until(Duration::from_secs(20), || {
+        curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0 == 200
+    });
     assert!(up, "admin API did not come up: {}", d1.log());
     let (cert, key) = (d1.dir.join("admin.crt"), d1.dir.join("admin.key"));
     let issue = || {
@@ -275,10 +514,19 @@ fn a_reload_rotates_the_admin_certificate_and_moves_the_listener() {
         f.to_str().unwrap().to_owned()
     };
     let with = |admin: &str| format!("{plain_config}\n[admin]\n{admin}\n");
-    let tls = |cert: &Path, key: &Path| format!("tls_cert_file = {:?}\ntls_key_file = {:?}", cert.display().to_string(), key.display().to_string());
+    let tls = |cert: &Path, key: &Path| {
+        format!(
+            "tls_cert_file = {:?}\ntls_key_file = {:?}",
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+    };
     let reload = || {
         let out = d1.cli(&["reload"]);
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
 
     // Plain HTTP to HTTPS.
@@ -286,37 +534,136 @@ fn a_reload_rotates_the_admin_certificate_and_moves_the_listener() {
     std::fs::write(&d1.config, with(&tls(&cert, &key))).unwrap();
     let (ok, err) = reload();
     assert!(ok, "reload: {err}");
-    assert_eq!(curl(&topo, 1, &["--cacert", &first, "https://10.96.0.1:8443/metrics"]).0, 200, "{}", d1.log());
-    assert_eq!(curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0, 0, "plain HTTP still answered");
+    assert_eq!(
+        curl(
+            &topo,
+            1,
+            &["--cacert", &first, "https://10.96.0.1:8443/metrics"]
+        )
+        .0,
+        200,
+        "{}",
+        d1.log()
+    );
+    assert_eq!(
+        curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0,
+        0,
+        "plain HTTP still answered"
+    );
 
     // Rotation: new files at the same paths, then a reload; the old certificate is no longer
     // presented.
     let second = ca_file("second", issue());
     let (ok, err) = reload();
     assert!(ok, "reload: {err}");
-    assert_eq!(curl(&topo, 1, &["--cacert", &second, "https://10.96.0.1:8443/metrics"]).0, 200, "{}", d1.log());
-    assert_eq!(curl(&topo, 1, &["--cacert", &first, "https://10.96.0.1:8443/metrics"]).0, 0, "the old certificate is still served");
+    assert_eq!(
+        curl(
+            &topo,
+            1,
+            &["--cacert", &second, "https://10.96.0.1:8443/metrics"]
+        )
+        .0,
+        200,
+        "{}",
+        d1.log()
+    );
+    assert_eq!(
+        curl(
+            &topo,
+            1,
+            &["--cacert", &first, "https://10.96.0.1:8443/metrics"]
+        )
+        .0,
+        0,
+        "the old certificate is still served"
+    );
 
     // A new address: served there, closed on the old one.
-    std::fs::write(&d1.config, with(&format!("listen = \"10.96.0.1:9443\"\n{}", tls(&cert, &key)))).unwrap();
+    std::fs::write(
+        &d1.config,
+        with(&format!(
+            "listen = \"10.96.0.1:9443\"\n{}",
+            tls(&cert, &key)
+        )),
+    )
+    .unwrap();
     let (ok, err) = reload();
     assert!(ok, "reload: {err}");
-    assert_eq!(curl(&topo, 1, &["--cacert", &second, "https://10.96.0.1:9443/metrics"]).0, 200, "{}", d1.log());
-    assert_eq!(curl(&topo, 1, &["--cacert", &second, "https://10.96.0.1:8443/metrics"]).0, 0, "the old address still answers");
+    assert_eq!(
+        curl(
+            &topo,
+            1,
+            &["--cacert", &second, "https://10.96.0.1:9443/metrics"]
+        )
+        .0,
+        200,
+        "{}",
+        d1.log()
+    );
+    assert_eq!(
+        curl(
+            &topo,
+            1,
+            &["--cacert", &second, "https://10.96.0.1:8443/metrics"]
+        )
+        .0,
+        0,
+        "the old address still answers"
+    );
 
     // Refused: an address that is not this host's, then a key that is not the certificate's.
     // Each names its field; the API serves on as it was.
-    std::fs::write(&d1.config, with(&format!("listen = \"10.96.0.99:9443\"\n{}", tls(&cert, &key)))).unwrap();
+    std::fs::write(
+        &d1.config,
+        with(&format!(
+            "listen = \"10.96.0.99:9443\"\n{}",
+            tls(&cert, &key)
+        )),
+    )
+    .unwrap();
     let (ok, err) = reload();
-    assert!(!ok && err.contains("admin.listen") && err.contains("10.96.0.99:9443"), "{err}");
-    assert_eq!(curl(&topo, 1, &["--cacert", &second, "https://10.96.0.1:9443/metrics"]).0, 200, "{}", d1.log());
-    std::fs::write(&d1.config, with(&format!("listen = \"10.96.0.1:9443\"\n{}", tls(&cert, &cert)))).unwrap();
+    assert!(
+        !ok && err.contains("admin.listen") && err.contains("10.96.0.99:9443"),
+        "{err}"
+    );
+    assert_eq!(
+        curl(
+            &topo,
+            1,
+            &["--cacert", &second, "https://10.96.0.1:9443/metrics"]
+        )
+        .0,
+        200,
+        "{}",
+        d1.log()
+    );
+    std::fs::write(
+        &d1.config,
+        with(&format!(
+            "listen = \"10.96.0.1:9443\"\n{}",
+            tls(&cert, &cert)
+        )),
+    )
+    .unwrap();
     let (ok, err) = reload();
     assert!(!ok && err.contains("admin.tls_key_file"), "{err}");
-    assert_eq!(curl(&topo, 1, &["--cacert", &second, "https://10.96.0.1:9443/metrics"]).0, 200, "{}", d1.log());
+    assert_eq!(
+        curl(
+            &topo,
+            1,
+            &["--cacert", &second, "https://10.96.0.1:9443/metrics"]
+        )
+        .0,
+        200,
+        "{}",
+        d1.log()
+    );
 
     // All of it without a restart, and written down in the configuration log.
     let logs = d1.all_logs();
     assert_eq!(logs.matches("started as conductor1").count(), 1, "{logs}");
-    assert!(logs.contains("admin TLS certificate from") && logs.contains("admin.listen 10.96.0.1:9443"), "{logs}");
+    assert!(
+        logs.contains("admin TLS certificate from") && logs.contains("admin.listen 10.96.0.1:9443"),
+        "{logs}"
+    );
 }

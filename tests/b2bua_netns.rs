@@ -21,13 +21,25 @@ use serde_json::{Value, json};
 use support::*;
 
 fn scenario(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp").join(name).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sipp")
+        .join(name)
+        .display()
+        .to_string()
 }
 
 fn have_sipp() -> bool {
-    let ok = Command::new("sipp").arg("-v").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    let ok = Command::new("sipp")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
     if !ok {
-        assert!(std::env::var_os("CI").is_none(), "sipp (Debian package sip-tester) is required in CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "sipp (Debian package sip-tester) is required in CI"
+        );
         eprintln!("NOTICE: sipp not installed (apt-get install sip-tester); skipping");
     }
     ok
@@ -49,26 +61,69 @@ impl Sipp {
         let dir = tempfile::tempdir().unwrap();
         let trace = dir.path().join("messages.log");
         let errors = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        cmd.args(["-trace_msg", "-message_file"]).arg(&trace).current_dir(dir.path());
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(errors).spawn().expect("start sipp");
-        Sipp { child: Some(child), name: name.to_owned(), trace, _dir: dir }
+        cmd.args(["-trace_msg", "-message_file"])
+            .arg(&trace)
+            .current_dir(dir.path());
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(errors)
+            .spawn()
+            .expect("start sipp");
+        Sipp {
+            child: Some(child),
+            name: name.to_owned(),
+            trace,
+            _dir: dir,
+        }
     }
 
     /// A bridge in `${P}b<n>` on 10.96.4.n:`port` (stops by itself after two minutes at the latest).
     fn bridge(topo: &Topology, n: u8, port: u16) -> Sipp {
-        let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("netns-scripts/bridge.sh"));
-        cmd.args([&topo.prefix, &n.to_string(), &port.to_string(), "-timeout", "120s"]);
+        let mut cmd =
+            Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("netns-scripts/bridge.sh"));
+        cmd.args([
+            &topo.prefix,
+            &n.to_string(),
+            &port.to_string(),
+            "-timeout",
+            "120s",
+        ]);
         Sipp::spawn(&format!("bridge 10.96.4.{n}:{port}"), cmd)
     }
 
     /// The VCS sending `calls` calls of scenario `scen` to peer `peer`'s rendezvous address.
-    fn vcs(topo: &Topology, peer: u8, scen: &str, service: &str, calls: u32, extra: &[&str]) -> Sipp {
+    fn vcs(
+        topo: &Topology,
+        peer: u8,
+        scen: &str,
+        service: &str,
+        calls: u32,
+        extra: &[&str],
+    ) -> Sipp {
         let port = VCS_PORT.fetch_add(1, Ordering::Relaxed).to_string();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &topo.ns("vcs"), "sipp", &format!("10.96.1.{peer}:5060"), "-sf", &scenario(scen)])
-            .args(["-i", "10.96.3.1", "-p", &port, "-s", service, "-m", &calls.to_string()])
-            .args(["-nostdin", "-timeout", "40s", "-timeout_error"])
-            .args(extra);
+        cmd.args([
+            "netns",
+            "exec",
+            &topo.ns("vcs"),
+            "sipp",
+            &format!("10.96.1.{peer}:5060"),
+            "-sf",
+            &scenario(scen),
+        ])
+        .args([
+            "-i",
+            "10.96.3.1",
+            "-p",
+            &port,
+            "-s",
+            service,
+            "-m",
+            &calls.to_string(),
+        ])
+        .args(["-nostdin", "-timeout", "40s", "-timeout_error"])
+        .args(extra);
         Sipp::spawn(&format!("vcs {scen} {service} to p{peer}"), cmd)
     }
 
@@ -83,16 +138,28 @@ impl Sipp {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("{} did not finish within {limit:?}; trace:\n{}", self.name, self.log());
+        panic!(
+            "{} did not finish within {limit:?}; trace:\n{}",
+            self.name,
+            self.log()
+        );
     }
 
     fn expect_success(&mut self) {
         let code = self.wait(Duration::from_secs(45));
-        assert_eq!(code, 0, "{} failed (exit {code}); trace:\n{}", self.name, self.log());
+        assert_eq!(
+            code,
+            0,
+            "{} failed (exit {code}); trace:\n{}",
+            self.name,
+            self.log()
+        );
     }
 
     fn running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     fn stop(&mut self) {
@@ -120,11 +187,17 @@ impl Sipp {
             let line = line.trim();
             if let Some(rest) = line.strip_prefix("INVITE sip:") {
                 current = rest.split_once('@').map(|(user, _)| user.to_owned());
-            } else if line.starts_with("SIP/2.0") || line.starts_with("ACK ") || line.starts_with("BYE ") || line.starts_with("CANCEL ") {
+            } else if line.starts_with("SIP/2.0")
+                || line.starts_with("ACK ")
+                || line.starts_with("BYE ")
+                || line.starts_with("CANCEL ")
+            {
                 current = None;
             } else if let (Some(conf), Some((k, v))) = (&current, line.split_once(':')) {
                 if k.eq_ignore_ascii_case("call-id") || k == "i" {
-                    out.entry(conf.clone()).or_default().insert(v.trim().to_owned());
+                    out.entry(conf.clone())
+                        .or_default()
+                        .insert(v.trim().to_owned());
                     current = None;
                 }
             }
@@ -141,12 +214,22 @@ impl Drop for Sipp {
 
 fn set(d: &Daemon, key: &str, value: &Value) {
     let out = d.cli(&["config", "set", key, &value.to_string()]);
-    assert!(out.status.success(), "config set {key} on p{}: {}", d.i, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "config set {key} on p{}: {}",
+        d.i,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn delete(d: &Daemon, key: &str) {
     let out = d.cli(&["config", "delete", key]);
-    assert!(out.status.success(), "config delete {key} on p{}: {}", d.i, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "config delete {key} on p{}: {}",
+        d.i,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Waits until every daemon's shared configuration holds exactly `entries` under the routing
@@ -159,14 +242,25 @@ fn replicated(daemons: &[&Daemon], entries: &BTreeMap<String, Value>) {
             if !out.status.success() {
                 return false;
             }
-            for l in String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()) {
-                let Some((k, v)) = l.split_once(' ') else { return false };
-                got.insert(k.to_owned(), serde_json::from_str::<Value>(v).unwrap_or(Value::Null));
+            for l in String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.is_empty())
+            {
+                let Some((k, v)) = l.split_once(' ') else {
+                    return false;
+                };
+                got.insert(
+                    k.to_owned(),
+                    serde_json::from_str::<Value>(v).unwrap_or(Value::Null),
+                );
             }
         }
         &got == entries
     };
-    assert!(wait_until(Duration::from_secs(15), || daemons.iter().all(|d| same(d))), "configuration not replicated: {entries:?}");
+    assert!(
+        wait_until(Duration::from_secs(15), || daemons.iter().all(|d| same(d))),
+        "configuration not replicated: {entries:?}"
+    );
     std::thread::sleep(Duration::from_millis(300));
 }
 
@@ -191,7 +285,12 @@ fn conferences(d: &Daemon) -> Option<BTreeMap<String, (String, u64)>> {
         s["conferences"]
             .as_array()?
             .iter()
-            .filter_map(|c| Some((c["name"].as_str()?.to_owned(), (c["bridge"].as_str()?.to_owned(), c["calls"].as_u64()?))))
+            .filter_map(|c| {
+                Some((
+                    c["name"].as_str()?.to_owned(),
+                    (c["bridge"].as_str()?.to_owned(), c["calls"].as_u64()?),
+                ))
+            })
             .collect(),
     )
 }
@@ -208,7 +307,9 @@ fn bridge_up(topo: &Topology, d: &Daemon, bridge: &str) -> Option<bool> {
         &["/usr/bin/python3", "-c", &format!("import urllib.request;print(urllib.request.urlopen('{url}',timeout=2).read().decode())")],
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.starts_with(&format!("confmesh_sip_bridge_up{{bridge=\"{bridge}\"}}")))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("confmesh_sip_bridge_up{{bridge=\"{bridge}\"}}")))?;
     Some(line.ends_with(" 1"))
 }
 
@@ -216,7 +317,8 @@ fn cluster_of_two(topo: &Topology) -> (Daemon, Daemon) {
     let d1 = Daemon::start(topo, &PeerSpec::new(1, &[1, 2]));
     let d2 = Daemon::start(topo, &PeerSpec::new(2, &[1, 2]));
     assert!(
-        wait_until(Duration::from_secs(30), || shows(&d1, 2, "active", None) && shows(&d2, 1, "active", None)),
+        wait_until(Duration::from_secs(30), || shows(&d1, 2, "active", None)
+            && shows(&d2, 1, "active", None)),
         "cluster did not form: {:?} {:?}\n{}\n{}",
         d1.peer(2),
         d2.peer(1),
@@ -228,8 +330,14 @@ fn cluster_of_two(topo: &Topology) -> (Daemon, Daemon) {
 
 fn alias_and_location(limit_kbps: u64) -> BTreeMap<String, Value> {
     BTreeMap::from([
-        ("alias/meet".to_owned(), json!({"pattern": "^meet\\.(\\w+)@", "conference": "meet-$1", "call_kbps": 768, "location": "default"})),
-        ("location/default".to_owned(), json!({"limit_kbps": limit_kbps})),
+        (
+            "alias/meet".to_owned(),
+            json!({"pattern": "^meet\\.(\\w+)@", "conference": "meet-$1", "call_kbps": 768, "location": "default"}),
+        ),
+        (
+            "location/default".to_owned(),
+            json!({"limit_kbps": limit_kbps}),
+        ),
     ])
 }
 
@@ -254,8 +362,16 @@ fn conference_routing_across_two_peers() {
     let mut entries = alias_and_location(1_000_000);
     // Bridges probed every second (a bridge that dies is noticed within two).
     entries.insert("sip/options_interval_ms".into(), json!(1000));
-    for (name, host, port) in [("b1", 1, 5060), ("b2", 2, 5060), ("b3", 1, 5062), ("b4", 2, 5062)] {
-        entries.insert(format!("bridge/{name}"), json!({"uri": format!("sip:10.96.4.{host}:{port}"), "capacity": 50}));
+    for (name, host, port) in [
+        ("b1", 1, 5060),
+        ("b2", 2, 5060),
+        ("b3", 1, 5062),
+        ("b4", 2, 5062),
+    ] {
+        entries.insert(
+            format!("bridge/{name}"),
+            json!({"uri": format!("sip:10.96.4.{host}:{port}"), "capacity": 50}),
+        );
     }
     for (k, v) in &entries {
         set(&d1, k, v);
@@ -285,11 +401,19 @@ fn conference_routing_across_two_peers() {
         assert_eq!(on.len(), 1, "{conf}: calls reached {on:?}");
         let (bridge, calls) = on[0];
         assert_eq!(calls, 2, "{conf}: {calls} calls on {bridge}");
-        assert_eq!(bridge, rank_bridges(&conf, cfg.bridges.values())[0].name, "{conf}: not the rendezvous choice");
+        assert_eq!(
+            bridge,
+            rank_bridges(&conf, cfg.bridges.values())[0].name,
+            "{conf}: not the rendezvous choice"
+        );
         used.insert(bridge);
     }
     assert!(used.len() >= 2, "100 conferences all on {used:?}");
-    eprintln!("{:?}: 100 concurrent first-call pairs, each on one bridge ({} bridges used)", t0.elapsed(), used.len());
+    eprintln!(
+        "{:?}: 100 concurrent first-call pairs, each on one bridge ({} bridges used)",
+        t0.elapsed(),
+        used.len()
+    );
 
     // Acceptance 1: unknown alias → 404; CANCEL while the bridge rings and BYE from either side
     // end both dialogs (the conferences then disappear from both peers' status).
@@ -303,11 +427,25 @@ fn conference_routing_across_two_peers() {
     for c in &mut calls {
         c.expect_success();
     }
-    let b1000: Vec<_> = bridges.iter().filter(|(_, b)| b.invites().get("meet-1000").is_some_and(|c| c.len() == 4)).map(|(n, _)| *n).collect();
-    assert_eq!(b1000.len(), 1, "meet-1000's four calls (two per peer) on one bridge");
-    assert!(bridges.values().all(|b| !b.invites().contains_key("nobody")));
+    let b1000: Vec<_> = bridges
+        .iter()
+        .filter(|(_, b)| b.invites().get("meet-1000").is_some_and(|c| c.len() == 4))
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(
+        b1000.len(),
+        1,
+        "meet-1000's four calls (two per peer) on one bridge"
+    );
     assert!(
-        wait_until(Duration::from_secs(10), || ds.iter().all(|d| conferences(d).is_some_and(|c| c.is_empty()))),
+        bridges
+            .values()
+            .all(|b| !b.invites().contains_key("nobody"))
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || ds
+            .iter()
+            .all(|d| conferences(d).is_some_and(|c| c.is_empty()))),
         "conferences left after every call ended: {:?} {:?}",
         conferences(&d1),
         conferences(&d2)
@@ -330,11 +468,21 @@ fn conference_routing_across_two_peers() {
     replicated(&ds, &entries);
     let cfg = routing(&entries);
     let full = conference_on(&cfg, "f", "b1");
-    let mut held = Sipp::vcs(&topo, 1, "uac_hold.xml", &format!("meet.{full}"), 2, &["-d", "4500", "-l", "2"]);
+    let mut held = Sipp::vcs(
+        &topo,
+        1,
+        "uac_hold.xml",
+        &format!("meet.{full}"),
+        2,
+        &["-d", "4500", "-l", "2"],
+    );
     assert!(
-        wait_until(Duration::from_secs(10), || ds
-            .iter()
-            .all(|d| conferences(d).is_some_and(|c| c.get(&format!("meet-{full}")) == Some(&("b1".to_owned(), 2))))),
+        wait_until(Duration::from_secs(10), || ds.iter().all(|d| conferences(
+            d
+        )
+        .is_some_and(
+            |c| c.get(&format!("meet-{full}")) == Some(&("b1".to_owned(), 2))
+        ))),
         "two held calls on b1 seen by both peers: {:?} {:?}",
         conferences(&d1),
         conferences(&d2)
@@ -342,20 +490,37 @@ fn conference_routing_across_two_peers() {
     Sipp::vcs(&topo, 2, "uac_busy.xml", &format!("meet.{full}"), 1, &[]).expect_success();
     let next = conference_on(&cfg, "g", "b1");
     Sipp::vcs(&topo, 2, "uac_call.xml", &format!("meet.{next}"), 1, &[]).expect_success();
-    assert_eq!(bridges["b2"].invites().get(&format!("meet-{next}")).map(BTreeSet::len), Some(1), "b1 full: the new conference goes to b2");
+    assert_eq!(
+        bridges["b2"]
+            .invites()
+            .get(&format!("meet-{next}"))
+            .map(BTreeSet::len),
+        Some(1),
+        "b1 full: the new conference goes to b2"
+    );
     held.expect_success();
 
     eprintln!("{:?}: bridge full → next", t0.elapsed());
     // Acceptance 3: bridge down before its conference starts → another bridge.
     bridges.get_mut("b1").unwrap().stop();
     assert!(
-        wait_until(Duration::from_secs(6), || ds.iter().all(|d| bridge_up(&topo, d, "b1") == Some(false))),
+        wait_until(Duration::from_secs(6), || ds.iter().all(|d| bridge_up(
+            &topo, d, "b1"
+        ) == Some(
+            false
+        ))),
         "b1 not seen down by OPTIONS every second"
     );
     let down = conference_on(&cfg, "h", "b1");
     Sipp::vcs(&topo, 1, "uac_call.xml", &format!("meet.{down}"), 1, &[]).expect_success();
     Sipp::vcs(&topo, 2, "uac_call.xml", &format!("meet.{down}"), 1, &[]).expect_success();
-    assert_eq!(bridges["b2"].invites().get(&format!("meet-{down}")).map(BTreeSet::len), Some(2));
+    assert_eq!(
+        bridges["b2"]
+            .invites()
+            .get(&format!("meet-{down}"))
+            .map(BTreeSet::len),
+        Some(2)
+    );
 
     eprintln!("{:?}: bridge down → next", t0.elapsed());
     // Acceptance 5: a location of two calls, calls spread over both peers.
@@ -364,12 +529,22 @@ fn conference_routing_across_two_peers() {
     entries.insert("location/default".into(), loc);
     replicated(&ds, &entries);
     let mut first = Sipp::vcs(&topo, 1, "uac_hold.xml", "meet.l1", 1, &["-d", "5000"]);
-    assert!(wait_until(Duration::from_secs(10), || location_usage(&d2) == Some(768)), "peer 2 hears of peer 1's call");
+    assert!(
+        wait_until(Duration::from_secs(10), || location_usage(&d2) == Some(768)),
+        "peer 2 hears of peer 1's call"
+    );
     let mut second = Sipp::vcs(&topo, 2, "uac_hold.xml", "meet.l2", 1, &["-d", "30000"]);
-    assert!(wait_until(Duration::from_secs(10), || location_usage(&d1) == Some(1536)), "peer 1 hears of peer 2's call");
+    assert!(
+        wait_until(Duration::from_secs(10), || location_usage(&d1)
+            == Some(1536)),
+        "peer 1 hears of peer 2's call"
+    );
     Sipp::vcs(&topo, 1, "uac_refused.xml", "meet.l3", 1, &[]).expect_success();
     Sipp::vcs(&topo, 2, "uac_refused.xml", "meet.l1", 1, &[]).expect_success();
-    assert!(first.running() && second.running(), "both held calls still up while the third is refused");
+    assert!(
+        first.running() && second.running(),
+        "both held calls still up while the third is refused"
+    );
     first.expect_success();
     // Admission on peer 2 needs both: the location's usage (bandwidth updates) and the bridge's
     // participant count (replicated store) — they travel separately, either may arrive first.
@@ -398,19 +573,33 @@ fn surviving_peer_routes_to_the_existing_bridge() {
     let b1 = Sipp::bridge(&topo, 1, 5060);
     let b2 = Sipp::bridge(&topo, 2, 5060);
     let mut entries = alias_and_location(1_000_000);
-    entries.insert("bridge/b2".into(), json!({"uri": "sip:10.96.4.2:5060", "capacity": 20}));
+    entries.insert(
+        "bridge/b2".into(),
+        json!({"uri": "sip:10.96.4.2:5060", "capacity": 20}),
+    );
     for (k, v) in &entries {
         set(&d1, k, v);
     }
     replicated(&[&d1, &d2], &entries);
     // A conference that b1 would win, placed on b2 while b2 is the only bridge.
     let mut all = entries.clone();
-    all.insert("bridge/b1".into(), json!({"uri": "sip:10.96.4.1:5060", "capacity": 20}));
+    all.insert(
+        "bridge/b1".into(),
+        json!({"uri": "sip:10.96.4.1:5060", "capacity": 20}),
+    );
     let conf = conference_on(&routing(&all), "k", "b1");
-    let mut held = Sipp::vcs(&topo, 1, "uac_hold.xml", &format!("meet.{conf}"), 1, &["-d", "30000"]);
+    let mut held = Sipp::vcs(
+        &topo,
+        1,
+        "uac_hold.xml",
+        &format!("meet.{conf}"),
+        1,
+        &["-d", "30000"],
+    );
     assert!(
-        wait_until(Duration::from_secs(10), || conferences(&d2)
-            .is_some_and(|c| c.get(&format!("meet-{conf}")) == Some(&("b2".to_owned(), 1)))),
+        wait_until(Duration::from_secs(10), || conferences(&d2).is_some_and(
+            |c| c.get(&format!("meet-{conf}")) == Some(&("b2".to_owned(), 1))
+        )),
         "peer 2 sees the conference on b2: {:?}",
         conferences(&d2)
     );
@@ -418,10 +607,27 @@ fn surviving_peer_routes_to_the_existing_bridge() {
     replicated(&[&d1, &d2], &all);
     d1.kill();
     // The VCS: peer 1 does not answer, so the call is sent again to the next address.
-    let failed = Sipp::vcs(&topo, 1, "uac_call.xml", &format!("meet.{conf}"), 1, &["-recv_timeout", "3000"]).wait(Duration::from_secs(20));
+    let failed = Sipp::vcs(
+        &topo,
+        1,
+        "uac_call.xml",
+        &format!("meet.{conf}"),
+        1,
+        &["-recv_timeout", "3000"],
+    )
+    .wait(Duration::from_secs(20));
     assert_ne!(failed, 0, "a killed peer answered");
     Sipp::vcs(&topo, 2, "uac_call.xml", &format!("meet.{conf}"), 1, &[]).expect_success();
-    assert_eq!(b2.invites().get(&format!("meet-{conf}")).map(BTreeSet::len), Some(2), "b2 trace:\n{}", b2.log());
-    assert!(!b1.invites().contains_key(&format!("meet-{conf}")), "a call went to b1:\n{}", b1.log());
+    assert_eq!(
+        b2.invites().get(&format!("meet-{conf}")).map(BTreeSet::len),
+        Some(2),
+        "b2 trace:\n{}",
+        b2.log()
+    );
+    assert!(
+        !b1.invites().contains_key(&format!("meet-{conf}")),
+        "a call went to b1:\n{}",
+        b1.log()
+    );
     held.stop();
 }

@@ -7,8 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use confmesh::b2bua::routing::{HealthTable, Route, RouteDecision, RouteRequest, Router, rank_bridges};
-use confmesh::b2bua::{ConferenceDirectory, MemoryLedger, RoutingConfig, RoutingConfigLoader, StoreDirectory};
+use confmesh::b2bua::routing::{
+    HealthTable, Route, RouteDecision, RouteRequest, Router, rank_bridges,
+};
+use confmesh::b2bua::{
+    ConferenceDirectory, MemoryLedger, RoutingConfig, RoutingConfigLoader, StoreDirectory,
+};
 use confmesh_replication::model::Namespace;
 use confmesh_replication::service::Service;
 use confmesh_replication::store::Store;
@@ -23,9 +27,14 @@ struct Peer {
 }
 
 fn seed() -> u64 {
-    let seed = std::env::var("CONFMESH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64 % 1_000_000)
-    });
+    let seed = std::env::var("CONFMESH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64 % 1_000_000)
+        });
     eprintln!("seed {seed} (replay with CONFMESH_SEED={seed})");
     seed
 }
@@ -37,18 +46,40 @@ async fn cluster(n: u8) -> Vec<Peer> {
         let tmp = tempfile::tempdir().unwrap();
         let origin = u32::from(std::net::Ipv4Addr::new(10, 96, 0, i));
         let store = Arc::new(Store::open(&tmp.path().join("store.redb"), origin).unwrap());
-        let svc = Arc::new(Service::start(store.clone(), "127.0.0.1:0".parse().unwrap(), vec![]).await.unwrap());
+        let svc = Arc::new(
+            Service::start(store.clone(), "127.0.0.1:0".parse().unwrap(), vec![])
+                .await
+                .unwrap(),
+        );
         let dir = StoreDirectory::new(store);
         dir.set_replication(Some(svc.clone()));
-        let router = Router { directory: dir.clone(), ledger: MemoryLedger::default(), health: Arc::new(HealthTable::default()) };
-        peers.push(Peer { svc, dir, router, _tmp: tmp });
+        let router = Router {
+            directory: dir.clone(),
+            ledger: MemoryLedger::default(),
+            health: Arc::new(HealthTable::default()),
+        };
+        peers.push(Peer {
+            svc,
+            dir,
+            router,
+            _tmp: tmp,
+        });
     }
-    let addrs: Vec<(u32, std::net::SocketAddr)> = peers.iter().map(|p| (p.svc.store().origin(), p.svc.local_addr())).collect();
+    let addrs: Vec<(u32, std::net::SocketAddr)> = peers
+        .iter()
+        .map(|p| (p.svc.store().origin(), p.svc.local_addr()))
+        .collect();
     for p in &peers {
         p.svc.set_peers(addrs.clone());
     }
     eventually("sync sessions up", Duration::from_secs(10), || {
-        peers.iter().all(|p| p.svc.status().peers.iter().all(|s| s.connected && s.lag_entries.is_some()))
+        peers.iter().all(|p| {
+            p.svc
+                .status()
+                .peers
+                .iter()
+                .all(|s| s.connected && s.lag_entries.is_some())
+        })
     })
     .await;
     peers
@@ -66,21 +97,38 @@ async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
 /// Writes shared configuration on `peers[0]` and waits until every peer has it.
 async fn configure(peers: &[Peer], entries: &[(String, Value)]) {
     for (k, v) in entries {
-        peers[0].svc.write(Namespace::Config, k, Some(v.clone()), 0, Duration::ZERO).await.unwrap();
+        peers[0]
+            .svc
+            .write(Namespace::Config, k, Some(v.clone()), 0, Duration::ZERO)
+            .await
+            .unwrap();
     }
     eventually("configuration replicated", Duration::from_secs(10), || {
-        peers.iter().all(|p| entries.iter().all(|(k, v)| p.svc.get(Namespace::Config, k).unwrap().as_ref() == Some(v)))
+        peers.iter().all(|p| {
+            entries
+                .iter()
+                .all(|(k, v)| p.svc.get(Namespace::Config, k).unwrap().as_ref() == Some(v))
+        })
     })
     .await;
 }
 
 fn entries(bridges: usize, capacity: u32) -> Vec<(String, Value)> {
     let mut e = vec![
-        ("alias/meet".to_owned(), json!({"pattern": "^meet\\.(\\w+)@example\\.com$", "conference": "meet-$1", "call_kbps": 10, "location": "default"})),
-        ("location/default".to_owned(), json!({"limit_kbps": 1_000_000})),
+        (
+            "alias/meet".to_owned(),
+            json!({"pattern": "^meet\\.(\\w+)@example\\.com$", "conference": "meet-$1", "call_kbps": 10, "location": "default"}),
+        ),
+        (
+            "location/default".to_owned(),
+            json!({"limit_kbps": 1_000_000}),
+        ),
     ];
     for i in 1..=bridges {
-        e.push((format!("bridge/b{i}"), json!({"uri": format!("sip:127.0.50.{i}:5060"), "capacity": capacity})));
+        e.push((
+            format!("bridge/b{i}"),
+            json!({"uri": format!("sip:127.0.50.{i}:5060"), "capacity": capacity}),
+        ));
     }
     e
 }
@@ -96,13 +144,19 @@ fn routing_config(peer: &Peer) -> RoutingConfig {
 }
 
 fn req(called: &str) -> RouteRequest {
-    RouteRequest { called: called.to_owned(), failed_bridges: vec![], previous: None }
+    RouteRequest {
+        called: called.to_owned(),
+        failed_bridges: vec![],
+        previous: None,
+    }
 }
 
 fn forwarded(d: RouteDecision, what: &str) -> Route {
     match d {
         RouteDecision::Forward { route, .. } => route,
-        RouteDecision::Reject { code, warning, .. } => panic!("{what}: rejected {code} {warning:?}"),
+        RouteDecision::Reject { code, warning, .. } => {
+            panic!("{what}: rejected {code} {warning:?}")
+        }
     }
 }
 
@@ -125,7 +179,10 @@ async fn concurrent_first_calls_always_meet_on_one_bridge() {
         let split = trial >= 100;
         let called = format!("meet.s{seed}t{trial}@example.com");
         let conference = format!("meet-s{seed}t{trial}");
-        let ranked: Vec<String> = rank_bridges(&conference, cfg.bridges.values()).iter().map(|b| b.name.clone()).collect();
+        let ranked: Vec<String> = rank_bridges(&conference, cfg.bridges.values())
+            .iter()
+            .map(|b| b.name.clone())
+            .collect();
         for name in &ranked {
             a.router.health.set(name, true);
         }
@@ -134,36 +191,68 @@ async fn concurrent_first_calls_always_meet_on_one_bridge() {
             a.router.health.set(&ranked[0], false);
         }
         let request = req(&called);
-        let (ra, rb) = tokio::join!(a.router.route(&cfg, &request), b.router.route(&cfg, &request));
+        let (ra, rb) = tokio::join!(
+            a.router.route(&cfg, &request),
+            b.router.route(&cfg, &request)
+        );
         let (ra, rb) = (forwarded(ra, "peer A"), forwarded(rb, "peer B"));
         if split {
             split_apart += usize::from(ra.bridge != rb.bridge);
         } else {
-            assert_eq!(ra.bridge, rb.bridge, "seed {seed} trial {trial}: the two first calls went to different bridges");
-            assert_eq!(ra.bridge, ranked[0], "seed {seed} trial {trial}: not the rendezvous choice");
+            assert_eq!(
+                ra.bridge, rb.bridge,
+                "seed {seed} trial {trial}: the two first calls went to different bridges"
+            );
+            assert_eq!(
+                ra.bridge, ranked[0],
+                "seed {seed} trial {trial}: not the rendezvous choice"
+            );
         }
         // Both peers end up with the same single placement and both calls counted.
         let winner = std::sync::Mutex::new(None::<String>);
-        eventually(&format!("seed {seed} trial {trial}: placement and counts converged"), Duration::from_secs(5), || {
-            let views: Vec<_> = [a, b]
-                .iter()
-                .map(|p| p.dir.conferences().unwrap().into_iter().find(|c| c.name == conference))
-                .collect();
-            let ok = views.iter().all(|v| v.as_ref().is_some_and(|c| c.calls == 2 && Some(&c.bridge) == views[0].as_ref().map(|c| &c.bridge)));
-            if ok {
-                *winner.lock().unwrap() = views[0].as_ref().map(|c| c.bridge.clone());
-            }
-            ok
-        })
+        eventually(
+            &format!("seed {seed} trial {trial}: placement and counts converged"),
+            Duration::from_secs(5),
+            || {
+                let views: Vec<_> = [a, b]
+                    .iter()
+                    .map(|p| {
+                        p.dir
+                            .conferences()
+                            .unwrap()
+                            .into_iter()
+                            .find(|c| c.name == conference)
+                    })
+                    .collect();
+                let ok = views.iter().all(|v| {
+                    v.as_ref().is_some_and(|c| {
+                        c.calls == 2 && Some(&c.bridge) == views[0].as_ref().map(|c| &c.bridge)
+                    })
+                });
+                if ok {
+                    *winner.lock().unwrap() = views[0].as_ref().map(|c| c.bridge.clone());
+                }
+                ok
+            },
+        )
         .await;
         let winner = winner.into_inner().unwrap().unwrap();
-        assert!(winner == ra.bridge || winner == rb.bridge, "seed {seed} trial {trial}: placement {winner} is neither call's bridge");
+        assert!(
+            winner == ra.bridge || winner == rb.bridge,
+            "seed {seed} trial {trial}: placement {winner} is neither call's bridge"
+        );
         a.router.release(&ra).await;
         b.router.release(&rb).await;
     }
-    eventually("every conference ended on both peers", Duration::from_secs(10), || {
-        [a, b].iter().all(|p| p.dir.conferences().unwrap().is_empty())
-    })
+    eventually(
+        "every conference ended on both peers",
+        Duration::from_secs(10),
+        || {
+            [a, b]
+                .iter()
+                .all(|p| p.dir.conferences().unwrap().is_empty())
+        },
+    )
     .await;
     let lost = a.dir.stats().claims_lost + b.dir.stats().claims_lost;
     eprintln!(
@@ -184,18 +273,30 @@ async fn counts_converge_and_capacity_holds_cluster_wide() {
     let mut routes = Vec::new();
     let request = req("meet.full@example.com");
     for round in 0..2 {
-        let calls: Vec<_> = peers.iter().map(|p| p.router.route(&cfg, &request)).collect();
+        let calls: Vec<_> = peers
+            .iter()
+            .map(|p| p.router.route(&cfg, &request))
+            .collect();
         for (i, d) in futures_join_all(calls).await.into_iter().enumerate() {
             routes.push((i, forwarded(d, &format!("round {round} peer {i}"))));
         }
     }
     let bridge = routes[0].1.bridge.clone();
     assert!(routes.iter().all(|(_, r)| r.bridge == bridge), "{routes:?}");
-    eventually("6 calls counted on every peer", Duration::from_secs(5), || {
-        peers.iter().all(|p| {
-            p.dir.conferences().unwrap() == vec![confmesh::status::ConferenceStatus { name: "meet-full".into(), bridge: bridge.clone(), calls: 6 }]
-        })
-    })
+    eventually(
+        "6 calls counted on every peer",
+        Duration::from_secs(5),
+        || {
+            peers.iter().all(|p| {
+                p.dir.conferences().unwrap()
+                    == vec![confmesh::status::ConferenceStatus {
+                        name: "meet-full".into(),
+                        bridge: bridge.clone(),
+                        calls: 6,
+                    }]
+            })
+        },
+    )
     .await;
     for p in &peers {
         assert_eq!(p.dir.bridge_load(&bridge).await.unwrap(), 6);
@@ -203,7 +304,11 @@ async fn counts_converge_and_capacity_holds_cluster_wide() {
     // The bridge is full cluster-wide: the conference's 7th call is refused on any peer.
     for (i, p) in peers.iter().enumerate() {
         match p.router.route(&cfg, &req("meet.full@example.com")).await {
-            RouteDecision::Reject { code: 503, warning: Some(w), .. } => assert!(w.contains("full"), "{w}"),
+            RouteDecision::Reject {
+                code: 503,
+                warning: Some(w),
+                ..
+            } => assert!(w.contains("full"), "{w}"),
             other => panic!("peer {i}: 7th call on a full bridge: {other:?}"),
         }
     }
@@ -212,16 +317,28 @@ async fn counts_converge_and_capacity_holds_cluster_wide() {
         .map(|n| format!("n{n}"))
         .find(|n| rank_bridges(&format!("meet-{n}"), cfg.bridges.values())[0].name == bridge)
         .unwrap();
-    let r = forwarded(peers[1].router.route(&cfg, &req(&format!("meet.{other}@example.com"))).await, "new conference");
+    let r = forwarded(
+        peers[1]
+            .router
+            .route(&cfg, &req(&format!("meet.{other}@example.com")))
+            .await,
+        "new conference",
+    );
     assert_ne!(r.bridge, bridge);
     peers[1].router.release(&r).await;
     // Calls end on every peer: the conference goes away everywhere.
     for (i, r) in &routes {
         peers[*i].router.release(r).await;
     }
-    eventually("conferences gone on every peer", Duration::from_secs(5), || {
-        peers.iter().all(|p| p.dir.conferences().unwrap().is_empty())
-    })
+    eventually(
+        "conferences gone on every peer",
+        Duration::from_secs(5),
+        || {
+            peers
+                .iter()
+                .all(|p| p.dir.conferences().unwrap().is_empty())
+        },
+    )
     .await;
     for p in &peers {
         assert_eq!(p.dir.bridge_load(&bridge).await.unwrap(), 0);
@@ -234,27 +351,62 @@ async fn conference_not_started_moves_off_a_failed_bridge() {
     let peers = cluster(2).await;
     configure(&peers, &entries(3, 10)).await;
     let cfg = routing_config(&peers[0]);
-    let first = forwarded(peers[0].router.route(&cfg, &req("meet.mv@example.com")).await, "first call");
+    let first = forwarded(
+        peers[0]
+            .router
+            .route(&cfg, &req("meet.mv@example.com"))
+            .await,
+        "first call",
+    );
     // The bridge did not answer: the core routes again with it excluded, releasing the attempt.
-    let again = RouteRequest { called: "meet.mv@example.com".into(), failed_bridges: vec![first.bridge.clone()], previous: Some(first.clone()) };
+    let again = RouteRequest {
+        called: "meet.mv@example.com".into(),
+        failed_bridges: vec![first.bridge.clone()],
+        previous: Some(first.clone()),
+    };
     let moved = forwarded(peers[0].router.route(&cfg, &again).await, "failover");
     assert_ne!(moved.bridge, first.bridge);
     // Peer B's next call follows the new placement.
     eventually("placement moved on peer B", Duration::from_secs(5), || {
-        peers[1].dir.conferences().unwrap().iter().any(|c| c.name == "meet-mv" && c.bridge == moved.bridge)
+        peers[1]
+            .dir
+            .conferences()
+            .unwrap()
+            .iter()
+            .any(|c| c.name == "meet-mv" && c.bridge == moved.bridge)
     })
     .await;
-    let b = forwarded(peers[1].router.route(&cfg, &req("meet.mv@example.com")).await, "peer B");
+    let b = forwarded(
+        peers[1]
+            .router
+            .route(&cfg, &req("meet.mv@example.com"))
+            .await,
+        "peer B",
+    );
     assert_eq!(b.bridge, moved.bridge);
     // A bridge seen down by OPTIONS before the conference has calls: the placement moves too.
     peers[0].router.release(&moved).await;
     peers[1].router.release(&b).await;
-    eventually("conference ended", Duration::from_secs(5), || peers.iter().all(|p| p.dir.conferences().unwrap().is_empty())).await;
+    eventually("conference ended", Duration::from_secs(5), || {
+        peers
+            .iter()
+            .all(|p| p.dir.conferences().unwrap().is_empty())
+    })
+    .await;
     let placed = peers[0].dir.claim("meet-down", "b1").await.unwrap();
     assert_eq!((placed.bridge.as_str(), placed.participants), ("b1", 0));
     peers[1].router.health.set("b1", false);
-    eventually("claim replicated", Duration::from_secs(5), || !peers[1].dir.conferences().unwrap().is_empty()).await;
-    let r = forwarded(peers[1].router.route(&cfg, &req("meet.down@example.com")).await, "bridge down");
+    eventually("claim replicated", Duration::from_secs(5), || {
+        !peers[1].dir.conferences().unwrap().is_empty()
+    })
+    .await;
+    let r = forwarded(
+        peers[1]
+            .router
+            .route(&cfg, &req("meet.down@example.com"))
+            .await,
+        "bridge down",
+    );
     assert_ne!(r.bridge, "b1");
     peers[1].router.release(&r).await;
 }
@@ -267,32 +419,97 @@ async fn maintenance_repairs_and_expires() {
     let tmp = tempfile::tempdir().unwrap();
     let origin = 0x0a60_0001;
     let store = Arc::new(Store::open(&tmp.path().join("store.redb"), origin).unwrap());
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     let ns = Namespace::Conference;
     // Written "a minute ago": an orphan claim, and a count this peer left before a restart.
-    store.write_async(ns, "place/old/0a600002", Some(json!({"bridge": "b1"})), now - 60_000).await.unwrap();
-    store.write_async(ns, "calls/left/0a600001", Some(json!({"bridges": {"b1": 3}, "updated_ms": now - 60_000})), now - 60_000).await.unwrap();
+    store
+        .write_async(
+            ns,
+            "place/old/0a600002",
+            Some(json!({"bridge": "b1"})),
+            now - 60_000,
+        )
+        .await
+        .unwrap();
+    store
+        .write_async(
+            ns,
+            "calls/left/0a600001",
+            Some(json!({"bridges": {"b1": 3}, "updated_ms": now - 60_000})),
+            now - 60_000,
+        )
+        .await
+        .unwrap();
     // A dead peer's count, expired; and a live one.
-    store.write_async(ns, "calls/dead/0a600003", Some(json!({"bridges": {"b2": 5}, "updated_ms": now - 200_000})), now).await.unwrap();
-    store.write_async(ns, "calls/live/0a600002", Some(json!({"bridges": {"b2": 2}, "updated_ms": now})), now).await.unwrap();
+    store
+        .write_async(
+            ns,
+            "calls/dead/0a600003",
+            Some(json!({"bridges": {"b2": 5}, "updated_ms": now - 200_000})),
+            now,
+        )
+        .await
+        .unwrap();
+    store
+        .write_async(
+            ns,
+            "calls/live/0a600002",
+            Some(json!({"bridges": {"b2": 2}, "updated_ms": now})),
+            now,
+        )
+        .await
+        .unwrap();
     let dir = StoreDirectory::new(store.clone());
-    assert_eq!(dir.bridge_load("b2").await.unwrap(), 2, "an expired count must not hold capacity");
-    assert_eq!(dir.bridge_load("b1").await.unwrap(), 0, "this peer's own counts are what it carries now: none");
+    assert_eq!(
+        dir.bridge_load("b2").await.unwrap(),
+        2,
+        "an expired count must not hold capacity"
+    );
+    assert_eq!(
+        dir.bridge_load("b1").await.unwrap(),
+        0,
+        "this peer's own counts are what it carries now: none"
+    );
     // One call of ours.
     dir.claim("meet-x", "b2").await.unwrap();
     assert_eq!(dir.add_participant("meet-x", "b2").await.unwrap(), Some(1));
-    assert_eq!(dir.add_participant("meet-x", "b1").await.unwrap(), None, "not placed there");
+    assert_eq!(
+        dir.add_participant("meet-x", "b1").await.unwrap(),
+        None,
+        "not placed there"
+    );
     // Its placement vanishes (the conference "ended" on another peer that had not seen our call).
-    store.write_async(ns, "place/meet-x/0a600001", None, now).await.unwrap();
+    store
+        .write_async(ns, "place/meet-x/0a600001", None, now)
+        .await
+        .unwrap();
     assert!(dir.placement("meet-x").await.unwrap().is_none());
     dir.maintain().await.unwrap();
-    let p = dir.placement("meet-x").await.unwrap().expect("placement claimed again");
+    let p = dir
+        .placement("meet-x")
+        .await
+        .unwrap()
+        .expect("placement claimed again");
     assert_eq!((p.bridge.as_str(), p.participants), ("b2", 1));
     assert_eq!(dir.stats().repairs, 1);
-    assert!(store.get(ns, "calls/left/0a600001").unwrap().is_none(), "leftover count deleted");
-    assert!(store.get(ns, "place/old/0a600002").unwrap().is_none(), "orphan conference removed");
+    assert!(
+        store.get(ns, "calls/left/0a600001").unwrap().is_none(),
+        "leftover count deleted"
+    );
+    assert!(
+        store.get(ns, "place/old/0a600002").unwrap().is_none(),
+        "orphan conference removed"
+    );
     assert_eq!(dir.stats().orphans_removed, 1);
-    let names: Vec<String> = dir.conferences().unwrap().into_iter().map(|c| c.name).collect();
+    let names: Vec<String> = dir
+        .conferences()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
     assert_eq!(names, ["meet-x"]);
     dir.remove_participant("meet-x", "b2").await.unwrap();
     assert!(dir.conferences().unwrap().is_empty());
@@ -309,7 +526,10 @@ async fn routing_configuration_follows_the_store() {
     let mut rx = loader.subscribe();
     assert!(rx.borrow().bridges.is_empty());
     let mut e = entries(2, 5);
-    e.push(("bridge/bad".to_owned(), json!({"uri": "not a uri", "capacity": 1})));
+    e.push((
+        "bridge/bad".to_owned(),
+        json!({"uri": "not a uri", "capacity": 1}),
+    ));
     configure(&peers, &e).await;
     let end = Instant::now() + Duration::from_secs(5);
     loop {
@@ -321,7 +541,11 @@ async fn routing_configuration_follows_the_store() {
         assert!(Instant::now() < end, "configuration not reloaded: {cfg:?}");
         let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
     }
-    peers[0].svc.write(Namespace::Config, "bridge/b1", None, 0, Duration::ZERO).await.unwrap();
+    peers[0]
+        .svc
+        .write(Namespace::Config, "bridge/b1", None, 0, Duration::ZERO)
+        .await
+        .unwrap();
     let end = Instant::now() + Duration::from_secs(5);
     while rx.borrow_and_update().bridges.contains_key("b1") {
         assert!(Instant::now() < end, "deleted bridge still configured");
@@ -347,7 +571,11 @@ async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output
                 }
             }
         }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
     })
     .await;
     out.extend(results.into_iter().flatten());

@@ -9,7 +9,9 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
 use confmesh::b2bua::BandwidthLedger;
-use confmesh::bandwidth::{Bandwidth, BandwidthConfig, BandwidthService, BandwidthSettings, BandwidthStatus};
+use confmesh::bandwidth::{
+    Bandwidth, BandwidthConfig, BandwidthService, BandwidthSettings, BandwidthStatus,
+};
 use zeroize::Zeroizing;
 
 const INTERVAL: Duration = Duration::from_millis(100);
@@ -22,7 +24,11 @@ fn key(b: u8) -> Zeroizing<[u8; 32]> {
 /// Starts one service per address on one port that is free on all of them (a few tries).
 fn start_all(addrs: &[Ipv4Addr]) -> (Vec<BandwidthService>, u16) {
     for _ in 0..10 {
-        let port = UdpSocket::bind(SocketAddrV4::new(addrs[0], 0)).unwrap().local_addr().unwrap().port();
+        let port = UdpSocket::bind(SocketAddrV4::new(addrs[0], 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let started: Result<Vec<_>, _> = addrs
             .iter()
             .map(|a| {
@@ -61,17 +67,39 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn location_limit_holds_across_three_peers() {
-    let addrs = [Ipv4Addr::new(127, 0, 71, 1), Ipv4Addr::new(127, 0, 71, 2), Ipv4Addr::new(127, 0, 71, 3)];
+    let addrs = [
+        Ipv4Addr::new(127, 0, 71, 1),
+        Ipv4Addr::new(127, 0, 71, 2),
+        Ipv4Addr::new(127, 0, 71, 3),
+    ];
     let (mut services, _port) = start_all(&addrs);
     key_all(&services, &addrs);
-    let (la, lb, lc) = (services[0].ledger(), services[1].ledger(), services[2].ledger());
+    let (la, lb, lc) = (
+        services[0].ledger(),
+        services[1].ledger(),
+        services[2].ledger(),
+    );
 
     la.try_reserve("hq", 1500, LIMIT).unwrap();
-    until("B and C see A's reservation", || lb.usage_kbps("hq") == 1500 && lc.usage_kbps("hq") == 1500).await;
-    assert_eq!(lb.try_reserve("hq", 1000, LIMIT), Err(1500), "refused on B when over");
-    assert_eq!(lc.try_reserve("hq", 600, LIMIT), Err(1500), "refused on C when over");
+    until("B and C see A's reservation", || {
+        lb.usage_kbps("hq") == 1500 && lc.usage_kbps("hq") == 1500
+    })
+    .await;
+    assert_eq!(
+        lb.try_reserve("hq", 1000, LIMIT),
+        Err(1500),
+        "refused on B when over"
+    );
+    assert_eq!(
+        lc.try_reserve("hq", 600, LIMIT),
+        Err(1500),
+        "refused on C when over"
+    );
     lb.try_reserve("hq", 500, LIMIT).unwrap();
-    until("A and C see the cluster full", || la.usage_kbps("hq") == LIMIT && lc.usage_kbps("hq") == LIMIT).await;
+    until("A and C see the cluster full", || {
+        la.usage_kbps("hq") == LIMIT && lc.usage_kbps("hq") == LIMIT
+    })
+    .await;
     assert_eq!(la.try_reserve("hq", 1, LIMIT), Err(LIMIT));
     assert_eq!(lc.try_reserve("hq", 1, LIMIT), Err(LIMIT));
 
@@ -91,7 +119,13 @@ async fn location_limit_holds_across_three_peers() {
     }
     let c = s.counters;
     assert_eq!(
-        (c.dropped_forged, c.dropped_replayed, c.dropped_malformed, c.dropped_oversize, c.dropped_no_key),
+        (
+            c.dropped_forged,
+            c.dropped_replayed,
+            c.dropped_malformed,
+            c.dropped_oversize,
+            c.dropped_no_key
+        ),
         (0, 0, 0, 0, 0),
         "honest peers cause no drops: {c:?}"
     );
@@ -102,12 +136,24 @@ async fn location_limit_holds_across_three_peers() {
     services.pop().unwrap().shutdown().await;
     until("A forgets C's usage", || la.usage_kbps("hq") == 500).await;
     // The last refresh came at most one interval before the stop, and expiry is 3.5 intervals.
-    assert!(stopped.elapsed() >= INTERVAL * 2, "expired {:?} after the stop: too early", stopped.elapsed());
+    assert!(
+        stopped.elapsed() >= INTERVAL * 2,
+        "expired {:?} after the stop: too early",
+        stopped.elapsed()
+    );
     la.try_reserve("hq", 1500, LIMIT).unwrap();
     assert!(services[0].status().counters.expired_entries >= 1);
     // C is removed from the cluster: A no longer lists it.
     services[0].set_peers(&addrs[..2]).unwrap();
-    assert_eq!(services[0].status().peers.iter().map(|p| p.addr).collect::<Vec<_>>(), vec![addrs[1]]);
+    assert_eq!(
+        services[0]
+            .status()
+            .peers
+            .iter()
+            .map(|p| p.addr)
+            .collect::<Vec<_>>(),
+        vec![addrs[1]]
+    );
     for s in services {
         s.shutdown().await;
     }
@@ -158,11 +204,18 @@ async fn forged_replayed_and_oversize_datagrams_are_counted_and_ignored() {
     // A sender that is not a peer.
     let stranger = Ipv4Addr::new(127, 0, 72, 9);
     let outsider = UdpSocket::bind(SocketAddrV4::new(stranger, 0)).unwrap();
-    outsider.send_to(&datagram(stranger, a, pair_key, u64::MAX, 5000), to_a).unwrap();
+    outsider
+        .send_to(&datagram(stranger, a, pair_key, u64::MAX, 5000), to_a)
+        .unwrap();
 
     until("every bad datagram is counted", || {
         let c = services[0].status().counters;
-        c.dropped_forged + c.dropped_replayed + c.dropped_oversize + c.dropped_malformed + c.dropped_unknown_peer >= 6
+        c.dropped_forged
+            + c.dropped_replayed
+            + c.dropped_oversize
+            + c.dropped_malformed
+            + c.dropped_unknown_peer
+            >= 6
     })
     .await;
     // Give any misbehaviour time to show, across a few intervals.
@@ -170,14 +223,26 @@ async fn forged_replayed_and_oversize_datagrams_are_counted_and_ignored() {
     let after = services[0].status();
     let c = after.counters;
     assert_eq!(
-        (c.dropped_forged, c.dropped_replayed, c.dropped_oversize, c.dropped_malformed, c.dropped_unknown_peer),
+        (
+            c.dropped_forged,
+            c.dropped_replayed,
+            c.dropped_oversize,
+            c.dropped_malformed,
+            c.dropped_unknown_peer
+        ),
         (1, 2, 1, 1, 1),
         "{c:?}"
     );
     assert_eq!(la.usage_kbps("hq"), 700, "nothing changed");
     assert_eq!(after.locations, before.locations);
-    assert_eq!(after.peers.iter().find(|p| p.addr == b).unwrap().path_mtu, 576);
-    assert!(c.accepted > before.counters.accepted, "B's genuine updates are still accepted");
+    assert_eq!(
+        after.peers.iter().find(|p| p.addr == b).unwrap().path_mtu,
+        576
+    );
+    assert!(
+        c.accepted > before.counters.accepted,
+        "B's genuine updates are still accepted"
+    );
 
     // And B is still heard: its release reaches A.
     lb.release("hq", 700);

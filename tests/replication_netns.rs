@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -29,7 +29,12 @@ fn cli_in(ns: &str, config: &Path, args: &[&str]) -> Output {
 
 fn set(d: &Daemon, key: &str, value: &str) {
     let out = d.cli(&["config", "set", key, value]);
-    assert!(out.status.success(), "config set {key} on p{}: {}", d.i, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "config set {key} on p{}: {}",
+        d.i,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `config list PREFIX` of a daemon as a map, or `None` if it does not answer.
@@ -49,11 +54,19 @@ fn list(d: &Daemon, prefix: &str) -> Option<BTreeMap<String, Value>> {
 }
 
 fn all_active(d: &[&Daemon]) -> bool {
-    d.iter().all(|x| d.iter().all(|y| x.i == y.i || shows(x, y.i, "active", None)))
+    d.iter().all(|x| {
+        d.iter()
+            .all(|y| x.i == y.i || shows(x, y.i, "active", None))
+    })
 }
 
 /// Writes `prefix/NNNN` keys to one daemon until `stop`, recording the acknowledged ones.
-fn writer(ns: String, config: PathBuf, prefix: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<String>> {
+fn writer(
+    ns: String,
+    config: PathBuf,
+    prefix: &'static str,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<String>> {
     std::thread::spawn(move || {
         let mut acked = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(40);
@@ -62,7 +75,10 @@ fn writer(ns: String, config: PathBuf, prefix: &'static str, stop: Arc<AtomicBoo
                 break;
             }
             let key = format!("{prefix}/{n:04}");
-            if cli_in(&ns, &config, &["config", "set", &key, &n.to_string()]).status.success() {
+            if cli_in(&ns, &config, &["config", "set", &key, &n.to_string()])
+                .status
+                .success()
+            {
                 acked.push(key);
             } else {
                 std::thread::sleep(Duration::from_millis(50));
@@ -78,9 +94,15 @@ fn killed_mid_stream_peer_converges_and_damaged_store_is_refused() {
         return;
     }
     let topo = Topology::up("cmrk", 3);
-    let mut d: Vec<Daemon> = (1..=3).map(|i| Daemon::start(&topo, &PeerSpec::new(i, &[1, 2, 3]))).collect();
+    let mut d: Vec<Daemon> = (1..=3)
+        .map(|i| Daemon::start(&topo, &PeerSpec::new(i, &[1, 2, 3])))
+        .collect();
     let refs: Vec<&Daemon> = d.iter().collect();
-    assert!(wait_until(Duration::from_secs(20), || all_active(&refs)), "cluster did not form: {}", d[2].log());
+    assert!(
+        wait_until(Duration::from_secs(20), || all_active(&refs)),
+        "cluster did not form: {}",
+        d[2].log()
+    );
 
     // Writers on peer 3 (the one that crashes) and on peer 1 (what peer 3 must catch up on).
     let stop = Arc::new(AtomicBool::new(false));
@@ -94,13 +116,25 @@ fn killed_mid_stream_peer_converges_and_damaged_store_is_refused() {
     stop.store(true, Ordering::Relaxed);
     let acked3 = w3.join().unwrap();
     let acked1 = w1.join().unwrap();
-    assert!(acked3.len() >= 10 && acked1.len() >= 20, "too few writes: {} on p3, {} on p1", acked3.len(), acked1.len());
+    assert!(
+        acked3.len() >= 10 && acked1.len() >= 20,
+        "too few writes: {} on p3, {} on p1",
+        acked3.len(),
+        acked1.len()
+    );
 
     // Every peer converges to the same content, holding every acknowledged write.
     let mut last = Vec::new();
     let converged = wait_until(Duration::from_secs(30), || {
-        last = d.iter().map(|x| list(x, "on").unwrap_or_default()).collect();
-        last.iter().all(|m| m == &last[0]) && acked3.iter().chain(&acked1).all(|k| last[0].contains_key(k))
+        last = d
+            .iter()
+            .map(|x| list(x, "on").unwrap_or_default())
+            .collect();
+        last.iter().all(|m| m == &last[0])
+            && acked3
+                .iter()
+                .chain(&acked1)
+                .all(|k| last[0].contains_key(k))
     });
     assert!(
         converged,
@@ -108,14 +142,25 @@ fn killed_mid_stream_peer_converges_and_damaged_store_is_refused() {
         last.iter().map(BTreeMap::len).collect::<Vec<_>>(),
         acked3.len(),
         acked1.len(),
-        acked3.iter().chain(&acked1).filter(|k| !last[2].contains_key(*k)).take(5).collect::<Vec<_>>(),
+        acked3
+            .iter()
+            .chain(&acked1)
+            .filter(|k| !last[2].contains_key(*k))
+            .take(5)
+            .collect::<Vec<_>>(),
         d[2].log()
     );
     let status = d[0].status().unwrap();
     let repl = &status["replication"];
     assert!(repl.is_object(), "replication status missing: {status}");
     // The writes went through the store's journal.
-    assert!(repl["store"]["journal_syncs"].as_u64().is_some_and(|n| n > 0), "store status: {}", repl["store"]);
+    assert!(
+        repl["store"]["journal_syncs"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "store status: {}",
+        repl["store"]
+    );
 
     // A damaged store file is detected and reported, and the daemon does not start on it.
     d[2].stop();
@@ -128,9 +173,16 @@ fn killed_mid_stream_peer_converges_and_damaged_store_is_refused() {
     std::fs::write(&store, &bytes).unwrap();
     d[2].restart();
     let exit = d[2].wait_exit(Duration::from_secs(10));
-    assert!(exit.is_some_and(|s| !s.success()), "daemon ran on a damaged store: {exit:?}\n{}", d[2].log());
+    assert!(
+        exit.is_some_and(|s| !s.success()),
+        "daemon ran on a damaged store: {exit:?}\n{}",
+        d[2].log()
+    );
     let log = d[2].log();
-    assert!(log.contains("damaged") && log.contains("store.redb"), "no clear message: {log}");
+    assert!(
+        log.contains("damaged") && log.contains("store.redb"),
+        "no clear message: {log}"
+    );
 }
 
 /// The store member of a backup file, as JSON.
@@ -157,21 +209,37 @@ fn standalone_peer_joining_takes_the_clusters_configuration() {
     let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[1, 2]));
     let d2 = Daemon::start(&topo, &PeerSpec::new(2, &[1, 2]));
     let d3 = Daemon::start(&topo, &PeerSpec::new(3, &[]));
-    assert!(wait_until(Duration::from_secs(20), || all_active(&[&d1, &d2])), "1+2 did not form: {}", d1.log());
+    assert!(
+        wait_until(Duration::from_secs(20), || all_active(&[&d1, &d2])),
+        "1+2 did not form: {}",
+        d1.log()
+    );
     let bridge = r#"{"uri": "sip:10.96.4.1:5060", "capacity": 20}"#;
     set(&d1, "bridge/b1", bridge);
-    set(&d3, "bridge/own", r#"{"uri": "sip:10.96.4.2:5060", "capacity": 5}"#);
+    set(
+        &d3,
+        "bridge/own",
+        r#"{"uri": "sip:10.96.4.2:5060", "capacity": 5}"#,
+    );
     set(&d3, "location/own", r#"{"limit_kbps": 1000}"#);
     let peer_part = |d: &Daemon| {
         let text = std::fs::read_to_string(&d.config).unwrap();
-        text.split("[cluster]").next().unwrap().trim_end().to_owned()
+        text.split("[cluster]")
+            .next()
+            .unwrap()
+            .trim_end()
+            .to_owned()
     };
     let before = peer_part(&d3);
 
     // The cluster adds peer 3; peer 3 lists the cluster and reloads (SPEC §2 rule 6).
     for d in [&d1, &d2] {
         let out = d.cli(&["peers", "add", "10.96.0.3"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let text = std::fs::read_to_string(&d3.config).unwrap();
     std::fs::write(
@@ -184,23 +252,43 @@ fn standalone_peer_joining_takes_the_clusters_configuration() {
     .unwrap();
     std::fs::write(&d3.psk_file, PeerSpec::new(3, &[]).psk).unwrap();
     let out = d3.cli(&["reload"]);
-    assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    assert!(wait_until(Duration::from_secs(20), || all_active(&[&d1, &d2, &d3])), "3 did not join: {}", d3.log());
+    assert!(
+        wait_until(Duration::from_secs(20), || all_active(&[&d1, &d2, &d3])),
+        "3 did not join: {}",
+        d3.log()
+    );
     let mut seen = None;
     let took = wait_until(Duration::from_secs(15), || {
         seen = list(&d3, "");
-        seen.as_ref().is_some_and(|m| m.contains_key("bridge/b1") && !m.contains_key("bridge/own"))
+        seen.as_ref()
+            .is_some_and(|m| m.contains_key("bridge/b1") && !m.contains_key("bridge/own"))
     });
-    assert!(took, "peer 3 did not take the cluster's configuration: {seen:?}");
+    assert!(
+        took,
+        "peer 3 did not take the cluster's configuration: {seen:?}"
+    );
     assert_eq!(list(&d3, "").unwrap(), list(&d1, "").unwrap());
-    assert!(!list(&d1, "").unwrap().contains_key("bridge/own"), "the joiner's old configuration leaked into the cluster");
+    assert!(
+        !list(&d1, "").unwrap().contains_key("bridge/own"),
+        "the joiner's old configuration leaked into the cluster"
+    );
     // Joined: it took a member's snapshot and accepts writes again, which reach the cluster.
     let status = d3.status().unwrap();
     assert_eq!(status["replication"]["joining"], false, "{status}");
-    set(&d3, "bridge/b2", r#"{"uri": "sip:10.96.5.1:5060", "capacity": 10}"#);
+    set(
+        &d3,
+        "bridge/b2",
+        r#"{"uri": "sip:10.96.5.1:5060", "capacity": 10}"#,
+    );
     assert!(
-        wait_until(Duration::from_secs(15), || list(&d1, "").is_some_and(|m| m.contains_key("bridge/b2"))),
+        wait_until(Duration::from_secs(15), || list(&d1, "")
+            .is_some_and(|m| m.contains_key("bridge/b2"))),
         "a write on the joined peer did not reach the cluster"
     );
 
@@ -211,10 +299,20 @@ fn standalone_peer_joining_takes_the_clusters_configuration() {
         .filter(|p| p.to_string_lossy().ends_with("_backup.tar.gz"))
         .collect();
     assert_eq!(backups.len(), 1, "{backups:?}");
-    let name = backups[0].file_name().unwrap().to_string_lossy().into_owned();
-    assert!(name.contains("_CMT3_"), "backup name carries the serial: {name}");
+    let name = backups[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        name.contains("_CMT3_"),
+        "backup name carries the serial: {name}"
+    );
     let old = backup_store(&backups[0]).to_string();
-    assert!(old.contains("bridge/own") && old.contains("location/own"), "backup lacks the old configuration: {old}");
+    assert!(
+        old.contains("bridge/own") && old.contains("location/own"),
+        "backup lacks the old configuration: {old}"
+    );
     assert_eq!(peer_part(&d3), before);
     let s = d3.status().unwrap();
     assert_eq!(s["hostname"], "conductor3");
@@ -233,24 +331,85 @@ fn sync_port_answers_only_through_the_overlay() {
     let topo = Topology::up("cmrs", 2);
     let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[1, 2]));
     let d2 = Daemon::start(&topo, &PeerSpec::new(2, &[1, 2]));
-    assert!(wait_until(Duration::from_secs(20), || all_active(&[&d1, &d2])), "1+2 did not form: {}", d1.log());
-    let connect = |ns: &str| topo.exec(ns, &["timeout", "3", "bash", "-c", "exec 3<>/dev/tcp/198.18.0.1/7002"]).status.success();
-    assert!(connect("p2"), "peer 2 cannot reach peer 1's sync port over the overlay");
+    assert!(
+        wait_until(Duration::from_secs(20), || all_active(&[&d1, &d2])),
+        "1+2 did not form: {}",
+        d1.log()
+    );
+    let connect = |ns: &str| {
+        topo.exec(
+            ns,
+            &[
+                "timeout",
+                "3",
+                "bash",
+                "-c",
+                "exec 3<>/dev/tcp/198.18.0.1/7002",
+            ],
+        )
+        .status
+        .success()
+    };
+    assert!(
+        connect("p2"),
+        "peer 2 cannot reach peer 1's sync port over the overlay"
+    );
     let route = topo.exec("r", &["ip", "route", "add", "198.18.0.1/32", "dev", "p1"]);
-    assert!(route.status.success(), "{}", String::from_utf8_lossy(&route.stderr));
-    assert!(!connect("r"), "the sync port accepted a connection that did not come through an SA");
-    assert!(topo.exec("r", &["ping", "-c", "1", "-W", "2", "10.96.0.1"]).status.success(), "the router cannot reach peer 1 at all");
+    assert!(
+        route.status.success(),
+        "{}",
+        String::from_utf8_lossy(&route.stderr)
+    );
+    assert!(
+        !connect("r"),
+        "the sync port accepted a connection that did not come through an SA"
+    );
+    assert!(
+        topo.exec("r", &["ping", "-c", "1", "-W", "2", "10.96.0.1"])
+            .status
+            .success(),
+        "the router cannot reach peer 1 at all"
+    );
 
     // A write that waits for the other peer is on it when acknowledged; with the peer gone it is
     // refused as not replicated, yet durable here.
-    let out = d1.cli(&["config", "set", "location/waited", r#"{"limit_kbps": 64}"#, "--wait-peers", "1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = d1.cli(&[
+        "config",
+        "set",
+        "location/waited",
+        r#"{"limit_kbps": 64}"#,
+        "--wait-peers",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let there = d2.cli(&["config", "get", "location/waited"]);
-    assert!(String::from_utf8_lossy(&there.stdout).contains("64"), "not on peer 2 when acknowledged");
+    assert!(
+        String::from_utf8_lossy(&there.stdout).contains("64"),
+        "not on peer 2 when acknowledged"
+    );
     let mut d2 = d2;
     d2.kill();
-    let out = d1.cli(&["config", "set", "location/alone", r#"{"limit_kbps": 32}"#, "--wait-peers", "1"]);
+    let out = d1.cli(&[
+        "config",
+        "set",
+        "location/alone",
+        r#"{"limit_kbps": 32}"#,
+        "--wait-peers",
+        "1",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("durable on this peer"), "{err}");
-    assert!(d1.cli(&["config", "get", "location/alone"]).status.success(), "the write stays durable locally");
+    assert!(
+        !out.status.success() && err.contains("durable on this peer"),
+        "{err}"
+    );
+    assert!(
+        d1.cli(&["config", "get", "location/alone"])
+            .status
+            .success(),
+        "the write stays durable locally"
+    );
 }

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use confmesh::b2bua::core::{B2bua, B2buaEvent, BridgeProbe, CoreConfig};
-use confmesh::b2bua::routing::{rank_bridges, HealthTable, Router};
+use confmesh::b2bua::routing::{HealthTable, Router, rank_bridges};
 use confmesh::b2bua::{BandwidthLedger, MemoryDirectory, MemoryLedger, RoutingConfig};
 use confmesh::bandwidth::{Bandwidth, BandwidthConfig, BandwidthLedgerHandle};
-use confmesh::sip::build::MessageWriter;
-use confmesh::sip::parse::{parse, Framing, Hdr, Message, StartLine};
-use confmesh::sip::transaction::Transmit;
 use confmesh::sip::Transport;
+use confmesh::sip::build::MessageWriter;
+use confmesh::sip::parse::{Framing, Hdr, Message, StartLine, parse};
+use confmesh::sip::transaction::Transmit;
 use serde_json::json;
 
 const VCS: &str = "10.96.3.1:5060";
@@ -27,10 +27,19 @@ fn a(s: &str) -> SocketAddr {
 
 fn routing_config(limit_kbps: u64) -> RoutingConfig {
     let entries = [
-        ("alias/meet".to_owned(), json!({"pattern": "^meet\\.(\\d+)@", "conference": "meet-$1", "call_kbps": 1000, "location": "hq"})),
+        (
+            "alias/meet".to_owned(),
+            json!({"pattern": "^meet\\.(\\d+)@", "conference": "meet-$1", "call_kbps": 1000, "location": "hq"}),
+        ),
         ("location/hq".to_owned(), json!({"limit_kbps": limit_kbps})),
-        ("bridge/b1".to_owned(), json!({"uri": "sip:10.96.4.1:5060", "capacity": 10})),
-        ("bridge/b2".to_owned(), json!({"uri": "sip:10.96.4.2:5060", "capacity": 10})),
+        (
+            "bridge/b1".to_owned(),
+            json!({"uri": "sip:10.96.4.1:5060", "capacity": 10}),
+        ),
+        (
+            "bridge/b2".to_owned(),
+            json!({"uri": "sip:10.96.4.2:5060", "capacity": 10}),
+        ),
     ];
     RoutingConfig::from_entries(entries.iter().map(|(k, v)| (k.as_str(), v))).0
 }
@@ -46,15 +55,34 @@ struct World<L = MemoryLedger> {
 
 impl World {
     fn new(limit_kbps: u64) -> World {
-        World::with(limit_kbps, MemoryDirectory::default(), MemoryLedger::default())
+        World::with(
+            limit_kbps,
+            MemoryDirectory::default(),
+            MemoryLedger::default(),
+        )
     }
 }
 
 impl<L: BandwidthLedger> World<L> {
     fn with(limit_kbps: u64, directory: MemoryDirectory, ledger: L) -> World<L> {
-        let core = B2bua::new(CoreConfig { hostname: "cm1".into(), options_interval: Duration::ZERO, seed: 7, ..CoreConfig::default() });
-        let router = Router { directory, ledger, health: Arc::new(HealthTable::default()) };
-        World { core, router, cfg: routing_config(limit_kbps), now: Instant::now(), out: Vec::new() }
+        let core = B2bua::new(CoreConfig {
+            hostname: "cm1".into(),
+            options_interval: Duration::ZERO,
+            seed: 7,
+            ..CoreConfig::default()
+        });
+        let router = Router {
+            directory,
+            ledger,
+            health: Arc::new(HealthTable::default()),
+        };
+        World {
+            core,
+            router,
+            cfg: routing_config(limit_kbps),
+            now: Instant::now(),
+            out: Vec::new(),
+        }
     }
 
     /// Runs routing for every pending event and collects transmissions.
@@ -86,7 +114,8 @@ impl<L: BandwidthLedger> World<L> {
     }
 
     async fn recv(&mut self, from: &str, transport: Transport, data: &[u8]) {
-        self.core.handle_datagram(self.now, a(from), a(ME), transport, data);
+        self.core
+            .handle_datagram(self.now, a(from), a(ME), transport, data);
         self.settle().await;
     }
 
@@ -107,12 +136,23 @@ impl<L: BandwidthLedger> World<L> {
             .out
             .iter()
             .position(|t| t.dest == a(dest) && label(&t.data) == what)
-            .unwrap_or_else(|| panic!("no {what} to {dest}; sent: {:?}", self.out.iter().map(|t| (t.dest, label(&t.data))).collect::<Vec<_>>()));
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {what} to {dest}; sent: {:?}",
+                    self.out
+                        .iter()
+                        .map(|t| (t.dest, label(&t.data)))
+                        .collect::<Vec<_>>()
+                )
+            });
         self.out.remove(i).data.to_vec()
     }
 
     fn nothing_to(&self, dest: &str, what: &str) -> bool {
-        !self.out.iter().any(|t| t.dest == a(dest) && label(&t.data) == what)
+        !self
+            .out
+            .iter()
+            .any(|t| t.dest == a(dest) && label(&t.data) == what)
     }
 }
 
@@ -141,7 +181,13 @@ fn invite(n: u32, user: &str) -> Vec<u8> {
 }
 
 /// A response to `req` as a UA would write it.
-fn reply(req: &[u8], code: u16, to_tag: Option<&str>, contact: Option<&str>, body: &[u8]) -> Vec<u8> {
+fn reply(
+    req: &[u8],
+    code: u16,
+    to_tag: Option<&str>,
+    contact: Option<&str>,
+    body: &[u8],
+) -> Vec<u8> {
     let r = msg(req);
     let mut out = Vec::new();
     let mut w = MessageWriter::response(&mut out, code, "Reason");
@@ -150,10 +196,13 @@ fn reply(req: &[u8], code: u16, to_tag: Option<&str>, contact: Option<&str>, bod
     }
     w.header("From", r.header(Hdr::From).unwrap());
     match to_tag {
-        Some(t) if r.to_tag().is_none() => w.header_fmt("To", format_args!("{};tag={t}", r.header(Hdr::To).unwrap())),
+        Some(t) if r.to_tag().is_none() => {
+            w.header_fmt("To", format_args!("{};tag={t}", r.header(Hdr::To).unwrap()))
+        }
         _ => w.header("To", r.header(Hdr::To).unwrap()),
     };
-    w.header("Call-ID", r.call_id().unwrap()).header("CSeq", r.header(Hdr::CSeq).unwrap());
+    w.header("Call-ID", r.call_id().unwrap())
+        .header("CSeq", r.header(Hdr::CSeq).unwrap());
     if let Some(c) = contact {
         w.header("Contact", c);
     }
@@ -167,14 +216,27 @@ fn reply(req: &[u8], code: u16, to_tag: Option<&str>, contact: Option<&str>, bod
 /// An in-dialog request built from a response/request the sender saw (tags from `from_hdr`/`to_hdr`).
 /// One argument per header keeps each call site readable as the message it builds.
 #[allow(clippy::too_many_arguments)]
-fn in_dialog(method: &str, uri: &str, via_host: &str, from_hdr: &str, to_hdr: &str, call_id: &str, cseq: u32, branch: &str, body: &[u8]) -> Vec<u8> {
+fn in_dialog(
+    method: &str,
+    uri: &str,
+    via_host: &str,
+    from_hdr: &str,
+    to_hdr: &str,
+    call_id: &str,
+    cseq: u32,
+    branch: &str,
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     let mut w = MessageWriter::request(&mut out, method, uri);
-    w.header_fmt("Via", format_args!("SIP/2.0/UDP {via_host};branch={branch}"))
-        .header("From", from_hdr)
-        .header("To", to_hdr)
-        .header("Call-ID", call_id)
-        .header_fmt("CSeq", format_args!("{cseq} {method}"));
+    w.header_fmt(
+        "Via",
+        format_args!("SIP/2.0/UDP {via_host};branch={branch}"),
+    )
+    .header("From", from_hdr)
+    .header("To", to_hdr)
+    .header("Call-ID", call_id)
+    .header_fmt("CSeq", format_args!("{cseq} {method}"));
     if method == "INVITE" {
         w.header("Contact", &format!("<sip:x@{via_host}>"));
     }
@@ -191,16 +253,35 @@ fn bridge_of(cfg: &RoutingConfig, conference: &str, nth: usize) -> String {
 }
 
 /// Sets up one connected call; returns (bridge addr, the B INVITE, A's 200, B's 200).
-async fn connected_call<L: BandwidthLedger>(w: &mut World<L>, n: u32) -> (String, Vec<u8>, Vec<u8>, Vec<u8>) {
+async fn connected_call<L: BandwidthLedger>(
+    w: &mut World<L>,
+    n: u32,
+) -> (String, Vec<u8>, Vec<u8>, Vec<u8>) {
     let inv = invite(n, &format!("meet.{n}"));
     w.recv(VCS, Transport::Udp, &inv).await;
     w.take(VCS, "100");
     let bridge = bridge_of(&w.cfg, &format!("meet-{n}"), 0);
     let binv = w.take(&bridge, "INVITE");
-    let b200 = reply(&binv, 200, Some("bt"), Some(&format!("<sip:bridge@{bridge}>")), b"v=0\r\nm=video 5000 RTP/AVP 96\r\n");
+    let b200 = reply(
+        &binv,
+        200,
+        Some("bt"),
+        Some(&format!("<sip:bridge@{bridge}>")),
+        b"v=0\r\nm=video 5000 RTP/AVP 96\r\n",
+    );
     w.recv(&bridge, Transport::Udp, &b200).await;
     let a200 = w.take(VCS, "200");
-    let ack = in_dialog("ACK", "sip:confmesh@10.96.1.1", "10.96.3.1:5060", msg(&inv).header(Hdr::From).unwrap(), msg(&a200).header(Hdr::To).unwrap(), &format!("vcs-call-{n}"), 1, &format!("z9hG4bKack{n}"), b"");
+    let ack = in_dialog(
+        "ACK",
+        "sip:confmesh@10.96.1.1",
+        "10.96.3.1:5060",
+        msg(&inv).header(Hdr::From).unwrap(),
+        msg(&a200).header(Hdr::To).unwrap(),
+        &format!("vcs-call-{n}"),
+        1,
+        &format!("z9hG4bKack{n}"),
+        b"",
+    );
     w.recv(VCS, Transport::Udp, &ack).await;
     w.take(&bridge, "ACK");
     (bridge, binv, a200, b200)
@@ -217,34 +298,90 @@ async fn legs_are_separate_dialogs_and_sdp_passes() {
     let b = msg(&binv);
     assert_ne!(b.call_id(), Some("vcs-call-1"), "new Call-ID on the B leg");
     assert_ne!(b.from_tag(), Some("vf1"), "new From tag on the B leg");
-    assert_eq!(b.header_values(Hdr::Via).count(), 1, "only our Via toward the bridge");
-    assert!(b.header(Hdr::RecordRoute).is_none(), "A's Record-Route stays on the A leg");
+    assert_eq!(
+        b.header_values(Hdr::Via).count(),
+        1,
+        "only our Via toward the bridge"
+    );
+    assert!(
+        b.header(Hdr::RecordRoute).is_none(),
+        "A's Record-Route stays on the A leg"
+    );
     assert_eq!(b.header(Hdr::MaxForwards), Some("69"));
     assert_eq!(b.body, msg(&inv).body, "SDP offer passed through");
-    assert!(matches!(b.start, StartLine::Request { uri, .. } if uri.starts_with("sip:meet-1@10.96.4.")));
+    assert!(
+        matches!(b.start, StartLine::Request { uri, .. } if uri.starts_with("sip:meet-1@10.96.4."))
+    );
 
-    w.recv(&bridge, Transport::Udp, &reply(&binv, 180, Some("bt"), None, b"")).await;
+    w.recv(
+        &bridge,
+        Transport::Udp,
+        &reply(&binv, 180, Some("bt"), None, b""),
+    )
+    .await;
     let a180 = w.take(VCS, "180");
     let m = msg(&a180);
     assert_eq!(m.call_id(), Some("vcs-call-1"));
     assert!(m.to_tag().is_some());
-    assert_eq!(m.header(Hdr::RecordRoute), Some("<sip:vcs-rr.example.com;lr>"), "Record-Route echoed on the A leg");
+    assert_eq!(
+        m.header(Hdr::RecordRoute),
+        Some("<sip:vcs-rr.example.com;lr>"),
+        "Record-Route echoed on the A leg"
+    );
     let answer = b"v=0\r\nm=video 5000 RTP/AVP 96\r\n";
-    w.recv(&bridge, Transport::Udp, &reply(&binv, 200, Some("bt"), Some("<sip:bridge@10.96.4.9>"), answer)).await;
+    w.recv(
+        &bridge,
+        Transport::Udp,
+        &reply(
+            &binv,
+            200,
+            Some("bt"),
+            Some("<sip:bridge@10.96.4.9>"),
+            answer,
+        ),
+    )
+    .await;
     let a200 = w.take(VCS, "200");
     let m = msg(&a200);
     assert_eq!(m.body, answer, "SDP answer passed through");
     assert_eq!(m.to_tag(), msg(&a180).to_tag(), "one A dialog");
-    assert!(m.header(Hdr::Contact).unwrap().contains("10.96.1.1"), "our Contact, not the bridge's");
-    assert!(w.nothing_to(&bridge, "ACK"), "B is ACKed when A ACKs (late-offer safe)");
-    let ack = in_dialog("ACK", "sip:confmesh@10.96.1.1", "10.96.3.1:5060", m.header(Hdr::From).unwrap(), m.header(Hdr::To).unwrap(), "vcs-call-1", 1, "z9hG4bKa1", b"");
+    assert!(
+        m.header(Hdr::Contact).unwrap().contains("10.96.1.1"),
+        "our Contact, not the bridge's"
+    );
+    assert!(
+        w.nothing_to(&bridge, "ACK"),
+        "B is ACKed when A ACKs (late-offer safe)"
+    );
+    let ack = in_dialog(
+        "ACK",
+        "sip:confmesh@10.96.1.1",
+        "10.96.3.1:5060",
+        m.header(Hdr::From).unwrap(),
+        m.header(Hdr::To).unwrap(),
+        "vcs-call-1",
+        1,
+        "z9hG4bKa1",
+        b"",
+    );
     w.recv(VCS, Transport::Udp, &ack).await;
     let back = w.take("10.96.4.9:5060", "ACK");
     assert_eq!(msg(&back).to_tag(), Some("bt"));
     assert_eq!(w.core.stats().calls_answered, 1);
 
     // The bridge retransmits its 200 (our ACK lost): the same ACK goes again.
-    w.recv(&bridge, Transport::Udp, &reply(&binv, 200, Some("bt"), Some("<sip:bridge@10.96.4.9>"), answer)).await;
+    w.recv(
+        &bridge,
+        Transport::Udp,
+        &reply(
+            &binv,
+            200,
+            Some("bt"),
+            Some("<sip:bridge@10.96.4.9>"),
+            answer,
+        ),
+    )
+    .await;
     w.take("10.96.4.9:5060", "ACK");
 }
 
@@ -256,7 +393,17 @@ async fn reinvite_both_ways_and_bye() {
     let (am, bm) = (msg(&a200), msg(&b200));
     // Re-INVITE from the VCS with a new offer reaches the bridge with the new SDP and CSeq 2.
     let offer = b"v=0\r\nm=audio 4002 RTP/AVP 0\r\n";
-    let reinv = in_dialog("INVITE", "sip:confmesh@10.96.1.1", "10.96.3.1:5060", am.header(Hdr::From).unwrap(), am.header(Hdr::To).unwrap(), "vcs-call-2", 2, "z9hG4bKre1", offer);
+    let reinv = in_dialog(
+        "INVITE",
+        "sip:confmesh@10.96.1.1",
+        "10.96.3.1:5060",
+        am.header(Hdr::From).unwrap(),
+        am.header(Hdr::To).unwrap(),
+        "vcs-call-2",
+        2,
+        "z9hG4bKre1",
+        offer,
+    );
     w.recv(VCS, Transport::Udp, &reinv).await;
     let breinv = w.take(&bridge, "INVITE");
     let m = msg(&breinv);
@@ -265,35 +412,92 @@ async fn reinvite_both_ways_and_bye() {
     assert_eq!(m.to_tag(), Some("bt"));
     assert_eq!(m.call_id(), msg(&binv).call_id());
     // A second re-INVITE while one is pending: 491.
-    let again = in_dialog("INVITE", "sip:confmesh@10.96.1.1", "10.96.3.1:5060", am.header(Hdr::From).unwrap(), am.header(Hdr::To).unwrap(), "vcs-call-2", 3, "z9hG4bKre2", offer);
+    let again = in_dialog(
+        "INVITE",
+        "sip:confmesh@10.96.1.1",
+        "10.96.3.1:5060",
+        am.header(Hdr::From).unwrap(),
+        am.header(Hdr::To).unwrap(),
+        "vcs-call-2",
+        3,
+        "z9hG4bKre2",
+        offer,
+    );
     w.recv(VCS, Transport::Udp, &again).await;
     w.take(VCS, "491");
-    w.recv(&bridge, Transport::Udp, &reply(&breinv, 200, None, Some(&format!("<sip:bridge@{bridge}>")), b"v=0\r\nanswer2\r\n")).await;
+    w.recv(
+        &bridge,
+        Transport::Udp,
+        &reply(
+            &breinv,
+            200,
+            None,
+            Some(&format!("<sip:bridge@{bridge}>")),
+            b"v=0\r\nanswer2\r\n",
+        ),
+    )
+    .await;
     let r200 = w.take(VCS, "200");
     assert_eq!(msg(&r200).body, b"v=0\r\nanswer2\r\n");
-    let ack = in_dialog("ACK", "sip:confmesh@10.96.1.1", "10.96.3.1:5060", am.header(Hdr::From).unwrap(), am.header(Hdr::To).unwrap(), "vcs-call-2", 2, "z9hG4bKra", b"");
+    let ack = in_dialog(
+        "ACK",
+        "sip:confmesh@10.96.1.1",
+        "10.96.3.1:5060",
+        am.header(Hdr::From).unwrap(),
+        am.header(Hdr::To).unwrap(),
+        "vcs-call-2",
+        2,
+        "z9hG4bKra",
+        b"",
+    );
     w.recv(VCS, Transport::Udp, &ack).await;
     assert_eq!(msg(&w.take(&bridge, "ACK")).cseq(), Some((2, "ACK")));
 
     // Re-INVITE from the bridge reaches the VCS inside the A dialog.
-    let from_b = in_dialog("INVITE", "sip:confmesh@10.96.1.1", &bridge, bm.header(Hdr::To).unwrap(), bm.header(Hdr::From).unwrap(), bm.call_id().unwrap(), 10, "z9hG4bKbre", b"v=0\r\nfromB\r\n");
+    let from_b = in_dialog(
+        "INVITE",
+        "sip:confmesh@10.96.1.1",
+        &bridge,
+        bm.header(Hdr::To).unwrap(),
+        bm.header(Hdr::From).unwrap(),
+        bm.call_id().unwrap(),
+        10,
+        "z9hG4bKbre",
+        b"v=0\r\nfromB\r\n",
+    );
     w.recv(&bridge, Transport::Udp, &from_b).await;
     let areinv = w.take(VCS, "INVITE");
     let m = msg(&areinv);
     assert_eq!(m.call_id(), Some("vcs-call-2"));
     assert_eq!(m.to_tag(), Some("vf2"), "addressed to the caller's tag");
-    assert_eq!(m.header(Hdr::Route), Some("<sip:vcs-rr.example.com;lr>"), "A's route set used");
-    w.recv(VCS, Transport::Udp, &reply(&areinv, 488, None, None, b"")).await;
+    assert_eq!(
+        m.header(Hdr::Route),
+        Some("<sip:vcs-rr.example.com;lr>"),
+        "A's route set used"
+    );
+    w.recv(VCS, Transport::Udp, &reply(&areinv, 488, None, None, b""))
+        .await;
     w.take(VCS, "ACK");
     w.take(&bridge, "488");
 
     // BYE from the bridge: 200 to it, BYE to the VCS; the call ends when the VCS answers.
-    let bye = in_dialog("BYE", "sip:confmesh@10.96.1.1", &bridge, bm.header(Hdr::To).unwrap(), bm.header(Hdr::From).unwrap(), bm.call_id().unwrap(), 11, "z9hG4bKbye", b"");
+    let bye = in_dialog(
+        "BYE",
+        "sip:confmesh@10.96.1.1",
+        &bridge,
+        bm.header(Hdr::To).unwrap(),
+        bm.header(Hdr::From).unwrap(),
+        bm.call_id().unwrap(),
+        11,
+        "z9hG4bKbye",
+        b"",
+    );
     w.recv(&bridge, Transport::Udp, &bye).await;
     w.take(&bridge, "200");
     let abye = w.take(VCS, "BYE");
     assert_eq!(w.core.stats().calls_active, 1);
-    w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b"")).await;
+    w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b""))
+        .await;
     assert_eq!(w.core.stats().calls_active, 0);
     assert!(w.router.directory.snapshot().is_empty());
 }
@@ -305,7 +509,12 @@ async fn errors_are_relayed_and_bridge_failures_fail_over() {
     w.recv(VCS, Transport::Udp, &invite(3, "meet.3")).await;
     let first = bridge_of(&w.cfg, "meet-3", 0);
     let binv = w.take(&first, "INVITE");
-    w.recv(&first, Transport::Udp, &reply(&binv, 603, Some("bt"), None, b"")).await;
+    w.recv(
+        &first,
+        Transport::Udp,
+        &reply(&binv, 603, Some("bt"), None, b""),
+    )
+    .await;
     w.take(&first, "ACK");
     let a603 = w.take(VCS, "603");
     assert_eq!(msg(&a603).call_id(), Some("vcs-call-3"));
@@ -313,17 +522,37 @@ async fn errors_are_relayed_and_bridge_failures_fail_over() {
 
     // 503 from the first bridge of a conference not yet started: moved to the next bridge.
     w.recv(VCS, Transport::Udp, &invite(4, "meet.4")).await;
-    let (first, second) = (bridge_of(&w.cfg, "meet-4", 0), bridge_of(&w.cfg, "meet-4", 1));
+    let (first, second) = (
+        bridge_of(&w.cfg, "meet-4", 0),
+        bridge_of(&w.cfg, "meet-4", 1),
+    );
     let binv = w.take(&first, "INVITE");
-    w.recv(&first, Transport::Udp, &reply(&binv, 503, Some("bt"), None, b"")).await;
+    w.recv(
+        &first,
+        Transport::Udp,
+        &reply(&binv, 503, Some("bt"), None, b""),
+    )
+    .await;
     let binv2 = w.take(&second, "INVITE");
     assert_ne!(msg(&binv2).call_id(), msg(&binv).call_id());
     assert!(w.nothing_to(VCS, "503"));
     assert_eq!(w.core.stats().bridge_failovers, 1);
     // The second fails too: no third bridge, so the caller gets 503 with a reason.
-    w.recv(&second, Transport::Udp, &reply(&binv2, 503, Some("bt2"), None, b"")).await;
+    w.recv(
+        &second,
+        Transport::Udp,
+        &reply(&binv2, 503, Some("bt2"), None, b""),
+    )
+    .await;
     let a503 = w.take(VCS, "503");
-    assert!(msg(&a503).headers().iter().any(|h| h.name == "Warning" && h.value.contains("no bridge available")), "{}", String::from_utf8_lossy(&a503));
+    assert!(
+        msg(&a503)
+            .headers()
+            .iter()
+            .any(|h| h.name == "Warning" && h.value.contains("no bridge available")),
+        "{}",
+        String::from_utf8_lossy(&a503)
+    );
     assert_eq!(w.core.stats().calls_active, 0);
     assert!(w.router.directory.snapshot().is_empty());
 }
@@ -335,8 +564,16 @@ async fn admission_by_location_bandwidth() {
     connected_call(&mut w, 6).await;
     w.recv(VCS, Transport::Udp, &invite(7, "meet.7")).await;
     let r = w.take(VCS, "503");
-    let warning = msg(&r).headers().iter().find(|h| h.name == "Warning").map(|h| h.value.to_owned()).unwrap();
-    assert!(warning.starts_with("399 cm1 ") && warning.contains("location hq"), "{warning}");
+    let warning = msg(&r)
+        .headers()
+        .iter()
+        .find(|h| h.name == "Warning")
+        .map(|h| h.value.to_owned())
+        .unwrap();
+    assert!(
+        warning.starts_with("399 cm1 ") && warning.contains("location hq"),
+        "{warning}"
+    );
     w.recv(VCS, Transport::Udp, &invite(8, "unknown")).await;
     w.take(VCS, "404");
 }
@@ -349,16 +586,41 @@ async fn cancel_before_the_bridge_rings_and_unanswered_200() {
     let bridge = bridge_of(&w.cfg, "meet-9", 0);
     let binv = w.take(&bridge, "INVITE");
     let im = msg(&inv);
-    let cancel = in_dialog("CANCEL", "sip:meet.9@10.96.1.1", "10.96.3.1:5060", im.header(Hdr::From).unwrap(), im.header(Hdr::To).unwrap(), "vcs-call-9", 1, "z9hG4bKvcs9", b"");
+    let cancel = in_dialog(
+        "CANCEL",
+        "sip:meet.9@10.96.1.1",
+        "10.96.3.1:5060",
+        im.header(Hdr::From).unwrap(),
+        im.header(Hdr::To).unwrap(),
+        "vcs-call-9",
+        1,
+        "z9hG4bKvcs9",
+        b"",
+    );
     w.recv(VCS, Transport::Udp, &cancel).await;
     w.take(VCS, "200");
     w.take(VCS, "487");
-    assert!(w.nothing_to(&bridge, "CANCEL"), "no CANCEL before a provisional response");
+    assert!(
+        w.nothing_to(&bridge, "CANCEL"),
+        "no CANCEL before a provisional response"
+    );
     // The bridge answers anyway: ACK then BYE, and the caller hears nothing more.
-    w.recv(&bridge, Transport::Udp, &reply(&binv, 200, Some("bt"), Some(&format!("<sip:b@{bridge}>")), b"v=0\r\n")).await;
+    w.recv(
+        &bridge,
+        Transport::Udp,
+        &reply(
+            &binv,
+            200,
+            Some("bt"),
+            Some(&format!("<sip:b@{bridge}>")),
+            b"v=0\r\n",
+        ),
+    )
+    .await;
     w.take(&bridge, "ACK");
     let bye = w.take(&bridge, "BYE");
-    w.recv(&bridge, Transport::Udp, &reply(&bye, 200, None, None, b"")).await;
+    w.recv(&bridge, Transport::Udp, &reply(&bye, 200, None, None, b""))
+        .await;
     assert_eq!(w.core.stats().calls_active, 0);
 
     // A caller that never ACKs our 200: after 64*T1 both legs are hung up.
@@ -370,10 +632,22 @@ async fn cancel_before_the_bridge_rings_and_unanswered_200() {
 }
 
 async fn connected_call_without_ack(w: &mut World, n: u32) -> (String, Vec<u8>) {
-    w.recv(VCS, Transport::Udp, &invite(n, &format!("meet.{n}"))).await;
+    w.recv(VCS, Transport::Udp, &invite(n, &format!("meet.{n}")))
+        .await;
     let bridge = bridge_of(&w.cfg, &format!("meet-{n}"), 0);
     let binv = w.take(&bridge, "INVITE");
-    w.recv(&bridge, Transport::Udp, &reply(&binv, 200, Some("bt"), Some(&format!("<sip:b@{bridge}>")), b"v=0\r\n")).await;
+    w.recv(
+        &bridge,
+        Transport::Udp,
+        &reply(
+            &binv,
+            200,
+            Some("bt"),
+            Some(&format!("<sip:b@{bridge}>")),
+            b"v=0\r\n",
+        ),
+    )
+    .await;
     w.take(VCS, "200");
     (bridge, binv)
 }
@@ -381,13 +655,48 @@ async fn connected_call_without_ack(w: &mut World, n: u32) -> (String, Vec<u8>) 
 #[tokio::test]
 async fn out_of_dialog_requests() {
     let mut w = World::new(100_000);
-    let opts = in_dialog("OPTIONS", "sip:10.96.1.1", "10.96.3.1:5060", "<sip:vcs@x>;tag=o1", "<sip:cm@y>", "opt-1", 1, "z9hG4bKo1", b"");
+    let opts = in_dialog(
+        "OPTIONS",
+        "sip:10.96.1.1",
+        "10.96.3.1:5060",
+        "<sip:vcs@x>;tag=o1",
+        "<sip:cm@y>",
+        "opt-1",
+        1,
+        "z9hG4bKo1",
+        b"",
+    );
     w.recv(VCS, Transport::Udp, &opts).await;
-    assert!(msg(&w.take(VCS, "200")).headers().iter().any(|h| h.name == "Allow"));
-    let bye = in_dialog("BYE", "sip:10.96.1.1", "10.96.3.1:5060", "<sip:vcs@x>;tag=o1", "<sip:cm@y>;tag=zz", "nope", 1, "z9hG4bKo2", b"");
+    assert!(
+        msg(&w.take(VCS, "200"))
+            .headers()
+            .iter()
+            .any(|h| h.name == "Allow")
+    );
+    let bye = in_dialog(
+        "BYE",
+        "sip:10.96.1.1",
+        "10.96.3.1:5060",
+        "<sip:vcs@x>;tag=o1",
+        "<sip:cm@y>;tag=zz",
+        "nope",
+        1,
+        "z9hG4bKo2",
+        b"",
+    );
     w.recv(VCS, Transport::Udp, &bye).await;
     w.take(VCS, "481");
-    let reg = in_dialog("REGISTER", "sip:10.96.1.1", "10.96.3.1:5060", "<sip:vcs@x>;tag=o1", "<sip:cm@y>", "reg", 1, "z9hG4bKo3", b"");
+    let reg = in_dialog(
+        "REGISTER",
+        "sip:10.96.1.1",
+        "10.96.3.1:5060",
+        "<sip:vcs@x>;tag=o1",
+        "<sip:cm@y>",
+        "reg",
+        1,
+        "z9hG4bKo3",
+        b"",
+    );
     w.recv(VCS, Transport::Udp, &reg).await;
     w.take(VCS, "405");
     w.recv(VCS, Transport::Udp, b"INVITE sip:x@y SIP/2.0\r\nVia: SIP/2.0/UDP 10.96.3.1;branch=z9hG4bKq\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:x@y>\r\nCall-ID: q\r\nCSeq: 1 INVITE\r\nContent-Length: 99\r\n\r\n").await;
@@ -407,17 +716,27 @@ async fn racing_peers_agree_on_one_bridge() {
             if let Some(b) = down {
                 health.set(b, false);
             }
-            Arc::new(Router { directory: dir.clone(), ledger: MemoryLedger::default(), health })
+            Arc::new(Router {
+                directory: dir.clone(),
+                ledger: MemoryLedger::default(),
+                health,
+            })
         };
         // Peer 1 believes b1 is down, peer 2 believes b2 is down: each alone would pick differently.
         let (p1, p2) = (mk(Some("b1")), mk(Some("b2")));
-        let req = confmesh::b2bua::routing::RouteRequest { called: format!("meet.{trial}@example.com"), failed_bridges: vec![], previous: None };
+        let req = confmesh::b2bua::routing::RouteRequest {
+            called: format!("meet.{trial}@example.com"),
+            failed_bridges: vec![],
+            previous: None,
+        };
         let (c1, c2, r1, r2) = (cfg.clone(), cfg.clone(), req.clone(), req);
         let t1 = tokio::spawn(async move { p1.route(&c1, &r1).await });
         let t2 = tokio::spawn(async move { p2.route(&c2, &r2).await });
         let (d1, d2) = (t1.await.unwrap(), t2.await.unwrap());
         let bridge = |d: &confmesh::b2bua::routing::RouteDecision| match d {
-            confmesh::b2bua::routing::RouteDecision::Forward { route, .. } => Some(route.bridge.clone()),
+            confmesh::b2bua::routing::RouteDecision::Forward { route, .. } => {
+                Some(route.bridge.clone())
+            }
             confmesh::b2bua::routing::RouteDecision::Reject { .. } => None,
         };
         let (b1, b2) = (bridge(&d1), bridge(&d2));
@@ -431,7 +750,10 @@ async fn racing_peers_agree_on_one_bridge() {
         assert_eq!(placed.len(), 1, "trial {trial}");
         let p = placed.values().next().unwrap();
         assert_eq!(Some(&p.bridge), b1.as_ref().or(b2.as_ref()));
-        assert_eq!(p.participants as usize, [&b1, &b2].iter().filter(|b| b.is_some()).count());
+        assert_eq!(
+            p.participants as usize,
+            [&b1, &b2].iter().filter(|b| b.is_some()).count()
+        );
     }
 }
 
@@ -439,7 +761,10 @@ async fn racing_peers_agree_on_one_bridge() {
 /// VCS and both bridges, with the clock moving: never a panic, and every call is eventually gone.
 #[tokio::test]
 async fn random_message_sequences() {
-    let seed: u64 = std::env::var("SIP_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_cafe);
+    let seed: u64 = std::env::var("SIP_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_cafe);
     eprintln!("random_message_sequences seed={seed} (set SIP_FUZZ_SEED to replay)");
     let mut rng = fastrand_like(seed);
     let mut w = World::new(20_000);
@@ -447,7 +772,10 @@ async fn random_message_sequences() {
     for step in 0..3000u32 {
         let choice = rng() % 11;
         let (from, data) = match choice {
-            0 | 1 => (VCS.to_owned(), invite(rng() as u32 % 20, &format!("meet.{}", rng() % 3))),
+            0 | 1 => (
+                VCS.to_owned(),
+                invite(rng() as u32 % 20, &format!("meet.{}", rng() % 3)),
+            ),
             2..=5 if !w.out.is_empty() => {
                 // Answer something we sent, as its receiver would, with a random status.
                 // Mostly the latest messages, as a peer answers what it just got.
@@ -457,7 +785,13 @@ async fn random_message_sequences() {
                 let code = codes[(rng() as usize) % codes.len()];
                 match parse(&t.data, Framing::Datagram) {
                     Ok(m) if m.method().is_some() && label(&t.data) != "ACK" => {
-                        let r = reply(&t.data, code, Some("rt"), Some(&format!("<sip:x@{}>", t.dest)), b"v=0\r\n");
+                        let r = reply(
+                            &t.data,
+                            code,
+                            Some("rt"),
+                            Some(&format!("<sip:x@{}>", t.dest)),
+                            b"v=0\r\n",
+                        );
                         (t.dest.to_string(), r)
                     }
                     _ => continue,
@@ -479,29 +813,65 @@ async fn random_message_sequences() {
                 w.advance(Duration::from_millis(50 + rng() % 3000)).await;
                 continue;
             }
-            _ => (VCS.to_owned(), (0..rng() % 200).map(|_| rng() as u8).collect()),
+            _ => (
+                VCS.to_owned(),
+                (0..rng() % 200).map(|_| rng() as u8).collect(),
+            ),
         };
-        let transport = if rng() % 4 == 0 { Transport::Tcp } else { Transport::Udp };
+        let transport = if rng() % 4 == 0 {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        };
         w.recv(&from, transport, &data).await;
         if history.len() < 200 {
             history.push((from, data));
         }
-        assert!(w.core.stats().calls_active <= 20 + step as usize, "seed {seed}");
+        assert!(
+            w.core.stats().calls_active <= 20 + step as usize,
+            "seed {seed}"
+        );
         w.out.truncate(200);
     }
     // Without further input every call ends within timer bounds (B, H, F and the TU guard).
     w.advance(Duration::from_secs(400)).await;
     let st = w.core.stats();
     eprintln!("after the sequence: {st:?}");
-    assert!(st.calls_total > 100 && st.calls_answered >= 5 && st.bridge_failovers > 0 && st.parse_errors > 10, "seed {seed}: sequence too tame: {st:?}");
-    assert_eq!(st.transactions, 0, "seed {seed}: transactions leaked: {st:?}");
+    assert!(
+        st.calls_total > 100
+            && st.calls_answered >= 5
+            && st.bridge_failovers > 0
+            && st.parse_errors > 10,
+        "seed {seed}: sequence too tame: {st:?}"
+    );
+    assert_eq!(
+        st.transactions, 0,
+        "seed {seed}: transactions leaked: {st:?}"
+    );
     // Only connected calls remain (they last until a BYE, as they should).
     let calls = w.core.calls();
-    assert!(calls.iter().all(|c| c.state == "connected"), "seed {seed}: {calls:?}");
+    assert!(
+        calls.iter().all(|c| c.state == "connected"),
+        "seed {seed}: {calls:?}"
+    );
     // What the calls held is given back: bandwidth and participant counts match the live calls.
-    assert_eq!(w.router.ledger.usage_kbps("hq"), 1000 * calls.len() as u64, "seed {seed}: bandwidth leaked");
-    let participants: u32 = w.router.directory.snapshot().values().map(|p| p.participants).sum();
-    assert_eq!(participants as usize, calls.len(), "seed {seed}: participants leaked");
+    assert_eq!(
+        w.router.ledger.usage_kbps("hq"),
+        1000 * calls.len() as u64,
+        "seed {seed}: bandwidth leaked"
+    );
+    let participants: u32 = w
+        .router
+        .directory
+        .snapshot()
+        .values()
+        .map(|p| p.participants)
+        .sum();
+    assert_eq!(
+        participants as usize,
+        calls.len(),
+        "seed {seed}: participants leaked"
+    );
 }
 
 /// A small deterministic generator (xorshift64*), so the test needs no extra crate.
@@ -516,11 +886,19 @@ fn fastrand_like(seed: u64) -> impl FnMut() -> u64 {
 }
 
 /// Delivers everything `from` has for `to` over a lossless link; the datagrams delivered.
-fn ship(from: &Mutex<Bandwidth>, from_addr: Ipv4Addr, to: &Mutex<Bandwidth>, now: Instant) -> usize {
+fn ship(
+    from: &Mutex<Bandwidth>,
+    from_addr: Ipv4Addr,
+    to: &Mutex<Bandwidth>,
+    now: Instant,
+) -> usize {
     let mut buf = [0u8; 1500];
     let mut n = 0;
     while let Some(t) = from.lock().unwrap().poll_transmit(&mut buf) {
-        to.lock().unwrap().handle_datagram(now, from_addr, &buf[..t.len]).unwrap();
+        to.lock()
+            .unwrap()
+            .handle_datagram(now, from_addr, &buf[..t.len])
+            .unwrap();
         n += 1;
         assert!(n < 100, "bandwidth core never ran dry");
     }
@@ -538,7 +916,8 @@ async fn location_limit_holds_across_two_peers_with_bandwidth_updates() {
     let core = |me: Ipv4Addr, peer: Ipv4Addr, epoch: u64| {
         let mut c = Bandwidth::new(BandwidthConfig::new(me, epoch), t0);
         c.set_peers(&[me, peer]).unwrap();
-        c.set_peer_key(peer, zeroize::Zeroizing::new([4; 32])).unwrap();
+        c.set_peer_key(peer, zeroize::Zeroizing::new([4; 32]))
+            .unwrap();
         Arc::new(Mutex::new(c))
     };
     let (c1, c2) = (core(m1, m2, 1), core(m2, m1, 2));
@@ -550,36 +929,82 @@ async fn location_limit_holds_across_two_peers_with_bandwidth_updates() {
     let noop: Arc<dyn Fn() + Send + Sync> = Arc::new(|| {});
     let dir = MemoryDirectory::default();
     // 1000 kbps per call, 2500 kbps in the location: two calls cluster-wide.
-    let mut p1 = World::with(2500, dir.clone(), BandwidthLedgerHandle::new(c1.clone(), noop.clone()));
-    let mut p2 = World::with(2500, dir.clone(), BandwidthLedgerHandle::new(c2.clone(), noop));
+    let mut p1 = World::with(
+        2500,
+        dir.clone(),
+        BandwidthLedgerHandle::new(c1.clone(), noop.clone()),
+    );
+    let mut p2 = World::with(
+        2500,
+        dir.clone(),
+        BandwidthLedgerHandle::new(c2.clone(), noop),
+    );
 
     let (bridge, _, _, b200) = connected_call(&mut p1, 31).await;
     exchange();
     connected_call(&mut p2, 32).await;
     exchange();
-    assert_eq!((p1.router.ledger.usage_kbps("hq"), p2.router.ledger.usage_kbps("hq")), (2000, 2000));
+    assert_eq!(
+        (
+            p1.router.ledger.usage_kbps("hq"),
+            p2.router.ledger.usage_kbps("hq")
+        ),
+        (2000, 2000)
+    );
     for (p, n) in [(&mut p1, 33), (&mut p2, 34)] {
-        p.recv(VCS, Transport::Udp, &invite(n, &format!("meet.{n}"))).await;
+        p.recv(VCS, Transport::Udp, &invite(n, &format!("meet.{n}")))
+            .await;
         let r = p.take(VCS, "503");
-        let warning = msg(&r).headers().iter().find(|h| h.name == "Warning").map(|h| h.value.to_owned()).unwrap();
-        assert!(warning.contains("location hq") && warning.contains("2000 of 2500"), "{warning}");
+        let warning = msg(&r)
+            .headers()
+            .iter()
+            .find(|h| h.name == "Warning")
+            .map(|h| h.value.to_owned())
+            .unwrap();
+        assert!(
+            warning.contains("location hq") && warning.contains("2000 of 2500"),
+            "{warning}"
+        );
     }
 
     // The bridge hangs up the call on peer 1; peer 2 hears of it and admits a new call.
     let bm = msg(&b200);
-    let bye = in_dialog("BYE", "sip:confmesh@10.96.1.1", &bridge, bm.header(Hdr::To).unwrap(), bm.header(Hdr::From).unwrap(), bm.call_id().unwrap(), 11, "z9hG4bKbye31", b"");
+    let bye = in_dialog(
+        "BYE",
+        "sip:confmesh@10.96.1.1",
+        &bridge,
+        bm.header(Hdr::To).unwrap(),
+        bm.header(Hdr::From).unwrap(),
+        bm.call_id().unwrap(),
+        11,
+        "z9hG4bKbye31",
+        b"",
+    );
     p1.recv(&bridge, Transport::Udp, &bye).await;
     p1.take(&bridge, "200");
     let abye = p1.take(VCS, "BYE");
-    p1.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b"")).await;
+    p1.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b""))
+        .await;
     assert_eq!(p2.router.ledger.usage_kbps("hq"), 2000, "not yet heard");
     assert!(ship(&c1, m1, &c2, t0) >= 1, "the release is sent at once");
     assert_eq!(p2.router.ledger.usage_kbps("hq"), 1000);
     connected_call(&mut p2, 35).await;
     exchange();
     let s = c1.lock().unwrap().status(t0);
-    assert_eq!((s.locations["hq"].local_kbps, s.locations["hq"].cluster_kbps, s.locations["hq"].cluster_calls), (0, 2000, 2));
-    assert_eq!(s.bridges.values().map(|b| b.cluster_kbps).sum::<u64>(), 2000, "per-bridge usage: {:?}", s.bridges);
+    assert_eq!(
+        (
+            s.locations["hq"].local_kbps,
+            s.locations["hq"].cluster_kbps,
+            s.locations["hq"].cluster_calls
+        ),
+        (0, 2000, 2)
+    );
+    assert_eq!(
+        s.bridges.values().map(|b| b.cluster_kbps).sum::<u64>(),
+        2000,
+        "per-bridge usage: {:?}",
+        s.bridges
+    );
 }
 
 /// Issue 6 bench finding: under overload every retransmission of a caller's BYE can be dropped
@@ -589,13 +1014,20 @@ async fn location_limit_holds_across_two_peers_with_bandwidth_updates() {
 #[tokio::test]
 async fn established_call_with_a_lost_bye_ends_at_the_maximum_duration() {
     let mut w = World::new(100_000);
-    assert!(!w.core.set_max_call_duration(Duration::ZERO), "zero refused");
+    assert!(
+        !w.core.set_max_call_duration(Duration::ZERO),
+        "zero refused"
+    );
     assert!(w.core.set_max_call_duration(Duration::from_secs(120)));
     let (bridge, ..) = connected_call(&mut w, 20).await;
     w.out.clear();
     // The caller's BYE never arrives. Nothing happens before the limit…
     w.advance(Duration::from_secs(110)).await;
-    assert!(w.nothing_to(VCS, "BYE") && w.nothing_to("10.96.4.9:5060", "BYE") && w.nothing_to(&bridge, "BYE"));
+    assert!(
+        w.nothing_to(VCS, "BYE")
+            && w.nothing_to("10.96.4.9:5060", "BYE")
+            && w.nothing_to(&bridge, "BYE")
+    );
     assert_eq!(w.core.stats().calls_active, 1);
     // …and at it, both legs hear a BYE.
     w.advance(Duration::from_secs(11)).await;
@@ -604,9 +1036,14 @@ async fn established_call_with_a_lost_bye_ends_at_the_maximum_duration() {
     let bbye = w.take(&bridge, "BYE");
     assert_ne!(msg(&bbye).call_id(), Some("vcs-call-20"));
     assert_eq!(w.core.stats().calls_expired, 1);
-    assert!(w.router.directory.snapshot().is_empty(), "participant released at the limit");
-    w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b"")).await;
-    w.recv(&bridge, Transport::Udp, &reply(&bbye, 200, None, None, b"")).await;
+    assert!(
+        w.router.directory.snapshot().is_empty(),
+        "participant released at the limit"
+    );
+    w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b""))
+        .await;
+    w.recv(&bridge, Transport::Udp, &reply(&bbye, 200, None, None, b""))
+        .await;
     let st = w.core.stats();
     assert_eq!((st.calls_active, st.transactions > 0), (0, true), "{st:?}");
     // Every transaction lingers out: nothing of the call is left.
@@ -624,11 +1061,21 @@ async fn ringing_call_ends_at_the_maximum_duration_even_if_the_bridge_ignores_ca
     w.recv(VCS, Transport::Udp, &inv).await;
     let bridge = bridge_of(&w.cfg, "meet-21", 0);
     let binv = w.take(&bridge, "INVITE");
-    w.recv(&bridge, Transport::Udp, &reply(&binv, 180, Some("bt"), None, b"")).await;
+    w.recv(
+        &bridge,
+        Transport::Udp,
+        &reply(&binv, 180, Some("bt"), None, b""),
+    )
+    .await;
     w.take(VCS, "180");
     w.advance(Duration::from_secs(61)).await;
     let a408 = w.take(VCS, "408");
-    assert!(msg(&a408).headers().iter().any(|h| h.name == "Warning" && h.value.contains("maximum call duration")));
+    assert!(
+        msg(&a408)
+            .headers()
+            .iter()
+            .any(|h| h.name == "Warning" && h.value.contains("maximum call duration"))
+    );
     w.take(&bridge, "CANCEL");
     assert_eq!(w.core.stats().calls_active, 1, "waits for the bridge's 487");
     w.advance(Duration::from_secs(33)).await;
@@ -643,10 +1090,31 @@ async fn unacknowledged_reinvite_answer_hangs_up_both_legs() {
     let mut w = World::new(100_000);
     let (bridge, _binv, a200, _b200) = connected_call(&mut w, 22).await;
     let am = msg(&a200);
-    let reinv = in_dialog("INVITE", "sip:confmesh@10.96.1.1", "10.96.3.1:5060", am.header(Hdr::From).unwrap(), am.header(Hdr::To).unwrap(), "vcs-call-22", 2, "z9hG4bKre22", b"v=0\r\n");
+    let reinv = in_dialog(
+        "INVITE",
+        "sip:confmesh@10.96.1.1",
+        "10.96.3.1:5060",
+        am.header(Hdr::From).unwrap(),
+        am.header(Hdr::To).unwrap(),
+        "vcs-call-22",
+        2,
+        "z9hG4bKre22",
+        b"v=0\r\n",
+    );
     w.recv(VCS, Transport::Udp, &reinv).await;
     let breinv = w.take(&bridge, "INVITE");
-    w.recv(&bridge, Transport::Udp, &reply(&breinv, 200, None, Some(&format!("<sip:bridge@{bridge}>")), b"v=0\r\nanswer\r\n")).await;
+    w.recv(
+        &bridge,
+        Transport::Udp,
+        &reply(
+            &breinv,
+            200,
+            None,
+            Some(&format!("<sip:bridge@{bridge}>")),
+            b"v=0\r\nanswer\r\n",
+        ),
+    )
+    .await;
     w.take(VCS, "200");
     w.out.retain(|t| label(&t.data) != "200");
     // No ACK from the VCS: 64*T1 later the bridge gets its ACK and both legs a BYE.
@@ -655,17 +1123,30 @@ async fn unacknowledged_reinvite_answer_hangs_up_both_legs() {
     let bbye = w.take(&bridge, "BYE");
     let abye = w.take(VCS, "BYE");
     assert_eq!(w.core.stats().calls_unacknowledged, 1);
-    w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b"")).await;
-    w.recv(&bridge, Transport::Udp, &reply(&bbye, 200, None, None, b"")).await;
+    w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b""))
+        .await;
+    w.recv(&bridge, Transport::Udp, &reply(&bbye, 200, None, None, b""))
+        .await;
     assert_eq!(w.core.stats().calls_active, 0);
 }
 
 /// A core probing one bridge every second; returns it with the first probe's Transmit.
 fn probing_core(failures: u32) -> (B2bua, Instant, Transmit) {
-    let cfg = CoreConfig { hostname: "cm1".into(), options_interval: Duration::from_secs(1), options_failures: failures, seed: 9, ..CoreConfig::default() };
+    let cfg = CoreConfig {
+        hostname: "cm1".into(),
+        options_interval: Duration::from_secs(1),
+        options_failures: failures,
+        seed: 9,
+        ..CoreConfig::default()
+    };
     let mut core = B2bua::new(cfg);
     let now = Instant::now();
-    let probe = BridgeProbe { name: "b1".into(), uri: "sip:10.96.4.1:5060".into(), dest: a("10.96.4.1:5060"), transport: Transport::Udp };
+    let probe = BridgeProbe {
+        name: "b1".into(),
+        uri: "sip:10.96.4.1:5060".into(),
+        dest: a("10.96.4.1:5060"),
+        transport: Transport::Udp,
+    };
     core.set_bridges(now, a(ME), vec![probe]);
     core.handle_timeout(now);
     let t = core.poll_transmit().expect("first probe");
@@ -705,21 +1186,39 @@ fn bridge_health_is_hysteretic() {
         probe.expect("a new probe every interval")
     };
     let answer = |core: &mut B2bua, now: Instant, probe: &Transmit, code: u16| {
-        core.handle_datagram(now, a("10.96.4.1:5060"), a(ME), Transport::Udp, &reply(&probe.data, code, Some("o"), None, b""));
+        core.handle_datagram(
+            now,
+            a("10.96.4.1:5060"),
+            a(ME),
+            Transport::Udp,
+            &reply(&probe.data, code, Some("o"), None, b""),
+        );
     };
     answer(&mut core, now, &p1, 200);
     assert_eq!(health_events(&mut core), vec![true]);
     let p2 = step(&mut core, &mut now);
     let _p3 = step(&mut core, &mut now); // p2 unanswered: 1
     let _p4 = step(&mut core, &mut now); // p3 unanswered: 2
-    assert_eq!(health_events(&mut core), Vec::<bool>::new(), "down after two consecutive misses");
+    assert_eq!(
+        health_events(&mut core),
+        Vec::<bool>::new(),
+        "down after two consecutive misses"
+    );
     // The late answer to a missed probe still proves the bridge alive: the count starts again.
     answer(&mut core, now, &p2, 200);
     let _p5 = step(&mut core, &mut now); // p4 unanswered: 1
     let p6 = step(&mut core, &mut now); // p5 unanswered: 2
-    assert_eq!(health_events(&mut core), Vec::<bool>::new(), "the late answer did not reset the count");
+    assert_eq!(
+        health_events(&mut core),
+        Vec::<bool>::new(),
+        "the late answer did not reset the count"
+    );
     let _p7 = step(&mut core, &mut now); // p6 unanswered: 3
-    assert_eq!(health_events(&mut core), vec![false], "down after three consecutive misses");
+    assert_eq!(
+        health_events(&mut core),
+        vec![false],
+        "down after three consecutive misses"
+    );
     // A 503 is an answer: the bridge's SIP stack is alive (a call it refuses fails over anyway).
     answer(&mut core, now, &p6, 503);
     assert_eq!(health_events(&mut core), vec![true]);
@@ -729,7 +1228,13 @@ fn bridge_health_is_hysteretic() {
 #[test]
 fn one_allowed_failure_marks_down_at_the_first_miss() {
     let (mut core, mut now, first) = probing_core(1);
-    core.handle_datagram(now, a("10.96.4.1:5060"), a(ME), Transport::Udp, &reply(&first.data, 200, Some("o"), None, b""));
+    core.handle_datagram(
+        now,
+        a("10.96.4.1:5060"),
+        a(ME),
+        Transport::Udp,
+        &reply(&first.data, 200, Some("o"), None, b""),
+    );
     assert_eq!(health_events(&mut core), vec![true]);
     now += Duration::from_secs(1);
     core.handle_timeout(now);
@@ -748,24 +1253,74 @@ async fn tcp_messages_to_the_caller_carry_where_to_reconnect() {
     let inv = String::from_utf8(invite(30, "meet.30"))
         .unwrap()
         .replace("SIP/2.0/UDP 10.96.3.1:5060", "SIP/2.0/TCP 10.96.3.1:5062")
-        .replace("<sip:caller@10.96.3.1:5060>", "<sip:caller@10.96.3.1:5070;transport=tcp>")
+        .replace(
+            "<sip:caller@10.96.3.1:5060>",
+            "<sip:caller@10.96.3.1:5070;transport=tcp>",
+        )
         .replace("Record-Route: <sip:vcs-rr.example.com;lr>\r\n", "");
     w.recv(src, Transport::Tcp, inv.as_bytes()).await;
     let trying = w.out.iter().find(|t| label(&t.data) == "100").unwrap();
-    assert_eq!((trying.dest, trying.fallback), (a(src), Some(a("10.96.3.1:5062"))));
+    assert_eq!(
+        (trying.dest, trying.fallback),
+        (a(src), Some(a("10.96.3.1:5062")))
+    );
     let bridge = bridge_of(&w.cfg, "meet-30", 0);
     let binv = w.take(&bridge, "INVITE");
-    assert_eq!(w.out.iter().find(|t| t.dest == a(&bridge)).map(|t| t.fallback), None, "UDP: no fallback");
-    let b200 = reply(&binv, 200, Some("bt"), Some(&format!("<sip:bridge@{bridge}>")), b"v=0\r\n");
+    assert_eq!(
+        w.out
+            .iter()
+            .find(|t| t.dest == a(&bridge))
+            .map(|t| t.fallback),
+        None,
+        "UDP: no fallback"
+    );
+    let b200 = reply(
+        &binv,
+        200,
+        Some("bt"),
+        Some(&format!("<sip:bridge@{bridge}>")),
+        b"v=0\r\n",
+    );
     w.recv(&bridge, Transport::Udp, &b200).await;
-    let a200 = w.out.iter().find(|t| label(&t.data) == "200").unwrap().clone();
-    assert_eq!((a200.dest, a200.fallback), (a(src), Some(a("10.96.3.1:5062"))));
+    let a200 = w
+        .out
+        .iter()
+        .find(|t| label(&t.data) == "200")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (a200.dest, a200.fallback),
+        (a(src), Some(a("10.96.3.1:5062")))
+    );
     let am = msg(&a200.data);
-    let ack = in_dialog("ACK", "sip:confmesh@10.96.1.1", "10.96.3.1:5062", am.header(Hdr::From).unwrap(), am.header(Hdr::To).unwrap(), "vcs-call-30", 1, "z9hG4bKack30", b"");
+    let ack = in_dialog(
+        "ACK",
+        "sip:confmesh@10.96.1.1",
+        "10.96.3.1:5062",
+        am.header(Hdr::From).unwrap(),
+        am.header(Hdr::To).unwrap(),
+        "vcs-call-30",
+        1,
+        "z9hG4bKack30",
+        b"",
+    );
     w.recv(src, Transport::Tcp, &ack).await;
     let bm = msg(&b200);
-    let bye = in_dialog("BYE", "sip:confmesh@10.96.1.1", &bridge, bm.header(Hdr::To).unwrap(), bm.header(Hdr::From).unwrap(), bm.call_id().unwrap(), 11, "z9hG4bKbye30", b"");
+    let bye = in_dialog(
+        "BYE",
+        "sip:confmesh@10.96.1.1",
+        &bridge,
+        bm.header(Hdr::To).unwrap(),
+        bm.header(Hdr::From).unwrap(),
+        bm.call_id().unwrap(),
+        11,
+        "z9hG4bKbye30",
+        b"",
+    );
     w.recv(&bridge, Transport::Udp, &bye).await;
     let abye = w.out.iter().find(|t| label(&t.data) == "BYE").unwrap();
-    assert_eq!((abye.dest, abye.transport, abye.fallback), (a(src), Transport::Tcp, Some(a("10.96.3.1:5070"))));
+    assert_eq!(
+        (abye.dest, abye.transport, abye.fallback),
+        (a(src), Transport::Tcp, Some(a("10.96.3.1:5070")))
+    );
 }

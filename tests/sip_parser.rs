@@ -15,12 +15,12 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use confmesh::b2bua::core::{B2bua, B2buaEvent, CoreConfig};
-use confmesh::sip::framing::{next_frame, Frame};
-use confmesh::sip::parse::{
-    error_response, parse, Framing, Hdr, Message, Method, NameAddr, ParseError, SipUri, StartLine, MAX_HEADERS, MAX_LINE,
-    MAX_MESSAGE,
-};
 use confmesh::sip::Transport;
+use confmesh::sip::framing::{Frame, next_frame};
+use confmesh::sip::parse::{
+    Framing, Hdr, MAX_HEADERS, MAX_LINE, MAX_MESSAGE, Message, Method, NameAddr, ParseError,
+    SipUri, StartLine, error_response, parse,
+};
 use proptest::prelude::*;
 
 /// The system allocator, noting the largest single allocation each thread asks for while armed.
@@ -93,7 +93,10 @@ fn answer(buf: &[u8], err: ParseError) -> Option<u16> {
         return None;
     }
     let resp = parse(&out, Framing::Datagram).expect("our own error response parses");
-    assert!(out.len() <= buf.len().min(MAX_MESSAGE) + 256, "response larger than what it echoes");
+    assert!(
+        out.len() <= buf.len().min(MAX_MESSAGE) + 256,
+        "response larger than what it echoes"
+    );
     resp.status()
 }
 
@@ -101,9 +104,18 @@ fn answer(buf: &[u8], err: ParseError) -> Option<u16> {
 fn malformed_table() {
     let many_headers = {
         let extra: String = (0..MAX_HEADERS).map(|i| format!("X-H{i}: v\r\n")).collect();
-        VALID.replacen("Max-Forwards: 70\r\n", &format!("Max-Forwards: 70\r\n{extra}"), 1).into_bytes()
+        VALID
+            .replacen(
+                "Max-Forwards: 70\r\n",
+                &format!("Max-Forwards: 70\r\n{extra}"),
+                1,
+            )
+            .into_bytes()
     };
-    let long_line = replace("Max-Forwards: 70", &format!("Subject: {}", "a".repeat(MAX_LINE)));
+    let long_line = replace(
+        "Max-Forwards: 70",
+        &format!("Subject: {}", "a".repeat(MAX_LINE)),
+    );
     let huge = {
         let mut v = VALID.as_bytes().to_vec();
         v.resize(MAX_MESSAGE + 1, b'x');
@@ -152,20 +164,29 @@ fn malformed_table() {
 #[test]
 fn stream_framing_requires_content_length() {
     let no_len = VALID.replacen("Content-Length: 10\r\n", "", 1);
-    assert_eq!(next_frame(no_len.as_bytes()), Err(ParseError::BadContentLength));
+    assert_eq!(
+        next_frame(no_len.as_bytes()),
+        Err(ParseError::BadContentLength)
+    );
     let m = VALID.as_bytes();
     assert_eq!(next_frame(m), Ok(Frame::Message(m.len())));
     assert!(parse(m, Framing::Stream).is_ok());
     // Bytes beyond Content-Length in a datagram are discarded, not a second message.
     let mut extra = m.to_vec();
     extra.extend_from_slice(b"garbage");
-    assert_eq!(parse(&extra, Framing::Datagram).unwrap().body, b"v=0\r\ns=-\r\n");
+    assert_eq!(
+        parse(&extra, Framing::Datagram).unwrap().body,
+        b"v=0\r\ns=-\r\n"
+    );
     assert!(parse(&extra, Framing::Stream).is_err());
 }
 
 #[test]
 fn lookups_follow_compact_forms_and_lists() {
-    let m = replace("Max-Forwards: 70", "v: SIP/2.0/TCP second.example.com;branch=z9hG4bK2, SIP/2.0/UDP third;branch=z9hG4bK3");
+    let m = replace(
+        "Max-Forwards: 70",
+        "v: SIP/2.0/TCP second.example.com;branch=z9hG4bK2, SIP/2.0/UDP third;branch=z9hG4bK3",
+    );
     let m = parse(&m, Framing::Datagram).unwrap();
     assert_eq!(m.header_values(Hdr::Via).count(), 3);
     assert_eq!(m.top_via().unwrap().branch(), Some("z9hG4bK776asdhds"));
@@ -210,7 +231,8 @@ fn mutated() -> impl Strategy<Value = Vec<u8>> {
                 1 => m.insert(pos, byte),
                 2 => m.truncate(pos),
                 _ => {
-                    let tokens: [&[u8]; 8] = [b"\r\n", b":", b";", b",", b"<", b">", b"\"", b" \r\n "];
+                    let tokens: [&[u8]; 8] =
+                        [b"\r\n", b":", b";", b",", b"<", b">", b"\"", b" \r\n "];
                     for (i, t) in tokens[byte as usize % 8].iter().enumerate() {
                         m.insert((pos + i).min(m.len()), *t);
                     }
@@ -274,7 +296,12 @@ fn corpus() -> &'static [(String, Vec<u8>)] {
             .expect("tests/sip_corpus")
             .map(|e| e.unwrap().path())
             .filter(|p| p.extension().is_some_and(|x| x == "sip" || x == "stream"))
-            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
             .collect();
         files.sort();
         assert!(files.len() >= 19, "corpus too small: {}", files.len());
@@ -283,7 +310,11 @@ fn corpus() -> &'static [(String, Vec<u8>)] {
 }
 
 fn corpus_file(name: &str) -> &'static [u8] {
-    &corpus().iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} in the corpus")).1
+    &corpus()
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("{name} in the corpus"))
+        .1
 }
 
 /// Cuts a stream into its messages as the TCP reader does (keep-alives skipped).
@@ -321,22 +352,33 @@ struct Facing<'a> {
 }
 
 fn facing<'a>(m: &Message<'a>) -> Facing<'a> {
-    let StartLine::Request { method, uri, .. } = m.start else { panic!("not a request") };
+    let StartLine::Request { method, uri, .. } = m.start else {
+        panic!("not a request")
+    };
     let ruri = SipUri::parse(uri).expect("Request-URI");
     let host = ruri.host.to_ascii_lowercase();
     let via = m.top_via().expect("top Via");
     Facing {
         method,
-        called: ruri.user_plain().map_or(host.clone(), |u| format!("{u}@{host}")),
+        called: ruri
+            .user_plain()
+            .map_or(host.clone(), |u| format!("{u}@{host}")),
         cseq: m.cseq().expect("CSeq"),
         branch: via.branch().expect("branch"),
         vias: m.header_values(Hdr::Via).count(),
         via_transport: via.transport,
         from_tag: m.from_tag().expect("From tag"),
         to_tag: m.to_tag(),
-        contact: m.header_values(Hdr::Contact).next().and_then(NameAddr::parse).map(|n| n.uri),
-        max_forwards: m.header(Hdr::MaxForwards).and_then(|v| v.trim().parse().ok()),
-        sdp_offer: m.header(Hdr::ContentType) == Some("application/sdp") && m.body.starts_with(b"v=0\r\n"),
+        contact: m
+            .header_values(Hdr::Contact)
+            .next()
+            .and_then(NameAddr::parse)
+            .map(|n| n.uri),
+        max_forwards: m
+            .header(Hdr::MaxForwards)
+            .and_then(|v| v.trim().parse().ok()),
+        sdp_offer: m.header(Hdr::ContentType) == Some("application/sdp")
+            && m.body.starts_with(b"v=0\r\n"),
     }
 }
 
@@ -353,8 +395,14 @@ fn corpus_parses_as_recorded() {
             let msg = parse(m, framing).unwrap_or_else(|e| panic!("{name}: {e}"));
             // A datagram with Content-Length is also a well-framed stream message.
             assert_eq!(next_frame(m), Ok(Frame::Message(m.len())), "{name}");
-            assert!(parse(m, Framing::Stream).is_ok(), "{name} as a stream message");
-            assert!(msg.call_id().is_some_and(|c| c.ends_with("@127.0.0.1")), "{name}");
+            assert!(
+                parse(m, Framing::Stream).is_ok(),
+                "{name} as a stream message"
+            );
+            assert!(
+                msg.call_id().is_some_and(|c| c.ends_with("@127.0.0.1")),
+                "{name}"
+            );
             if msg.method().is_some() {
                 requests += 1;
                 let f = facing(&msg);
@@ -370,58 +418,145 @@ fn corpus_requests_yield_what_the_b2bua_expects() {
     let sipp_contact = |port: u16| format!("sip:sipp@127.0.0.1:{port}");
     let call = parse(corpus_file("call-01-invite-sdp.sip"), Framing::Datagram).unwrap();
     let f = facing(&call);
-    assert_eq!((f.method, f.called.as_str(), f.cseq, f.vias, f.via_transport), (Method::Invite, "service@127.0.0.1", (1, "INVITE"), 1, "UDP"));
-    assert_eq!((f.to_tag, f.contact.map(str::to_owned), f.max_forwards, f.sdp_offer), (None, Some(sipp_contact(25060)), Some(70), true));
+    assert_eq!(
+        (f.method, f.called.as_str(), f.cseq, f.vias, f.via_transport),
+        (Method::Invite, "service@127.0.0.1", (1, "INVITE"), 1, "UDP")
+    );
+    assert_eq!(
+        (
+            f.to_tag,
+            f.contact.map(str::to_owned),
+            f.max_forwards,
+            f.sdp_offer
+        ),
+        (None, Some(sipp_contact(25060)), Some(70), true)
+    );
     assert_eq!(call.body.len(), 129);
     let invite_branch = f.branch;
 
     // The folded copy of the same INVITE reads the same.
     let folded = parse(corpus_file("derived-folded-headers.sip"), Framing::Datagram).unwrap();
     assert_eq!(facing(&folded), f);
-    assert_eq!(folded.header(Hdr::To).and_then(NameAddr::parse).map(|n| n.uri), Some("sip:service@127.0.0.1:25070"));
+    assert_eq!(
+        folded
+            .header(Hdr::To)
+            .and_then(NameAddr::parse)
+            .map(|n| n.uri),
+        Some("sip:service@127.0.0.1:25070")
+    );
 
     let ack = parse(corpus_file("call-04-ack.sip"), Framing::Datagram).unwrap();
     let a = facing(&ack);
-    assert_eq!((a.method, a.cseq, a.sdp_offer), (Method::Ack, (1, "ACK"), false));
-    assert!(a.to_tag.is_some() && a.branch != invite_branch, "the ACK of a 2xx is a new transaction");
+    assert_eq!(
+        (a.method, a.cseq, a.sdp_offer),
+        (Method::Ack, (1, "ACK"), false)
+    );
+    assert!(
+        a.to_tag.is_some() && a.branch != invite_branch,
+        "the ACK of a 2xx is a new transaction"
+    );
     let bye = parse(corpus_file("call-05-bye.sip"), Framing::Datagram).unwrap();
     let b = facing(&bye);
-    assert_eq!((b.method, b.cseq, b.to_tag, b.from_tag), (Method::Bye, (2, "BYE"), a.to_tag, f.from_tag));
+    assert_eq!(
+        (b.method, b.cseq, b.to_tag, b.from_tag),
+        (Method::Bye, (2, "BYE"), a.to_tag, f.from_tag)
+    );
 
-    let options = parse(corpus_file("flow-01-options-three-vias.sip"), Framing::Datagram).unwrap();
+    let options = parse(
+        corpus_file("flow-01-options-three-vias.sip"),
+        Framing::Datagram,
+    )
+    .unwrap();
     let o = facing(&options);
-    assert_eq!((o.method, o.called.as_str(), o.cseq, o.vias, o.max_forwards), (Method::Options, "meet.1000@127.0.0.1", (101, "OPTIONS"), 3, Some(68)));
+    assert_eq!(
+        (o.method, o.called.as_str(), o.cseq, o.vias, o.max_forwards),
+        (
+            Method::Options,
+            "meet.1000@127.0.0.1",
+            (101, "OPTIONS"),
+            3,
+            Some(68)
+        )
+    );
     let vias: Vec<_> = options.header_values(Hdr::Via).collect();
-    assert!(vias[2].starts_with("SIP/2.0/TCP vcs-c.example.com:5060"), "{vias:?}");
+    assert!(
+        vias[2].starts_with("SIP/2.0/TCP vcs-c.example.com:5060"),
+        "{vias:?}"
+    );
 
     let register = parse(corpus_file("flow-03-register.sip"), Framing::Datagram).unwrap();
     let r = facing(&register);
-    assert_eq!((r.method, r.called.as_str(), r.cseq), (Method::Other, "127.0.0.1", (102, "REGISTER")));
-    assert_eq!(r.contact, Some("sip:endpoint.42@127.0.0.1:25064;transport=udp"));
+    assert_eq!(
+        (r.method, r.called.as_str(), r.cseq),
+        (Method::Other, "127.0.0.1", (102, "REGISTER"))
+    );
+    assert_eq!(
+        r.contact,
+        Some("sip:endpoint.42@127.0.0.1:25064;transport=udp")
+    );
 
-    let compact = parse(corpus_file("flow-05-invite-compact-sdp.sip"), Framing::Datagram).unwrap();
+    let compact = parse(
+        corpus_file("flow-05-invite-compact-sdp.sip"),
+        Framing::Datagram,
+    )
+    .unwrap();
     let c = facing(&compact);
-    assert_eq!((c.method, c.called.as_str(), c.cseq, c.vias, c.sdp_offer), (Method::Invite, "meet.2000@127.0.0.1", (103, "INVITE"), 1, true));
-    assert_eq!((c.contact, c.to_tag), (Some("sip:bob@127.0.0.1:25064"), None));
+    assert_eq!(
+        (c.method, c.called.as_str(), c.cseq, c.vias, c.sdp_offer),
+        (
+            Method::Invite,
+            "meet.2000@127.0.0.1",
+            (103, "INVITE"),
+            1,
+            true
+        )
+    );
+    assert_eq!(
+        (c.contact, c.to_tag),
+        (Some("sip:bob@127.0.0.1:25064"), None)
+    );
     assert_eq!(compact.body.len(), 242);
     let cancel = parse(corpus_file("flow-08-cancel.sip"), Framing::Datagram).unwrap();
     let x = facing(&cancel);
-    assert_eq!((x.method, x.cseq.0, x.branch), (Method::Cancel, 103, c.branch), "CANCEL matches its INVITE (§9.1)");
+    assert_eq!(
+        (x.method, x.cseq.0, x.branch),
+        (Method::Cancel, 103, c.branch),
+        "CANCEL matches its INVITE (§9.1)"
+    );
     let ack487 = parse(corpus_file("flow-11-ack-487.sip"), Framing::Datagram).unwrap();
     let k = facing(&ack487);
-    assert_eq!((k.method, k.branch), (Method::Ack, c.branch), "the ACK of a non-2xx is in the INVITE transaction");
+    assert_eq!(
+        (k.method, k.branch),
+        (Method::Ack, c.branch),
+        "the ACK of a non-2xx is in the INVITE transaction"
+    );
     assert!(k.to_tag.is_some());
 
     // Every message of one recorded dialog carries its Call-ID and From tag; responses carry the
     // branch of their request.
     for prefix in ["call-", "flow-"] {
-        let msgs: Vec<_> = corpus().iter().filter(|(n, _)| n.starts_with(prefix)).map(|(n, d)| (n, parse(d, Framing::Datagram).unwrap())).collect();
+        let msgs: Vec<_> = corpus()
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(n, d)| (n, parse(d, Framing::Datagram).unwrap()))
+            .collect();
         for (n, m) in &msgs {
-            assert_eq!((m.call_id(), m.from_tag()), (msgs[0].1.call_id(), msgs[0].1.from_tag()), "{n}");
+            assert_eq!(
+                (m.call_id(), m.from_tag()),
+                (msgs[0].1.call_id(), msgs[0].1.from_tag()),
+                "{n}"
+            );
             if let Some(code) = m.status() {
                 let (_, method) = m.cseq().unwrap();
-                let req = msgs.iter().find(|(_, q)| q.cseq() == m.cseq() && q.method().is_some()).unwrap_or_else(|| panic!("{n}: request for {method}"));
-                assert_eq!(m.top_via().unwrap().branch(), req.1.top_via().unwrap().branch(), "{n}");
+                let req = msgs
+                    .iter()
+                    .find(|(_, q)| q.cseq() == m.cseq() && q.method().is_some())
+                    .unwrap_or_else(|| panic!("{n}: request for {method}"));
+                assert_eq!(
+                    m.top_via().unwrap().branch(),
+                    req.1.top_via().unwrap().branch(),
+                    "{n}"
+                );
                 assert_eq!(m.to_tag().is_some(), code > 100, "{n}: To tag from 101 on");
             }
         }
@@ -430,20 +565,42 @@ fn corpus_requests_yield_what_the_b2bua_expects() {
     let stream = corpus_file("tcp-invite-ack.stream");
     let parts = frames(stream);
     assert_eq!(parts.len(), 2);
-    let (inv, ack) = (parse(parts[0], Framing::Stream).unwrap(), parse(parts[1], Framing::Stream).unwrap());
-    assert_eq!((facing(&inv).method, facing(&inv).via_transport, facing(&ack).method), (Method::Invite, "TCP", Method::Ack));
+    let (inv, ack) = (
+        parse(parts[0], Framing::Stream).unwrap(),
+        parse(parts[1], Framing::Stream).unwrap(),
+    );
+    assert_eq!(
+        (
+            facing(&inv).method,
+            facing(&inv).via_transport,
+            facing(&ack).method
+        ),
+        (Method::Invite, "TCP", Method::Ack)
+    );
     assert_eq!(inv.call_id(), ack.call_id());
 }
 
 /// Feeds `data` to a B2BUA core from a VCS at 10.96.3.7 and returns the status codes it sent
 /// back and the conferences it asked to route.
 fn b2bua_answers(core: &mut B2bua, data: &[u8], transport: Transport) -> (Vec<u16>, Vec<String>) {
-    let (src, local) = ("10.96.3.7:5060".parse().unwrap(), "10.96.1.1:5060".parse().unwrap());
+    let (src, local) = (
+        "10.96.3.7:5060".parse().unwrap(),
+        "10.96.1.1:5060".parse().unwrap(),
+    );
     core.handle_datagram(Instant::now(), src, local, transport, data);
     let mut codes = Vec::new();
     while let Some(t) = core.poll_transmit() {
-        assert_eq!((t.dest, t.transport), (src, transport), "answers go back where the request came from");
-        codes.push(parse(&t.data, Framing::Datagram).expect("the core sends what parses").status().expect("a response"));
+        assert_eq!(
+            (t.dest, t.transport),
+            (src, transport),
+            "answers go back where the request came from"
+        );
+        codes.push(
+            parse(&t.data, Framing::Datagram)
+                .expect("the core sends what parses")
+                .status()
+                .expect("a response"),
+        );
     }
     let mut routes = Vec::new();
     while let Some(e) = core.poll_event() {
@@ -463,25 +620,47 @@ fn corpus_requests_replayed_into_the_b2bua() {
     let flow = [
         ("flow-01-options-three-vias.sip", vec![200], vec![]),
         ("flow-03-register.sip", vec![405], vec![]),
-        ("flow-05-invite-compact-sdp.sip", vec![100], vec!["meet.2000@127.0.0.1".to_owned()]),
+        (
+            "flow-05-invite-compact-sdp.sip",
+            vec![100],
+            vec!["meet.2000@127.0.0.1".to_owned()],
+        ),
         ("flow-08-cancel.sip", vec![200, 487], vec![]),
         ("flow-11-ack-487.sip", vec![], vec![]),
     ];
     for (file, codes, routes) in flow {
-        assert_eq!(b2bua_answers(&mut core, corpus_file(file), Transport::Udp), (codes, routes), "{file}");
+        assert_eq!(
+            b2bua_answers(&mut core, corpus_file(file), Transport::Udp),
+            (codes, routes),
+            "{file}"
+        );
     }
     assert_eq!(core.stats().calls_cancelled, 1);
 
     // Each INVITE with SDP, plain, folded and over TCP, starts a call to `service`.
-    for (file, transport) in [("call-01-invite-sdp.sip", Transport::Udp), ("derived-folded-headers.sip", Transport::Udp), ("tcp-invite-ack.stream", Transport::Tcp)] {
+    for (file, transport) in [
+        ("call-01-invite-sdp.sip", Transport::Udp),
+        ("derived-folded-headers.sip", Transport::Udp),
+        ("tcp-invite-ack.stream", Transport::Tcp),
+    ] {
         let mut core = B2bua::new(CoreConfig::default());
         let invite = frames(corpus_file(file))[0];
-        assert_eq!(b2bua_answers(&mut core, invite, transport), (vec![100], vec!["service@127.0.0.1".to_owned()]), "{file}");
+        assert_eq!(
+            b2bua_answers(&mut core, invite, transport),
+            (vec![100], vec!["service@127.0.0.1".to_owned()]),
+            "{file}"
+        );
     }
     // In-dialog requests of a dialog the core does not know.
     let mut core = B2bua::new(CoreConfig::default());
-    assert_eq!(b2bua_answers(&mut core, corpus_file("call-05-bye.sip"), Transport::Udp), (vec![481], vec![]));
-    assert_eq!(b2bua_answers(&mut core, corpus_file("call-04-ack.sip"), Transport::Udp), (vec![], vec![]));
+    assert_eq!(
+        b2bua_answers(&mut core, corpus_file("call-05-bye.sip"), Transport::Udp),
+        (vec![481], vec![])
+    );
+    assert_eq!(
+        b2bua_answers(&mut core, corpus_file("call-04-ack.sip"), Transport::Udp),
+        (vec![], vec![])
+    );
     assert_eq!(core.stats().parse_errors, 0);
 }
 
@@ -513,7 +692,10 @@ fn corpus_requests_with_a_lying_content_length_get_400() {
             ("65536".to_owned(), ParseError::BodyTruncated),
             ("999999999".to_owned(), ParseError::BodyTruncated),
             ("4294967296".to_owned(), ParseError::BadContentLength),
-            ("18446744073709551616".to_owned(), ParseError::BadContentLength),
+            (
+                "18446744073709551616".to_owned(),
+                ParseError::BadContentLength,
+            ),
             ("-1".to_owned(), ParseError::BadContentLength),
         ] {
             let bad = with_content_length(data, &value);
@@ -523,18 +705,32 @@ fn corpus_requests_with_a_lying_content_length_get_400() {
                 got = Some((err, err.and_then(|e| answer(&bad, e))));
                 let _ = next_frame(&bad);
             });
-            assert_eq!(got, Some((Some(want), due(400))), "{name} with Content-Length {value}");
-            assert!(largest <= 4 * 1024, "{name} with Content-Length {value}: a {largest}-byte allocation");
+            assert_eq!(
+                got,
+                Some((Some(want), due(400))),
+                "{name} with Content-Length {value}"
+            );
+            assert!(
+                largest <= 4 * 1024,
+                "{name} with Content-Length {value}: a {largest}-byte allocation"
+            );
             // On a stream, a length beyond the bound is refused before anything is buffered.
             if value.len() > 5 {
-                assert!(next_frame(&bad).is_err(), "{name}: stream framing waits for {value} bytes");
+                assert!(
+                    next_frame(&bad).is_err(),
+                    "{name}: stream framing waits for {value} bytes"
+                );
             }
         }
         // A body cut short by one byte is a truncated request.
         if body > 0 {
             let cut = &data[..data.len() - 1];
             let err = parse(cut, Framing::Datagram).unwrap_err();
-            assert_eq!((err, answer(cut, err)), (ParseError::BodyTruncated, due(400)), "{name} cut");
+            assert_eq!(
+                (err, answer(cut, err)),
+                (ParseError::BodyTruncated, due(400)),
+                "{name} cut"
+            );
         }
     }
 }
@@ -547,23 +743,53 @@ enum Edit {
     /// Keep only the first `at` bytes.
     Truncate { at: usize },
     /// Insert `len` bytes of another corpus file, taken at `from`, at `at`.
-    Splice { file: usize, from: usize, len: usize, at: usize },
+    Splice {
+        file: usize,
+        from: usize,
+        len: usize,
+        at: usize,
+    },
     /// Repeat header line number `line` right after itself, its value replaced by `value` if set.
-    Duplicate { line: usize, value: Option<&'static str> },
+    Duplicate {
+        line: usize,
+        value: Option<&'static str>,
+    },
     /// Set every Content-Length to a huge or hostile value.
     Length(&'static str),
 }
 
-const HOSTILE_LENGTHS: [&str; 8] = ["65535", "65536", "999999999", "4294967296", "18446744073709551616", "1e9", "0x10", " 70000 "];
-const DUP_VALUES: [Option<&str>; 4] = [None, Some("0"), Some("999999999"), Some("SIP/2.0/UDP evil.example.com;branch=z9hG4bKdup")];
+const HOSTILE_LENGTHS: [&str; 8] = [
+    "65535",
+    "65536",
+    "999999999",
+    "4294967296",
+    "18446744073709551616",
+    "1e9",
+    "0x10",
+    " 70000 ",
+];
+const DUP_VALUES: [Option<&str>; 4] = [
+    None,
+    Some("0"),
+    Some("999999999"),
+    Some("SIP/2.0/UDP evil.example.com;branch=z9hG4bKdup"),
+];
 
 fn edit() -> impl Strategy<Value = Edit> {
     let n = corpus().len();
     prop_oneof![
         (any::<usize>(), 0u8..8).prop_map(|(at, bit)| Edit::Flip { at, bit }),
         any::<usize>().prop_map(|at| Edit::Truncate { at }),
-        (0..n, any::<usize>(), 0usize..400, any::<usize>()).prop_map(|(file, from, len, at)| Edit::Splice { file, from, len, at }),
-        (0usize..16, prop::sample::select(DUP_VALUES.to_vec())).prop_map(|(line, value)| Edit::Duplicate { line, value }),
+        (0..n, any::<usize>(), 0usize..400, any::<usize>()).prop_map(|(file, from, len, at)| {
+            Edit::Splice {
+                file,
+                from,
+                len,
+                at,
+            }
+        }),
+        (0usize..16, prop::sample::select(DUP_VALUES.to_vec()))
+            .prop_map(|(line, value)| Edit::Duplicate { line, value }),
         prop::sample::select(HOSTILE_LENGTHS.to_vec()).prop_map(Edit::Length),
     ]
 }
@@ -577,7 +803,12 @@ fn apply(mut m: Vec<u8>, e: &Edit) -> Vec<u8> {
             }
         }
         Edit::Truncate { at } => m.truncate(at % (m.len() + 1)),
-        Edit::Splice { file, from, len, at } => {
+        Edit::Splice {
+            file,
+            from,
+            len,
+            at,
+        } => {
             let src = &corpus()[file].1;
             let from = from % src.len();
             let piece = &src[from..(from + len).min(src.len())];
@@ -585,8 +816,17 @@ fn apply(mut m: Vec<u8>, e: &Edit) -> Vec<u8> {
             m.splice(at..at, piece.iter().copied());
         }
         Edit::Duplicate { line, value } => {
-            let head_end = m.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(m.len());
-            let starts: Vec<usize> = std::iter::once(0).chain((0..head_end).filter(|&i| m[i..].starts_with(b"\r\n")).map(|i| i + 2)).collect();
+            let head_end = m
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .unwrap_or(m.len());
+            let starts: Vec<usize> = std::iter::once(0)
+                .chain(
+                    (0..head_end)
+                        .filter(|&i| m[i..].starts_with(b"\r\n"))
+                        .map(|i| i + 2),
+                )
+                .collect();
             // Header lines only (not the start line), and the last one ends at the head's end.
             if starts.len() > 1 {
                 let k = 1 + line % (starts.len() - 1);
@@ -636,21 +876,43 @@ fn check_mutant(buf: &[u8]) {
     // The B2BUA core takes the mutant too (UDP and TCP) and answers only with what parses.
     for transport in [Transport::Udp, Transport::Tcp] {
         let mut core = B2bua::new(CoreConfig::default());
-        core.handle_datagram(Instant::now(), "10.96.3.7:5060".parse().unwrap(), "10.96.1.1:5060".parse().unwrap(), transport, buf);
+        core.handle_datagram(
+            Instant::now(),
+            "10.96.3.7:5060".parse().unwrap(),
+            "10.96.1.1:5060".parse().unwrap(),
+            transport,
+            buf,
+        );
         while let Some(t) = core.poll_transmit() {
-            assert!(parse(&t.data, Framing::Datagram).is_ok(), "the core sent what does not parse");
+            assert!(
+                parse(&t.data, Framing::Datagram).is_ok(),
+                "the core sent what does not parse"
+            );
         }
     }
     // Nothing grows with what the message claims: the input and small fixed buffers only.
-    assert!(largest <= 2 * buf.len() + 16 * 1024, "a {largest}-byte allocation for a {}-byte message", buf.len());
+    assert!(
+        largest <= 2 * buf.len() + 16 * 1024,
+        "a {largest}-byte allocation for a {}-byte message",
+        buf.len()
+    );
     for (e, code) in answers {
         if let Some(code) = code {
             assert_eq!(code, e.status().0, "{e}");
         }
         // A request refused for its length, with its addressing headers intact, is answered.
-        let intact = buf.starts_with(b"INVITE ") || buf.starts_with(b"OPTIONS ") || buf.starts_with(b"BYE ");
-        if intact && matches!(e, ParseError::BadContentLength | ParseError::BodyTruncated) && parse_head_ok(buf) {
-            assert_eq!(code, Some(400), "{e}: no 400 for\n{}", String::from_utf8_lossy(buf));
+        let intact =
+            buf.starts_with(b"INVITE ") || buf.starts_with(b"OPTIONS ") || buf.starts_with(b"BYE ");
+        if intact
+            && matches!(e, ParseError::BadContentLength | ParseError::BodyTruncated)
+            && parse_head_ok(buf)
+        {
+            assert_eq!(
+                code,
+                Some(400),
+                "{e}: no 400 for\n{}",
+                String::from_utf8_lossy(buf)
+            );
         }
     }
 }
@@ -658,11 +920,18 @@ fn check_mutant(buf: &[u8]) {
 /// Whether the message parses once its body and every Content-Length are taken away: its
 /// addressing headers are intact, so the sender can be answered.
 fn parse_head_ok(buf: &[u8]) -> bool {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
-    let Ok(head) = std::str::from_utf8(&buf[..end]) else { return false };
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let Ok(head) = std::str::from_utf8(&buf[..end]) else {
+        return false;
+    };
     let kept: Vec<&str> = head
         .split("\r\n")
-        .filter(|l| !l.split_once(':').is_some_and(|(n, _)| Hdr::ContentLength.matches(n.trim())))
+        .filter(|l| {
+            !l.split_once(':')
+                .is_some_and(|(n, _)| Hdr::ContentLength.matches(n.trim()))
+        })
         .collect();
     let bare = format!("{}\r\n\r\n", kept.join("\r\n"));
     parse(bare.as_bytes(), Framing::Datagram).is_ok()

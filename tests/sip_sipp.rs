@@ -16,20 +16,32 @@ use std::time::{Duration, Instant};
 
 use confmesh::b2bua::core::CoreConfig;
 use confmesh::b2bua::routing::rank_bridges;
-use confmesh::b2bua::{B2buaService, B2buaSettings, BandwidthLedger, MemoryDirectory, MemoryLedger, RoutingConfig};
+use confmesh::b2bua::{
+    B2buaService, B2buaSettings, BandwidthLedger, MemoryDirectory, MemoryLedger, RoutingConfig,
+};
 use confmesh::bandwidth::{BandwidthService, BandwidthSettings};
 use confmesh::sip::transaction::TimerConfig;
 use serde_json::json;
 use tokio::sync::watch;
 
 fn scenario(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sipp").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sipp")
+        .join(name)
 }
 
 fn have_sipp() -> bool {
-    let ok = Command::new("sipp").arg("-v").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    let ok = Command::new("sipp")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
     if !ok {
-        assert!(std::env::var_os("CI").is_none(), "sipp (Debian package sip-tester) is required in CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "sipp (Debian package sip-tester) is required in CI"
+        );
         eprintln!("NOTICE: sipp not installed (apt-get install sip-tester); skipping");
     }
     ok
@@ -50,7 +62,14 @@ impl Sipp {
         let errors = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
         let child = Command::new("sipp")
             .args(args)
-            .args(["-nostdin", "-timeout", "30s", "-timeout_error", "-trace_msg", "-message_file"])
+            .args([
+                "-nostdin",
+                "-timeout",
+                "30s",
+                "-timeout_error",
+                "-trace_msg",
+                "-message_file",
+            ])
             .arg(&trace)
             .current_dir(dir.path())
             .stdin(Stdio::null())
@@ -58,7 +77,12 @@ impl Sipp {
             .stderr(errors)
             .spawn()
             .expect("start sipp");
-        Sipp { child, name: name.to_owned(), trace, _dir: dir }
+        Sipp {
+            child,
+            name: name.to_owned(),
+            trace,
+            _dir: dir,
+        }
     }
 
     /// Waits (bounded) for exit and returns the status code; panics with the trace on timeout.
@@ -70,7 +94,11 @@ impl Sipp {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("{} did not finish within {limit:?}; trace:\n{}", self.name, self.log());
+        panic!(
+            "{} did not finish within {limit:?}; trace:\n{}",
+            self.name,
+            self.log()
+        );
     }
 
     /// The messages sipp sent and received, then its error output.
@@ -111,25 +139,43 @@ fn routing(net: u8, bridges: &[(&str, u8)]) -> RoutingConfig {
 /// Calls take 768 kbps of location "default", which allows `limit_kbps`.
 fn routing_limited(net: u8, bridges: &[(&str, u8)], limit_kbps: u64) -> RoutingConfig {
     let mut entries = vec![
-        ("alias/meet".to_owned(), json!({"pattern": "^meet\\.(\\d+)@", "conference": "meet-$1", "call_kbps": 768, "location": "default"})),
-        ("location/default".to_owned(), json!({"limit_kbps": limit_kbps})),
+        (
+            "alias/meet".to_owned(),
+            json!({"pattern": "^meet\\.(\\d+)@", "conference": "meet-$1", "call_kbps": 768, "location": "default"}),
+        ),
+        (
+            "location/default".to_owned(),
+            json!({"limit_kbps": limit_kbps}),
+        ),
     ];
     for (name, host) in bridges {
-        entries.push((format!("bridge/{name}"), json!({"uri": format!("sip:127.0.{net}.{host}:5060"), "capacity": 20})));
+        entries.push((
+            format!("bridge/{name}"),
+            json!({"uri": format!("sip:127.0.{net}.{host}:5060"), "capacity": 20}),
+        ));
     }
     let (cfg, errors) = RoutingConfig::from_entries(entries.iter().map(|(k, v)| (k.as_str(), v)));
     assert!(errors.is_empty(), "{errors:?}");
     cfg
 }
 
-async fn start_b2bua<L: BandwidthLedger>(addr: &str, cfg: RoutingConfig, dir: MemoryDirectory, ledger: L, t1: Duration) -> B2buaService {
+async fn start_b2bua<L: BandwidthLedger>(
+    addr: &str,
+    cfg: RoutingConfig,
+    dir: MemoryDirectory,
+    ledger: L,
+    t1: Duration,
+) -> B2buaService {
     // The sender is dropped at once: the configuration stays as given.
     let (_, rx) = watch::channel(Arc::new(cfg));
     let settings = B2buaSettings {
         listen: vec![addr.parse::<SocketAddr>().unwrap()],
         core: CoreConfig {
             hostname: "cm-test".into(),
-            timers: TimerConfig { t1, ..TimerConfig::default() },
+            timers: TimerConfig {
+                t1,
+                ..TimerConfig::default()
+            },
             options_interval: Duration::ZERO,
             ..CoreConfig::default()
         },
@@ -137,19 +183,49 @@ async fn start_b2bua<L: BandwidthLedger>(addr: &str, cfg: RoutingConfig, dir: Me
         // call reaches the core that holds it (B legs carry their core's Call-ID prefix).
         shards: 2,
     };
-    B2buaService::start(settings, dir, ledger, rx).await.expect("bind B2BUA")
+    B2buaService::start(settings, dir, ledger, rx)
+        .await
+        .expect("bind B2BUA")
 }
 
 fn uas(net: u8, host: u8, scen: &str) -> Sipp {
     let ip = format!("127.0.{net}.{host}");
-    Sipp::start(&format!("bridge {ip}"), &["-sf", scenario(scen).to_str().unwrap(), "-i", &ip, "-p", "5060"])
+    Sipp::start(
+        &format!("bridge {ip}"),
+        &[
+            "-sf",
+            scenario(scen).to_str().unwrap(),
+            "-i",
+            &ip,
+            "-p",
+            "5060",
+        ],
+    )
 }
 
-fn uac(net: u8, host: u8, target: &str, scen: &str, service: &str, calls: u32, extra: &[&str]) -> Sipp {
+fn uac(
+    net: u8,
+    host: u8,
+    target: &str,
+    scen: &str,
+    service: &str,
+    calls: u32,
+    extra: &[&str],
+) -> Sipp {
     let ip = format!("127.0.{net}.{host}");
     let calls = calls.to_string();
     let path = scenario(scen);
-    let mut args = vec![target, "-sf", path.to_str().unwrap(), "-i", &ip, "-p", "5060", "-s", service];
+    let mut args = vec![
+        target,
+        "-sf",
+        path.to_str().unwrap(),
+        "-i",
+        &ip,
+        "-p",
+        "5060",
+        "-s",
+        service,
+    ];
     args.extend_from_slice(&["-m", &calls, "-l", "4", "-r", "20"]);
     args.extend_from_slice(extra);
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -172,7 +248,13 @@ async fn wait_idle(svc: &B2buaService, total: u64) {
 
 async fn expect_success(s: &mut Sipp) {
     let code = s.wait(Duration::from_secs(40)).await;
-    assert_eq!(code, 0, "{} failed (exit {code}); trace:\n{}", s.name, s.log());
+    assert_eq!(
+        code,
+        0,
+        "{} failed (exit {code}); trace:\n{}",
+        s.name,
+        s.log()
+    );
 }
 
 /// Acceptance 1: calls for one conference arriving at two peers reach the same bridge, over UDP
@@ -185,25 +267,77 @@ async fn one_conference_one_bridge_from_two_peers() {
     let net = 61;
     let cfg = routing(net, &[("b1", 2), ("b2", 3)]);
     let (dir, ledger) = (MemoryDirectory::default(), MemoryLedger::default());
-    let p1 = start_b2bua("127.0.61.1:5060", cfg.clone(), dir.clone(), ledger.clone(), Duration::from_millis(500)).await;
-    let p2 = start_b2bua("127.0.61.11:5060", cfg.clone(), dir.clone(), ledger.clone(), Duration::from_millis(500)).await;
+    let p1 = start_b2bua(
+        "127.0.61.1:5060",
+        cfg.clone(),
+        dir.clone(),
+        ledger.clone(),
+        Duration::from_millis(500),
+    )
+    .await;
+    let p2 = start_b2bua(
+        "127.0.61.11:5060",
+        cfg.clone(),
+        dir.clone(),
+        ledger.clone(),
+        Duration::from_millis(500),
+    )
+    .await;
     let b1 = uas(net, 2, "uas_answer.xml");
     let b2 = uas(net, 3, "uas_answer.xml");
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let mut v1 = uac(net, 21, "127.0.61.1:5060", "uac_call.xml", "meet.1000", 3, &[]);
-    let mut v2 = uac(net, 22, "127.0.61.11:5060", "uac_call.xml", "meet.1000", 3, &["-t", "t1"]);
-    let mut v3 = uac(net, 23, "127.0.61.1:5060", "uac_call.xml", "meet.2000", 2, &[]);
+    let mut v1 = uac(
+        net,
+        21,
+        "127.0.61.1:5060",
+        "uac_call.xml",
+        "meet.1000",
+        3,
+        &[],
+    );
+    let mut v2 = uac(
+        net,
+        22,
+        "127.0.61.11:5060",
+        "uac_call.xml",
+        "meet.1000",
+        3,
+        &["-t", "t1"],
+    );
+    let mut v3 = uac(
+        net,
+        23,
+        "127.0.61.1:5060",
+        "uac_call.xml",
+        "meet.2000",
+        2,
+        &[],
+    );
     expect_success(&mut v1).await;
     expect_success(&mut v2).await;
     expect_success(&mut v3).await;
     wait_idle(&p1, 5).await;
     wait_idle(&p2, 3).await;
 
-    let want_1000 = rank_bridges("meet-1000", cfg.bridges.values())[0].name.clone();
-    let want_2000 = rank_bridges("meet-2000", cfg.bridges.values())[0].name.clone();
-    let count = |b: &str| if b == "b1" { b1.call_ids().len() } else { b2.call_ids().len() };
-    let expected_b1 = [(&want_1000, 6), (&want_2000, 2)].iter().filter(|(b, _)| b.as_str() == "b1").map(|(_, n)| n).sum::<usize>();
+    let want_1000 = rank_bridges("meet-1000", cfg.bridges.values())[0]
+        .name
+        .clone();
+    let want_2000 = rank_bridges("meet-2000", cfg.bridges.values())[0]
+        .name
+        .clone();
+    let count = |b: &str| {
+        if b == "b1" {
+            b1.call_ids().len()
+        } else {
+            b2.call_ids().len()
+        }
+    };
+    let expected_b1 = [(&want_1000, 6), (&want_2000, 2)]
+        .iter()
+        .filter(|(b, _)| b.as_str() == "b1")
+        .map(|(_, n)| n)
+        .sum::<usize>();
     assert_eq!(count("b1"), expected_b1, "b1 trace:\n{}", b1.log());
     assert_eq!(count("b2"), 8 - expected_b1, "b2 trace:\n{}", b2.log());
     assert_eq!(p1.status().stats.calls_answered, 5);
@@ -223,8 +357,23 @@ async fn unknown_alias_is_404() {
         return;
     }
     let net = 62;
-    let p = start_b2bua("127.0.62.1:5060", routing(net, &[("b1", 2)]), MemoryDirectory::default(), MemoryLedger::default(), Duration::from_millis(500)).await;
-    let mut v = uac(net, 21, "127.0.62.1:5060", "uac_reject.xml", "nobody", 2, &[]);
+    let p = start_b2bua(
+        "127.0.62.1:5060",
+        routing(net, &[("b1", 2)]),
+        MemoryDirectory::default(),
+        MemoryLedger::default(),
+        Duration::from_millis(500),
+    )
+    .await;
+    let mut v = uac(
+        net,
+        21,
+        "127.0.62.1:5060",
+        "uac_reject.xml",
+        "nobody",
+        2,
+        &[],
+    );
     expect_success(&mut v).await;
     wait_idle(&p, 2).await;
     assert_eq!(p.status().stats.calls_failed, 2);
@@ -240,17 +389,36 @@ async fn cancel_while_ringing() {
     }
     let net = 63;
     let dir = MemoryDirectory::default();
-    let p = start_b2bua("127.0.63.1:5060", routing(net, &[("b1", 2)]), dir.clone(), MemoryLedger::default(), Duration::from_millis(500)).await;
+    let p = start_b2bua(
+        "127.0.63.1:5060",
+        routing(net, &[("b1", 2)]),
+        dir.clone(),
+        MemoryLedger::default(),
+        Duration::from_millis(500),
+    )
+    .await;
     let mut b = uas(net, 2, "uas_cancel.xml");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut v = uac(net, 21, "127.0.63.1:5060", "uac_cancel.xml", "meet.5", 2, &[]);
+    let mut v = uac(
+        net,
+        21,
+        "127.0.63.1:5060",
+        "uac_cancel.xml",
+        "meet.5",
+        2,
+        &[],
+    );
     expect_success(&mut v).await;
     wait_idle(&p, 2).await;
     assert_eq!(p.status().stats.calls_cancelled, 2);
     assert_eq!(b.call_ids().len(), 2);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(dir.snapshot().is_empty());
-    assert!(b.child.try_wait().unwrap().is_none(), "bridge sipp died:\n{}", b.log());
+    assert!(
+        b.child.try_wait().unwrap().is_none(),
+        "bridge sipp died:\n{}",
+        b.log()
+    );
     p.shutdown().await;
 }
 
@@ -261,12 +429,33 @@ async fn bye_from_the_bridge() {
         return;
     }
     let net = 64;
-    let p = start_b2bua("127.0.64.1:5060", routing(net, &[("b1", 2)]), MemoryDirectory::default(), MemoryLedger::default(), Duration::from_millis(500)).await;
+    let p = start_b2bua(
+        "127.0.64.1:5060",
+        routing(net, &[("b1", 2)]),
+        MemoryDirectory::default(),
+        MemoryLedger::default(),
+        Duration::from_millis(500),
+    )
+    .await;
     let b = uas(net, 2, "uas_hangup.xml");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut v = uac(net, 21, "127.0.64.1:5060", "uac_wait_bye.xml", "meet.9", 2, &[]);
+    let mut v = uac(
+        net,
+        21,
+        "127.0.64.1:5060",
+        "uac_wait_bye.xml",
+        "meet.9",
+        2,
+        &[],
+    );
     let code = v.wait(Duration::from_secs(40)).await;
-    assert_eq!(code, 0, "caller failed; caller trace:\n{}\nbridge trace:\n{}", v.log(), b.log());
+    assert_eq!(
+        code,
+        0,
+        "caller failed; caller trace:\n{}\nbridge trace:\n{}",
+        v.log(),
+        b.log()
+    );
     wait_idle(&p, 2).await;
     assert_eq!(p.status().stats.calls_answered, 2);
     p.shutdown().await;
@@ -282,12 +471,29 @@ async fn dead_bridge_is_replaced_by_the_next() {
     let net = 65;
     let cfg = routing(net, &[("b1", 2), ("b2", 3)]);
     // A conference whose first choice is b1, where nothing listens.
-    let n = (0..1000).find(|n| rank_bridges(&format!("meet-{n}"), cfg.bridges.values())[0].name == "b1").unwrap();
+    let n = (0..1000)
+        .find(|n| rank_bridges(&format!("meet-{n}"), cfg.bridges.values())[0].name == "b1")
+        .unwrap();
     let dir = MemoryDirectory::default();
-    let p = start_b2bua("127.0.65.1:5060", cfg, dir.clone(), MemoryLedger::default(), Duration::from_millis(20)).await;
+    let p = start_b2bua(
+        "127.0.65.1:5060",
+        cfg,
+        dir.clone(),
+        MemoryLedger::default(),
+        Duration::from_millis(20),
+    )
+    .await;
     let b2 = uas(net, 3, "uas_answer.xml");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut v = uac(net, 21, "127.0.65.1:5060", "uac_call.xml", &format!("meet.{n}"), 1, &[]);
+    let mut v = uac(
+        net,
+        21,
+        "127.0.65.1:5060",
+        "uac_call.xml",
+        &format!("meet.{n}"),
+        1,
+        &[],
+    );
     expect_success(&mut v).await;
     wait_idle(&p, 1).await;
     assert_eq!(b2.call_ids().len(), 1);
@@ -316,8 +522,15 @@ async fn location_limit_across_two_peers_over_bandwidth_updates() {
         return;
     }
     let net = 66;
-    let mgmt = [Ipv4Addr::new(127, 0, 66, 101), Ipv4Addr::new(127, 0, 66, 102)];
-    let port = UdpSocket::bind(SocketAddrV4::new(mgmt[0], 0)).unwrap().local_addr().unwrap().port();
+    let mgmt = [
+        Ipv4Addr::new(127, 0, 66, 101),
+        Ipv4Addr::new(127, 0, 66, 102),
+    ];
+    let port = UdpSocket::bind(SocketAddrV4::new(mgmt[0], 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let bw: Vec<BandwidthService> = mgmt
         .iter()
         .map(|m| {
@@ -326,37 +539,114 @@ async fn location_limit_across_two_peers_over_bandwidth_updates() {
             BandwidthService::start_with(s).expect("bind bandwidth service")
         })
         .collect();
-    bw[0].set_peer_key(mgmt[1], zeroize::Zeroizing::new([6; 32])).unwrap();
-    bw[1].set_peer_key(mgmt[0], zeroize::Zeroizing::new([6; 32])).unwrap();
+    bw[0]
+        .set_peer_key(mgmt[1], zeroize::Zeroizing::new([6; 32]))
+        .unwrap();
+    bw[1]
+        .set_peer_key(mgmt[0], zeroize::Zeroizing::new([6; 32]))
+        .unwrap();
     let (l1, l2) = (bw[0].ledger(), bw[1].ledger());
     // Two calls of 768 kbps fit in 1600, a third does not.
     let cfg = routing_limited(net, &[("b1", 2)], 1600);
     let dir = MemoryDirectory::default();
-    let p1 = start_b2bua("127.0.66.1:5060", cfg.clone(), dir.clone(), l1.clone(), Duration::from_millis(500)).await;
-    let p2 = start_b2bua("127.0.66.11:5060", cfg, dir.clone(), l2.clone(), Duration::from_millis(500)).await;
+    let p1 = start_b2bua(
+        "127.0.66.1:5060",
+        cfg.clone(),
+        dir.clone(),
+        l1.clone(),
+        Duration::from_millis(500),
+    )
+    .await;
+    let p2 = start_b2bua(
+        "127.0.66.11:5060",
+        cfg,
+        dir.clone(),
+        l2.clone(),
+        Duration::from_millis(500),
+    )
+    .await;
     let _bridge = uas(net, 2, "uas_answer.xml");
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let mut held1 = uac(net, 21, "127.0.66.1:5060", "uac_hold.xml", "meet.1", 1, &["-d", "2500"]);
-    until("peer 2 hears of peer 1's call", || l2.usage_kbps("default") == 768).await;
-    let mut held2 = uac(net, 22, "127.0.66.11:5060", "uac_hold.xml", "meet.1", 1, &["-d", "5000"]);
-    until("peer 1 hears of peer 2's call", || l1.usage_kbps("default") == 1536).await;
-    let mut refused1 = uac(net, 23, "127.0.66.1:5060", "uac_refused.xml", "meet.2", 1, &[]);
-    let mut refused2 = uac(net, 24, "127.0.66.11:5060", "uac_refused.xml", "meet.1", 1, &[]);
+    let mut held1 = uac(
+        net,
+        21,
+        "127.0.66.1:5060",
+        "uac_hold.xml",
+        "meet.1",
+        1,
+        &["-d", "2500"],
+    );
+    until("peer 2 hears of peer 1's call", || {
+        l2.usage_kbps("default") == 768
+    })
+    .await;
+    let mut held2 = uac(
+        net,
+        22,
+        "127.0.66.11:5060",
+        "uac_hold.xml",
+        "meet.1",
+        1,
+        &["-d", "5000"],
+    );
+    until("peer 1 hears of peer 2's call", || {
+        l1.usage_kbps("default") == 1536
+    })
+    .await;
+    let mut refused1 = uac(
+        net,
+        23,
+        "127.0.66.1:5060",
+        "uac_refused.xml",
+        "meet.2",
+        1,
+        &[],
+    );
+    let mut refused2 = uac(
+        net,
+        24,
+        "127.0.66.11:5060",
+        "uac_refused.xml",
+        "meet.1",
+        1,
+        &[],
+    );
     expect_success(&mut refused1).await;
     expect_success(&mut refused2).await;
-    assert!(held1.child.try_wait().unwrap().is_none(), "the first call is still up while the others are refused");
+    assert!(
+        held1.child.try_wait().unwrap().is_none(),
+        "the first call is still up while the others are refused"
+    );
 
     expect_success(&mut held1).await;
-    until("peer 2 hears that peer 1's call ended", || l2.usage_kbps("default") == 768).await;
-    let mut again = uac(net, 25, "127.0.66.11:5060", "uac_call.xml", "meet.3", 1, &[]);
+    until("peer 2 hears that peer 1's call ended", || {
+        l2.usage_kbps("default") == 768
+    })
+    .await;
+    let mut again = uac(
+        net,
+        25,
+        "127.0.66.11:5060",
+        "uac_call.xml",
+        "meet.3",
+        1,
+        &[],
+    );
     expect_success(&mut again).await;
     expect_success(&mut held2).await;
     wait_idle(&p1, 2).await;
     wait_idle(&p2, 3).await;
-    until("both peers see the location empty", || l1.usage_kbps("default") == 0 && l2.usage_kbps("default") == 0).await;
+    until("both peers see the location empty", || {
+        l1.usage_kbps("default") == 0 && l2.usage_kbps("default") == 0
+    })
+    .await;
     let st = bw[0].status();
-    assert_eq!(st.counters.dropped_forged + st.counters.dropped_replayed + st.counters.dropped_malformed, 0, "{st:?}");
+    assert_eq!(
+        st.counters.dropped_forged + st.counters.dropped_replayed + st.counters.dropped_malformed,
+        0,
+        "{st:?}"
+    );
     assert!(st.counters.accepted > 0 && st.counters.sent > 0);
     p1.shutdown().await;
     p2.shutdown().await;

@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use confmesh::sip::parse::{parse, Framing};
-use confmesh::sip::transaction::{Incoming, TimerConfig, Transactions, Transmit, TxnEvent};
 use confmesh::sip::Transport;
+use confmesh::sip::parse::{Framing, parse};
+use confmesh::sip::transaction::{Incoming, TimerConfig, Transactions, Transmit, TxnEvent};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -40,12 +40,18 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        Harness { txns: Transactions::new(TimerConfig::default(), 100), now: Instant::now(), local: addr("10.0.0.1:5060"), peer: addr("10.0.0.2:5060") }
+        Harness {
+            txns: Transactions::new(TimerConfig::default(), 100),
+            now: Instant::now(),
+            local: addr("10.0.0.1:5060"),
+            peer: addr("10.0.0.2:5060"),
+        }
     }
 
     fn feed(&mut self, bytes: &[u8], transport: Transport) -> Incoming {
         let m = parse(bytes, Framing::Datagram).unwrap();
-        self.txns.handle_message(self.now, &m, self.peer, self.local, transport)
+        self.txns
+            .handle_message(self.now, &m, self.peer, self.local, transport)
     }
 
     fn sent(&mut self) -> Vec<Transmit> {
@@ -73,13 +79,24 @@ impl Harness {
 }
 
 fn secs(v: &[Duration]) -> Vec<f64> {
-    v.iter().map(|d| (d.as_secs_f64() * 100.0).round() / 100.0).collect()
+    v.iter()
+        .map(|d| (d.as_secs_f64() * 100.0).round() / 100.0)
+        .collect()
 }
 
 #[test]
 fn client_invite_timers_a_and_b() {
     let mut h = Harness::new();
-    let id = h.txns.send_request(h.now, Bytes::from(request("INVITE", "z9hG4bKa", "INVITE", "")), h.peer, h.local, Transport::Udp).unwrap();
+    let id = h
+        .txns
+        .send_request(
+            h.now,
+            Bytes::from(request("INVITE", "z9hG4bKa", "INVITE", "")),
+            h.peer,
+            h.local,
+            Transport::Udp,
+        )
+        .unwrap();
     assert_eq!(h.sent().len(), 1);
     let (times, events) = h.run(Duration::from_secs(40));
     // Timer A doubles from T1 without cap; timer B gives up at 64*T1 = 32 s.
@@ -91,12 +108,27 @@ fn client_invite_timers_a_and_b() {
 #[test]
 fn client_invite_provisional_final_ack_and_timer_d() {
     let mut h = Harness::new();
-    let id = h.txns.send_request(h.now, Bytes::from(request("INVITE", "z9hG4bKb", "INVITE", "")), h.peer, h.local, Transport::Udp).unwrap();
+    let id = h
+        .txns
+        .send_request(
+            h.now,
+            Bytes::from(request("INVITE", "z9hG4bKb", "INVITE", "")),
+            h.peer,
+            h.local,
+            Transport::Udp,
+        )
+        .unwrap();
     h.sent();
-    assert_eq!(h.feed(&response(180, "z9hG4bKb", "INVITE"), Transport::Udp), Incoming::Response(id));
+    assert_eq!(
+        h.feed(&response(180, "z9hG4bKb", "INVITE"), Transport::Udp),
+        Incoming::Response(id)
+    );
     let (times, _) = h.run(Duration::from_secs(5));
     assert!(times.is_empty(), "no retransmission in Proceeding");
-    assert_eq!(h.feed(&response(486, "z9hG4bKb", "INVITE"), Transport::Udp), Incoming::Response(id));
+    assert_eq!(
+        h.feed(&response(486, "z9hG4bKb", "INVITE"), Transport::Udp),
+        Incoming::Response(id)
+    );
     let ack = h.sent();
     assert_eq!(ack.len(), 1);
     let m = parse(&ack[0].data, Framing::Datagram).unwrap();
@@ -104,7 +136,10 @@ fn client_invite_provisional_final_ack_and_timer_d() {
     assert_eq!(m.top_via().unwrap().branch(), Some("z9hG4bKb"));
     assert_eq!(m.to_tag(), Some("t9"));
     // A retransmitted final response is absorbed and re-ACKed.
-    assert_eq!(h.feed(&response(486, "z9hG4bKb", "INVITE"), Transport::Udp), Incoming::Absorbed);
+    assert_eq!(
+        h.feed(&response(486, "z9hG4bKb", "INVITE"), Transport::Udp),
+        Incoming::Absorbed
+    );
     assert_eq!(h.sent().len(), 1);
     h.run(Duration::from_secs(31));
     assert_eq!(h.txns.len(), 1, "timer D keeps it for 32 s");
@@ -115,26 +150,68 @@ fn client_invite_provisional_final_ack_and_timer_d() {
 #[test]
 fn client_invite_2xx_terminates_and_later_2xx_are_stray() {
     let mut h = Harness::new();
-    let id = h.txns.send_request(h.now, Bytes::from(request("INVITE", "z9hG4bKc", "INVITE", "")), h.peer, h.local, Transport::Udp).unwrap();
-    assert_eq!(h.feed(&response(200, "z9hG4bKc", "INVITE"), Transport::Udp), Incoming::Response(id));
+    let id = h
+        .txns
+        .send_request(
+            h.now,
+            Bytes::from(request("INVITE", "z9hG4bKc", "INVITE", "")),
+            h.peer,
+            h.local,
+            Transport::Udp,
+        )
+        .unwrap();
+    assert_eq!(
+        h.feed(&response(200, "z9hG4bKc", "INVITE"), Transport::Udp),
+        Incoming::Response(id)
+    );
     assert!(h.txns.is_empty());
-    assert_eq!(h.feed(&response(200, "z9hG4bKc", "INVITE"), Transport::Udp), Incoming::StrayResponse);
+    assert_eq!(
+        h.feed(&response(200, "z9hG4bKc", "INVITE"), Transport::Udp),
+        Incoming::StrayResponse
+    );
 }
 
 #[test]
 fn client_non_invite_timers_e_f_k() {
     let mut h = Harness::new();
-    let id = h.txns.send_request(h.now, Bytes::from(request("OPTIONS", "z9hG4bKd", "OPTIONS", "")), h.peer, h.local, Transport::Udp).unwrap();
+    let id = h
+        .txns
+        .send_request(
+            h.now,
+            Bytes::from(request("OPTIONS", "z9hG4bKd", "OPTIONS", "")),
+            h.peer,
+            h.local,
+            Transport::Udp,
+        )
+        .unwrap();
     h.sent();
     let (times, events) = h.run(Duration::from_secs(40));
     // Timer E doubles up to T2 = 4 s; timer F at 32 s.
-    assert_eq!(secs(&times), vec![0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5]);
+    assert_eq!(
+        secs(&times),
+        vec![0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5]
+    );
     assert_eq!(events, vec![TxnEvent::Timeout(id)]);
 
-    let id = h.txns.send_request(h.now, Bytes::from(request("BYE", "z9hG4bKe", "BYE", ";tag=t9")), h.peer, h.local, Transport::Udp).unwrap();
+    let id = h
+        .txns
+        .send_request(
+            h.now,
+            Bytes::from(request("BYE", "z9hG4bKe", "BYE", ";tag=t9")),
+            h.peer,
+            h.local,
+            Transport::Udp,
+        )
+        .unwrap();
     h.sent();
-    assert_eq!(h.feed(&response(200, "z9hG4bKe", "BYE"), Transport::Udp), Incoming::Response(id));
-    assert_eq!(h.feed(&response(200, "z9hG4bKe", "BYE"), Transport::Udp), Incoming::Absorbed);
+    assert_eq!(
+        h.feed(&response(200, "z9hG4bKe", "BYE"), Transport::Udp),
+        Incoming::Response(id)
+    );
+    assert_eq!(
+        h.feed(&response(200, "z9hG4bKe", "BYE"), Transport::Udp),
+        Incoming::Absorbed
+    );
     h.run(Duration::from_millis(4900));
     assert_eq!(h.txns.len(), 1, "timer K is T4");
     h.run(Duration::from_millis(200));
@@ -144,14 +221,33 @@ fn client_non_invite_timers_e_f_k() {
 #[test]
 fn tcp_never_retransmits_and_lingers_zero() {
     let mut h = Harness::new();
-    let id = h.txns.send_request(h.now, Bytes::from(request("INVITE", "z9hG4bKf", "INVITE", "")), h.peer, h.local, Transport::Tcp).unwrap();
+    let id = h
+        .txns
+        .send_request(
+            h.now,
+            Bytes::from(request("INVITE", "z9hG4bKf", "INVITE", "")),
+            h.peer,
+            h.local,
+            Transport::Tcp,
+        )
+        .unwrap();
     h.sent();
     let (times, events) = h.run(Duration::from_secs(33));
     assert!(times.is_empty());
     assert_eq!(events, vec![TxnEvent::Timeout(id)]);
 
-    let Incoming::Request(id) = h.feed(&request("BYE", "z9hG4bKg", "BYE", ";tag=t9"), Transport::Tcp) else { panic!() };
-    assert!(h.txns.respond(h.now, id, 200, Bytes::from(response(200, "z9hG4bKg", "BYE"))));
+    let Incoming::Request(id) = h.feed(
+        &request("BYE", "z9hG4bKg", "BYE", ";tag=t9"),
+        Transport::Tcp,
+    ) else {
+        panic!()
+    };
+    assert!(h.txns.respond(
+        h.now,
+        id,
+        200,
+        Bytes::from(response(200, "z9hG4bKg", "BYE"))
+    ));
     h.sent();
     h.run(Duration::from_millis(20));
     assert!(h.txns.is_empty(), "timer J is zero over TCP");
@@ -161,28 +257,63 @@ fn tcp_never_retransmits_and_lingers_zero() {
 fn server_invite_non_2xx_timers_g_h_i() {
     let mut h = Harness::new();
     let inv = request("INVITE", "z9hG4bKh", "INVITE", "");
-    let Incoming::Request(id) = h.feed(&inv, Transport::Udp) else { panic!() };
-    assert!(h.txns.respond(h.now, id, 180, Bytes::from(response(180, "z9hG4bKh", "INVITE"))));
+    let Incoming::Request(id) = h.feed(&inv, Transport::Udp) else {
+        panic!()
+    };
+    assert!(h.txns.respond(
+        h.now,
+        id,
+        180,
+        Bytes::from(response(180, "z9hG4bKh", "INVITE"))
+    ));
     h.sent();
     // A retransmitted INVITE gets the last provisional again.
     assert_eq!(h.feed(&inv, Transport::Udp), Incoming::Absorbed);
     assert_eq!(h.sent().len(), 1);
-    assert!(h.txns.respond(h.now, id, 486, Bytes::from(response(486, "z9hG4bKh", "INVITE"))));
-    assert!(!h.txns.respond(h.now, id, 500, Bytes::new()), "one final response only");
+    assert!(h.txns.respond(
+        h.now,
+        id,
+        486,
+        Bytes::from(response(486, "z9hG4bKh", "INVITE"))
+    ));
+    assert!(
+        !h.txns.respond(h.now, id, 500, Bytes::new()),
+        "one final response only"
+    );
     h.sent();
     let (times, events) = h.run(Duration::from_secs(40));
     // Timer G doubles up to T2; timer H gives up at 64*T1 and tells the TU.
-    assert_eq!(secs(&times), vec![0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5]);
+    assert_eq!(
+        secs(&times),
+        vec![0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5]
+    );
     assert_eq!(events, vec![TxnEvent::AckTimeout(id)]);
 
     let inv = request("INVITE", "z9hG4bKi", "INVITE", "");
-    let Incoming::Request(id) = h.feed(&inv, Transport::Udp) else { panic!() };
-    h.txns.respond(h.now, id, 486, Bytes::from(response(486, "z9hG4bKi", "INVITE")));
+    let Incoming::Request(id) = h.feed(&inv, Transport::Udp) else {
+        panic!()
+    };
+    h.txns.respond(
+        h.now,
+        id,
+        486,
+        Bytes::from(response(486, "z9hG4bKi", "INVITE")),
+    );
     h.sent();
-    assert_eq!(h.feed(&request("ACK", "z9hG4bKi", "ACK", ";tag=t9"), Transport::Udp), Incoming::Absorbed);
+    assert_eq!(
+        h.feed(
+            &request("ACK", "z9hG4bKi", "ACK", ";tag=t9"),
+            Transport::Udp
+        ),
+        Incoming::Absorbed
+    );
     let (times, events) = h.run(Duration::from_millis(4900));
     assert!(times.is_empty() && events.is_empty());
-    assert_eq!(h.txns.len(), 1, "timer I absorbs ACK retransmissions for T4");
+    assert_eq!(
+        h.txns.len(),
+        1,
+        "timer I absorbs ACK retransmissions for T4"
+    );
     h.run(Duration::from_millis(200));
     assert!(h.txns.is_empty());
 }
@@ -190,13 +321,28 @@ fn server_invite_non_2xx_timers_g_h_i() {
 #[test]
 fn server_invite_2xx_is_retransmitted_until_the_end_to_end_ack() {
     let mut h = Harness::new();
-    let Incoming::Request(id) = h.feed(&request("INVITE", "z9hG4bKj", "INVITE", ""), Transport::Udp) else { panic!() };
-    h.txns.respond(h.now, id, 200, Bytes::from(response(200, "z9hG4bKj", "INVITE")));
+    let Incoming::Request(id) =
+        h.feed(&request("INVITE", "z9hG4bKj", "INVITE", ""), Transport::Udp)
+    else {
+        panic!()
+    };
+    h.txns.respond(
+        h.now,
+        id,
+        200,
+        Bytes::from(response(200, "z9hG4bKj", "INVITE")),
+    );
     h.sent();
     let (times, _) = h.run(Duration::from_millis(1600));
     assert_eq!(secs(&times), vec![0.5, 1.5]);
     // The ACK for a 2xx has its own branch: it reaches the TU and stops the retransmissions.
-    assert_eq!(h.feed(&request("ACK", "z9hG4bKother", "ACK", ";tag=t9"), Transport::Udp), Incoming::Ack);
+    assert_eq!(
+        h.feed(
+            &request("ACK", "z9hG4bKother", "ACK", ";tag=t9"),
+            Transport::Udp
+        ),
+        Incoming::Ack
+    );
     let (times, events) = h.run(Duration::from_secs(40));
     assert!(times.is_empty() && events.is_empty());
     assert!(h.txns.is_empty());
@@ -210,55 +356,184 @@ fn server_invite_2xx_is_retransmitted_until_the_end_to_end_ack() {
 fn acknowledged_2xx_lingers_t4() {
     for ack_branch in ["z9hG4bKother", "z9hG4bKt4"] {
         let mut h = Harness::new();
-        let Incoming::Request(id) = h.feed(&request("INVITE", "z9hG4bKt4", "INVITE", ""), Transport::Udp) else { panic!() };
-        h.txns.respond(h.now, id, 200, Bytes::from(response(200, "z9hG4bKt4", "INVITE")));
+        let Incoming::Request(id) = h.feed(
+            &request("INVITE", "z9hG4bKt4", "INVITE", ""),
+            Transport::Udp,
+        ) else {
+            panic!()
+        };
+        h.txns.respond(
+            h.now,
+            id,
+            200,
+            Bytes::from(response(200, "z9hG4bKt4", "INVITE")),
+        );
         h.sent();
-        assert_eq!(h.feed(&request("ACK", ack_branch, "ACK", ";tag=t9"), Transport::Udp), Incoming::Ack);
+        assert_eq!(
+            h.feed(
+                &request("ACK", ack_branch, "ACK", ";tag=t9"),
+                Transport::Udp
+            ),
+            Incoming::Ack
+        );
         h.run(Duration::from_secs(4));
-        assert_eq!(h.feed(&request("INVITE", "z9hG4bKt4", "INVITE", ""), Transport::Udp), Incoming::Absorbed, "{ack_branch}");
+        assert_eq!(
+            h.feed(
+                &request("INVITE", "z9hG4bKt4", "INVITE", ""),
+                Transport::Udp
+            ),
+            Incoming::Absorbed,
+            "{ack_branch}"
+        );
         assert_eq!(h.txns.len(), 1);
         h.run(Duration::from_millis(1100));
-        assert!(h.txns.is_empty(), "{ack_branch}: still there 5.1 s after the ACK");
+        assert!(
+            h.txns.is_empty(),
+            "{ack_branch}: still there 5.1 s after the ACK"
+        );
     }
 }
 
 #[test]
 fn server_non_invite_timer_j_and_cancel_matching() {
     let mut h = Harness::new();
-    let Incoming::Request(inv) = h.feed(&request("INVITE", "z9hG4bKk", "INVITE", ""), Transport::Udp) else { panic!() };
+    let Incoming::Request(inv) =
+        h.feed(&request("INVITE", "z9hG4bKk", "INVITE", ""), Transport::Udp)
+    else {
+        panic!()
+    };
     let cancel = request("CANCEL", "z9hG4bKk", "CANCEL", "");
-    let Incoming::Cancel { cancel: c, invite } = h.feed(&cancel, Transport::Udp) else { panic!() };
+    let Incoming::Cancel { cancel: c, invite } = h.feed(&cancel, Transport::Udp) else {
+        panic!()
+    };
     assert_eq!(invite, Some(inv));
-    h.txns.respond(h.now, c, 200, Bytes::from(response(200, "z9hG4bKk", "CANCEL")));
+    h.txns.respond(
+        h.now,
+        c,
+        200,
+        Bytes::from(response(200, "z9hG4bKk", "CANCEL")),
+    );
     h.sent();
     assert_eq!(h.feed(&cancel, Transport::Udp), Incoming::Absorbed);
     assert_eq!(h.sent().len(), 1, "retransmitted CANCEL answered again");
-    h.txns.respond(h.now, inv, 487, Bytes::from(response(487, "z9hG4bKk", "INVITE")));
-    h.feed(&request("ACK", "z9hG4bKk", "ACK", ";tag=t9"), Transport::Udp);
+    h.txns.respond(
+        h.now,
+        inv,
+        487,
+        Bytes::from(response(487, "z9hG4bKk", "INVITE")),
+    );
+    h.feed(
+        &request("ACK", "z9hG4bKk", "ACK", ";tag=t9"),
+        Transport::Udp,
+    );
     h.run(Duration::from_secs(31));
-    assert_eq!(h.txns.len(), 1, "timer J keeps the CANCEL transaction 64*T1");
+    assert_eq!(
+        h.txns.len(),
+        1,
+        "timer J keeps the CANCEL transaction 64*T1"
+    );
     h.run(Duration::from_secs(2));
     assert!(h.txns.is_empty());
 }
 
 #[test]
 fn transaction_count_is_bounded() {
-    let mut h = Harness { txns: Transactions::new(TimerConfig::default(), 2), ..Harness::new() };
-    assert!(matches!(h.feed(&request("OPTIONS", "z9hG4bK1", "OPTIONS", ""), Transport::Udp), Incoming::Request(_)));
-    assert!(matches!(h.feed(&request("OPTIONS", "z9hG4bK2", "OPTIONS", ""), Transport::Udp), Incoming::Request(_)));
-    assert_eq!(h.feed(&request("OPTIONS", "z9hG4bK3", "OPTIONS", ""), Transport::Udp), Incoming::Overloaded);
-    assert!(h.txns.send_request(h.now, Bytes::from(request("OPTIONS", "z9hG4bK4", "OPTIONS", "")), h.peer, h.local, Transport::Udp).is_none());
+    let mut h = Harness {
+        txns: Transactions::new(TimerConfig::default(), 2),
+        ..Harness::new()
+    };
+    assert!(matches!(
+        h.feed(
+            &request("OPTIONS", "z9hG4bK1", "OPTIONS", ""),
+            Transport::Udp
+        ),
+        Incoming::Request(_)
+    ));
+    assert!(matches!(
+        h.feed(
+            &request("OPTIONS", "z9hG4bK2", "OPTIONS", ""),
+            Transport::Udp
+        ),
+        Incoming::Request(_)
+    ));
+    assert_eq!(
+        h.feed(
+            &request("OPTIONS", "z9hG4bK3", "OPTIONS", ""),
+            Transport::Udp
+        ),
+        Incoming::Overloaded
+    );
+    assert!(
+        h.txns
+            .send_request(
+                h.now,
+                Bytes::from(request("OPTIONS", "z9hG4bK4", "OPTIONS", "")),
+                h.peer,
+                h.local,
+                Transport::Udp
+            )
+            .is_none()
+    );
     // Requests that end calls still pass (in and out), up to a bound of their own.
-    assert!(matches!(h.feed(&request("BYE", "z9hG4bK5", "BYE", ""), Transport::Udp), Incoming::Request(_)));
-    assert!(h.txns.send_request(h.now, Bytes::from(request("BYE", "z9hG4bK6", "BYE", "")), h.peer, h.local, Transport::Udp).is_none(), "3 = 2 + 2/2: full");
-    let mut h = Harness { txns: Transactions::new(TimerConfig::default(), 4), ..Harness::new() };
+    assert!(matches!(
+        h.feed(&request("BYE", "z9hG4bK5", "BYE", ""), Transport::Udp),
+        Incoming::Request(_)
+    ));
+    assert!(
+        h.txns
+            .send_request(
+                h.now,
+                Bytes::from(request("BYE", "z9hG4bK6", "BYE", "")),
+                h.peer,
+                h.local,
+                Transport::Udp
+            )
+            .is_none(),
+        "3 = 2 + 2/2: full"
+    );
+    let mut h = Harness {
+        txns: Transactions::new(TimerConfig::default(), 4),
+        ..Harness::new()
+    };
     for i in 0..4 {
-        assert!(matches!(h.feed(&request("INVITE", &format!("z9hG4bKi{i}"), "INVITE", ""), Transport::Udp), Incoming::Request(_)));
+        assert!(matches!(
+            h.feed(
+                &request("INVITE", &format!("z9hG4bKi{i}"), "INVITE", ""),
+                Transport::Udp
+            ),
+            Incoming::Request(_)
+        ));
     }
-    assert_eq!(h.feed(&request("INVITE", "z9hG4bKi9", "INVITE", ""), Transport::Udp), Incoming::Overloaded);
-    assert!(matches!(h.feed(&request("CANCEL", "z9hG4bKi0", "CANCEL", ""), Transport::Udp), Incoming::Cancel { .. }));
-    assert!(h.txns.send_request(h.now, Bytes::from(request("BYE", "z9hG4bKb1", "BYE", "")), h.peer, h.local, Transport::Udp).is_some());
-    assert_eq!(h.feed(&request("BYE", "z9hG4bKb2", "BYE", ""), Transport::Udp), Incoming::Overloaded, "6 = 4 + 4/2: full");
+    assert_eq!(
+        h.feed(
+            &request("INVITE", "z9hG4bKi9", "INVITE", ""),
+            Transport::Udp
+        ),
+        Incoming::Overloaded
+    );
+    assert!(matches!(
+        h.feed(
+            &request("CANCEL", "z9hG4bKi0", "CANCEL", ""),
+            Transport::Udp
+        ),
+        Incoming::Cancel { .. }
+    ));
+    assert!(
+        h.txns
+            .send_request(
+                h.now,
+                Bytes::from(request("BYE", "z9hG4bKb1", "BYE", "")),
+                h.peer,
+                h.local,
+                Transport::Udp
+            )
+            .is_some()
+    );
+    assert_eq!(
+        h.feed(&request("BYE", "z9hG4bKb2", "BYE", ""), Transport::Udp),
+        Incoming::Overloaded,
+        "6 = 4 + 4/2: full"
+    );
 }
 
 // ---- The TCP transport on loopback (real sockets, shortened limits; every wait is bounded). ----
@@ -268,9 +543,9 @@ mod tcp {
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
+    use confmesh::sip::Transport;
     use confmesh::sip::transaction::Transmit;
     use confmesh::sip::transport::{Inbound, SipSockets, TcpLimits};
-    use confmesh::sip::Transport;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
     use tokio::sync::mpsc;
@@ -280,7 +555,9 @@ mod tcp {
 
     async fn server(limits: TcpLimits) -> (SipSockets, mpsc::Receiver<Inbound>, SocketAddr) {
         let (tx, rx) = mpsc::channel(64);
-        let s = SipSockets::bind_with(&["127.0.0.1:0".parse().unwrap()], tx, limits).await.unwrap();
+        let s = SipSockets::bind_with(&["127.0.0.1:0".parse().unwrap()], tx, limits)
+            .await
+            .unwrap();
         let addr = s.local_addrs()[0];
         (s, rx, addr)
     }
@@ -308,7 +585,10 @@ mod tcp {
 
     /// The next message the server delivered from `src` (bounded wait).
     async fn received_from(rx: &mut mpsc::Receiver<Inbound>, src: SocketAddr) -> Inbound {
-        let m = tokio::time::timeout(BOUND, rx.recv()).await.expect("a message within the bound").expect("server alive");
+        let m = tokio::time::timeout(BOUND, rx.recv())
+            .await
+            .expect("a message within the bound")
+            .expect("server alive");
         assert_eq!(m.src, src);
         assert_eq!(m.transport, Transport::Tcp);
         m
@@ -325,28 +605,53 @@ mod tcp {
     #[tokio::test]
     async fn idle_connection_is_closed() {
         let idle = Duration::from_millis(300);
-        let (s, mut rx, addr) = server(TcpLimits { idle_timeout: idle, ..TcpLimits::default() }).await;
+        let (s, mut rx, addr) = server(TcpLimits {
+            idle_timeout: idle,
+            ..TcpLimits::default()
+        })
+        .await;
         let start = Instant::now();
         let mut silent = TcpStream::connect(addr).await.unwrap();
         let mut active = TcpStream::connect(addr).await.unwrap();
-        active.write_all(&message("OPTIONS", "z9hG4bKidle1")).await.unwrap();
+        active
+            .write_all(&message("OPTIONS", "z9hG4bKidle1"))
+            .await
+            .unwrap();
         received_from(&mut rx, active.local_addr().unwrap()).await;
-        assert!(closed(&mut silent, BOUND).await, "a silent connection stays open");
+        assert!(
+            closed(&mut silent, BOUND).await,
+            "a silent connection stays open"
+        );
         assert!(start.elapsed() >= idle, "closed before the idle timeout");
         // A connection that carried a message (and no INVITE) is idle afterwards too.
-        assert!(closed(&mut active, BOUND).await, "an idle connection after a message stays open");
+        assert!(
+            closed(&mut active, BOUND).await,
+            "an idle connection after a message stays open"
+        );
         let st = s.stats();
-        assert_eq!((st.tcp_idle_closed, st.tcp_incomplete_closed, st.tcp_evicted), (2, 0, 0));
-        wait_for("closed connections are forgotten", || s.tcp_connections() == 0).await;
+        assert_eq!(
+            (st.tcp_idle_closed, st.tcp_incomplete_closed, st.tcp_evicted),
+            (2, 0, 0)
+        );
+        wait_for("closed connections are forgotten", || {
+            s.tcp_connections() == 0
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn trickling_connection_is_cut() {
         // Idle allowance far beyond the test: only the started-message bound can cut.
-        let limits = TcpLimits { idle_timeout: Duration::from_secs(120), message_timeout: Duration::from_millis(300), ..TcpLimits::default() };
+        let limits = TcpLimits {
+            idle_timeout: Duration::from_secs(120),
+            message_timeout: Duration::from_millis(300),
+            ..TcpLimits::default()
+        };
         let (s, _rx, addr) = server(limits).await;
         let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"OPTIONS sip:meet.1@127.0.0.1 SIP/2.0\r\nX-Slow: ").await.unwrap();
+        c.write_all(b"OPTIONS sip:meet.1@127.0.0.1 SIP/2.0\r\nX-Slow: ")
+            .await
+            .unwrap();
         let mut cut = false;
         let mut buf = [0u8; 64];
         // One byte every 20 ms (the stream never idles), at most 10 s of it.
@@ -370,15 +675,25 @@ mod tcp {
 
     #[tokio::test]
     async fn pending_invite_keeps_the_connection_until_answered() {
-        let limits = TcpLimits { idle_timeout: Duration::from_millis(200), invite_timeout: Duration::from_secs(120), ..TcpLimits::default() };
+        let limits = TcpLimits {
+            idle_timeout: Duration::from_millis(200),
+            invite_timeout: Duration::from_secs(120),
+            ..TcpLimits::default()
+        };
         let (s, mut rx, addr) = server(limits).await;
         let mut caller = TcpStream::connect(addr).await.unwrap();
         let mut silent = TcpStream::connect(addr).await.unwrap();
-        caller.write_all(&message("INVITE", "z9hG4bKinv1")).await.unwrap();
+        caller
+            .write_all(&message("INVITE", "z9hG4bKinv1"))
+            .await
+            .unwrap();
         let inv = received_from(&mut rx, caller.local_addr().unwrap()).await;
         assert!(closed(&mut silent, BOUND).await);
         // Well past the idle timeout, the caller's connection still works: it carries an INVITE.
-        caller.write_all(&message("OPTIONS", "z9hG4bKinv2")).await.unwrap();
+        caller
+            .write_all(&message("OPTIONS", "z9hG4bKinv2"))
+            .await
+            .unwrap();
         received_from(&mut rx, caller.local_addr().unwrap()).await;
         // A provisional response keeps it pending; the final one ends the INVITE.
         let reply = |code: u16| {
@@ -402,13 +717,20 @@ mod tcp {
             }
         }
         let text = String::from_utf8(got).unwrap();
-        assert!(text.starts_with("SIP/2.0 180 X\r\n") && text.contains("SIP/2.0 486 X\r\n"), "{text}");
+        assert!(
+            text.starts_with("SIP/2.0 180 X\r\n") && text.contains("SIP/2.0 486 X\r\n"),
+            "{text}"
+        );
         assert_eq!(s.stats().tcp_idle_closed, 2);
     }
 
     #[tokio::test]
     async fn limit_evicts_the_least_recently_active_idle_connection() {
-        let (s, mut rx, addr) = server(TcpLimits { max_connections: 3, ..TcpLimits::default() }).await;
+        let (s, mut rx, addr) = server(TcpLimits {
+            max_connections: 3,
+            ..TcpLimits::default()
+        })
+        .await;
         let mut c1 = TcpStream::connect(addr).await.unwrap();
         let mut others = Vec::new();
         for _ in 0..2 {
@@ -419,16 +741,26 @@ mod tcp {
         // (the clock counts milliseconds: make sure one passes).
         tokio::time::sleep(Duration::from_millis(20)).await;
         for (i, c) in others.iter_mut().enumerate() {
-            c.write_all(&message("OPTIONS", &format!("z9hG4bKev{i}"))).await.unwrap();
+            c.write_all(&message("OPTIONS", &format!("z9hG4bKev{i}")))
+                .await
+                .unwrap();
             received_from(&mut rx, c.local_addr().unwrap()).await;
         }
         // The limit is full of idle connections: a new one is still served.
         let mut late = TcpStream::connect(addr).await.unwrap();
-        late.write_all(&message("OPTIONS", "z9hG4bKlate")).await.unwrap();
+        late.write_all(&message("OPTIONS", "z9hG4bKlate"))
+            .await
+            .unwrap();
         received_from(&mut rx, late.local_addr().unwrap()).await;
-        assert!(closed(&mut c1, BOUND).await, "the oldest idle connection was not evicted");
+        assert!(
+            closed(&mut c1, BOUND).await,
+            "the oldest idle connection was not evicted"
+        );
         for c in &mut others {
-            assert!(!closed(c, Duration::from_millis(50)).await, "a more recently active connection was evicted");
+            assert!(
+                !closed(c, Duration::from_millis(50)).await,
+                "a more recently active connection was evicted"
+            );
         }
         let st = s.stats();
         assert_eq!((st.tcp_evicted, st.refused_connections), (1, 0));
@@ -441,7 +773,7 @@ mod tcp {
     /// port.
     #[tokio::test]
     async fn response_after_the_connection_closed_goes_to_the_via_sent_by_port() {
-        use confmesh::sip::parse::{parse, Framing};
+        use confmesh::sip::parse::{Framing, parse};
         use confmesh::sip::transaction::{Incoming, TimerConfig, Transactions};
         let (s, mut rx, addr) = server(TcpLimits::default()).await;
         let caller_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -456,46 +788,77 @@ mod tcp {
         let mut txns = Transactions::new(TimerConfig::default(), 16);
         let now = Instant::now();
         let msg = parse(&m.data, Framing::Stream).unwrap();
-        let Incoming::Request(id) = txns.handle_message(now, &msg, m.src, m.local, Transport::Tcp) else { panic!("not a request") };
+        let Incoming::Request(id) = txns.handle_message(now, &msg, m.src, m.local, Transport::Tcp)
+        else {
+            panic!("not a request")
+        };
         let resp = format!(
             "SIP/2.0 486 Busy Here\r\nVia: SIP/2.0/TCP 127.0.0.1:{listen_port};branch=z9hG4bKgone\r\n\
              From: <sip:a@x>;tag=f1\r\nTo: <sip:meet.1@127.0.0.1>;tag=t1\r\nCall-ID: gone\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
         );
         assert!(txns.respond(now, id, 486, Bytes::from(resp)));
         let t = txns.poll_transmit().unwrap();
-        assert_eq!((t.dest, t.fallback), (m.src, Some(SocketAddr::new(m.src.ip(), listen_port))));
+        assert_eq!(
+            (t.dest, t.fallback),
+            (m.src, Some(SocketAddr::new(m.src.ip(), listen_port)))
+        );
         // The caller's connection goes away before the response is sent.
         drop(c);
-        wait_for("the closed connection is forgotten", || s.tcp_connections() == 0).await;
+        wait_for("the closed connection is forgotten", || {
+            s.tcp_connections() == 0
+        })
+        .await;
         s.send(t);
-        let (mut back, _) = tokio::time::timeout(BOUND, caller_listener.accept()).await.expect("a new connection to the Via port").unwrap();
+        let (mut back, _) = tokio::time::timeout(BOUND, caller_listener.accept())
+            .await
+            .expect("a new connection to the Via port")
+            .unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 1024];
         while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = tokio::time::timeout(BOUND, back.read(&mut buf)).await.expect("the response").unwrap();
+            let n = tokio::time::timeout(BOUND, back.read(&mut buf))
+                .await
+                .expect("the response")
+                .unwrap();
             assert!(n > 0, "closed before the response");
             got.extend_from_slice(&buf[..n]);
         }
-        assert!(got.starts_with(b"SIP/2.0 486 Busy Here\r\n"), "{}", String::from_utf8_lossy(&got));
+        assert!(
+            got.starts_with(b"SIP/2.0 486 Busy Here\r\n"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
         assert_eq!(s.stats().send_failures, 0);
     }
 
     #[tokio::test]
     async fn limit_refuses_when_every_connection_carries_an_invite() {
-        let (s, mut rx, addr) = server(TcpLimits { max_connections: 2, ..TcpLimits::default() }).await;
+        let (s, mut rx, addr) = server(TcpLimits {
+            max_connections: 2,
+            ..TcpLimits::default()
+        })
+        .await;
         let mut callers = Vec::new();
         for i in 0..2 {
             let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(&message("INVITE", &format!("z9hG4bKfull{i}"))).await.unwrap();
+            c.write_all(&message("INVITE", &format!("z9hG4bKfull{i}")))
+                .await
+                .unwrap();
             received_from(&mut rx, c.local_addr().unwrap()).await;
             callers.push(c);
         }
         let mut late = TcpStream::connect(addr).await.unwrap();
-        assert!(closed(&mut late, BOUND).await, "a connection beyond the limit was kept");
+        assert!(
+            closed(&mut late, BOUND).await,
+            "a connection beyond the limit was kept"
+        );
         let st = s.stats();
         assert_eq!((st.refused_connections, st.tcp_evicted), (1, 0));
         // The calls in progress keep their connections.
-        callers[0].write_all(&message("OPTIONS", "z9hG4bKfull9")).await.unwrap();
+        callers[0]
+            .write_all(&message("OPTIONS", "z9hG4bKfull9"))
+            .await
+            .unwrap();
         received_from(&mut rx, callers[0].local_addr().unwrap()).await;
     }
 }

@@ -17,7 +17,10 @@ const SIZES: [usize; 3] = [64, 512, 1400];
 const KEY: [u8; 36] = [0x42; 36];
 
 fn addrs(i: u8) -> PeerAddrs {
-    PeerAddrs { mgmt: Ipv4Addr::new(10, 96, 0, i), overlay: Ipv4Addr::new(10, 97, 0, i) }
+    PeerAddrs {
+        mgmt: Ipv4Addr::new(10, 96, 0, i),
+        overlay: Ipv4Addr::new(10, 97, 0, i),
+    }
 }
 
 /// Two dataplanes with one SA pair between them.
@@ -25,11 +28,18 @@ fn pair(protection: Protection) -> (Dataplane, Dataplane) {
     let now = Instant::now();
     let key = &KEY[..protection.key_len()];
     // Large enough that a long benchmark never reaches the sequence-number soft limit's hard end.
-    let params = |spi| SaParams { spi, protection, key, lifetime: Lifetime::default() };
+    let params = |spi| SaParams {
+        spi,
+        protection,
+        key,
+        lifetime: Lifetime::default(),
+    };
     let mut a = Dataplane::new(addrs(1), 1500).expect("config");
     let mut b = Dataplane::new(addrs(2), 1500).expect("config");
-    a.install_sa_pair(now, addrs(2), &params(0x1000), &params(0x2000)).expect("install");
-    b.install_sa_pair(now, addrs(1), &params(0x2000), &params(0x1000)).expect("install");
+    a.install_sa_pair(now, addrs(2), &params(0x1000), &params(0x2000))
+        .expect("install");
+    b.install_sa_pair(now, addrs(1), &params(0x2000), &params(0x1000))
+        .expect("install");
     (a, b)
 }
 
@@ -61,15 +71,21 @@ fn transforms(c: &mut Criterion) {
             let mut back = vec![0u8; 2048];
             let (mut a, mut b) = pair(protection);
             let now = Instant::now();
-            group.bench_with_input(BenchmarkId::new("encapsulate", size), &packet, |bench, p| {
-                bench.iter(|| black_box(a.handle_tun_packet(now, black_box(p), &mut out)))
-            });
+            group.bench_with_input(
+                BenchmarkId::new("encapsulate", size),
+                &packet,
+                |bench, p| {
+                    bench.iter(|| black_box(a.handle_tun_packet(now, black_box(p), &mut out)))
+                },
+            );
             // Decapsulation needs fresh sequence numbers: seal a large batch ahead, then replay
             // it through a fresh receiver whenever it runs out (setup not timed).
             let (mut a, _) = pair(protection);
             let mut sealed = Vec::new();
             for _ in 0..4096 {
-                let Action::WriteToNetwork { len, .. } = a.handle_tun_packet(now, &packet, &mut out) else {
+                let Action::WriteToNetwork { len, .. } =
+                    a.handle_tun_packet(now, &packet, &mut out)
+                else {
                     panic!("encapsulation failed")
                 };
                 sealed.push(out[..len].to_vec());
@@ -96,24 +112,30 @@ fn transforms(c: &mut Criterion) {
             });
             let hkey = hmac::Key::new(hmac::HMAC_SHA256, &KEY[..32]);
             let bare = vec![0xabu8; protection.outer_len(size)];
-            group.bench_with_input(BenchmarkId::new("bare-primitive", size), &bare, |bench, buf| match protection {
-                Protection::Ah => bench.iter(|| black_box(hmac::sign(&hkey, black_box(buf)))),
-                Protection::EspGcm => {
-                    let key = aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_256_GCM, &KEY[..32]).expect("key"));
-                    let mut work = buf.clone();
-                    let mut n: u64 = 0;
-                    bench.iter(|| {
-                        n += 1;
-                        let mut nonce = [0u8; 12];
-                        nonce[4..].copy_from_slice(&n.to_be_bytes());
-                        black_box(key.seal_in_place_separate_tag(
-                            aead::Nonce::assume_unique_for_key(nonce),
-                            aead::Aad::from([0u8; 8]),
-                            &mut work[..size],
-                        ))
-                    })
-                }
-            });
+            group.bench_with_input(
+                BenchmarkId::new("bare-primitive", size),
+                &bare,
+                |bench, buf| match protection {
+                    Protection::Ah => bench.iter(|| black_box(hmac::sign(&hkey, black_box(buf)))),
+                    Protection::EspGcm => {
+                        let key = aead::LessSafeKey::new(
+                            aead::UnboundKey::new(&aead::AES_256_GCM, &KEY[..32]).expect("key"),
+                        );
+                        let mut work = buf.clone();
+                        let mut n: u64 = 0;
+                        bench.iter(|| {
+                            n += 1;
+                            let mut nonce = [0u8; 12];
+                            nonce[4..].copy_from_slice(&n.to_be_bytes());
+                            black_box(key.seal_in_place_separate_tag(
+                                aead::Nonce::assume_unique_for_key(nonce),
+                                aead::Aad::from([0u8; 8]),
+                                &mut work[..size],
+                            ))
+                        })
+                    }
+                },
+            );
         }
         group.finish();
     }

@@ -78,7 +78,11 @@ pub struct FaultInjector {
 impl FaultInjector {
     /// An injector applying `config`.
     pub fn new(config: FaultConfig) -> Self {
-        Self { config, rng: config.seed, counters: FaultCounters::default() }
+        Self {
+            config,
+            rng: config.seed,
+            counters: FaultCounters::default(),
+        }
     }
 
     /// The configuration in force.
@@ -126,7 +130,10 @@ impl FaultInjector {
     /// Decides the fate of a packet sent at `now`.
     pub fn handle_packet(&mut self, now: Instant) -> Verdict {
         if !self.config.is_active() {
-            return Verdict::Send { at: now, duplicate_at: None };
+            return Verdict::Send {
+                at: now,
+                duplicate_at: None,
+            };
         }
         if self.chance(self.config.loss) {
             self.counters.dropped += 1;
@@ -146,7 +153,10 @@ impl FaultInjector {
         } else {
             None
         };
-        Verdict::Send { at: now + delay, duplicate_at }
+        Verdict::Send {
+            at: now + delay,
+            duplicate_at,
+        }
     }
 }
 
@@ -159,7 +169,13 @@ mod tests {
         let now = Instant::now();
         let mut f = FaultInjector::new(FaultConfig::default());
         for _ in 0..1000 {
-            assert_eq!(f.handle_packet(now), Verdict::Send { at: now, duplicate_at: None });
+            assert_eq!(
+                f.handle_packet(now),
+                Verdict::Send {
+                    at: now,
+                    duplicate_at: None
+                }
+            );
         }
         assert_eq!(f.counters(), FaultCounters::default());
     }
@@ -184,7 +200,10 @@ mod tests {
                 Verdict::Send { at, duplicate_at } => {
                     let d = at - now;
                     assert!(d >= Duration::from_millis(15), "seed {seed}: delay {d:?}");
-                    assert!(d <= Duration::from_millis(25) + Duration::from_millis(10), "seed {seed}: delay {d:?}");
+                    assert!(
+                        d <= Duration::from_millis(25) + Duration::from_millis(10),
+                        "seed {seed}: delay {d:?}"
+                    );
                     if let Some(dup) = duplicate_at {
                         assert!(dup - now >= Duration::from_millis(15), "seed {seed}");
                     }
@@ -201,7 +220,12 @@ mod tests {
     #[test]
     fn same_seed_same_decisions() {
         let now = Instant::now();
-        let config = FaultConfig { loss: 0.5, jitter: Duration::from_millis(3), seed: 42, ..FaultConfig::default() };
+        let config = FaultConfig {
+            loss: 0.5,
+            jitter: Duration::from_millis(3),
+            seed: 42,
+            ..FaultConfig::default()
+        };
         let mut a = FaultInjector::new(config);
         let mut b = FaultInjector::new(config);
         for _ in 0..500 {

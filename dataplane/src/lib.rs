@@ -74,7 +74,7 @@ pub use overlay::{DriverCounters, Overlay, OverlayConfig, OverlayError, PeerRepo
 pub use replay::REPLAY_WINDOW;
 pub use sa::{AH_KEY_LEN, ESP_GCM_KEY_LEN, Lifetime, Limit, Protection, SaCounters, SaParams};
 pub use table::{
-    Action, ConfigError, Dataplane, Direction, DropReason, Event, GlobalCounters, MAX_INBOUND_PER_PEER,
-    MAX_MTU, MAX_PEERS, MIN_CONFIGURED_MTU, MIN_PATH_MTU, PMTU_AGING, PROBE_INTERVAL, PeerAddrs,
-    PeerCounters, PeerStatus, SaStatus,
+    Action, ConfigError, Dataplane, Direction, DropReason, Event, GlobalCounters,
+    MAX_INBOUND_PER_PEER, MAX_MTU, MAX_PEERS, MIN_CONFIGURED_MTU, MIN_PATH_MTU, PMTU_AGING,
+    PROBE_INTERVAL, PeerAddrs, PeerCounters, PeerStatus, SaStatus,
 };

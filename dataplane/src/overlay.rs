@@ -13,8 +13,8 @@
 //! runtime would add a wake-up per batch and buy nothing here. The daemon talks to the [`Overlay`]
 //! handle from its tokio tasks and receives events on a tokio channel.
 
-use std::collections::{BinaryHeap, HashMap};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
@@ -70,7 +70,9 @@ pub enum OverlayError {
         source: io::Error,
     },
     /// A raw socket could not be opened or bound (needs CAP_NET_RAW and the address on a link).
-    #[error("raw socket for protocol {protocol} on {addr}: {source} (needs CAP_NET_RAW; is the address configured?)")]
+    #[error(
+        "raw socket for protocol {protocol} on {addr}: {source} (needs CAP_NET_RAW; is the address configured?)"
+    )]
     Socket {
         /// 51 or 50.
         protocol: u8,
@@ -148,7 +150,11 @@ impl Shared {
             match sys::set_mtu(self.tun.name(), wanted) {
                 Ok(()) => {
                     self.tun_mtu.store(wanted, Ordering::Relaxed);
-                    tracing::info!(tun = self.tun.name(), mtu = wanted, "TUN MTU follows the path MTU");
+                    tracing::info!(
+                        tun = self.tun.name(),
+                        mtu = wanted,
+                        "TUN MTU follows the path MTU"
+                    );
                 }
                 Err(e) => {
                     self.io_errors.fetch_add(1, Ordering::Relaxed);
@@ -172,7 +178,9 @@ impl Shared {
                 }
                 continue;
             };
-            let Some(&(dst, packet)) = rest.first() else { break };
+            let Some(&(dst, packet)) = rest.first() else {
+                break;
+            };
             let (retried, again) = socket.send_batch(&[(dst, packet)]);
             if retried == 0 {
                 let err = again.unwrap_or(err);
@@ -200,7 +208,9 @@ pub struct Overlay {
 
 impl std::fmt::Debug for Overlay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Overlay").field("tun", &self.shared.tun.name()).finish_non_exhaustive()
+        f.debug_struct("Overlay")
+            .field("tun", &self.shared.tun.name())
+            .finish_non_exhaustive()
     }
 }
 
@@ -210,17 +220,32 @@ impl Overlay {
     /// changes) arrive on the returned receiver.
     pub fn start(config: OverlayConfig) -> Result<(Self, mpsc::Receiver<Event>), OverlayError> {
         let core = Dataplane::new(config.local, config.mtu)?;
-        let tun_err = |source| OverlayError::Tun { name: config.tun_name.clone(), source };
+        let tun_err = |source| OverlayError::Tun {
+            name: config.tun_name.clone(),
+            source,
+        };
         let tun = Tun::open(&config.tun_name).map_err(tun_err)?;
         let tun_mtu = core.tun_mtu();
         // The overlay is IPv4 only: keep the kernel's IPv6 neighbour discovery off the TUN, from
         // before it comes up. A kernel without IPv6 has no such file, which is as good.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tun.name()), "1");
-        sys::configure_interface(tun.name(), config.local.overlay, config.overlay_prefix_len, tun_mtu)
-            .map_err(tun_err)?;
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tun.name()),
+            "1",
+        );
+        sys::configure_interface(
+            tun.name(),
+            config.local.overlay,
+            config.overlay_prefix_len,
+            tun_mtu,
+        )
+        .map_err(tun_err)?;
         let raw = |p: Protection| {
             RawSocket::open(p.ip_protocol(), config.local.mgmt, SOCKET_BUFFER).map_err(|source| {
-                OverlayError::Socket { protocol: p.ip_protocol(), addr: config.local.mgmt, source }
+                OverlayError::Socket {
+                    protocol: p.ip_protocol(),
+                    addr: config.local.mgmt,
+                    source,
+                }
             })
         };
         let (events, receiver) = mpsc::channel(EVENT_QUEUE);
@@ -240,7 +265,10 @@ impl Overlay {
             tun_mtu: std::sync::atomic::AtomicU16::new(tun_mtu),
         });
         let buf_len = usize::from(config.mtu).max(2048);
-        let mut overlay = Self { shared, workers: Vec::new() };
+        let mut overlay = Self {
+            shared,
+            workers: Vec::new(),
+        };
         let s = Arc::clone(&overlay.shared);
         overlay.workers.push(
             std::thread::Builder::new()
@@ -297,7 +325,12 @@ impl Overlay {
     /// Status, counters and fault counters of one peer.
     pub fn peer_report(&self, mgmt: Ipv4Addr) -> Option<PeerReport> {
         let status = self.shared.core().peer_status(mgmt)?;
-        let faults = self.shared.faults().get(&mgmt).map(FaultInjector::counters).unwrap_or_default();
+        let faults = self
+            .shared
+            .faults()
+            .get(&mgmt)
+            .map(FaultInjector::counters)
+            .unwrap_or_default();
         Some(PeerReport { status, faults })
     }
 
@@ -333,7 +366,9 @@ impl Overlay {
         } else {
             faults.remove(&mgmt);
         }
-        self.shared.any_faults.store(!faults.is_empty(), Ordering::Relaxed);
+        self.shared
+            .any_faults
+            .store(!faults.is_empty(), Ordering::Relaxed);
         drop(faults);
         self.shared.wake_outbound.wake();
     }
@@ -351,17 +386,28 @@ impl Drop for Overlay {
 }
 
 fn until(deadline: Option<Instant>, now: Instant) -> Duration {
-    deadline.map_or(MAX_SLEEP, |d| d.saturating_duration_since(now).min(MAX_SLEEP))
+    deadline.map_or(MAX_SLEEP, |d| {
+        d.saturating_duration_since(now).min(MAX_SLEEP)
+    })
 }
 
 fn inbound_worker(s: &Shared, buf_len: usize) {
-    let mut slots: Vec<RecvSlot> = (0..BATCH).map(|_| RecvSlot { buf: vec![0; buf_len], len: 0 }).collect();
+    let mut slots: Vec<RecvSlot> = (0..BATCH)
+        .map(|_| RecvSlot {
+            buf: vec![0; buf_len],
+            len: 0,
+        })
+        .collect();
     let mut outs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0; buf_len]).collect();
     let mut accepted = [None::<usize>; BATCH];
     let mut probe = vec![0u8; buf_len];
     while !s.stop.load(Ordering::Relaxed) {
         let deadline = s.core().poll_timeout();
-        let fds = [s.ah.as_raw_fd(), s.esp.as_raw_fd(), s.wake_inbound.as_raw_fd()];
+        let fds = [
+            s.ah.as_raw_fd(),
+            s.esp.as_raw_fd(),
+            s.wake_inbound.as_raw_fd(),
+        ];
         let ready = match sys::poll(fds, Some(until(deadline, Instant::now()))) {
             Ok(r) => r,
             Err(e) => {
@@ -389,7 +435,14 @@ fn inbound_worker(s: &Shared, buf_len: usize) {
             let probe_action = core.poll_probe(now, &mut probe);
             s.after_core(&mut core);
             drop(core);
-            let Some(Action::WriteToNetwork { dst, protection, len }) = probe_action else { break };
+            let Some(Action::WriteToNetwork {
+                dst,
+                protection,
+                len,
+            }) = probe_action
+            else {
+                break;
+            };
             s.send(protection, &[(dst, &probe[..len])]);
         }
     }
@@ -417,7 +470,12 @@ fn receive(
         {
             let mut core = s.core();
             let now = Instant::now();
-            for ((slot, out), result) in slots.iter().zip(outs.iter_mut()).zip(accepted.iter_mut()).take(n) {
+            for ((slot, out), result) in slots
+                .iter()
+                .zip(outs.iter_mut())
+                .zip(accepted.iter_mut())
+                .take(n)
+            {
                 let packet = slot.buf.get(..slot.len).unwrap_or_default();
                 *result = match core.handle_network_packet(now, packet, out) {
                     Action::WriteToTun { len } => Some(len),
@@ -479,7 +537,12 @@ impl DelayQueue {
         let index = match self.free.pop() {
             Some(i) => i,
             None if self.slots.len() < MAX_DELAYED => {
-                self.slots.push(Delayed { dst, protection, len: 0, buf: Vec::new() });
+                self.slots.push(Delayed {
+                    dst,
+                    protection,
+                    len: 0,
+                    buf: Vec::new(),
+                });
                 self.slots.len() - 1
             }
             None => return false,
@@ -556,8 +619,15 @@ fn outbound_worker(s: &Shared, buf_len: usize) {
             let now = Instant::now();
             {
                 let mut core = s.core();
-                for ((input, out), action) in ins.iter().zip(outs.iter_mut()).zip(actions.iter_mut()).take(n) {
-                    let Action::WriteToTun { len } = *action else { continue };
+                for ((input, out), action) in ins
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .zip(actions.iter_mut())
+                    .take(n)
+                {
+                    let Action::WriteToTun { len } = *action else {
+                        continue;
+                    };
                     *action = core.handle_tun_packet(now, &input[..len], out);
                 }
                 s.after_core(&mut core);
@@ -572,13 +642,26 @@ fn outbound_worker(s: &Shared, buf_len: usize) {
 
 /// Sends a processed batch: ICMP answers to the TUN, the rest through the fault injection (when
 /// set) and `sendmmsg`, grouped by protocol.
-fn transmit(s: &Shared, outs: &[Vec<u8>], actions: &[Action], delayed: &mut DelayQueue, now: Instant) {
+fn transmit(
+    s: &Shared,
+    outs: &[Vec<u8>],
+    actions: &[Action],
+    delayed: &mut DelayQueue,
+    now: Instant,
+) {
     let mut faults = s.any_faults.load(Ordering::Relaxed).then(|| s.faults());
     for protection in [Protection::Ah, Protection::EspGcm] {
         let mut batch: [(Ipv4Addr, &[u8]); BATCH] = [(Ipv4Addr::UNSPECIFIED, &[]); BATCH];
         let mut k = 0;
         for (out, action) in outs.iter().zip(actions) {
-            let Action::WriteToNetwork { dst, protection: p, len } = *action else { continue };
+            let Action::WriteToNetwork {
+                dst,
+                protection: p,
+                len,
+            } = *action
+            else {
+                continue;
+            };
             if p != protection {
                 continue;
             }

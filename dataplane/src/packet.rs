@@ -199,7 +199,11 @@ mod tests {
         h[0] = 0x46;
         assert!(parse_ipv4(&h).is_ok());
         h[0] = 0x47;
-        assert_eq!(parse_ipv4(&h), Err(NotIpv4), "header longer than the packet");
+        assert_eq!(
+            parse_ipv4(&h),
+            Err(NotIpv4),
+            "header longer than the packet"
+        );
         h[0] = 0x65;
         assert_eq!(parse_ipv4(&h), Err(NotIpv4), "IPv6 version nibble");
     }

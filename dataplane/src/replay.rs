@@ -32,7 +32,10 @@ pub(crate) struct ReplayWindow {
 impl ReplayWindow {
     /// A window that has accepted nothing.
     pub(crate) fn new() -> Self {
-        Self { top: 0, bits: [0; BLOCKS] }
+        Self {
+            top: 0,
+            bits: [0; BLOCKS],
+        }
     }
 
     fn position(seq: u32) -> (usize, u64) {
@@ -101,10 +104,16 @@ mod tests {
         // Far ahead: accepted, and everything more than a window behind is now too old.
         assert_eq!(accept(&mut w, 100_000), Ok(()));
         assert_eq!(accept(&mut w, 5), Err(Replayed::TooOld));
-        assert_eq!(accept(&mut w, 100_000 - REPLAY_WINDOW), Err(Replayed::TooOld));
+        assert_eq!(
+            accept(&mut w, 100_000 - REPLAY_WINDOW),
+            Err(Replayed::TooOld)
+        );
         // The oldest still inside, never seen: accepted once.
         assert_eq!(accept(&mut w, 100_000 - REPLAY_WINDOW + 1), Ok(()));
-        assert_eq!(accept(&mut w, 100_000 - REPLAY_WINDOW + 1), Err(Replayed::Duplicate));
+        assert_eq!(
+            accept(&mut w, 100_000 - REPLAY_WINDOW + 1),
+            Err(Replayed::Duplicate)
+        );
         assert_eq!(accept(&mut w, 100_000), Err(Replayed::Duplicate));
     }
 

@@ -15,7 +15,9 @@ use ring::{aead, hmac};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
 
-use crate::packet::{self, IPV4_HEADER_LEN, NewHeader, PROTO_AH, PROTO_ESP, PROTO_IPV4, PROTO_NONE};
+use crate::packet::{
+    self, IPV4_HEADER_LEN, NewHeader, PROTO_AH, PROTO_ESP, PROTO_IPV4, PROTO_NONE,
+};
 use crate::replay::{ReplayWindow, Replayed};
 
 /// Length of the fixed AH fields before the ICV.
@@ -72,7 +74,8 @@ impl Protection {
         match self {
             Protection::Ah => mtu.saturating_sub(IPV4_HEADER_LEN + AH_LEN),
             Protection::EspGcm => {
-                let room = mtu.saturating_sub(IPV4_HEADER_LEN + ESP_HEADER_LEN + ESP_IV_LEN + ICV_LEN);
+                let room =
+                    mtu.saturating_sub(IPV4_HEADER_LEN + ESP_HEADER_LEN + ESP_IV_LEN + ICV_LEN);
                 (room / 4 * 4).saturating_sub(2)
             }
         }
@@ -83,7 +86,11 @@ impl Protection {
         match self {
             Protection::Ah => IPV4_HEADER_LEN + AH_LEN + inner_len,
             Protection::EspGcm => {
-                IPV4_HEADER_LEN + ESP_HEADER_LEN + ESP_IV_LEN + (inner_len + 2).next_multiple_of(4) + ICV_LEN
+                IPV4_HEADER_LEN
+                    + ESP_HEADER_LEN
+                    + ESP_IV_LEN
+                    + (inner_len + 2).next_multiple_of(4)
+                    + ICV_LEN
             }
         }
     }
@@ -190,7 +197,10 @@ pub(crate) enum SaError {
 
 enum Transform {
     Ah(hmac::Key),
-    EspGcm { key: Box<aead::LessSafeKey>, salt: [u8; GCM_SALT_LEN] },
+    EspGcm {
+        key: Box<aead::LessSafeKey>,
+        salt: [u8; GCM_SALT_LEN],
+    },
 }
 
 impl Drop for Transform {
@@ -219,7 +229,10 @@ impl Transform {
                     aead::UnboundKey::new(&aead::AES_256_GCM, aes).map_err(|_| BadKeyLength)?;
                 let mut salt = [0u8; GCM_SALT_LEN];
                 salt.copy_from_slice(salt_bytes);
-                Transform::EspGcm { key: Box::new(aead::LessSafeKey::new(unbound)), salt }
+                Transform::EspGcm {
+                    key: Box::new(aead::LessSafeKey::new(unbound)),
+                    salt,
+                }
             }
         })
     }
@@ -384,7 +397,11 @@ pub(crate) struct Sealed {
 impl OutboundSa {
     /// An SA that has sent nothing yet.
     pub(crate) fn new(params: &SaParams<'_>, now: Instant) -> Result<Self, BadKeyLength> {
-        Ok(Self { state: SaState::new(params, now)?, seq: 0, ip_id: 0 })
+        Ok(Self {
+            state: SaState::new(params, now)?,
+            seq: 0,
+            ip_id: 0,
+        })
     }
 
     /// The shared state.
@@ -420,7 +437,8 @@ impl OutboundSa {
         // A non-zero ID keeps the kernel from choosing its own, which the AH ICV covers.
         self.ip_id = self.ip_id.wrapping_add(1).max(1);
         let (head, rest) = out.split_at_mut(IPV4_HEADER_LEN);
-        let head: &mut [u8; IPV4_HEADER_LEN] = head.try_into().map_err(|_| SaError::BufferTooSmall)?;
+        let head: &mut [u8; IPV4_HEADER_LEN] =
+            head.try_into().map_err(|_| SaError::BufferTooSmall)?;
         let header = NewHeader {
             tos,
             total_len: total_u16,
@@ -441,7 +459,11 @@ impl OutboundSa {
                 ah[AH_FIXED_LEN..].fill(0);
                 inner.copy_from_slice(payload);
                 // The ICV covers the header with TOS, flags/offset, TTL and checksum zeroed.
-                let zeroed = NewHeader { tos: 0, ttl: 0, ..header };
+                let zeroed = NewHeader {
+                    tos: 0,
+                    ttl: 0,
+                    ..header
+                };
                 let mut mutable_zeroed = [0u8; IPV4_HEADER_LEN];
                 write_zeroed_header(&mut mutable_zeroed, &zeroed);
                 let icv = ah_icv(key, &mutable_zeroed, ah, inner);
@@ -471,7 +493,10 @@ impl OutboundSa {
         }
         packet::write_ipv4_header(head, &header);
         let crossing = self.state.account(payload.len(), seq, true);
-        Ok(Sealed { len: total, crossing })
+        Ok(Sealed {
+            len: total,
+            crossing,
+        })
     }
 }
 
@@ -488,7 +513,12 @@ fn write_zeroed_header(out: &mut [u8; IPV4_HEADER_LEN], h: &NewHeader) {
 }
 
 /// HMAC-SHA-256 over (zeroed outer header, AH with zero ICV, payload), truncated to 128 bits.
-fn ah_icv(key: &hmac::Key, outer: &[u8], ah_fixed_and_zero_icv: &[u8], payload: &[u8]) -> [u8; ICV_LEN] {
+fn ah_icv(
+    key: &hmac::Key,
+    outer: &[u8],
+    ah_fixed_and_zero_icv: &[u8],
+    payload: &[u8],
+) -> [u8; ICV_LEN] {
     let mut ctx = hmac::Context::with_key(key);
     ctx.update(outer);
     ctx.update(ah_fixed_and_zero_icv);
@@ -529,7 +559,10 @@ pub(crate) struct Received {
 impl InboundSa {
     /// An SA that has received nothing yet.
     pub(crate) fn new(params: &SaParams<'_>, now: Instant) -> Result<Self, BadKeyLength> {
-        Ok(Self { state: SaState::new(params, now)?, window: ReplayWindow::new() })
+        Ok(Self {
+            state: SaState::new(params, now)?,
+            window: ReplayWindow::new(),
+        })
     }
 
     /// The shared state.
@@ -546,7 +579,10 @@ impl InboundSa {
     pub(crate) fn spi_of(packet: &[u8]) -> Result<Received, SaError> {
         let outer = packet::parse_ipv4(packet).map_err(|_| SaError::Malformed)?;
         // Options would need RFC 4302 Appendix A handling; confmesh never sends them.
-        if outer.header_len != IPV4_HEADER_LEN || outer.is_fragment || packet::checksum(&packet[..IPV4_HEADER_LEN]) != 0 {
+        if outer.header_len != IPV4_HEADER_LEN
+            || outer.is_fragment
+            || packet::checksum(&packet[..IPV4_HEADER_LEN]) != 0
+        {
             return Err(SaError::Malformed);
         }
         let spi_offset = match outer.protocol {
@@ -563,7 +599,12 @@ impl InboundSa {
     /// Checks the window, verifies and strips the protection of `packet` (the whole outer packet,
     /// already looked up by [`spi_of`](Self::spi_of)), and writes the payload to the start of
     /// `out`.
-    pub(crate) fn open(&mut self, rx: &Received, packet: &[u8], out: &mut [u8]) -> Result<Opened, SaError> {
+    pub(crate) fn open(
+        &mut self,
+        rx: &Received,
+        packet: &[u8],
+        out: &mut [u8],
+    ) -> Result<Opened, SaError> {
         let Self { state, window } = self;
         if state.expired {
             return Err(SaError::Expired);
@@ -595,13 +636,17 @@ impl InboundSa {
                     counters.icv_failures += 1;
                     return Err(SaError::Authentication);
                 }
-                let dest = out.get_mut(..payload.len()).ok_or(SaError::BufferTooSmall)?;
+                let dest = out
+                    .get_mut(..payload.len())
+                    .ok_or(SaError::BufferTooSmall)?;
                 dest.copy_from_slice(payload);
                 window.update(seq);
                 (payload.len(), next_header, seq)
             }
             Transform::EspGcm { key, salt } => {
-                let head = body.get(..ESP_HEADER_LEN + ESP_IV_LEN).ok_or(SaError::Malformed)?;
+                let head = body
+                    .get(..ESP_HEADER_LEN + ESP_IV_LEN)
+                    .ok_or(SaError::Malformed)?;
                 let sealed = &body[ESP_HEADER_LEN + ESP_IV_LEN..];
                 // At least the 2-byte trailer padded to 4, plus the tag; whole 4-byte words.
                 if sealed.len() < 4 + ICV_LEN || sealed.len() % 4 != 0 {
@@ -626,9 +671,13 @@ impl InboundSa {
                 let plain = &work[..plain_len];
                 let next_header = plain[plain_len - 1];
                 let pad_len = usize::from(plain[plain_len - 2]);
-                let len = plain_len.checked_sub(2 + pad_len).ok_or(SaError::Malformed)?;
-                let padding_ok =
-                    plain[len..len + pad_len].iter().enumerate().all(|(i, &b)| usize::from(b) == i + 1);
+                let len = plain_len
+                    .checked_sub(2 + pad_len)
+                    .ok_or(SaError::Malformed)?;
+                let padding_ok = plain[len..len + pad_len]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &b)| usize::from(b) == i + 1);
                 if !padding_ok {
                     return Err(SaError::Malformed);
                 }
@@ -636,7 +685,11 @@ impl InboundSa {
             }
         };
         let crossing = state.account(len, seq, false);
-        Ok(Opened { len, next_header, crossing })
+        Ok(Opened {
+            len,
+            next_header,
+            crossing,
+        })
     }
 }
 
@@ -657,7 +710,10 @@ mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
     }
 
     /// RFC 4868 §2.7.2.2 AUTH256-1..4, fed through the ICV function in three arbitrary parts as the
@@ -665,10 +721,26 @@ mod tests {
     #[test]
     fn rfc4868_hmac_sha256_128_vectors() {
         let vectors: [(Vec<u8>, Vec<u8>, &str); 4] = [
-            (vec![0x0b; 32], b"Hi There".to_vec(), "198a607eb44bfbc69903a0f1cf2bbdc5"),
-            (b"JefeJefeJefeJefeJefeJefeJefeJefe".to_vec(), b"what do ya want for nothing?".to_vec(), "167f928588c5cc2eef8e3093caa0e87c"),
-            (vec![0xaa; 32], vec![0xdd; 50], "cdcb1220d1ecccea91e53aba3092f962"),
-            ((1..=32).collect(), vec![0xcd; 50], "372efcf9b40b35c2115b1346903d2ef4"),
+            (
+                vec![0x0b; 32],
+                b"Hi There".to_vec(),
+                "198a607eb44bfbc69903a0f1cf2bbdc5",
+            ),
+            (
+                b"JefeJefeJefeJefeJefeJefeJefeJefe".to_vec(),
+                b"what do ya want for nothing?".to_vec(),
+                "167f928588c5cc2eef8e3093caa0e87c",
+            ),
+            (
+                vec![0xaa; 32],
+                vec![0xdd; 50],
+                "cdcb1220d1ecccea91e53aba3092f962",
+            ),
+            (
+                (1..=32).collect(),
+                vec![0xcd; 50],
+                "372efcf9b40b35c2115b1346903d2ef4",
+            ),
         ];
         for (key, data, expected) in vectors {
             let key = hmac::Key::new(hmac::HMAC_SHA256, &key);
@@ -685,17 +757,28 @@ mod tests {
     fn sequence_number_limits() {
         let now = Instant::now();
         let key = [7u8; 32];
-        let params = SaParams { spi: 0x1234, protection: Protection::Ah, key: &key, lifetime: Lifetime::default() };
+        let params = SaParams {
+            spi: 0x1234,
+            protection: Protection::Ah,
+            key: &key,
+            lifetime: Lifetime::default(),
+        };
         let mut sa = OutboundSa::new(&params, now).expect("sa");
         let (src, dst) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
         let mut out = [0u8; 128];
         let mut send = |sa: &mut OutboundSa| sa.seal(src, dst, 0, PROTO_NONE, &[0; 8], &mut out);
         assert_eq!(send(&mut sa).map(|s| s.crossing), Ok(None));
         sa.seq = SEQ_SOFT_LIMIT - 1;
-        assert_eq!(send(&mut sa).map(|s| s.crossing), Ok(Some(Crossing::Soft(Limit::SequenceNumber))));
+        assert_eq!(
+            send(&mut sa).map(|s| s.crossing),
+            Ok(Some(Crossing::Soft(Limit::SequenceNumber)))
+        );
         assert_eq!(send(&mut sa).map(|s| s.crossing), Ok(None), "raised once");
         sa.seq = u32::MAX - 1;
-        assert_eq!(send(&mut sa).map(|s| s.crossing), Ok(Some(Crossing::Hard(Limit::SequenceNumber))));
+        assert_eq!(
+            send(&mut sa).map(|s| s.crossing),
+            Ok(Some(Crossing::Hard(Limit::SequenceNumber)))
+        );
         assert_eq!(send(&mut sa), Err(SaError::Expired), "never wraps to 0");
     }
 

@@ -15,18 +15,28 @@ use std::time::Duration;
 pub(crate) const BATCH: usize = 32;
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret as usize) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
 }
 
 fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.octets()) },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr.octets()),
+        },
         sin_zero: [0; 8],
     }
 }
@@ -36,7 +46,10 @@ fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
     let mut req: libc::ifreq = unsafe { mem::zeroed() };
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name must be 1-15 bytes"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name must be 1-15 bytes",
+        ));
     }
     for (dst, &b) in req.ifr_name.iter_mut().zip(bytes) {
         *dst = b as libc::c_char;
@@ -44,7 +57,12 @@ fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
     Ok(req)
 }
 
-fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn set_int_opt(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: the option value points at a live c_int and its exact size is passed.
     check(unsafe {
         libc::setsockopt(
@@ -70,15 +88,28 @@ impl Tun {
     pub(crate) fn open(name: &str) -> io::Result<Self> {
         let path = c"/dev/net/tun";
         // SAFETY: path is a valid NUL-terminated string; the returned fd is checked below.
-        let raw = check(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+        let raw = check(unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        })?;
         // SAFETY: raw is a freshly opened descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut req = ifreq_for(name)?;
         req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one ifreq, which lives on our stack for the call.
-        check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut libc::ifreq) })?;
+        check(unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                libc::TUNSETIFF,
+                &mut req as *mut libc::ifreq,
+            )
+        })?;
         // SAFETY: the kernel wrote a NUL-terminated name into ifr_name (IFNAMSIZ bytes).
-        let actual = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) }.to_string_lossy().into_owned();
+        let actual = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
         Ok(Self { fd, name: actual })
     }
 
@@ -96,7 +127,9 @@ impl Tun {
     /// Writes one packet.
     pub(crate) fn write(&self, packet: &[u8]) -> io::Result<usize> {
         // SAFETY: packet is a valid readable region of packet.len() bytes for the call.
-        check_size(unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) })
+        check_size(unsafe {
+            libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len())
+        })
     }
 }
 
@@ -107,7 +140,12 @@ impl AsRawFd for Tun {
 }
 
 /// Configures an interface: IPv4 address and prefix, MTU, and up.
-pub(crate) fn configure_interface(name: &str, addr: Ipv4Addr, prefix_len: u8, mtu: u16) -> io::Result<()> {
+pub(crate) fn configure_interface(
+    name: &str,
+    addr: Ipv4Addr,
+    prefix_len: u8,
+    mtu: u16,
+) -> io::Result<()> {
     let ctl = control_socket()?;
     let fd = ctl.as_raw_fd();
     let mut req = ifreq_for(name)?;
@@ -117,7 +155,11 @@ pub(crate) fn configure_interface(name: &str, addr: Ipv4Addr, prefix_len: u8, mt
     req.ifr_ifru.ifru_addr = unsafe { mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sa) };
     // SAFETY: SIOCSIFADDR reads one ifreq that lives on our stack for the call.
     check(unsafe { libc::ioctl(fd, libc::SIOCSIFADDR, &mut req as *mut libc::ifreq) })?;
-    let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix_len.min(32))) };
+    let mask = if prefix_len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix_len.min(32)))
+    };
     let sa = sockaddr_v4(Ipv4Addr::from(mask));
     // SAFETY: as above, same-size plain-data reinterpretation.
     req.ifr_ifru.ifru_netmask = unsafe { mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sa) };
@@ -151,7 +193,8 @@ fn set_mtu_with(fd: RawFd, name: &str, mtu: u16) -> io::Result<()> {
 
 fn control_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the result is checked.
-    let raw = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let raw =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: raw is a fresh descriptor owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
@@ -186,16 +229,28 @@ impl RawSocket {
     pub(crate) fn open(protocol: u8, local: Ipv4Addr, buffer_bytes: usize) -> io::Result<Self> {
         // SAFETY: plain socket(2) call; the result is checked.
         let raw = check(unsafe {
-            libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, libc::c_int::from(protocol))
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::c_int::from(protocol),
+            )
         })?;
         // SAFETY: raw is a fresh descriptor owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let s = fd.as_raw_fd();
         set_int_opt(s, libc::IPPROTO_IP, libc::IP_HDRINCL, 1)?;
-        set_int_opt(s, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)?;
+        set_int_opt(
+            s,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )?;
         set_int_opt(s, libc::IPPROTO_IP, libc::IP_RECVERR, 1)?;
         let size = libc::c_int::try_from(buffer_bytes).unwrap_or(libc::c_int::MAX);
-        for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        for (force, plain) in [
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        ] {
             if set_int_opt(s, libc::SOL_SOCKET, force, size).is_err() {
                 set_int_opt(s, libc::SOL_SOCKET, plain, size)?;
             }
@@ -203,7 +258,11 @@ impl RawSocket {
         let addr = sockaddr_v4(local);
         // SAFETY: addr is a live sockaddr_in and its exact size is passed.
         check(unsafe {
-            libc::bind(s, (&addr as *const libc::sockaddr_in).cast(), mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+            libc::bind(
+                s,
+                (&addr as *const libc::sockaddr_in).cast(),
+                mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
         })?;
         Ok(Self { fd })
     }
@@ -217,14 +276,23 @@ impl RawSocket {
         // SAFETY: as above.
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
         for i in 0..n {
-            iovs[i] = libc::iovec { iov_base: slots[i].buf.as_mut_ptr().cast(), iov_len: slots[i].buf.len() };
+            iovs[i] = libc::iovec {
+                iov_base: slots[i].buf.as_mut_ptr().cast(),
+                iov_len: slots[i].buf.len(),
+            };
             msgs[i].msg_hdr.msg_iov = &mut iovs[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
         }
         // SAFETY: each message points at one iovec above, each iovec at a distinct live buffer
         // of the stated length; no addresses or control data are requested.
         let got = check(unsafe {
-            libc::recvmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut())
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
         })? as usize;
         for i in 0..got.min(n) {
             slots[i].len = msgs[i].msg_len as usize;
@@ -243,7 +311,10 @@ impl RawSocket {
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
         for (i, (dst, data)) in packets.iter().take(n).enumerate() {
             addrs[i] = sockaddr_v4(*dst);
-            iovs[i] = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+            iovs[i] = libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            };
             msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
             msgs[i].msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             msgs[i].msg_hdr.msg_iov = &mut iovs[i];
@@ -254,7 +325,12 @@ impl RawSocket {
             // SAFETY: messages sent..n point at live addresses and iovecs above, which point at
             // the caller's packet slices; the kernel only reads the packet data.
             let ret = unsafe {
-                libc::sendmmsg(self.fd.as_raw_fd(), msgs[sent..].as_mut_ptr(), (n - sent) as libc::c_uint, 0)
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    msgs[sent..].as_mut_ptr(),
+                    (n - sent) as libc::c_uint,
+                    0,
+                )
             };
             match check(ret) {
                 Ok(0) => break,
@@ -270,7 +346,10 @@ impl RawSocket {
     pub(crate) fn recv_error(&self) -> io::Result<ErrorReport> {
         let mut addr = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
         let mut data = [0u8; 576];
-        let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
         // Room for one IP_RECVERR control message (sock_extended_err plus the offender address).
         let mut control = [MaybeUninit::<u64>::uninit(); 16];
         // SAFETY: msghdr is plain data; all-zero is valid.
@@ -282,7 +361,13 @@ impl RawSocket {
         msg.msg_control = control.as_mut_ptr().cast();
         msg.msg_controllen = mem::size_of_val(&control);
         // SAFETY: every pointer in msg refers to a live local of the stated size.
-        check_size(unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) })?;
+        check_size(unsafe {
+            libc::recvmsg(
+                self.fd.as_raw_fd(),
+                &mut msg,
+                libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+            )
+        })?;
         let dst = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
         let mut mtu = None;
         // SAFETY: msg was filled by recvmsg; CMSG_FIRSTHDR/CMSG_NXTHDR stay within msg_controllen.
@@ -296,7 +381,8 @@ impl RawSocket {
                 let err: libc::sock_extended_err =
                     unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast()) };
                 let too_big = err.ee_errno == libc::EMSGSIZE as u32;
-                let origin_ok = err.ee_origin == libc::SO_EE_ORIGIN_ICMP || err.ee_origin == libc::SO_EE_ORIGIN_LOCAL;
+                let origin_ok = err.ee_origin == libc::SO_EE_ORIGIN_ICMP
+                    || err.ee_origin == libc::SO_EE_ORIGIN_LOCAL;
                 if too_big && origin_ok {
                     mtu = Some(u16::try_from(err.ee_info).unwrap_or(u16::MAX));
                 }
@@ -326,7 +412,9 @@ impl Waker {
         // SAFETY: plain eventfd(2) call; the result is checked.
         let raw = check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
         // SAFETY: raw is a fresh descriptor owned by nobody else.
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(raw) } })
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(raw) },
+        })
     }
 
     /// Signals the waker.
@@ -361,12 +449,22 @@ pub(crate) struct Ready {
 }
 
 /// Waits until one of `fds` is readable or has an error, or `timeout` passes.
-pub(crate) fn poll<const N: usize>(fds: [RawFd; N], timeout: Option<Duration>) -> io::Result<[Ready; N]> {
-    let mut pfds = fds.map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+pub(crate) fn poll<const N: usize>(
+    fds: [RawFd; N],
+    timeout: Option<Duration>,
+) -> io::Result<[Ready; N]> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
     let ms = match timeout {
         None => -1,
-        Some(t) => libc::c_int::try_from(t.as_millis().saturating_add(u128::from(t.subsec_nanos() % 1_000_000 != 0)))
-            .unwrap_or(libc::c_int::MAX),
+        Some(t) => libc::c_int::try_from(
+            t.as_millis()
+                .saturating_add(u128::from(t.subsec_nanos() % 1_000_000 != 0)),
+        )
+        .unwrap_or(libc::c_int::MAX),
     };
     // SAFETY: pfds is a live array of N pollfd structures.
     let ret = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };

@@ -351,7 +351,11 @@ impl Dataplane {
                 return Err(ConfigError::OwnAddress(addr));
             }
         }
-        if self.peers.iter().any(|p| p.addrs.overlay == peer.overlay && p.addrs.mgmt != peer.mgmt) {
+        if self
+            .peers
+            .iter()
+            .any(|p| p.addrs.overlay == peer.overlay && p.addrs.mgmt != peer.mgmt)
+        {
             return Err(ConfigError::OverlayInUse(peer.overlay));
         }
         for params in [outbound, inbound] {
@@ -366,7 +370,11 @@ impl Dataplane {
                 });
             }
         }
-        let key = (inbound.protection.ip_protocol(), inbound.spi, self.local.mgmt);
+        let key = (
+            inbound.protection.ip_protocol(),
+            inbound.spi,
+            self.local.mgmt,
+        );
         if self.inbound.contains_key(&key) {
             return Err(ConfigError::DuplicateSpi(inbound.spi));
         }
@@ -407,13 +415,22 @@ impl Dataplane {
             self.inbound.remove(&old);
         }
         self.installs += 1;
-        self.inbound.insert(key, InboundEntry { peer: peer.mgmt, order: self.installs, sa: in_sa });
+        self.inbound.insert(
+            key,
+            InboundEntry {
+                peer: peer.mgmt,
+                order: self.installs,
+                sa: in_sa,
+            },
+        );
         Ok(())
     }
 
     /// Removes an inbound SA (IKE received a DELETE for it). Returns whether it existed.
     pub fn remove_inbound_sa(&mut self, protection: Protection, spi: u32) -> bool {
-        self.inbound.remove(&(protection.ip_protocol(), spi, self.local.mgmt)).is_some()
+        self.inbound
+            .remove(&(protection.ip_protocol(), spi, self.local.mgmt))
+            .is_some()
     }
 
     /// Removes a peer with all its SAs (the peer left the cluster). Returns whether it existed.
@@ -456,7 +473,14 @@ impl Dataplane {
             };
         }
         // RFC 6040 normal mode: the outer header copies the inner DSCP and ECN.
-        match sa.seal(self.local.mgmt, peer.addrs.mgmt, inner.tos, PROTO_IPV4, packet, out) {
+        match sa.seal(
+            self.local.mgmt,
+            peer.addrs.mgmt,
+            inner.tos,
+            PROTO_IPV4,
+            packet,
+            out,
+        ) {
             Ok(sealed) => {
                 peer.counters.tx_packets += 1;
                 peer.counters.tx_bytes += packet.len() as u64;
@@ -466,9 +490,17 @@ impl Dataplane {
                     if matches!(crossing, Crossing::Hard(_)) {
                         peer.outbound = None;
                     }
-                    push_event(&mut self.events, &mut self.counters, crossing_event(crossing, dst, spi, Direction::Outbound));
+                    push_event(
+                        &mut self.events,
+                        &mut self.counters,
+                        crossing_event(crossing, dst, spi, Direction::Outbound),
+                    );
                 }
-                Action::WriteToNetwork { dst, protection, len: sealed.len }
+                Action::WriteToNetwork {
+                    dst,
+                    protection,
+                    len: sealed.len,
+                }
             }
             Err(SaError::Expired) => {
                 peer.counters.expired_drops += 1;
@@ -480,7 +512,12 @@ impl Dataplane {
 
     /// Verifies and unwraps one packet read from a raw socket (the whole IPv4 packet), writing the
     /// inner packet for the TUN to `out`, which should hold at least the configured MTU.
-    pub fn handle_network_packet(&mut self, _now: Instant, packet: &[u8], out: &mut [u8]) -> Action {
+    pub fn handle_network_packet(
+        &mut self,
+        _now: Instant,
+        packet: &[u8],
+        out: &mut [u8],
+    ) -> Action {
         let rx = match InboundSa::spi_of(packet) {
             Ok(rx) => rx,
             Err(_) => {
@@ -537,7 +574,11 @@ impl Dataplane {
             if matches!(crossing, Crossing::Hard(_)) {
                 self.inbound.remove(&key);
             }
-            push_event(&mut self.events, &mut self.counters, crossing_event(crossing, peer_mgmt, rx.spi, Direction::Inbound));
+            push_event(
+                &mut self.events,
+                &mut self.counters,
+                crossing_event(crossing, peer_mgmt, rx.spi, Direction::Inbound),
+            );
         }
         if !is_tunnel_payload(opened.next_header) {
             peer.counters.malformed += 1;
@@ -584,7 +625,14 @@ impl Dataplane {
         p.path_mtu = mtu;
         p.raise_at = Some(now + PMTU_AGING);
         p.counters.pmtu_updates += 1;
-        push_event(&mut self.events, &mut self.counters, Event::PathMtuChanged { peer, path_mtu: mtu });
+        push_event(
+            &mut self.events,
+            &mut self.counters,
+            Event::PathMtuChanged {
+                peer,
+                path_mtu: mtu,
+            },
+        );
     }
 
     /// Counts a send to `peer` that the kernel refused as larger than the link: the tunnel never
@@ -604,7 +652,11 @@ impl Dataplane {
                     if matches!(crossing, Crossing::Hard(_)) {
                         p.outbound = None;
                     }
-                    push_event(&mut self.events, &mut self.counters, crossing_event(crossing, p.addrs.mgmt, spi, Direction::Outbound));
+                    push_event(
+                        &mut self.events,
+                        &mut self.counters,
+                        crossing_event(crossing, p.addrs.mgmt, spi, Direction::Outbound),
+                    );
                 }
             }
             if p.raise_at.is_some_and(|t| t <= now) {
@@ -612,7 +664,14 @@ impl Dataplane {
                 p.path_mtu = self.mtu;
                 p.probe_at = Some(now);
                 p.counters.pmtu_updates += 1;
-                push_event(&mut self.events, &mut self.counters, Event::PathMtuChanged { peer: p.addrs.mgmt, path_mtu: self.mtu });
+                push_event(
+                    &mut self.events,
+                    &mut self.counters,
+                    Event::PathMtuChanged {
+                        peer: p.addrs.mgmt,
+                        path_mtu: self.mtu,
+                    },
+                );
             }
         }
         let events = &mut self.events;
@@ -621,7 +680,11 @@ impl Dataplane {
             let Some(crossing) = e.sa.state_mut().check_time(now) else {
                 return true;
             };
-            push_event(events, counters, crossing_event(crossing, e.peer, e.sa.state().spi(), Direction::Inbound));
+            push_event(
+                events,
+                counters,
+                crossing_event(crossing, e.peer, e.sa.state().spi(), Direction::Inbound),
+            );
             !matches!(crossing, Crossing::Hard(_))
         });
     }
@@ -630,7 +693,13 @@ impl Dataplane {
     /// [`poll_probe`](Self::poll_probe) has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let peers = self.peers.iter().flat_map(|p| {
-            [p.outbound.as_ref().and_then(|sa| sa.state().next_deadline()), p.raise_at, p.probe_at]
+            [
+                p.outbound
+                    .as_ref()
+                    .and_then(|sa| sa.state().next_deadline()),
+                p.raise_at,
+                p.probe_at,
+            ]
         });
         let inbound = self.inbound.values().map(|e| e.sa.state().next_deadline());
         peers.chain(inbound).flatten().min()
@@ -661,9 +730,17 @@ impl Dataplane {
                 if matches!(crossing, Crossing::Hard(_)) {
                     p.outbound = None;
                 }
-                push_event(&mut self.events, &mut self.counters, crossing_event(crossing, p.addrs.mgmt, spi, Direction::Outbound));
+                push_event(
+                    &mut self.events,
+                    &mut self.counters,
+                    crossing_event(crossing, p.addrs.mgmt, spi, Direction::Outbound),
+                );
             }
-            return Some(Action::WriteToNetwork { dst: p.addrs.mgmt, protection, len: sealed.len });
+            return Some(Action::WriteToNetwork {
+                dst: p.addrs.mgmt,
+                protection,
+                len: sealed.len,
+            });
         }
         None
     }
@@ -679,7 +756,11 @@ impl Dataplane {
         let inner = self
             .peers
             .iter()
-            .filter_map(|p| p.outbound.as_ref().map(|sa| sa.state().protection().max_inner_len(p.path_mtu)))
+            .filter_map(|p| {
+                p.outbound
+                    .as_ref()
+                    .map(|sa| sa.state().protection().max_inner_len(p.path_mtu))
+            })
             .min()
             .unwrap_or_else(|| Protection::Ah.max_inner_len(self.mtu));
         u16::try_from(inner).unwrap_or(u16::MAX)
@@ -693,7 +774,11 @@ impl Dataplane {
     /// The status of one peer.
     pub fn peer_status(&self, mgmt: Ipv4Addr) -> Option<PeerStatus> {
         let p = self.peers.iter().find(|p| p.addrs.mgmt == mgmt)?;
-        let sa_status = |s: &SaState| SaStatus { spi: s.spi(), protection: s.protection(), counters: s.counters() };
+        let sa_status = |s: &SaState| SaStatus {
+            spi: s.spi(),
+            protection: s.protection(),
+            counters: s.counters(),
+        };
         let mut inbound: Vec<(u64, SaStatus)> = self
             .inbound
             .values()
@@ -723,8 +808,18 @@ impl Dataplane {
 
 fn crossing_event(crossing: Crossing, peer: Ipv4Addr, spi: u32, direction: Direction) -> Event {
     match crossing {
-        Crossing::Soft(limit) => Event::RekeyNeeded { peer, spi, direction, limit },
-        Crossing::Hard(limit) => Event::SaExpired { peer, spi, direction, limit },
+        Crossing::Soft(limit) => Event::RekeyNeeded {
+            peer,
+            spi,
+            direction,
+            limit,
+        },
+        Crossing::Hard(limit) => Event::SaExpired {
+            peer,
+            spi,
+            direction,
+            limit,
+        },
     }
 }
 
@@ -741,11 +836,17 @@ const ICMP_ERROR_TYPES: [u8; 5] = [3, 4, 5, 11, 12];
 
 /// Whether an oversize packet may be answered: not a non-initial fragment, not an ICMP error.
 fn wants_icmp_answer(h: &packet::Ipv4Header, packet: &[u8]) -> bool {
-    if h.is_fragment && packet.get(6..8).is_some_and(|f| u16::from_be_bytes([f[0], f[1]]) & 0x1fff != 0) {
+    if h.is_fragment
+        && packet
+            .get(6..8)
+            .is_some_and(|f| u16::from_be_bytes([f[0], f[1]]) & 0x1fff != 0)
+    {
         return false;
     }
     if h.protocol == PROTO_ICMP {
-        return packet.get(h.header_len).is_some_and(|t| !ICMP_ERROR_TYPES.contains(t));
+        return packet
+            .get(h.header_len)
+            .is_some_and(|t| !ICMP_ERROR_TYPES.contains(t));
     }
     true
 }

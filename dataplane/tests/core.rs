@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use confmesh_dataplane::{
-    Action, ConfigError, Dataplane, Direction, DropReason, Event, Lifetime, Limit, MAX_INBOUND_PER_PEER,
-    PMTU_AGING, PeerAddrs, Protection, REPLAY_WINDOW, SaParams,
+    Action, ConfigError, Dataplane, Direction, DropReason, Event, Lifetime, Limit,
+    MAX_INBOUND_PER_PEER, PMTU_AGING, PeerAddrs, Protection, REPLAY_WINDOW, SaParams,
 };
 use proptest::prelude::*;
 use ring::hmac;
@@ -19,7 +19,10 @@ const SPI_AB: u32 = 0x0000_a001;
 const SPI_BA: u32 = 0x0000_b001;
 
 fn addrs(i: u8) -> PeerAddrs {
-    PeerAddrs { mgmt: Ipv4Addr::new(10, 96, 0, i), overlay: Ipv4Addr::new(10, 97, 0, i) }
+    PeerAddrs {
+        mgmt: Ipv4Addr::new(10, 96, 0, i),
+        overlay: Ipv4Addr::new(10, 97, 0, i),
+    }
 }
 
 fn keys(protection: Protection) -> (&'static [u8], &'static [u8]) {
@@ -32,11 +35,18 @@ fn keys(protection: Protection) -> (&'static [u8], &'static [u8]) {
 /// Peers 1 (a) and 2 (b) with one SA pair, created at `now`.
 fn pair_with(protection: Protection, lifetime: Lifetime, now: Instant) -> (Dataplane, Dataplane) {
     let (ab, ba) = keys(protection);
-    let p = |spi, key| SaParams { spi, protection, key, lifetime };
+    let p = |spi, key| SaParams {
+        spi,
+        protection,
+        key,
+        lifetime,
+    };
     let mut a = Dataplane::new(addrs(1), 1500).expect("a");
     let mut b = Dataplane::new(addrs(2), 1500).expect("b");
-    a.install_sa_pair(now, addrs(2), &p(SPI_AB, ab), &p(SPI_BA, ba)).expect("a install");
-    b.install_sa_pair(now, addrs(1), &p(SPI_BA, ba), &p(SPI_AB, ab)).expect("b install");
+    a.install_sa_pair(now, addrs(2), &p(SPI_AB, ab), &p(SPI_BA, ba))
+        .expect("a install");
+    b.install_sa_pair(now, addrs(1), &p(SPI_BA, ba), &p(SPI_AB, ab))
+        .expect("b install");
     (a, b)
 }
 
@@ -67,7 +77,10 @@ fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, tos: u8, df: bool, payload: &[u8]) ->
 
 /// The test's own RFC 1071 checksum, independent of the crate's.
 fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data.chunks(2).map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0))).sum();
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0)))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -102,9 +115,16 @@ fn open(b: &mut Dataplane, now: Instant, wire: &[u8]) -> Result<Vec<u8>, DropRea
 
 fn check_outer(wire: &[u8], protection: Protection) {
     assert_eq!(wire[0], 0x45);
-    assert_eq!(usize::from(u16::from_be_bytes([wire[2], wire[3]])), wire.len());
+    assert_eq!(
+        usize::from(u16::from_be_bytes([wire[2], wire[3]])),
+        wire.len()
+    );
     assert_eq!(wire[6] & 0x40, 0x40, "DF set");
-    assert_eq!(u16::from_be_bytes([wire[6], wire[7]]) & 0x3fff, 0, "not a fragment");
+    assert_eq!(
+        u16::from_be_bytes([wire[6], wire[7]]) & 0x3fff,
+        0,
+        "not a fragment"
+    );
     assert_eq!(wire[8], 64, "TTL");
     assert_eq!(wire[9], protection.ip_protocol());
     assert_eq!(&wire[12..16], &addrs(1).mgmt.octets());
@@ -146,13 +166,19 @@ fn every_single_bit_flip_is_rejected() {
         for bit in 0..wire.len() * 8 {
             let mut bad = wire.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            assert!(open(&mut b, now, &bad).is_err(), "{protection:?}: flip of bit {bit} accepted");
+            assert!(
+                open(&mut b, now, &bad).is_err(),
+                "{protection:?}: flip of bit {bit} accepted"
+            );
         }
         // Nothing moved the window: the original is still accepted, once.
         assert!(open(&mut b, now, &wire).is_ok());
         assert_eq!(open(&mut b, now, &wire), Err(DropReason::Replay));
         let c = b.peer_status(addrs(1).mgmt).expect("peer").counters;
-        assert!(c.icv_failures > 0 && c.malformed + b.counters().unknown_spi + c.no_sa > 0, "{c:?}");
+        assert!(
+            c.icv_failures > 0 && c.malformed + b.counters().unknown_spi + c.no_sa > 0,
+            "{c:?}"
+        );
     }
 }
 
@@ -192,7 +218,9 @@ fn ah_protects_the_immutable_outer_fields() {
 fn replay_window_cases() {
     for protection in [Protection::Ah, Protection::EspGcm] {
         let (mut a, mut b, now) = pair(protection);
-        let packets: Vec<Vec<u8>> = (0..REPLAY_WINDOW as usize + 100).map(|i| seal(&mut a, now, &a_to_b(&[i as u8; 40]))).collect();
+        let packets: Vec<Vec<u8>> = (0..REPLAY_WINDOW as usize + 100)
+            .map(|i| seal(&mut a, now, &a_to_b(&[i as u8; 40])))
+            .collect();
         // Out of order inside the window.
         assert!(open(&mut b, now, &packets[5]).is_ok());
         assert!(open(&mut b, now, &packets[2]).is_ok());
@@ -206,7 +234,10 @@ fn replay_window_cases() {
         // The oldest packet still inside the window is accepted.
         let oldest_inside = last + 1 - REPLAY_WINDOW as usize;
         assert!(open(&mut b, now, &packets[oldest_inside]).is_ok());
-        assert_eq!(open(&mut b, now, &packets[oldest_inside - 1]), Err(DropReason::Replay));
+        assert_eq!(
+            open(&mut b, now, &packets[oldest_inside - 1]),
+            Err(DropReason::Replay)
+        );
         let c = b.peer_status(addrs(1).mgmt).expect("peer");
         assert_eq!(c.counters.replay_drops, 3);
         assert_eq!(c.inbound[0].counters.replay_drops, 3);
@@ -254,34 +285,86 @@ fn malformed_inputs_are_dropped_and_counted() {
     let good = seal(&mut a, now, &a_to_b(&[1; 64]));
     let mut cases: Vec<(String, Vec<u8>, DropReason)> = Vec::new();
     for cut in 0..good.len() {
-        cases.push((format!("truncated to {cut}"), good[..cut].to_vec(), DropReason::Malformed));
+        cases.push((
+            format!("truncated to {cut}"),
+            good[..cut].to_vec(),
+            DropReason::Malformed,
+        ));
     }
     let mut longer = good.clone();
     longer.push(0);
     cases.push(("trailing byte".into(), longer, DropReason::Malformed));
     let mut bad_len = good.clone();
     bad_len[2..4].copy_from_slice(&(good.len() as u16 + 8).to_be_bytes());
-    cases.push(("total length beyond the packet".into(), bad_len, DropReason::Malformed));
+    cases.push((
+        "total length beyond the packet".into(),
+        bad_len,
+        DropReason::Malformed,
+    ));
     let mut bad_ah_len = handmade_ah(2, 4, &a_to_b(b"x"));
     bad_ah_len[21] = 4;
-    cases.push(("AH payload length field".into(), bad_ah_len, DropReason::Malformed));
+    cases.push((
+        "AH payload length field".into(),
+        bad_ah_len,
+        DropReason::Malformed,
+    ));
     let mut unknown = handmade_ah(3, 4, &a_to_b(b"x"));
     unknown[24..28].copy_from_slice(&0xdead_beefu32.to_be_bytes());
     cases.push(("unknown SPI".into(), unknown, DropReason::UnknownSpi));
-    cases.push(("wrong next header (TCP)".into(), handmade_ah(4, 6, &a_to_b(b"x")), DropReason::Malformed));
-    cases.push(("inner not IPv4".into(), handmade_ah(5, 4, &[0x60; 40]), DropReason::Malformed));
-    cases.push(("inner length lies".into(), handmade_ah(6, 4, &a_to_b(b"abc")[..22]), DropReason::Malformed));
-    let spoofed = ip_packet(Ipv4Addr::new(10, 97, 0, 9), addrs(2).overlay, 0, false, b"spoof");
-    cases.push(("inner source not the peer's".into(), handmade_ah(7, 4, &spoofed), DropReason::Policy));
-    let elsewhere = ip_packet(addrs(1).overlay, Ipv4Addr::new(10, 97, 0, 3), 0, false, b"fwd");
-    cases.push(("inner destination not ours".into(), handmade_ah(8, 4, &elsewhere), DropReason::Policy));
-    cases.push(("sequence number zero".into(), handmade_ah(0, 4, &a_to_b(b"z")), DropReason::Replay));
+    cases.push((
+        "wrong next header (TCP)".into(),
+        handmade_ah(4, 6, &a_to_b(b"x")),
+        DropReason::Malformed,
+    ));
+    cases.push((
+        "inner not IPv4".into(),
+        handmade_ah(5, 4, &[0x60; 40]),
+        DropReason::Malformed,
+    ));
+    cases.push((
+        "inner length lies".into(),
+        handmade_ah(6, 4, &a_to_b(b"abc")[..22]),
+        DropReason::Malformed,
+    ));
+    let spoofed = ip_packet(
+        Ipv4Addr::new(10, 97, 0, 9),
+        addrs(2).overlay,
+        0,
+        false,
+        b"spoof",
+    );
+    cases.push((
+        "inner source not the peer's".into(),
+        handmade_ah(7, 4, &spoofed),
+        DropReason::Policy,
+    ));
+    let elsewhere = ip_packet(
+        addrs(1).overlay,
+        Ipv4Addr::new(10, 97, 0, 3),
+        0,
+        false,
+        b"fwd",
+    );
+    cases.push((
+        "inner destination not ours".into(),
+        handmade_ah(8, 4, &elsewhere),
+        DropReason::Policy,
+    ));
+    cases.push((
+        "sequence number zero".into(),
+        handmade_ah(0, 4, &a_to_b(b"z")),
+        DropReason::Replay,
+    ));
     let mut esp_to_ah = good.clone();
     esp_to_ah[9] = 50;
     esp_to_ah[10..12].fill(0);
     let sum = checksum(&esp_to_ah[..20]);
     esp_to_ah[10..12].copy_from_slice(&sum.to_be_bytes());
-    cases.push(("ESP with an unknown SPI".into(), esp_to_ah, DropReason::UnknownSpi));
+    cases.push((
+        "ESP with an unknown SPI".into(),
+        esp_to_ah,
+        DropReason::UnknownSpi,
+    ));
     let mut udp = good.clone();
     udp[9] = 17;
     cases.push(("not AH or ESP".into(), udp, DropReason::Malformed));
@@ -294,17 +377,33 @@ fn malformed_inputs_are_dropped_and_counted() {
     let status = b.peer_status(addrs(1).mgmt).expect("peer");
     let c = status.counters;
     let g = b.counters();
-    let counted = c.malformed + c.no_sa + c.policy_drops + c.replay_drops + g.malformed + g.unknown_spi;
+    let counted =
+        c.malformed + c.no_sa + c.policy_drops + c.replay_drops + g.malformed + g.unknown_spi;
     assert_eq!(counted as usize, n, "{c:?} {g:?}");
     assert_eq!(c.rx_packets, 0);
     // A too-small output buffer is the caller's problem, reported as such.
     let mut tiny = [0u8; 10];
-    assert_eq!(b.handle_network_packet(now, &good, &mut tiny), Action::Err(DropReason::BufferTooSmall));
+    assert_eq!(
+        b.handle_network_packet(now, &good, &mut tiny),
+        Action::Err(DropReason::BufferTooSmall)
+    );
     // And the TUN side: garbage and unknown destinations.
     let mut out = vec![0u8; 2048];
-    assert_eq!(a.handle_tun_packet(now, &[0x45, 0, 0], &mut out), Action::Err(DropReason::Malformed));
-    let nowhere = ip_packet(addrs(1).overlay, Ipv4Addr::new(10, 97, 0, 77), 0, false, b"?");
-    assert_eq!(a.handle_tun_packet(now, &nowhere, &mut out), Action::Err(DropReason::NoPeer));
+    assert_eq!(
+        a.handle_tun_packet(now, &[0x45, 0, 0], &mut out),
+        Action::Err(DropReason::Malformed)
+    );
+    let nowhere = ip_packet(
+        addrs(1).overlay,
+        Ipv4Addr::new(10, 97, 0, 77),
+        0,
+        false,
+        b"?",
+    );
+    assert_eq!(
+        a.handle_tun_packet(now, &nowhere, &mut out),
+        Action::Err(DropReason::NoPeer)
+    );
     assert_eq!(a.counters().tun_malformed, 1);
     assert_eq!(a.counters().no_peer, 1);
 }
@@ -344,7 +443,11 @@ fn drain(d: &mut Dataplane) -> Vec<Event> {
 #[test]
 fn packet_and_byte_limits_raise_events() {
     let now = Instant::now();
-    let lifetime = Lifetime { soft_packets: 3, hard_packets: 5, ..Lifetime::default() };
+    let lifetime = Lifetime {
+        soft_packets: 3,
+        hard_packets: 5,
+        ..Lifetime::default()
+    };
     let (mut a, mut b) = pair_with(Protection::Ah, lifetime, now);
     for i in 0..5 {
         let wire = seal(&mut a, now, &a_to_b(&[i; 10]));
@@ -354,31 +457,68 @@ fn packet_and_byte_limits_raise_events() {
     assert_eq!(
         drain(&mut a),
         vec![
-            Event::RekeyNeeded { peer, spi: SPI_AB, direction: Direction::Outbound, limit: Limit::Packets },
-            Event::SaExpired { peer, spi: SPI_AB, direction: Direction::Outbound, limit: Limit::Packets },
+            Event::RekeyNeeded {
+                peer,
+                spi: SPI_AB,
+                direction: Direction::Outbound,
+                limit: Limit::Packets
+            },
+            Event::SaExpired {
+                peer,
+                spi: SPI_AB,
+                direction: Direction::Outbound,
+                limit: Limit::Packets
+            },
         ]
     );
     let peer_a = addrs(1).mgmt;
     assert_eq!(
         drain(&mut b),
         vec![
-            Event::RekeyNeeded { peer: peer_a, spi: SPI_AB, direction: Direction::Inbound, limit: Limit::Packets },
-            Event::SaExpired { peer: peer_a, spi: SPI_AB, direction: Direction::Inbound, limit: Limit::Packets },
+            Event::RekeyNeeded {
+                peer: peer_a,
+                spi: SPI_AB,
+                direction: Direction::Inbound,
+                limit: Limit::Packets
+            },
+            Event::SaExpired {
+                peer: peer_a,
+                spi: SPI_AB,
+                direction: Direction::Inbound,
+                limit: Limit::Packets
+            },
         ]
     );
     let mut out = vec![0u8; 2048];
-    assert_eq!(a.handle_tun_packet(now, &a_to_b(b"late"), &mut out), Action::Err(DropReason::NoSa));
+    assert_eq!(
+        a.handle_tun_packet(now, &a_to_b(b"late"), &mut out),
+        Action::Err(DropReason::NoSa)
+    );
 
-    let lifetime = Lifetime { soft_bytes: 100, hard_bytes: 1000, ..Lifetime::default() };
+    let lifetime = Lifetime {
+        soft_bytes: 100,
+        hard_bytes: 1000,
+        ..Lifetime::default()
+    };
     let (mut a, _) = pair_with(Protection::EspGcm, lifetime, now);
     seal(&mut a, now, &a_to_b(&[0; 100]));
-    assert!(matches!(drain(&mut a)[..], [Event::RekeyNeeded { limit: Limit::Bytes, .. }]));
+    assert!(matches!(
+        drain(&mut a)[..],
+        [Event::RekeyNeeded {
+            limit: Limit::Bytes,
+            ..
+        }]
+    ));
 }
 
 #[test]
 fn time_limits_raise_events_through_the_timer() {
     let now = Instant::now();
-    let lifetime = Lifetime { soft_time: Duration::from_secs(50), hard_time: Duration::from_secs(60), ..Lifetime::default() };
+    let lifetime = Lifetime {
+        soft_time: Duration::from_secs(50),
+        hard_time: Duration::from_secs(60),
+        ..Lifetime::default()
+    };
     let (mut a, _) = pair_with(Protection::Ah, lifetime, now);
     let mut probe = vec![0u8; 2048];
     // The start-up probe is due at once.
@@ -389,17 +529,34 @@ fn time_limits_raise_events_through_the_timer() {
     a.handle_timeout(now + Duration::from_secs(50));
     let events = drain(&mut a);
     assert_eq!(events.len(), 2, "{events:?}");
-    assert!(events.iter().all(|e| matches!(e, Event::RekeyNeeded { limit: Limit::Time, .. })));
+    assert!(events.iter().all(|e| matches!(
+        e,
+        Event::RekeyNeeded {
+            limit: Limit::Time,
+            ..
+        }
+    )));
     a.handle_timeout(now + Duration::from_secs(60));
     let events = drain(&mut a);
     assert_eq!(events.len(), 2, "{events:?}");
-    assert!(events.iter().all(|e| matches!(e, Event::SaExpired { limit: Limit::Time, .. })));
+    assert!(events.iter().all(|e| matches!(
+        e,
+        Event::SaExpired {
+            limit: Limit::Time,
+            ..
+        }
+    )));
     let status = a.peer_status(addrs(2).mgmt).expect("peer");
     assert!(status.outbound.is_none() && status.inbound.is_empty());
 }
 
 fn ah_params(spi: u32, key: &[u8]) -> SaParams<'_> {
-    SaParams { spi, protection: Protection::Ah, key, lifetime: Lifetime::default() }
+    SaParams {
+        spi,
+        protection: Protection::Ah,
+        key,
+        lifetime: Lifetime::default(),
+    }
 }
 
 #[test]
@@ -409,47 +566,116 @@ fn rekey_is_make_before_break() {
     let old_late = seal(&mut a, now, &a_to_b(b"old sa, after the DELETE"));
     let (new_ab, new_ba) = ([0x55u8; 32], [0x66u8; 32]);
     // b installs the new pair first (it responded in Quick Mode); a still sends on the old SA.
-    b.install_sa_pair(now, addrs(1), &ah_params(0xb002, &new_ba), &ah_params(0xa002, &new_ab)).expect("b rekey");
-    assert!(open(&mut b, now, &old).is_ok(), "old inbound SA still accepted");
-    a.install_sa_pair(now, addrs(2), &ah_params(0xa002, &new_ab), &ah_params(0xb002, &new_ba)).expect("a rekey");
+    b.install_sa_pair(
+        now,
+        addrs(1),
+        &ah_params(0xb002, &new_ba),
+        &ah_params(0xa002, &new_ab),
+    )
+    .expect("b rekey");
+    assert!(
+        open(&mut b, now, &old).is_ok(),
+        "old inbound SA still accepted"
+    );
+    a.install_sa_pair(
+        now,
+        addrs(2),
+        &ah_params(0xa002, &new_ab),
+        &ah_params(0xb002, &new_ba),
+    )
+    .expect("a rekey");
     let new = seal(&mut a, now, &a_to_b(b"new sa"));
-    assert_eq!(&new[24..28], &0xa002u32.to_be_bytes(), "outbound switched at once");
+    assert_eq!(
+        &new[24..28],
+        &0xa002u32.to_be_bytes(),
+        "outbound switched at once"
+    );
     assert!(open(&mut b, now, &new).is_ok());
     let status = b.peer_status(addrs(1).mgmt).expect("peer");
-    assert_eq!(status.inbound.iter().map(|s| s.spi).collect::<Vec<_>>(), vec![SPI_AB, 0xa002]);
-    assert_eq!(status.counters.rx_packets, 2, "peer counters survive the rekey");
+    assert_eq!(
+        status.inbound.iter().map(|s| s.spi).collect::<Vec<_>>(),
+        vec![SPI_AB, 0xa002]
+    );
+    assert_eq!(
+        status.counters.rx_packets, 2,
+        "peer counters survive the rekey"
+    );
     // DELETE of the old SA: its packets are no longer accepted.
     assert!(b.remove_inbound_sa(Protection::Ah, SPI_AB));
     assert_eq!(open(&mut b, now, &old_late), Err(DropReason::UnknownSpi));
     // Bounded: more rekeys evict the oldest inbound SAs.
     for i in 0..MAX_INBOUND_PER_PEER as u32 + 2 {
-        b.install_sa_pair(now, addrs(1), &ah_params(0xb100 + i, &new_ba), &ah_params(0xa100 + i, &new_ab)).expect("rekey");
+        b.install_sa_pair(
+            now,
+            addrs(1),
+            &ah_params(0xb100 + i, &new_ba),
+            &ah_params(0xa100 + i, &new_ab),
+        )
+        .expect("rekey");
     }
     let inbound = b.peer_status(addrs(1).mgmt).expect("peer").inbound;
     assert_eq!(inbound.len(), MAX_INBOUND_PER_PEER);
-    assert_eq!(inbound.last().map(|s| s.spi), Some(0xa100 + MAX_INBOUND_PER_PEER as u32 + 1));
+    assert_eq!(
+        inbound.last().map(|s| s.spi),
+        Some(0xa100 + MAX_INBOUND_PER_PEER as u32 + 1)
+    );
 }
 
 #[test]
 fn configuration_misuse_is_refused() {
     let now = Instant::now();
     let mut a = Dataplane::new(addrs(1), 1500).expect("a");
-    let p = |spi, protection, key| SaParams { spi, protection, key, lifetime: Lifetime::default() };
+    let p = |spi, protection, key| SaParams {
+        spi,
+        protection,
+        key,
+        lifetime: Lifetime::default(),
+    };
     let good = p(0x1000, Protection::Ah, &AH_KEY_AB[..]);
     assert!(matches!(
-        a.install_sa_pair(now, addrs(2), &p(0x1000, Protection::EspGcm, &AH_KEY_AB[..]), &good),
-        Err(ConfigError::KeyLength { expected: 36, got: 32, .. })
+        a.install_sa_pair(
+            now,
+            addrs(2),
+            &p(0x1000, Protection::EspGcm, &AH_KEY_AB[..]),
+            &good
+        ),
+        Err(ConfigError::KeyLength {
+            expected: 36,
+            got: 32,
+            ..
+        })
     ));
-    assert_eq!(a.install_sa_pair(now, addrs(2), &p(7, Protection::Ah, &AH_KEY_AB[..]), &good), Err(ConfigError::ReservedSpi(7)));
-    assert_eq!(a.install_sa_pair(now, addrs(1), &good, &good), Err(ConfigError::OwnAddress(addrs(1).mgmt)));
-    a.install_sa_pair(now, addrs(2), &good, &good).expect("first");
-    assert_eq!(a.install_sa_pair(now, addrs(3), &good, &good), Err(ConfigError::DuplicateSpi(0x1000)));
-    let clash = PeerAddrs { mgmt: addrs(3).mgmt, overlay: addrs(2).overlay };
     assert_eq!(
-        a.install_sa_pair(now, clash, &good, &p(0x2000, Protection::Ah, &AH_KEY_AB[..])),
+        a.install_sa_pair(now, addrs(2), &p(7, Protection::Ah, &AH_KEY_AB[..]), &good),
+        Err(ConfigError::ReservedSpi(7))
+    );
+    assert_eq!(
+        a.install_sa_pair(now, addrs(1), &good, &good),
+        Err(ConfigError::OwnAddress(addrs(1).mgmt))
+    );
+    a.install_sa_pair(now, addrs(2), &good, &good)
+        .expect("first");
+    assert_eq!(
+        a.install_sa_pair(now, addrs(3), &good, &good),
+        Err(ConfigError::DuplicateSpi(0x1000))
+    );
+    let clash = PeerAddrs {
+        mgmt: addrs(3).mgmt,
+        overlay: addrs(2).overlay,
+    };
+    assert_eq!(
+        a.install_sa_pair(
+            now,
+            clash,
+            &good,
+            &p(0x2000, Protection::Ah, &AH_KEY_AB[..])
+        ),
         Err(ConfigError::OverlayInUse(addrs(2).overlay))
     );
-    assert!(matches!(Dataplane::new(addrs(1), 100), Err(ConfigError::Mtu(100))));
+    assert!(matches!(
+        Dataplane::new(addrs(1), 100),
+        Err(ConfigError::Mtu(100))
+    ));
     assert!(a.remove_peer(addrs(2).mgmt));
     assert!(!a.remove_peer(addrs(2).mgmt));
 }
@@ -462,7 +688,13 @@ fn path_mtu_lowers_the_tun_mtu_and_answers_oversize_packets() {
         let peer = addrs(2).mgmt;
         a.handle_path_mtu(now, peer, 1280);
         assert_eq!(usize::from(a.tun_mtu()), protection.max_inner_len(1280));
-        assert_eq!(drain(&mut a), vec![Event::PathMtuChanged { peer, path_mtu: 1280 }]);
+        assert_eq!(
+            drain(&mut a),
+            vec![Event::PathMtuChanged {
+                peer,
+                path_mtu: 1280
+            }]
+        );
         // Raising by ICMP is ignored; absurdly low values are clamped.
         a.handle_path_mtu(now, peer, 1400);
         assert_eq!(a.peer_status(peer).expect("p").path_mtu, 1280);
@@ -475,7 +707,9 @@ fn path_mtu_lowers_the_tun_mtu_and_answers_oversize_packets() {
         // overlay address to ours, quoting the header, with the next-hop MTU.
         let big = a_to_b(&vec![7; fits - 19]);
         let mut out = vec![0u8; 2048];
-        let Action::WriteToTun { len } = a.handle_tun_packet(now, &big, &mut out) else { panic!("no ICMP") };
+        let Action::WriteToTun { len } = a.handle_tun_packet(now, &big, &mut out) else {
+            panic!("no ICMP")
+        };
         let icmp = &out[..len];
         assert_eq!(icmp[9], 1);
         assert_eq!(&icmp[12..16], &addrs(2).overlay.octets());
@@ -488,21 +722,35 @@ fn path_mtu_lowers_the_tun_mtu_and_answers_oversize_packets() {
         // Without DF: dropped and counted, never fragmented.
         let mut no_df = big.clone();
         no_df[6] = 0;
-        assert_eq!(a.handle_tun_packet(now, &no_df, &mut out), Action::Err(DropReason::Oversize));
+        assert_eq!(
+            a.handle_tun_packet(now, &no_df, &mut out),
+            Action::Err(DropReason::Oversize)
+        );
         let c = a.peer_status(peer).expect("p").counters;
         assert_eq!((c.oversize, c.icmp_frag_needed, c.pmtu_updates), (2, 1, 1));
         // Aging raises it again and schedules a probe at the configured MTU.
         a.handle_timeout(now + PMTU_AGING);
         assert_eq!(a.peer_status(peer).expect("p").path_mtu, 1500);
-        let Some(Action::WriteToNetwork { len, dst, .. }) = a.poll_probe(now + PMTU_AGING, &mut out) else {
+        let Some(Action::WriteToNetwork { len, dst, .. }) =
+            a.poll_probe(now + PMTU_AGING, &mut out)
+        else {
             panic!("no probe")
         };
         assert_eq!(dst, peer);
         assert!(len <= 1500 && len > 1500 - 4, "probe of {len} bytes");
         let probe = out[..len].to_vec();
         let mut back = vec![0u8; 2048];
-        assert_eq!(b.handle_network_packet(now, &probe, &mut back), Action::Done);
-        assert_eq!(b.peer_status(addrs(1).mgmt).expect("p").counters.probes_received, 1);
+        assert_eq!(
+            b.handle_network_packet(now, &probe, &mut back),
+            Action::Done
+        );
+        assert_eq!(
+            b.peer_status(addrs(1).mgmt)
+                .expect("p")
+                .counters
+                .probes_received,
+            1
+        );
     }
 }
 

@@ -21,7 +21,10 @@ const SPI_AB: u32 = 0x0c0f_0001;
 const SPI_BA: u32 = 0x0c0f_0002;
 
 fn addrs(i: u8) -> PeerAddrs {
-    PeerAddrs { mgmt: Ipv4Addr::new(10, 96, 0, i), overlay: Ipv4Addr::new(10, 97, 0, i) }
+    PeerAddrs {
+        mgmt: Ipv4Addr::new(10, 96, 0, i),
+        overlay: Ipv4Addr::new(10, 97, 0, i),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -29,11 +32,18 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
 }
 
 /// Makes sure `check` succeeds, installing `package` with apt-get if it does not. Returns false
@@ -72,7 +82,10 @@ fn inner(src: Ipv4Addr, dst: Ipv4Addr, size: usize, tag: u8) -> Vec<u8> {
     p[10..12].fill(0);
     p[12..16].copy_from_slice(&src.octets());
     p[16..20].copy_from_slice(&dst.octets());
-    let mut sum: u32 = p[..20].chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    let mut sum: u32 = p[..20]
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -95,15 +108,24 @@ fn pair(protection: Protection, now: Instant) -> Pair {
         Protection::Ah => &AH_KEY,
         Protection::EspGcm => &ESP_KEY,
     };
-    let p = |spi| SaParams { spi, protection, key, lifetime: Lifetime::default() };
+    let p = |spi| SaParams {
+        spi,
+        protection,
+        key,
+        lifetime: Lifetime::default(),
+    };
     let mut a = Dataplane::new(addrs(1), 1500).expect("a");
-    a.install_sa_pair(now, addrs(2), &p(SPI_AB), &p(SPI_BA)).expect("a");
+    a.install_sa_pair(now, addrs(2), &p(SPI_AB), &p(SPI_BA))
+        .expect("a");
     Pair { a }
 }
 
 #[test]
 fn scapy_and_tshark_agree_with_confmesh() {
-    if !ensure(Command::new("/usr/bin/python3").args(["-c", "import scapy.layers.ipsec"]), "python3-scapy") {
+    if !ensure(
+        Command::new("/usr/bin/python3").args(["-c", "import scapy.layers.ipsec"]),
+        "python3-scapy",
+    ) {
         return;
     }
     if !ensure(Command::new("tshark").arg("--version"), "tshark") {
@@ -119,12 +141,17 @@ fn scapy_and_tshark_agree_with_confmesh() {
         for (i, &size) in sizes.iter().enumerate() {
             let packet = inner(addrs(1).overlay, addrs(2).overlay, size, i as u8 + 1);
             let mut out = vec![0u8; 2048];
-            let Action::WriteToNetwork { len, .. } = sender.handle_tun_packet(now, &packet, &mut out) else {
+            let Action::WriteToNetwork { len, .. } =
+                sender.handle_tun_packet(now, &packet, &mut out)
+            else {
                 panic!("{proto}: confmesh did not protect the packet")
             };
             from_confmesh.push(json!({"proto": proto, "hex": hex(&out[..len])}));
             expected_opened.push(hex(&packet));
-            to_confmesh.push((protection, inner(addrs(2).overlay, addrs(1).overlay, size, 0x80 + i as u8)));
+            to_confmesh.push((
+                protection,
+                inner(addrs(2).overlay, addrs(1).overlay, size, 0x80 + i as u8),
+            ));
         }
     }
     let dir = std::env::temp_dir().join(format!("confmesh-scapy-{}", std::process::id()));
@@ -153,7 +180,12 @@ fn scapy_and_tshark_agree_with_confmesh() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run scapy");
-    child.stdin.take().expect("stdin").write_all(request.to_string().as_bytes()).expect("write request");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.to_string().as_bytes())
+        .expect("write request");
     let output = child.wait_with_output().expect("scapy output");
     assert!(
         output.status.success(),
@@ -163,8 +195,12 @@ fn scapy_and_tshark_agree_with_confmesh() {
     let reply: Value = serde_json::from_slice(&output.stdout).expect("scapy JSON");
 
     // 1. scapy verified (AH ICV / GCM tag) and opened every confmesh packet to the same inner.
-    let opened: Vec<String> =
-        reply["opened"].as_array().expect("opened").iter().map(|v| v.as_str().expect("hex").to_owned()).collect();
+    let opened: Vec<String> = reply["opened"]
+        .as_array()
+        .expect("opened")
+        .iter()
+        .map(|v| v.as_str().expect("hex").to_owned())
+        .collect();
     assert_eq!(opened, expected_opened);
 
     // 2. confmesh verifies and opens every scapy packet.
@@ -187,15 +223,44 @@ fn scapy_and_tshark_agree_with_confmesh() {
     tampered[last] ^= 1;
     let mut fresh = pair(Protection::Ah, now).a;
     let mut out = vec![0u8; 2048];
-    assert!(matches!(fresh.handle_network_packet(now, &tampered, &mut out), Action::Err(_)));
+    assert!(matches!(
+        fresh.handle_network_packet(now, &tampered, &mut out),
+        Action::Err(_)
+    ));
 
     // 3. tshark decodes the headers of confmesh's packets.
     let fields = Command::new("tshark")
-        .args(["-r", &pcap.to_string_lossy(), "-T", "fields", "-E", "separator=,", "-E", "occurrence=f"])
-        .args(["-e", "ip.proto", "-e", "ah.spi", "-e", "ah.sequence", "-e", "ah.next_header", "-e", "esp.spi", "-e", "esp.sequence"])
+        .args([
+            "-r",
+            &pcap.to_string_lossy(),
+            "-T",
+            "fields",
+            "-E",
+            "separator=,",
+            "-E",
+            "occurrence=f",
+        ])
+        .args([
+            "-e",
+            "ip.proto",
+            "-e",
+            "ah.spi",
+            "-e",
+            "ah.sequence",
+            "-e",
+            "ah.next_header",
+            "-e",
+            "esp.spi",
+            "-e",
+            "esp.sequence",
+        ])
         .output()
         .expect("tshark");
-    assert!(fields.status.success(), "tshark: {}", String::from_utf8_lossy(&fields.stderr));
+    assert!(
+        fields.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&fields.stderr)
+    );
     let text = String::from_utf8_lossy(&fields.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2 * sizes.len(), "{text}");

@@ -18,9 +18,19 @@ const PSK: &[u8] = b"benchmark pre-shared key";
 fn node(i: u8, peer: u8, group: DhGroup, seed: u8, now: Instant) -> Endpoint {
     let mgmt = |n| Ipv4Addr::new(10, 96, 0, n);
     let overlay = |n| Ipv4Addr::new(198, 18, 0, n);
-    let cfg = EndpointConfig { group, ..EndpointConfig::new(mgmt(i), overlay(i)) };
+    let cfg = EndpointConfig {
+        group,
+        ..EndpointConfig::new(mgmt(i), overlay(i))
+    };
     let mut e = Endpoint::new(cfg, [seed; 32]);
-    e.set_peer(now, PeerConfig { addr: mgmt(peer), overlay: overlay(peer), psk: Zeroizing::new(PSK.to_vec()) });
+    e.set_peer(
+        now,
+        PeerConfig {
+            addr: mgmt(peer),
+            overlay: overlay(peer),
+            psk: Zeroizing::new(PSK.to_vec()),
+        },
+    );
     e
 }
 
@@ -28,7 +38,10 @@ fn node(i: u8, peer: u8, group: DhGroup, seed: u8, now: Instant) -> Endpoint {
 /// their child SA.
 fn handshake(group: DhGroup, seed: u8) {
     let now = Instant::now();
-    let mut nodes = [node(1, 2, group, seed, now), node(2, 1, group, seed.wrapping_add(1), now)];
+    let mut nodes = [
+        node(1, 2, group, seed, now),
+        node(2, 1, group, seed.wrapping_add(1), now),
+    ];
     let mut up = [false, false];
     for _ in 0..64 {
         for n in nodes.iter_mut() {

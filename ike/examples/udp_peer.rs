@@ -39,10 +39,14 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
-    let (mut local, mut overlay, mut peer, mut peer_overlay, mut psk_file) = (None, None, None, None, None);
-    let (mut passive, mut keylog, mut group, mut exit_after_child) = (false, None, DhGroup::Modp4096, false);
+    let (mut local, mut overlay, mut peer, mut peer_overlay, mut psk_file) =
+        (None, None, None, None, None);
+    let (mut passive, mut keylog, mut group, mut exit_after_child) =
+        (false, None, DhGroup::Modp4096, false);
     let addr = |v: Option<String>, name: &str| -> Result<Ipv4Addr, String> {
-        v.ok_or(format!("{name} needs a value"))?.parse().map_err(|e| format!("{name}: {e}"))
+        v.ok_or(format!("{name} needs a value"))?
+            .parse()
+            .map_err(|e| format!("{name}: {e}"))
     };
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -55,7 +59,10 @@ fn parse_args() -> Result<Args, String> {
             "--passive" => passive = true,
             "--exit-after-child" => exit_after_child = true,
             "--group" => {
-                let id: u16 = it.next().and_then(|g| g.parse().ok()).ok_or("--group needs 16 or 31")?;
+                let id: u16 = it
+                    .next()
+                    .and_then(|g| g.parse().ok())
+                    .ok_or("--group needs 16 or 31")?;
                 group = DhGroup::from_id(id).ok_or("--group needs 16 or 31")?;
             }
             other => return Err(format!("unknown argument {other}")),
@@ -75,29 +82,50 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// The SPEC.md §7 key-log lines of an event, if it creates an SA.
 fn keylog_lines(local: Ipv4Addr, e: &Event) -> Vec<String> {
     match e {
-        Event::IkeUp { icookie, rcookie, enc_key, .. } => vec![format!(
+        Event::IkeUp {
+            icookie,
+            rcookie,
+            enc_key,
+            ..
+        } => vec![format!(
             "IKEV1 icookie={} rcookie={} enc=aes256-cbc key={}",
             hex(icookie),
             hex(rcookie),
             hex(&enc_key[..])
         )],
-        Event::ChildUp { peer, protection, outbound, inbound, .. } => [(local, *peer, outbound), (*peer, local, inbound)]
+        Event::ChildUp {
+            peer,
+            protection,
+            outbound,
+            inbound,
+            ..
+        } => [(local, *peer, outbound), (*peer, local, inbound)]
             .iter()
             .map(|(src, dst, k)| match protection {
                 Protection::Ah => {
-                    format!("AH src={src} dst={dst} spi={:08x} auth=hmac-sha2-256-128 key={}", k.spi, hex(&k.key))
+                    format!(
+                        "AH src={src} dst={dst} spi={:08x} auth=hmac-sha2-256-128 key={}",
+                        k.spi,
+                        hex(&k.key)
+                    )
                 }
                 Protection::EspGcm => {
-                    format!("ESP src={src} dst={dst} spi={:08x} enc=aes256-gcm16 key={}", k.spi, hex(&k.key))
+                    format!(
+                        "ESP src={src} dst={dst} spi={:08x} enc=aes256-gcm16 key={}",
+                        k.spi,
+                        hex(&k.key)
+                    )
                 }
             })
             .collect(),
@@ -117,13 +145,24 @@ fn run(args: Args) -> io::Result<()> {
         Some(p) => Some(OpenOptions::new().create(true).append(true).open(p)?),
         None => None,
     };
-    let cfg = EndpointConfig { group: args.group, passive: args.passive, ..EndpointConfig::new(args.local, args.overlay) };
+    let cfg = EndpointConfig {
+        group: args.group,
+        passive: args.passive,
+        ..EndpointConfig::new(args.local, args.overlay)
+    };
     let mut ep = Endpoint::new(cfg, seed);
     let socket = UdpSocket::bind(SocketAddrV4::new(args.local, IKE_PORT))?;
     let mut out = io::stdout().lock();
     writeln!(out, "ready")?;
     out.flush()?;
-    ep.set_peer(Instant::now(), PeerConfig { addr: args.peer, overlay: args.peer_overlay, psk });
+    ep.set_peer(
+        Instant::now(),
+        PeerConfig {
+            addr: args.peer,
+            overlay: args.peer_overlay,
+            psk,
+        },
+    );
     let mut buf = vec![0u8; 65536];
     let mut next_state = Instant::now();
     loop {
@@ -158,14 +197,20 @@ fn run(args: Args) -> io::Result<()> {
         }
         let wait = ep
             .poll_timeout()
-            .map_or(Duration::from_secs(1), |t| t.saturating_duration_since(Instant::now()))
+            .map_or(Duration::from_secs(1), |t| {
+                t.saturating_duration_since(Instant::now())
+            })
             .min(next_state.saturating_duration_since(Instant::now()))
             .max(Duration::from_millis(1));
         socket.set_read_timeout(Some(wait))?;
         match socket.recv_from(&mut buf) {
             Ok((n, SocketAddr::V4(from))) => ep.handle(Instant::now(), from, &buf[..n]),
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(e),
         }
     }

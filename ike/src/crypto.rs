@@ -117,7 +117,11 @@ impl DhKey {
                 p.to_vec()
             }
         };
-        Self { group, secret, public }
+        Self {
+            group,
+            secret,
+            public,
+        }
     }
 
     /// The public value to send in a KE payload.
@@ -141,7 +145,9 @@ impl DhKey {
                     return Err(BadPublicValue);
                 }
                 let mut x = U512::from_be_slice(&self.secret[..]);
-                let mut z = DynResidue::new(&y, *modp4096_params()).pow_bounded_exp(&x, MODP_EXPONENT_BITS).retrieve();
+                let mut z = DynResidue::new(&y, *modp4096_params())
+                    .pow_bounded_exp(&x, MODP_EXPONENT_BITS)
+                    .retrieve();
                 x.zeroize();
                 let out = Zeroizing::new(z.to_be_byte_array().to_vec());
                 z.zeroize();
@@ -268,19 +274,39 @@ mod tests {
         let two = DynResidue::new(&U4096::from_u8(2), params);
         assert_eq!(two.pow(&q).retrieve(), U4096::ONE);
         let three = DynResidue::new(&U4096::from_u8(3), params);
-        assert_eq!(three.pow(&p.wrapping_sub(&U4096::ONE)).retrieve(), U4096::ONE);
+        assert_eq!(
+            three.pow(&p.wrapping_sub(&U4096::ONE)).retrieve(),
+            U4096::ONE
+        );
         // q is prime too (Fermat base 2).
         let qp = DynResidueParams::new(&q);
-        assert_eq!(DynResidue::new(&U4096::from_u8(2), qp).pow(&q.wrapping_sub(&U4096::ONE)).retrieve(), U4096::ONE);
+        assert_eq!(
+            DynResidue::new(&U4096::from_u8(2), qp)
+                .pow(&q.wrapping_sub(&U4096::ONE))
+                .retrieve(),
+            U4096::ONE
+        );
     }
 
     /// RFC 4868 §2.7.1 test cases 1-3 for HMAC-SHA-256 (the PRF and the AH integrity function).
     #[test]
     fn rfc4868_hmac_sha256_vectors() {
         let cases: [(&[u8], &[u8], &str); 3] = [
-            (&[0x0b; 32], b"Hi There", "198a607eb44bfbc69903a0f1cf2bbdc5ba0aa3f3d9ae3c1c7a3b1696a0b68cf7"),
-            (b"JefeJefeJefeJefeJefeJefeJefeJefe", b"what do ya want for nothing?", "167f928588c5cc2eef8e3093caa0e87c9ff566a14794aa61648d81621a2a40c6"),
-            (&[0xaa; 32], &[0xdd; 50], "cdcb1220d1ecccea91e53aba3092f962e549fe6ce9ed7fdc43191fbde45c30b0"),
+            (
+                &[0x0b; 32],
+                b"Hi There",
+                "198a607eb44bfbc69903a0f1cf2bbdc5ba0aa3f3d9ae3c1c7a3b1696a0b68cf7",
+            ),
+            (
+                b"JefeJefeJefeJefeJefeJefeJefeJefe",
+                b"what do ya want for nothing?",
+                "167f928588c5cc2eef8e3093caa0e87c9ff566a14794aa61648d81621a2a40c6",
+            ),
+            (
+                &[0xaa; 32],
+                &[0xdd; 50],
+                "cdcb1220d1ecccea91e53aba3092f962e549fe6ce9ed7fdc43191fbde45c30b0",
+            ),
         ];
         for (key, data, want) in cases {
             let got = prf(key, &[data]);
@@ -304,7 +330,9 @@ mod tests {
         let mut one = [0u8; MODP4096_LEN];
         one[MODP4096_LEN - 1] = 1;
         assert_eq!(a.agree(&one), Err(BadPublicValue));
-        let pm1 = modp4096_prime().wrapping_sub(&U4096::ONE).to_be_byte_array();
+        let pm1 = modp4096_prime()
+            .wrapping_sub(&U4096::ONE)
+            .to_be_byte_array();
         assert_eq!(a.agree(&pm1), Err(BadPublicValue));
         assert_eq!(a.agree(&[0u8; MODP4096_LEN]), Err(BadPublicValue));
         let x = DhKey::generate(DhGroup::Curve25519, &mut rng);

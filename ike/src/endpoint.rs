@@ -18,8 +18,8 @@ use crate::crypto::{self, DhKey};
 use crate::exchange::{self, Flight, IkeSa, P1State, Quick, hash_of};
 use crate::wire::{self, Chain, HEADER_LEN, Header, Malformed, Payloads};
 use crate::{
-    ChildDownReason, ChildKeys, EndpointConfig, EndpointCounters, Event, Failure, IKE_PORT, PeerConfig, PeerCounters,
-    PeerState, Transmit,
+    ChildDownReason, ChildKeys, EndpointConfig, EndpointCounters, Event, Failure, IKE_PORT,
+    PeerConfig, PeerCounters, PeerState, Transmit,
 };
 
 /// Nonce length we send (RFC 2409 allows 8..256 bytes).
@@ -138,7 +138,16 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 fn plain_message(icookie: [u8; 8], rcookie: [u8; 8], exchange: u8, chain: &Chain) -> Vec<u8> {
     let mut out = vec![0u8; HEADER_LEN];
     let length = u32::try_from(HEADER_LEN + chain.buf.len()).unwrap_or(u32::MAX);
-    Header { icookie, rcookie, next: chain.first(), exchange, flags: 0, msgid: 0, length }.write(&mut out);
+    Header {
+        icookie,
+        rcookie,
+        next: chain.first(),
+        exchange,
+        flags: 0,
+        msgid: 0,
+        length,
+    }
+    .write(&mut out);
     out.extend_from_slice(&chain.buf);
     out
 }
@@ -244,7 +253,10 @@ impl Endpoint {
             ike_established: sas().any(|s| s.is_established()),
             children: p.children.len(),
             exchanges_in_progress: sas().filter(|s| !s.is_established()).count()
-                + sas().flat_map(|s| s.quick.iter()).filter(|q| q.open).count(),
+                + sas()
+                    .flat_map(|s| s.quick.iter())
+                    .filter(|q| q.open)
+                    .count(),
             counters: p.counters,
         })
     }
@@ -334,17 +346,25 @@ impl Endpoint {
     // ---- sending ----
 
     fn send(&mut self, ip: Ipv4Addr, payload: Vec<u8>) {
-        let Some(p) = self.peers.get_mut(&ip) else { return };
+        let Some(p) = self.peers.get_mut(&ip) else {
+            return;
+        };
         p.counters.datagrams_out += 1;
         if self.out.len() >= MAX_QUEUED {
             self.out.pop_front();
         }
-        self.out.push_back(Transmit { dst: SocketAddrV4::new(ip, p.port), payload });
+        self.out.push_back(Transmit {
+            dst: SocketAddrV4::new(ip, p.port),
+            payload,
+        });
     }
 
     fn send_plain_notify(&mut self, ip: Ipv4Addr, icookie: [u8; 8], rcookie: [u8; 8], kind: u16) {
         let mut c = Chain::new();
-        c.push(wire::PL_NOTIFY, &wire::notify_body(wire::PROTO_ISAKMP, &[], kind, &[]));
+        c.push(
+            wire::PL_NOTIFY,
+            &wire::notify_body(wire::PROTO_ISAKMP, &[], kind, &[]),
+        );
         let msg = plain_message(icookie, rcookie, wire::EXCH_INFO, &c);
         self.send(ip, msg);
     }
@@ -353,10 +373,14 @@ impl Endpoint {
     fn send_info(&mut self, i: usize, rest: &Chain) {
         let msgid = self.nonzero_u32();
         let sa = &self.sas[i];
-        let Some(hash) = sa.hash_a(&[&msgid.to_be_bytes(), &rest.buf]) else { return };
+        let Some(hash) = sa.hash_a(&[&msgid.to_be_bytes(), &rest.buf]) else {
+            return;
+        };
         let chain = exchange::with_hash(&hash[..], rest);
         let iv = sa.exchange_iv(msgid);
-        let Some((msg, _)) = sa.seal(wire::EXCH_INFO, msgid, &chain, &iv) else { return };
+        let Some((msg, _)) = sa.seal(wire::EXCH_INFO, msgid, &chain, &iv) else {
+            return;
+        };
         let ip = sa.peer;
         self.send(ip, msg);
     }
@@ -366,7 +390,10 @@ impl Endpoint {
         spi[..8].copy_from_slice(&self.sas[i].icookie);
         spi[8..].copy_from_slice(&self.sas[i].rcookie);
         let mut c = Chain::new();
-        c.push(wire::PL_DELETE, &wire::delete_body(wire::PROTO_ISAKMP, &spi));
+        c.push(
+            wire::PL_DELETE,
+            &wire::delete_body(wire::PROTO_ISAKMP, &spi),
+        );
         self.send_info(i, &c);
         if let Some(p) = self.peers.get_mut(&self.sas[i].peer) {
             p.counters.deletes_sent += 1;
@@ -376,7 +403,13 @@ impl Endpoint {
     fn send_delete_child(&mut self, ip: Ipv4Addr, inbound_spi: u32) {
         let Some(i) = self.current_sa(ip) else { return };
         let mut c = Chain::new();
-        c.push(wire::PL_DELETE, &wire::delete_body(self.cfg.protection.protocol_id(), &inbound_spi.to_be_bytes()));
+        c.push(
+            wire::PL_DELETE,
+            &wire::delete_body(
+                self.cfg.protection.protocol_id(),
+                &inbound_spi.to_be_bytes(),
+            ),
+        );
         self.send_info(i, &c);
         if let Some(p) = self.peers.get_mut(&ip) {
             p.counters.deletes_sent += 1;
@@ -388,9 +421,16 @@ impl Endpoint {
         let mut spi = [0u8; 16];
         spi[..8].copy_from_slice(&sa.icookie);
         spi[8..].copy_from_slice(&sa.rcookie);
-        let spi: &[u8] = if protocol == wire::PROTO_ISAKMP { &spi } else { &[] };
+        let spi: &[u8] = if protocol == wire::PROTO_ISAKMP {
+            &spi
+        } else {
+            &[]
+        };
         let mut c = Chain::new();
-        c.push(wire::PL_NOTIFY, &wire::notify_body(protocol, spi, kind, data));
+        c.push(
+            wire::PL_NOTIFY,
+            &wire::notify_body(protocol, spi, kind, data),
+        );
         self.send_info(i, &c);
     }
 
@@ -424,7 +464,10 @@ impl Endpoint {
     /// Our cookie as responder to `icookie` from `ip`: a keyed hash of the two, the same for a
     /// repeated MM1 (an exchange evicted before its MM3 comes back under the same cookies).
     fn responder_cookie(&self, ip: Ipv4Addr, icookie: &[u8; 8]) -> [u8; 8] {
-        let h = crypto::prf(&self.cookie_secret[..], &[b"responder cookie", &ip.octets(), icookie]);
+        let h = crypto::prf(
+            &self.cookie_secret[..],
+            &[b"responder cookie", &ip.octets(), icookie],
+        );
         let mut c = [0u8; 8];
         c.copy_from_slice(&h[..8]);
         if c == [0; 8] {
@@ -436,8 +479,16 @@ impl Endpoint {
     fn fresh_spi(&mut self) -> u32 {
         loop {
             let s = self.rng.next_u32();
-            let used = self.peers.values().flat_map(|p| p.children.iter()).any(|c| c.inbound_spi == s)
-                || self.sas.iter().flat_map(|sa| sa.quick.iter()).any(|q| q.my_spi == s);
+            let used = self
+                .peers
+                .values()
+                .flat_map(|p| p.children.iter())
+                .any(|c| c.inbound_spi == s)
+                || self
+                    .sas
+                    .iter()
+                    .flat_map(|sa| sa.quick.iter())
+                    .any(|q| q.my_spi == s);
             // SPIs 1-255 are reserved (RFC 4302 §2.4).
             if s > 255 && !used {
                 return s;
@@ -458,17 +509,25 @@ impl Endpoint {
     }
 
     fn find_sa(&self, ip: Ipv4Addr, icookie: &[u8; 8], rcookie: &[u8; 8]) -> Option<usize> {
-        self.sas.iter().position(|s| s.peer == ip && s.icookie == *icookie && s.rcookie == *rcookie)
+        self.sas
+            .iter()
+            .position(|s| s.peer == ip && s.icookie == *icookie && s.rcookie == *rcookie)
     }
 
     /// Whether a Quick Mode exchange with the peer is open under any of its SAs, one we started
     /// (`initiator`) or one the peer started.
     fn peer_quick_open(&self, ip: Ipv4Addr, initiator: bool) -> bool {
-        self.sas.iter().filter(|s| s.peer == ip).flat_map(|s| s.quick.iter()).any(|q| q.open && q.initiator == initiator)
+        self.sas
+            .iter()
+            .filter(|s| s.peer == ip)
+            .flat_map(|s| s.quick.iter())
+            .any(|q| q.open && q.initiator == initiator)
     }
 
     fn initiating(&self, ip: Ipv4Addr) -> Option<usize> {
-        self.sas.iter().position(|s| s.peer == ip && s.initiator && !s.is_established())
+        self.sas
+            .iter()
+            .position(|s| s.peer == ip && s.initiator && !s.is_established())
     }
 
     /// Re-sends the last message of an exchange because the peer repeated its own.
@@ -493,19 +552,31 @@ impl Endpoint {
         let transform = wire::p1_transform(self.cfg.group.id(), self.cfg.ike_lifetime.as_secs());
         sa.sai_b = wire::sa_body(1, wire::PROTO_ISAKMP, &[], &transform);
         let mut c = Chain::new();
-        c.push(wire::PL_SA, &sa.sai_b).push(wire::PL_VID, &wire::DPD_VID);
+        c.push(wire::PL_SA, &sa.sai_b)
+            .push(wire::PL_VID, &wire::DPD_VID);
         let msg = plain_message(icookie, [0; 8], wire::EXCH_MAIN, &c);
-        sa.flight.send(msg.clone(), now, Some(self.cfg.retransmit_timeout));
+        sa.flight
+            .send(msg.clone(), now, Some(self.cfg.retransmit_timeout));
         self.sas.push(sa);
         self.send(ip, msg);
     }
 
-    fn on_main(&mut self, now: Instant, ip: Ipv4Addr, h: &Header, data: &[u8]) -> Result<(), Malformed> {
+    fn on_main(
+        &mut self,
+        now: Instant,
+        ip: Ipv4Addr,
+        h: &Header,
+        data: &[u8],
+    ) -> Result<(), Malformed> {
         if h.rcookie == [0; 8] {
             if h.flags & wire::FLAG_ENC != 0 {
                 return Err(Malformed);
             }
-            if let Some(i) = self.sas.iter().position(|s| s.peer == ip && !s.initiator && s.icookie == h.icookie) {
+            if let Some(i) = self
+                .sas
+                .iter()
+                .position(|s| s.peer == ip && !s.initiator && s.icookie == h.icookie)
+            {
                 return self.repeat_or_reject(i, data);
             }
             return self.on_mm1(now, ip, h, data);
@@ -514,7 +585,10 @@ impl Endpoint {
             Some(i) => i,
             None => {
                 let Some(i) = self.sas.iter().position(|s| {
-                    s.peer == ip && s.initiator && s.icookie == h.icookie && s.state == P1State::Mm1Sent
+                    s.peer == ip
+                        && s.initiator
+                        && s.icookie == h.icookie
+                        && s.state == P1State::Mm1Sent
                 }) else {
                     // An MM3 of an exchange we answered and no longer hold (evicted, or timed out
                     // at MM2): say so, and the initiator starts again at once instead of when its
@@ -561,13 +635,18 @@ impl Endpoint {
     /// not count if it yields to the peer's (we are the higher address). `false`: no room, every
     /// exchange in the way has gone further.
     fn make_room(&mut self, ip: Ipv4Addr, responder: bool) -> bool {
-        let yields = |s: &IkeSa| responder && s.peer == ip && s.initiator && !s.is_established() && self.cfg.local > ip;
+        let yields = |s: &IkeSa| {
+            responder && s.peer == ip && s.initiator && !s.is_established() && self.cfg.local > ip
+        };
         loop {
             let counted = || self.sas.iter().filter(|s| !yields(s));
-            let half_open_peer = counted().filter(|s| s.peer == ip && !s.is_established()).count();
+            let half_open_peer = counted()
+                .filter(|s| s.peer == ip && !s.is_established())
+                .count();
             let of_peer = counted().filter(|s| s.peer == ip).count();
             let half_open = counted().filter(|s| !s.is_established()).count();
-            let peer_full = of_peer >= MAX_SAS_PER_PEER || (responder && half_open_peer >= MAX_HALF_OPEN_PER_PEER);
+            let peer_full = of_peer >= MAX_SAS_PER_PEER
+                || (responder && half_open_peer >= MAX_HALF_OPEN_PER_PEER);
             let all_full = responder && half_open >= MAX_HALF_OPEN;
             if !peer_full && !all_full {
                 return true;
@@ -576,7 +655,9 @@ impl Endpoint {
                 .sas
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| !s.initiator && s.state == P1State::Mm2Sent && (!peer_full || s.peer == ip))
+                .filter(|(_, s)| {
+                    !s.initiator && s.state == P1State::Mm2Sent && (!peer_full || s.peer == ip)
+                })
                 .min_by_key(|(_, s)| s.created)
                 .map(|(i, _)| i);
             let Some(v) = victim else { return false };
@@ -587,7 +668,13 @@ impl Endpoint {
         }
     }
 
-    fn on_mm1(&mut self, now: Instant, ip: Ipv4Addr, h: &Header, data: &[u8]) -> Result<(), Malformed> {
+    fn on_mm1(
+        &mut self,
+        now: Instant,
+        ip: Ipv4Addr,
+        h: &Header,
+        data: &[u8],
+    ) -> Result<(), Malformed> {
         // Both sides initiated at once: the lower address's exchange goes on, the other is
         // dropped. The lower side repeats its MM1 at once, so that the higher side sees it now
         // rather than at our next retransmission (ours may have been aimed at a peer that was
@@ -647,13 +734,19 @@ impl Endpoint {
         if let Some(own) = self.initiating(ip) {
             self.sas.remove(own);
         }
-        let lifetime = life.map_or(self.cfg.ike_lifetime, |s| Duration::from_secs(s).min(self.cfg.ike_lifetime));
+        let lifetime = life.map_or(self.cfg.ike_lifetime, |s| {
+            Duration::from_secs(s).min(self.cfg.ike_lifetime)
+        });
         let mut sa = IkeSa::new(ip, false, h.icookie, now, lifetime);
         sa.rcookie = self.responder_cookie(ip, &h.icookie);
         sa.sai_b = sa_b.to_vec();
         sa.peer_dpd = peer_dpd;
         let mut c = Chain::new();
-        c.push(wire::PL_SA, &wire::sa_body(number, wire::PROTO_ISAKMP, &[], &transform)).push(wire::PL_VID, &wire::DPD_VID);
+        c.push(
+            wire::PL_SA,
+            &wire::sa_body(number, wire::PROTO_ISAKMP, &[], &transform),
+        )
+        .push(wire::PL_VID, &wire::DPD_VID);
         let msg = plain_message(sa.icookie, sa.rcookie, wire::EXCH_MAIN, &c);
         // MM2 is sent again only when MM1 is: the initiator retransmits, and a forged MM1 must
         // not make us send more than one datagram.
@@ -699,7 +792,8 @@ impl Endpoint {
         let mut c = Chain::new();
         c.push(wire::PL_KE, &sa.gxi).push(wire::PL_NONCE, &sa.ni);
         let msg = plain_message(sa.icookie, sa.rcookie, wire::EXCH_MAIN, &c);
-        sa.flight.send(msg.clone(), now, Some(self.cfg.retransmit_timeout));
+        sa.flight
+            .send(msg.clone(), now, Some(self.cfg.retransmit_timeout));
         sa.flight.last_in = hash_of(data);
         sa.state = P1State::Mm3Sent;
         let ip = sa.peer;
@@ -734,7 +828,11 @@ impl Endpoint {
         };
         let nr = self.random_bytes(NONCE_LEN);
         let ip = self.sas[i].peer;
-        let psk = self.peers.get(&ip).map(|p| p.cfg.psk.clone()).ok_or(Malformed)?;
+        let psk = self
+            .peers
+            .get(&ip)
+            .map(|p| p.cfg.psk.clone())
+            .ok_or(Malformed)?;
         let sa = &mut self.sas[i];
         sa.gxi = ke.to_vec();
         sa.ni = nonce.to_vec();
@@ -744,7 +842,8 @@ impl Endpoint {
         let mut c = Chain::new();
         c.push(wire::PL_KE, &sa.gxr).push(wire::PL_NONCE, &sa.nr);
         let msg = plain_message(sa.icookie, sa.rcookie, wire::EXCH_MAIN, &c);
-        sa.flight.send(msg.clone(), now, Some(self.cfg.retransmit_timeout));
+        sa.flight
+            .send(msg.clone(), now, Some(self.cfg.retransmit_timeout));
         sa.flight.last_in = hash_of(data);
         sa.state = P1State::Mm4Sent;
         self.send(ip, msg);
@@ -782,12 +881,16 @@ impl Endpoint {
             let mut spi = [0u8; 16];
             spi[..8].copy_from_slice(&sa.icookie);
             spi[8..].copy_from_slice(&sa.rcookie);
-            c.push(wire::PL_NOTIFY, &wire::notify_body(wire::PROTO_ISAKMP, &spi, wire::N_INITIAL_CONTACT, &[]));
+            c.push(
+                wire::PL_NOTIFY,
+                &wire::notify_body(wire::PROTO_ISAKMP, &spi, wire::N_INITIAL_CONTACT, &[]),
+            );
         }
         let iv = sa.iv;
         let (msg, next_iv) = sa.seal(wire::EXCH_MAIN, 0, &c, &iv).ok_or(Malformed)?;
         sa.iv = next_iv;
-        sa.flight.send(msg.clone(), now, Some(self.cfg.retransmit_timeout));
+        sa.flight
+            .send(msg.clone(), now, Some(self.cfg.retransmit_timeout));
         sa.flight.last_in = hash_of(data);
         sa.state = P1State::Mm5Sent;
         self.send(ip, msg);
@@ -808,14 +911,21 @@ impl Endpoint {
             match p.kind {
                 wire::PL_ID => id = Some(p.body),
                 wire::PL_HASH => hash = Some(p.body),
-                wire::PL_NOTIFY if wire::notify(p.body).is_ok_and(|n| n.kind == wire::N_INITIAL_CONTACT) => {
+                wire::PL_NOTIFY
+                    if wire::notify(p.body).is_ok_and(|n| n.kind == wire::N_INITIAL_CONTACT) =>
+                {
                     initial_contact = true;
                 }
                 _ => {}
             }
         }
-        let (id, hash) = (id.ok_or(Failure::AuthenticationFailed)?, hash.ok_or(Failure::AuthenticationFailed)?);
-        let expected = sa.auth_hash(!sa.initiator, id).ok_or(Failure::AuthenticationFailed)?;
+        let (id, hash) = (
+            id.ok_or(Failure::AuthenticationFailed)?,
+            hash.ok_or(Failure::AuthenticationFailed)?,
+        );
+        let expected = sa
+            .auth_hash(!sa.initiator, id)
+            .ok_or(Failure::AuthenticationFailed)?;
         if !ct_eq(&expected[..], hash) {
             return Err(Failure::AuthenticationFailed);
         }
@@ -878,12 +988,18 @@ impl Endpoint {
         if initial_contact {
             self.peer_restarted(i);
         }
-        let Some(i) = self.find_sa(ip, &ic, &rc) else { return };
+        let Some(i) = self.find_sa(ip, &ic, &rc) else {
+            return;
+        };
         let sa = &mut self.sas[i];
         sa.state = P1State::Established;
         sa.established = Some(now);
         sa.expire_at = Some(now + sa.lifetime);
-        let (lo, hi) = if sa.initiator { (0.80, 0.90) } else { (0.90, 0.95) };
+        let (lo, hi) = if sa.initiator {
+            (0.80, 0.90)
+        } else {
+            (0.90, 0.95)
+        };
         sa.rekey_at = Some(now + scaled(sa.lifetime, lo, hi, r));
         sa.dh = None;
         let (icookie, rcookie, initiator) = (sa.icookie, sa.rcookie, sa.initiator);
@@ -893,7 +1009,11 @@ impl Endpoint {
         let established_at = sa.established;
         // Older SAs with this peer are replaced: DELETE them after the grace period.
         for s in self.sas.iter_mut() {
-            if s.peer == ip && s.is_established() && s.established < established_at && s.retire_at.is_none() {
+            if s.peer == ip
+                && s.is_established()
+                && s.established < established_at
+                && s.retire_at.is_none()
+            {
                 s.retire_at = Some(now + GRACE);
             }
         }
@@ -907,12 +1027,24 @@ impl Endpoint {
             p.last_alive = Some(now);
             p.next_dpd = Some(now + dpd);
             p.next_initiate = None;
-            let rekey_due = p.live_child().is_some_and(|c| c.rekey_at.is_some_and(|t| t <= now));
+            let rekey_due = p
+                .live_child()
+                .is_some_and(|c| c.rekey_at.is_some_and(|t| t <= now));
             if (p.live_child().is_none() || rekey_due) && !passive {
-                p.next_child = Some(if initiator { now } else { now + RESPONDER_CHILD_DELAY });
+                p.next_child = Some(if initiator {
+                    now
+                } else {
+                    now + RESPONDER_CHILD_DELAY
+                });
             }
         }
-        self.events.push_back(Event::IkeUp { peer: ip, icookie, rcookie, enc_key, bandwidth_key });
+        self.events.push_back(Event::IkeUp {
+            peer: ip,
+            icookie,
+            rcookie,
+            enc_key,
+            bandwidth_key,
+        });
     }
 
     /// INITIAL-CONTACT: the peer restarted, so every other SA with it is gone on its side.
@@ -921,7 +1053,8 @@ impl Endpoint {
         let (ic, rc) = (self.sas[keep].icookie, self.sas[keep].rcookie);
         let before = self.sas.len();
         let had_established = self.sas.iter().any(|s| s.peer == ip && s.is_established());
-        self.sas.retain(|s| s.peer != ip || (s.icookie == ic && s.rcookie == rc));
+        self.sas
+            .retain(|s| s.peer != ip || (s.icookie == ic && s.rcookie == rc));
         if had_established && self.sas.len() != before {
             self.events.push_back(Event::IkeDown { peer: ip });
         }
@@ -988,14 +1121,19 @@ impl Endpoint {
                 p.ike_backoff = (p.ike_backoff * 2).min(BACKOFF_MAX);
             }
         }
-        self.events.push_back(Event::Failed { peer: sa.peer, reason });
+        self.events.push_back(Event::Failed {
+            peer: sa.peer,
+            reason,
+        });
     }
 
     // ---- Quick Mode ----
 
     /// Starts a Quick Mode exchange; `false` if it cannot start now (try again later).
     fn start_quick(&mut self, now: Instant, ip: Ipv4Addr) -> bool {
-        let Some(i) = self.current_sa(ip) else { return false };
+        let Some(i) = self.current_sa(ip) else {
+            return false;
+        };
         // One of ours at a time, under whichever SA (the peer relies on it, see `on_qm1`).
         if self.peer_quick_open(ip, true) {
             return true;
@@ -1007,7 +1145,9 @@ impl Endpoint {
                 return false;
             }
         }
-        let Some(peer) = self.peers.get(&ip) else { return false };
+        let Some(peer) = self.peers.get(&ip) else {
+            return false;
+        };
         let peer_overlay = peer.cfg.overlay;
         let msgid = self.nonzero_u32();
         let my_spi = self.fresh_spi();
@@ -1021,16 +1161,23 @@ impl Endpoint {
             self.cfg.child_lifetime_kb,
         );
         let mut rest = Chain::new();
-        rest.push(wire::PL_SA, &wire::sa_body(1, proto, &my_spi.to_be_bytes(), &transform))
-            .push(wire::PL_NONCE, &ni)
-            .push(wire::PL_KE, dh.public())
-            .push(wire::PL_ID, &wire::id_body(self.cfg.local_overlay))
-            .push(wire::PL_ID, &wire::id_body(peer_overlay));
+        rest.push(
+            wire::PL_SA,
+            &wire::sa_body(1, proto, &my_spi.to_be_bytes(), &transform),
+        )
+        .push(wire::PL_NONCE, &ni)
+        .push(wire::PL_KE, dh.public())
+        .push(wire::PL_ID, &wire::id_body(self.cfg.local_overlay))
+        .push(wire::PL_ID, &wire::id_body(peer_overlay));
         let sa = &self.sas[i];
-        let Some(hash) = sa.hash_a(&[&msgid.to_be_bytes(), &rest.buf]) else { return false };
+        let Some(hash) = sa.hash_a(&[&msgid.to_be_bytes(), &rest.buf]) else {
+            return false;
+        };
         let chain = exchange::with_hash(&hash[..], &rest);
         let iv = sa.exchange_iv(msgid);
-        let Some((msg, next_iv)) = sa.seal(wire::EXCH_QUICK, msgid, &chain, &iv) else { return false };
+        let Some((msg, next_iv)) = sa.seal(wire::EXCH_QUICK, msgid, &chain, &iv) else {
+            return false;
+        };
         let mut flight = Flight::new();
         flight.send(msg.clone(), now, Some(self.cfg.retransmit_timeout));
         self.sas[i].quick.push(Quick {
@@ -1050,7 +1197,13 @@ impl Endpoint {
         true
     }
 
-    fn on_quick(&mut self, now: Instant, ip: Ipv4Addr, h: &Header, data: &[u8]) -> Result<(), Malformed> {
+    fn on_quick(
+        &mut self,
+        now: Instant,
+        ip: Ipv4Addr,
+        h: &Header,
+        data: &[u8],
+    ) -> Result<(), Malformed> {
         if h.flags & wire::FLAG_ENC == 0 || h.msgid == 0 {
             return Err(Malformed);
         }
@@ -1084,7 +1237,9 @@ impl Endpoint {
         let iv0 = self.sas[i].exchange_iv(msgid);
         let (plain, next_iv) = self.sas[i].open(data, &iv0).ok_or(Malformed)?;
         let p = exchange::protected(&plain, h.next)?;
-        let expected = self.sas[i].hash_a(&[&msgid.to_be_bytes(), p.covered]).ok_or(Malformed)?;
+        let expected = self.sas[i]
+            .hash_a(&[&msgid.to_be_bytes(), p.covered])
+            .ok_or(Malformed)?;
         if !ct_eq(&expected[..], p.hash) {
             return Err(Malformed);
         }
@@ -1135,7 +1290,8 @@ impl Endpoint {
                 let t = t?;
                 let o = wire::p2_offer(proto, &t)?;
                 if o.acceptable_suite && o.tunnel && o.group == group.id() {
-                    let spi = u32::from_be_bytes([prop.spi[0], prop.spi[1], prop.spi[2], prop.spi[3]]);
+                    let spi =
+                        u32::from_be_bytes([prop.spi[0], prop.spi[1], prop.spi[2], prop.spi[3]]);
                     chosen = Some((prop.number, spi, t.echo(), o));
                     break 'outer;
                 }
@@ -1146,13 +1302,20 @@ impl Endpoint {
             self.refused(ip, Failure::NoProposalChosen { by_peer: false });
             return Ok(());
         };
-        let peer_overlay = self.peers.get(&ip).map(|p| p.cfg.overlay).ok_or(Malformed)?;
+        let peer_overlay = self
+            .peers
+            .get(&ip)
+            .map(|p| p.cfg.overlay)
+            .ok_or(Malformed)?;
         let ids_ok = ids.len() == 2
             && wire::id_addr(ids[0]) == Some(peer_overlay)
             && wire::id_addr(ids[1]) == Some(self.cfg.local_overlay);
         if !ids_ok {
             self.send_notify_protected(i, proto, wire::N_INVALID_ID_INFORMATION, &[]);
-            self.events.push_back(Event::Failed { peer: ip, reason: Failure::InvalidId });
+            self.events.push_back(Event::Failed {
+                peer: ip,
+                reason: Failure::InvalidId,
+            });
             return Ok(());
         }
         let ke = ke.ok_or(Malformed)?;
@@ -1161,26 +1324,38 @@ impl Endpoint {
         }
         let dh = DhKey::generate(group, &mut self.rng);
         let Ok(gxy) = dh.agree(ke) else {
-            self.events.push_back(Event::Failed { peer: ip, reason: Failure::InvalidKeyExchange });
+            self.events.push_back(Event::Failed {
+                peer: ip,
+                reason: Failure::InvalidKeyExchange,
+            });
             return Ok(());
         };
         let nr = self.random_bytes(NONCE_LEN);
         let my_spi = self.fresh_spi();
-        let lifetime = offer.life_secs.map_or(self.cfg.child_lifetime, |s| Duration::from_secs(s).min(self.cfg.child_lifetime));
+        let lifetime = offer.life_secs.map_or(self.cfg.child_lifetime, |s| {
+            Duration::from_secs(s).min(self.cfg.child_lifetime)
+        });
         let lifetime_kb = match (offer.life_kb, self.cfg.child_lifetime_kb) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         let mut rest = Chain::new();
-        rest.push(wire::PL_SA, &wire::sa_body(number, proto, &my_spi.to_be_bytes(), &transform))
-            .push(wire::PL_NONCE, &nr)
-            .push(wire::PL_KE, dh.public())
-            .push(wire::PL_ID, ids[0])
-            .push(wire::PL_ID, ids[1]);
+        rest.push(
+            wire::PL_SA,
+            &wire::sa_body(number, proto, &my_spi.to_be_bytes(), &transform),
+        )
+        .push(wire::PL_NONCE, &nr)
+        .push(wire::PL_KE, dh.public())
+        .push(wire::PL_ID, ids[0])
+        .push(wire::PL_ID, ids[1]);
         let sa = &self.sas[i];
-        let hash = sa.hash_a(&[&msgid.to_be_bytes(), ni, &rest.buf]).ok_or(Malformed)?;
+        let hash = sa
+            .hash_a(&[&msgid.to_be_bytes(), ni, &rest.buf])
+            .ok_or(Malformed)?;
         let chain = exchange::with_hash(&hash[..], &rest);
-        let (msg, iv2) = sa.seal(wire::EXCH_QUICK, msgid, &chain, &next_iv).ok_or(Malformed)?;
+        let (msg, iv2) = sa
+            .seal(wire::EXCH_QUICK, msgid, &chain, &next_iv)
+            .ok_or(Malformed)?;
         let keys = sa.keys.as_ref().ok_or(Malformed)?;
         let len = self.cfg.protection.key_len();
         let inbound = crypto::keymat(&keys.d[..], Some(&gxy), proto, my_spi, ni, &nr, len);
@@ -1198,8 +1373,14 @@ impl Endpoint {
             dh: None,
             my_spi,
             pending: Some(NewChild {
-                outbound: ChildKeys { spi: peer_spi, key: outbound },
-                inbound: ChildKeys { spi: my_spi, key: inbound },
+                outbound: ChildKeys {
+                    spi: peer_spi,
+                    key: outbound,
+                },
+                inbound: ChildKeys {
+                    spi: my_spi,
+                    key: inbound,
+                },
                 lifetime,
                 lifetime_kb,
             }),
@@ -1210,13 +1391,24 @@ impl Endpoint {
         Ok(())
     }
 
-    fn on_qm2(&mut self, now: Instant, i: usize, q: usize, h: &Header, data: &[u8]) -> Result<(), Malformed> {
+    fn on_qm2(
+        &mut self,
+        now: Instant,
+        i: usize,
+        q: usize,
+        h: &Header,
+        data: &[u8],
+    ) -> Result<(), Malformed> {
         let msgid = h.msgid;
         let ip = self.sas[i].peer;
-        let (plain, next_iv) = self.sas[i].open(data, &self.sas[i].quick[q].iv).ok_or(Malformed)?;
+        let (plain, next_iv) = self.sas[i]
+            .open(data, &self.sas[i].quick[q].iv)
+            .ok_or(Malformed)?;
         let p = exchange::protected(&plain, h.next)?;
         let quick = &self.sas[i].quick[q];
-        let expected = self.sas[i].hash_a(&[&msgid.to_be_bytes(), &quick.ni, p.covered]).ok_or(Malformed)?;
+        let expected = self.sas[i]
+            .hash_a(&[&msgid.to_be_bytes(), &quick.ni, p.covered])
+            .ok_or(Malformed)?;
         if !ct_eq(&expected[..], p.hash) {
             return Err(Malformed);
         }
@@ -1231,17 +1423,29 @@ impl Endpoint {
                 _ => {}
             }
         }
-        let (sa_b, nr, ke) = (sa_b.ok_or(Malformed)?, nonce.ok_or(Malformed)?, ke.ok_or(Malformed)?);
+        let (sa_b, nr, ke) = (
+            sa_b.ok_or(Malformed)?,
+            nonce.ok_or(Malformed)?,
+            ke.ok_or(Malformed)?,
+        );
         if !(8..=256).contains(&nr.len()) {
             return Err(Malformed);
         }
         let prop = wire::proposals(sa_b)?.next().ok_or(Malformed)??;
         let t = prop.transforms().next().ok_or(Malformed)??;
         let o = wire::p2_offer(proto, &t)?;
-        if prop.protocol != proto || prop.spi.len() != 4 || !o.acceptable_suite || o.group != self.cfg.group.id() {
+        if prop.protocol != proto
+            || prop.spi.len() != 4
+            || !o.acceptable_suite
+            || o.group != self.cfg.group.id()
+        {
             return Err(Malformed);
         }
-        let peer_overlay = self.peers.get(&ip).map(|p| p.cfg.overlay).ok_or(Malformed)?;
+        let peer_overlay = self
+            .peers
+            .get(&ip)
+            .map(|p| p.cfg.overlay)
+            .ok_or(Malformed)?;
         if !ids.is_empty()
             && (ids.len() != 2
                 || wire::id_addr(ids[0]) != Some(self.cfg.local_overlay)
@@ -1257,15 +1461,21 @@ impl Endpoint {
         let ni = quick.ni.clone();
         let my_spi = quick.my_spi;
         let sa = &self.sas[i];
-        let hash3 = sa.hash_a(&[&[0], &msgid.to_be_bytes(), &ni, nr]).ok_or(Malformed)?;
+        let hash3 = sa
+            .hash_a(&[&[0], &msgid.to_be_bytes(), &ni, nr])
+            .ok_or(Malformed)?;
         let mut c = Chain::new();
         c.push(wire::PL_HASH, &hash3[..]);
-        let (msg, _) = sa.seal(wire::EXCH_QUICK, msgid, &c, &next_iv).ok_or(Malformed)?;
+        let (msg, _) = sa
+            .seal(wire::EXCH_QUICK, msgid, &c, &next_iv)
+            .ok_or(Malformed)?;
         let keys = sa.keys.as_ref().ok_or(Malformed)?;
         let len = self.cfg.protection.key_len();
         let inbound = crypto::keymat(&keys.d[..], Some(&gxy), proto, my_spi, &ni, nr, len);
         let outbound = crypto::keymat(&keys.d[..], Some(&gxy), proto, peer_spi, &ni, nr, len);
-        let lifetime = o.life_secs.map_or(self.cfg.child_lifetime, |s| Duration::from_secs(s).min(self.cfg.child_lifetime));
+        let lifetime = o.life_secs.map_or(self.cfg.child_lifetime, |s| {
+            Duration::from_secs(s).min(self.cfg.child_lifetime)
+        });
         let lifetime_kb = o.life_kb.or(self.cfg.child_lifetime_kb);
         let quick = &mut self.sas[i].quick[q];
         quick.open = false;
@@ -1276,8 +1486,14 @@ impl Endpoint {
         self.alive(ip, now);
         self.send(ip, msg);
         let child = NewChild {
-            outbound: ChildKeys { spi: peer_spi, key: outbound },
-            inbound: ChildKeys { spi: my_spi, key: inbound },
+            outbound: ChildKeys {
+                spi: peer_spi,
+                key: outbound,
+            },
+            inbound: ChildKeys {
+                spi: my_spi,
+                key: inbound,
+            },
             lifetime,
             lifetime_kb,
         };
@@ -1285,13 +1501,24 @@ impl Endpoint {
         Ok(())
     }
 
-    fn on_qm3(&mut self, now: Instant, i: usize, q: usize, h: &Header, data: &[u8]) -> Result<(), Malformed> {
+    fn on_qm3(
+        &mut self,
+        now: Instant,
+        i: usize,
+        q: usize,
+        h: &Header,
+        data: &[u8],
+    ) -> Result<(), Malformed> {
         let msgid = h.msgid;
         let ip = self.sas[i].peer;
-        let (plain, _) = self.sas[i].open(data, &self.sas[i].quick[q].iv).ok_or(Malformed)?;
+        let (plain, _) = self.sas[i]
+            .open(data, &self.sas[i].quick[q].iv)
+            .ok_or(Malformed)?;
         let p = exchange::protected(&plain, h.next)?;
         let quick = &self.sas[i].quick[q];
-        let expected = self.sas[i].hash_a(&[&[0], &msgid.to_be_bytes(), &quick.ni, &quick.nr]).ok_or(Malformed)?;
+        let expected = self.sas[i]
+            .hash_a(&[&[0], &msgid.to_be_bytes(), &quick.ni, &quick.nr])
+            .ok_or(Malformed)?;
         if !ct_eq(&expected[..], p.hash) {
             return Err(Malformed);
         }
@@ -1310,8 +1537,14 @@ impl Endpoint {
     fn child_up(&mut self, now: Instant, ip: Ipv4Addr, nc: NewChild, initiator: bool) {
         let r = self.rng.next_u32();
         let protection = self.cfg.protection;
-        let (lo, hi) = if initiator { (0.80, 0.90) } else { (0.90, 0.95) };
-        let Some(p) = self.peers.get_mut(&ip) else { return };
+        let (lo, hi) = if initiator {
+            (0.80, 0.90)
+        } else {
+            (0.90, 0.95)
+        };
+        let Some(p) = self.peers.get_mut(&ip) else {
+            return;
+        };
         // Make-before-break: older pairs stop rekeying and are DELETEd after a grace period, by
         // the initiator first; the responder follows later in case that DELETE is lost or the
         // older pair only ever existed on this side (its QM3 never arrived).
@@ -1356,7 +1589,9 @@ impl Endpoint {
     /// time later, so that a peer that cannot install SAs is not hammered.
     fn child_setback(&mut self, now: Instant, ip: Ipv4Addr) {
         let passive = self.cfg.passive;
-        let Some(p) = self.peers.get_mut(&ip) else { return };
+        let Some(p) = self.peers.get_mut(&ip) else {
+            return;
+        };
         if p.live_child().is_none() && !passive {
             p.next_child = Some(now + p.child_backoff);
             p.child_backoff = (p.child_backoff * 2).min(BACKOFF_MAX);
@@ -1371,7 +1606,13 @@ impl Endpoint {
         }
     }
 
-    fn on_info(&mut self, now: Instant, ip: Ipv4Addr, h: &Header, data: &[u8]) -> Result<(), Malformed> {
+    fn on_info(
+        &mut self,
+        now: Instant,
+        ip: Ipv4Addr,
+        h: &Header,
+        data: &[u8],
+    ) -> Result<(), Malformed> {
         if h.flags & wire::FLAG_ENC == 0 {
             return self.on_plain_info(now, ip, h, data);
         }
@@ -1382,7 +1623,9 @@ impl Endpoint {
         let iv = self.sas[i].exchange_iv(h.msgid);
         let (plain, _) = self.sas[i].open(data, &iv).ok_or(Malformed)?;
         let p = exchange::protected(&plain, h.next)?;
-        let expected = self.sas[i].hash_a(&[&h.msgid.to_be_bytes(), p.covered]).ok_or(Malformed)?;
+        let expected = self.sas[i]
+            .hash_a(&[&h.msgid.to_be_bytes(), p.covered])
+            .ok_or(Malformed)?;
         if !ct_eq(&expected[..], p.hash) {
             return Err(Malformed);
         }
@@ -1395,7 +1638,12 @@ impl Endpoint {
                         wire::N_R_U_THERE => {
                             let i = self.find_sa(ip, &h.icookie, &h.rcookie).ok_or(Malformed)?;
                             let data = n.data.get(..4).ok_or(Malformed)?.to_vec();
-                            self.send_notify_protected(i, wire::PROTO_ISAKMP, wire::N_R_U_THERE_ACK, &data);
+                            self.send_notify_protected(
+                                i,
+                                wire::PROTO_ISAKMP,
+                                wire::N_R_U_THERE_ACK,
+                                &data,
+                            );
                         }
                         wire::N_R_U_THERE_ACK => {
                             if let Some(p) = self.peers.get_mut(&ip) {
@@ -1411,11 +1659,14 @@ impl Endpoint {
                             let spi = <[u8; 4]>::try_from(n.spi).ok().map(u32::from_be_bytes);
                             let named = |q: &Quick| {
                                 spi.is_some_and(|s| {
-                                    q.my_spi == s || q.pending.as_ref().is_some_and(|c| c.outbound.spi == s)
+                                    q.my_spi == s
+                                        || q.pending.as_ref().is_some_and(|c| c.outbound.spi == s)
                                 })
                             };
                             let any_named = self.sas[i].quick.iter().any(|q| q.open && named(q));
-                            self.sas[i].quick.retain(|q| !q.open || (any_named && !named(q)));
+                            self.sas[i]
+                                .quick
+                                .retain(|q| !q.open || (any_named && !named(q)));
                             let reason = if k == wire::N_NO_PROPOSAL_CHOSEN {
                                 Failure::NoProposalChosen { by_peer: true }
                             } else if k == wire::N_INVALID_ID_INFORMATION {
@@ -1457,7 +1708,9 @@ impl Endpoint {
         } else if protocol == self.cfg.protection.protocol_id() && spi.len() == 4 {
             let spi = u32::from_be_bytes([spi[0], spi[1], spi[2], spi[3]]);
             let protection = self.cfg.protection;
-            let Some(p) = self.peers.get_mut(&ip) else { return };
+            let Some(p) = self.peers.get_mut(&ip) else {
+                return;
+            };
             // RFC 2408 leaves open which SPI of the pair a DELETE names. The peer's inbound SPI
             // (our outbound) is the usual choice; strongSwan names our inbound SPI when it could
             // not install the pair. Both identify the pair: our inbound SPIs are unique here.
@@ -1483,11 +1736,19 @@ impl Endpoint {
     }
 
     /// Unprotected notifications are believed only as the answer to our own half-open phase 1.
-    fn on_plain_info(&mut self, now: Instant, ip: Ipv4Addr, h: &Header, data: &[u8]) -> Result<(), Malformed> {
+    fn on_plain_info(
+        &mut self,
+        now: Instant,
+        ip: Ipv4Addr,
+        h: &Header,
+        data: &[u8],
+    ) -> Result<(), Malformed> {
         let i = self
             .sas
             .iter()
-            .position(|s| s.peer == ip && s.initiator && !s.is_established() && s.icookie == h.icookie)
+            .position(|s| {
+                s.peer == ip && s.initiator && !s.is_established() && s.icookie == h.icookie
+            })
             .ok_or(Malformed)?;
         for pl in Payloads::new(data, HEADER_LEN, h.next).take(16) {
             let pl = pl?;
@@ -1562,7 +1823,10 @@ impl Endpoint {
                             p.counters.timeouts += 1;
                         }
                         if quick.initiator {
-                            self.events.push_back(Event::Failed { peer: ip, reason: Failure::Timeout });
+                            self.events.push_back(Event::Failed {
+                                peer: ip,
+                                reason: Failure::Timeout,
+                            });
                             self.child_setback(now, ip);
                         } else if !self.cfg.passive {
                             // QM3 never came: the initiator may or may not have the pair. Make a
@@ -1653,13 +1917,16 @@ impl Endpoint {
         let addrs: Vec<Ipv4Addr> = self.peers.keys().copied().collect();
         for ip in addrs {
             let mut deletes = Vec::new();
-            let Some(p) = self.peers.get_mut(&ip) else { continue };
+            let Some(p) = self.peers.get_mut(&ip) else {
+                continue;
+            };
             let mut k = 0;
             while k < p.children.len() {
                 let c = &mut p.children[k];
                 // A replaced pair that reaches its end before the grace period is over still
                 // counts as replaced (it is DELETEd, not reported expired).
-                let retired = c.retire_at.is_some_and(|t| t <= now) || (c.retire_at.is_some() && c.expire_at <= now);
+                let retired = c.retire_at.is_some_and(|t| t <= now)
+                    || (c.retire_at.is_some() && c.expire_at <= now);
                 if retired || c.expire_at <= now {
                     let c = p.children.remove(k);
                     if retired {
@@ -1670,7 +1937,11 @@ impl Endpoint {
                         protection,
                         inbound_spi: c.inbound_spi,
                         outbound_spi: c.outbound_spi,
-                        reason: if retired { ChildDownReason::Replaced } else { ChildDownReason::Expired },
+                        reason: if retired {
+                            ChildDownReason::Replaced
+                        } else {
+                            ChildDownReason::Expired
+                        },
                     });
                     continue;
                 }
@@ -1680,7 +1951,11 @@ impl Endpoint {
                 }
                 k += 1;
             }
-            if p.live_child().is_none() && p.next_child.is_none() && !passive && !p.children.is_empty() {
+            if p.live_child().is_none()
+                && p.next_child.is_none()
+                && !passive
+                && !p.children.is_empty()
+            {
                 p.next_child = Some(now);
             }
             for spi in deletes {
@@ -1693,13 +1968,17 @@ impl Endpoint {
         let addrs: Vec<Ipv4Addr> = self.peers.keys().copied().collect();
         let dpd = self.cfg.dpd_interval;
         for ip in addrs {
-            let Some(p) = self.peers.get_mut(&ip) else { continue };
+            let Some(p) = self.peers.get_mut(&ip) else {
+                continue;
+            };
             if p.next_initiate.is_some_and(|t| t <= now) {
                 p.next_initiate = None;
                 self.start_main(now, ip);
             }
             let has_sa = self.current_sa(ip).is_some();
-            let Some(p) = self.peers.get_mut(&ip) else { continue };
+            let Some(p) = self.peers.get_mut(&ip) else {
+                continue;
+            };
             if p.next_child.is_some_and(|t| t <= now) {
                 // Without a phase-1 SA the child waits: the next IkeUp schedules it again. While
                 // a Quick Mode the peer started is open, starting our own would make two pairs
@@ -1713,11 +1992,15 @@ impl Endpoint {
                     }
                 }
             }
-            let Some(p) = self.peers.get_mut(&ip) else { continue };
+            let Some(p) = self.peers.get_mut(&ip) else {
+                continue;
+            };
             if p.next_dpd.is_none_or(|t| t > now) {
                 continue;
             }
-            if p.last_alive.is_some_and(|t| now.saturating_duration_since(t) >= dpd.mul_f64(2.5)) {
+            if p.last_alive
+                .is_some_and(|t| now.saturating_duration_since(t) >= dpd.mul_f64(2.5))
+            {
                 self.peer_dead(now, ip);
                 continue;
             }
@@ -1756,13 +2039,18 @@ impl Endpoint {
 
     /// Sends DELETEs for everything with the peer and reports its children down.
     fn close_peer(&mut self, _now: Instant, ip: Ipv4Addr) {
-        let spis: Vec<u32> = self.peers.get(&ip).map(|p| p.children.iter().map(|c| c.inbound_spi).collect()).unwrap_or_default();
+        let spis: Vec<u32> = self
+            .peers
+            .get(&ip)
+            .map(|p| p.children.iter().map(|c| c.inbound_spi).collect())
+            .unwrap_or_default();
         for spi in spis {
             self.send_delete_child(ip, spi);
         }
         self.drop_children(ip, ChildDownReason::Closed);
-        let established: Vec<usize> =
-            (0..self.sas.len()).filter(|&i| self.sas[i].peer == ip && self.sas[i].is_established()).collect();
+        let established: Vec<usize> = (0..self.sas.len())
+            .filter(|&i| self.sas[i].peer == ip && self.sas[i].is_established())
+            .collect();
         for &i in &established {
             self.send_delete_ike(i);
         }
@@ -1783,11 +2071,28 @@ mod tests {
     const A: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
     const B: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
 
-    fn endpoint(local: Ipv4Addr, peer: Ipv4Addr, seed: u8, now: Instant, passive: bool) -> Endpoint {
+    fn endpoint(
+        local: Ipv4Addr,
+        peer: Ipv4Addr,
+        seed: u8,
+        now: Instant,
+        passive: bool,
+    ) -> Endpoint {
         let overlay = |a: Ipv4Addr| Ipv4Addr::new(198, 18, 0, a.octets()[3]);
-        let cfg = EndpointConfig { group: DhGroup::Curve25519, passive, ..EndpointConfig::new(local, overlay(local)) };
+        let cfg = EndpointConfig {
+            group: DhGroup::Curve25519,
+            passive,
+            ..EndpointConfig::new(local, overlay(local))
+        };
         let mut e = Endpoint::new(cfg, [seed; 32]);
-        e.set_peer(now, PeerConfig { addr: peer, overlay: overlay(peer), psk: Zeroizing::new(b"k".to_vec()) });
+        e.set_peer(
+            now,
+            PeerConfig {
+                addr: peer,
+                overlay: overlay(peer),
+                psk: Zeroizing::new(b"k".to_vec()),
+            },
+        );
         e
     }
 
@@ -1823,7 +2128,10 @@ mod tests {
         // a is passive (like the udp_peer example against charon): b starts everything.
         let (mut a, mut b) = (endpoint(A, B, 1, now, true), endpoint(B, A, 2, now, false));
         let events = settle(&mut a, &mut b, now);
-        assert!(events.iter().any(|e| matches!(e, Event::ChildUp { .. })), "{events:?}");
+        assert!(
+            events.iter().any(|e| matches!(e, Event::ChildUp { .. })),
+            "{events:?}"
+        );
         (a, b, now)
     }
 
@@ -1834,7 +2142,10 @@ mod tests {
         // b names the SPI it sends with (a's inbound), as charon does for a pair it could not install.
         let i = b.current_sa(A).unwrap();
         let mut c = Chain::new();
-        c.push(wire::PL_DELETE, &wire::delete_body(wire::PROTO_AH, &inbound.to_be_bytes()));
+        c.push(
+            wire::PL_DELETE,
+            &wire::delete_body(wire::PROTO_AH, &inbound.to_be_bytes()),
+        );
         b.send_info(i, &c);
         let events = settle(&mut a, &mut b, now);
         assert!(
@@ -1856,20 +2167,40 @@ mod tests {
         let _ = a.poll_transmit().unwrap();
         assert_eq!(a.peer_state(B).unwrap().exchanges_in_progress, 2);
         // b refuses its own exchange after QM2, naming the SPI it proposed.
-        let proposed = b.sas[b.current_sa(A).unwrap()].quick.iter().find(|q| q.open).unwrap().my_spi;
+        let proposed = b.sas[b.current_sa(A).unwrap()]
+            .quick
+            .iter()
+            .find(|q| q.open)
+            .unwrap()
+            .my_spi;
         let i = b.current_sa(A).unwrap();
         b.send_notify_protected(i, wire::PROTO_AH, wire::N_NO_PROPOSAL_CHOSEN, &[]);
         let refusal = b.poll_transmit().unwrap();
         // send_notify_protected carries no SPI for AH; build the named one like charon's.
         let mut c = Chain::new();
-        c.push(wire::PL_NOTIFY, &wire::notify_body(wire::PROTO_AH, &proposed.to_be_bytes(), wire::N_NO_PROPOSAL_CHOSEN, &[]));
+        c.push(
+            wire::PL_NOTIFY,
+            &wire::notify_body(
+                wire::PROTO_AH,
+                &proposed.to_be_bytes(),
+                wire::N_NO_PROPOSAL_CHOSEN,
+                &[],
+            ),
+        );
         b.send_info(i, &c);
         let named = b.poll_transmit().unwrap();
         a.handle(now, SocketAddrV4::new(B, IKE_PORT), &named.payload);
         let s = a.peer_state(B).unwrap();
-        assert_eq!((s.exchanges_in_progress, s.counters.malformed), (1, 0), "only the named exchange goes");
+        assert_eq!(
+            (s.exchanges_in_progress, s.counters.malformed),
+            (1, 0),
+            "only the named exchange goes"
+        );
         let own = &a.sas[a.current_sa(B).unwrap()].quick;
-        assert!(own.iter().filter(|q| q.open).all(|q| q.initiator), "a's own exchange stays open");
+        assert!(
+            own.iter().filter(|q| q.open).all(|q| q.initiator),
+            "a's own exchange stays open"
+        );
         // Without an SPI nothing tells the exchanges apart: all open ones go.
         a.handle(now, SocketAddrV4::new(B, IKE_PORT), &refusal.payload);
         assert_eq!(a.peer_state(B).unwrap().exchanges_in_progress, 0);

@@ -48,7 +48,12 @@ pub(crate) struct Flight {
 
 impl Flight {
     pub(crate) fn new() -> Self {
-        Self { sent: Vec::new(), resend_at: None, tries: 0, last_in: [0; 32] }
+        Self {
+            sent: Vec::new(),
+            resend_at: None,
+            tries: 0,
+            last_in: [0; 32],
+        }
     }
 
     /// Records a new message to send; `wait` arms the retransmission timer.
@@ -143,13 +148,23 @@ pub(crate) struct IkeSa {
 }
 
 impl IkeSa {
-    pub(crate) fn new(peer: Ipv4Addr, initiator: bool, icookie: [u8; 8], now: Instant, lifetime: Duration) -> Self {
+    pub(crate) fn new(
+        peer: Ipv4Addr,
+        initiator: bool,
+        icookie: [u8; 8],
+        now: Instant,
+        lifetime: Duration,
+    ) -> Self {
         Self {
             peer,
             initiator,
             icookie,
             rcookie: [0; 8],
-            state: if initiator { P1State::Mm1Sent } else { P1State::Mm2Sent },
+            state: if initiator {
+                P1State::Mm1Sent
+            } else {
+                P1State::Mm2Sent
+            },
             sai_b: Vec::new(),
             dh: None,
             ni: Vec::new(),
@@ -188,9 +203,29 @@ impl IkeSa {
     pub(crate) fn auth_hash(&self, initiator: bool, id_b: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
         let skeyid = self.skeyid.as_ref()?;
         Some(if initiator {
-            crypto::prf(&skeyid[..], &[&self.gxi, &self.gxr, &self.icookie, &self.rcookie, &self.sai_b, id_b])
+            crypto::prf(
+                &skeyid[..],
+                &[
+                    &self.gxi,
+                    &self.gxr,
+                    &self.icookie,
+                    &self.rcookie,
+                    &self.sai_b,
+                    id_b,
+                ],
+            )
         } else {
-            crypto::prf(&skeyid[..], &[&self.gxr, &self.gxi, &self.rcookie, &self.icookie, &self.sai_b, id_b])
+            crypto::prf(
+                &skeyid[..],
+                &[
+                    &self.gxr,
+                    &self.gxi,
+                    &self.rcookie,
+                    &self.icookie,
+                    &self.sai_b,
+                    id_b,
+                ],
+            )
         })
     }
 
@@ -203,7 +238,13 @@ impl IkeSa {
     }
 
     /// Encrypts a payload chain into a datagram; returns it and the next IV.
-    pub(crate) fn seal(&self, exchange: u8, msgid: u32, chain: &Chain, iv: &[u8; BLOCK]) -> Option<(Vec<u8>, [u8; BLOCK])> {
+    pub(crate) fn seal(
+        &self,
+        exchange: u8,
+        msgid: u32,
+        chain: &Chain,
+        iv: &[u8; BLOCK],
+    ) -> Option<(Vec<u8>, [u8; BLOCK])> {
         let keys = self.keys.as_ref()?;
         let pad = (BLOCK - chain.buf.len() % BLOCK) % BLOCK;
         let body_len = chain.buf.len() + pad;
@@ -247,14 +288,20 @@ pub(crate) struct Protected<'a> {
 
 /// Splits a decrypted body whose first payload must be HASH.
 pub(crate) fn protected(plain: &[u8], first: u8) -> Result<Protected<'_>, Malformed> {
-    let payloads: Vec<Payload<'_>> = Payloads::new(plain, 0, first).take(16).collect::<Result<_, _>>()?;
+    let payloads: Vec<Payload<'_>> = Payloads::new(plain, 0, first)
+        .take(16)
+        .collect::<Result<_, _>>()?;
     let (head, rest) = payloads.split_first().ok_or(Malformed)?;
     if head.kind != wire::PL_HASH || head.body.len() != 32 {
         return Err(Malformed);
     }
     let end = payloads.last().map_or(head.end, |p| p.end);
     let covered = plain.get(head.end..end).ok_or(Malformed)?;
-    Ok(Protected { hash: head.body, covered, payloads: rest.to_vec() })
+    Ok(Protected {
+        hash: head.body,
+        covered,
+        payloads: rest.to_vec(),
+    })
 }
 
 /// A chain of a HASH payload followed by `rest`.

@@ -118,7 +118,10 @@ pub struct PeerConfig {
 
 impl fmt::Debug for PeerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PeerConfig").field("addr", &self.addr).field("overlay", &self.overlay).finish_non_exhaustive()
+        f.debug_struct("PeerConfig")
+            .field("addr", &self.addr)
+            .field("overlay", &self.overlay)
+            .finish_non_exhaustive()
     }
 }
 
@@ -184,9 +187,15 @@ pub enum Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::AuthenticationFailed => f.write_str("authentication failed (pre-shared key mismatch?)"),
-            Failure::NoProposalChosen { by_peer: true } => f.write_str("no proposal chosen: the peer refused our proposal"),
-            Failure::NoProposalChosen { by_peer: false } => f.write_str("no proposal chosen: the peer proposed a weaker suite"),
+            Failure::AuthenticationFailed => {
+                f.write_str("authentication failed (pre-shared key mismatch?)")
+            }
+            Failure::NoProposalChosen { by_peer: true } => {
+                f.write_str("no proposal chosen: the peer refused our proposal")
+            }
+            Failure::NoProposalChosen { by_peer: false } => {
+                f.write_str("no proposal chosen: the peer proposed a weaker suite")
+            }
             Failure::InvalidId => f.write_str("invalid identity or traffic selectors"),
             Failure::InvalidKeyExchange => f.write_str("invalid Diffie-Hellman public value"),
             Failure::Timeout => f.write_str("no answer from the peer"),
@@ -261,10 +270,24 @@ impl fmt::Debug for Event {
         match self {
             Event::IkeUp { peer, .. } => write!(f, "IkeUp({peer})"),
             Event::IkeDown { peer } => write!(f, "IkeDown({peer})"),
-            Event::ChildUp { peer, outbound, inbound, .. } => {
-                write!(f, "ChildUp({peer}, out {:#010x}, in {:#010x})", outbound.spi, inbound.spi)
+            Event::ChildUp {
+                peer,
+                outbound,
+                inbound,
+                ..
+            } => {
+                write!(
+                    f,
+                    "ChildUp({peer}, out {:#010x}, in {:#010x})",
+                    outbound.spi, inbound.spi
+                )
             }
-            Event::ChildDown { peer, inbound_spi, reason, .. } => {
+            Event::ChildDown {
+                peer,
+                inbound_spi,
+                reason,
+                ..
+            } => {
                 write!(f, "ChildDown({peer}, in {inbound_spi:#010x}, {reason:?})")
             }
             Event::PeerDead { peer } => write!(f, "PeerDead({peer})"),

@@ -50,8 +50,9 @@ pub(crate) const ID_IPV4_ADDR: u8 = 1;
 pub(crate) const ID_IPV4_ADDR_SUBNET: u8 = 4;
 
 /// RFC 3706 vendor ID announcing DPD support.
-pub(crate) const DPD_VID: [u8; 16] =
-    [0xaf, 0xca, 0xd7, 0x13, 0x68, 0xa1, 0xf1, 0xc9, 0x6b, 0x86, 0x96, 0xfc, 0x77, 0x57, 0x01, 0x00];
+pub(crate) const DPD_VID: [u8; 16] = [
+    0xaf, 0xca, 0xd7, 0x13, 0x68, 0xa1, 0xf1, 0xc9, 0x6b, 0x86, 0x96, 0xfc, 0x77, 0x57, 0x01, 0x00,
+];
 
 /// DOI IPsec, situation identity-only.
 const DOI_IPSEC: u32 = 1;
@@ -125,7 +126,15 @@ impl Header {
         icookie.copy_from_slice(&h[..8]);
         let mut rcookie = [0u8; 8];
         rcookie.copy_from_slice(&h[8..16]);
-        Ok(Self { icookie, rcookie, next: h[16], exchange: h[18], flags: h[19], msgid: be32(h, 20)?, length })
+        Ok(Self {
+            icookie,
+            rcookie,
+            next: h[16],
+            exchange: h[18],
+            flags: h[19],
+            msgid: be32(h, 20)?,
+            length,
+        })
     }
 
     /// Writes the header into the first 28 bytes of `out`.
@@ -164,7 +173,12 @@ impl<'a> Payloads<'a> {
     /// A chain starting at `pos` in `buf` whose first payload has type `first`. Bytes after the
     /// last payload (CBC padding) are ignored.
     pub(crate) fn new(buf: &'a [u8], pos: usize, first: u8) -> Self {
-        Self { buf, pos, next: first, failed: false }
+        Self {
+            buf,
+            pos,
+            next: first,
+            failed: false,
+        }
     }
 }
 
@@ -191,7 +205,12 @@ impl<'a> Iterator for Payloads<'a> {
                 let kind = self.next;
                 self.next = next;
                 self.pos = end;
-                Some(Ok(Payload { kind, body, end, start }))
+                Some(Ok(Payload {
+                    kind,
+                    body,
+                    end,
+                    start,
+                }))
             }
             None => {
                 self.failed = true;
@@ -211,7 +230,11 @@ pub(crate) struct Chain {
 impl Chain {
     /// An empty chain.
     pub(crate) fn new() -> Self {
-        Self { buf: Vec::with_capacity(768), first: 0, last_next_at: None }
+        Self {
+            buf: Vec::with_capacity(768),
+            first: 0,
+            last_next_at: None,
+        }
     }
 
     /// Appends a payload of type `kind` with `body`.
@@ -231,7 +254,9 @@ impl Chain {
 
     /// Appends all payloads of `rest` (built apart because a hash covers them).
     pub(crate) fn append(&mut self, rest: &Chain) -> &mut Self {
-        let Some(rest_last) = rest.last_next_at else { return self };
+        let Some(rest_last) = rest.last_next_at else {
+            return self;
+        };
         match self.last_next_at {
             Some(at) => self.buf[at] = rest.first,
             None => self.first = rest.first,
@@ -265,7 +290,10 @@ fn attrs(mut b: &[u8]) -> impl Iterator<Item = Result<Attr, Malformed>> + '_ {
             if t & 0x8000 != 0 {
                 let v = be16(b, 2)?;
                 b = b.get(4..).ok_or(Malformed)?;
-                Ok(Attr { kind: t & 0x7fff, value: u64::from(v) })
+                Ok(Attr {
+                    kind: t & 0x7fff,
+                    value: u64::from(v),
+                })
             } else {
                 let l = usize::from(be16(b, 2)?);
                 let v = b.get(4..4 + l).ok_or(Malformed)?;
@@ -315,7 +343,9 @@ pub(crate) struct Transform<'a> {
 }
 
 /// Splits an SA payload body into its proposals after checking DOI and situation.
-pub(crate) fn proposals(sa_body: &[u8]) -> Result<impl Iterator<Item = Result<Proposal<'_>, Malformed>>, Malformed> {
+pub(crate) fn proposals(
+    sa_body: &[u8],
+) -> Result<impl Iterator<Item = Result<Proposal<'_>, Malformed>>, Malformed> {
     if be32(sa_body, 0)? != DOI_IPSEC || be32(sa_body, 4)? != SIT_IDENTITY_ONLY {
         return Err(Malformed);
     }
@@ -328,7 +358,12 @@ pub(crate) fn proposals(sa_body: &[u8]) -> Result<impl Iterator<Item = Result<Pr
         let spi_len = usize::from(*b.get(2).ok_or(Malformed)?);
         let spi = b.get(4..4 + spi_len).ok_or(Malformed)?;
         let transforms = b.get(4 + spi_len..).ok_or(Malformed)?;
-        Ok(Proposal { number: b[0], protocol: b[1], spi, transforms })
+        Ok(Proposal {
+            number: b[0],
+            protocol: b[1],
+            spi,
+            transforms,
+        })
     }))
 }
 
@@ -376,7 +411,11 @@ pub(crate) fn p1_offer(t: &Transform<'_>) -> Result<P1Offer, Malformed> {
             _ => {}
         }
     }
-    offer.acceptable_suite = t.id == 1 && enc == ENC_AES_CBC && keylen == 256 && hash == HASH_SHA2_256 && auth == AUTH_PSK;
+    offer.acceptable_suite = t.id == 1
+        && enc == ENC_AES_CBC
+        && keylen == 256
+        && hash == HASH_SHA2_256
+        && auth == AUTH_PSK;
     Ok(offer)
 }
 
@@ -466,7 +505,12 @@ pub(crate) fn p1_transform(group: u16, life_secs: u64) -> Vec<u8> {
 }
 
 /// Our phase-2 transform for AH (HMAC-SHA2-256-128) or ESP (AES-256-GCM-16), tunnel mode, PFS.
-pub(crate) fn p2_transform(protocol: u8, group: u16, life_secs: u64, life_kb: Option<u64>) -> Vec<u8> {
+pub(crate) fn p2_transform(
+    protocol: u8,
+    group: u16,
+    life_secs: u64,
+    life_kb: Option<u64>,
+) -> Vec<u8> {
     let mut a = Vec::with_capacity(32);
     put_attr(&mut a, P2_LIFE_TYPE, LIFE_SECONDS);
     put_attr(&mut a, P2_LIFE_DURATION, life_secs);
@@ -548,7 +592,9 @@ pub(crate) fn delete(b: &[u8]) -> Result<(u8, usize, &[u8]), Malformed> {
     let protocol = *b.get(4).ok_or(Malformed)?;
     let spi_len = usize::from(*b.get(5).ok_or(Malformed)?);
     let n = usize::from(be16(b, 6)?);
-    let spis = b.get(8..8 + spi_len.checked_mul(n).ok_or(Malformed)?).ok_or(Malformed)?;
+    let spis = b
+        .get(8..8 + spi_len.checked_mul(n).ok_or(Malformed)?)
+        .ok_or(Malformed)?;
     if spi_len == 0 {
         return Err(Malformed);
     }
@@ -563,7 +609,9 @@ mod tests {
     fn chain_round_trip() {
         let mut c = Chain::new();
         c.push(PL_SA, &[1, 2, 3]).push(PL_VID, &DPD_VID);
-        let got: Vec<_> = Payloads::new(&c.buf, 0, c.first()).collect::<Result<_, _>>().unwrap();
+        let got: Vec<_> = Payloads::new(&c.buf, 0, c.first())
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(got.len(), 2);
         assert_eq!((got[0].kind, got[0].body), (PL_SA, &[1u8, 2, 3][..]));
         assert_eq!((got[1].kind, got[1].body), (PL_VID, &DPD_VID[..]));
@@ -592,7 +640,10 @@ mod tests {
             assert_eq!(p.spi, &[1, 2, 3, 4]);
             let o = p2_offer(proto, &p.transforms().next().unwrap().unwrap()).unwrap();
             assert!(o.acceptable_suite && o.tunnel);
-            assert_eq!((o.group, o.life_secs, o.life_kb), (31, Some(3600), Some(4_000_000)));
+            assert_eq!(
+                (o.group, o.life_secs, o.life_kb),
+                (31, Some(3600), Some(4_000_000))
+            );
         }
     }
 }

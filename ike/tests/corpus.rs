@@ -35,7 +35,11 @@ fn corpus() -> Vec<Recorded> {
         .map(|name| {
             let text = std::fs::read_to_string(dir.join(&name)).unwrap();
             let data = hex::decode(text.trim()).unwrap_or_else(|e| panic!("{name}: {e}"));
-            let from = if name.contains("from-charon") { CHARON } else { CONFMESH };
+            let from = if name.contains("from-charon") {
+                CHARON
+            } else {
+                CONFMESH
+            };
             Recorded { name, from, data }
         })
         .collect();
@@ -47,9 +51,19 @@ fn corpus() -> Vec<Recorded> {
 fn receiver(from: Ipv4Addr, now: Instant, seed: u8) -> Endpoint {
     let local = if from == CHARON { CONFMESH } else { CHARON };
     let overlay = |a: Ipv4Addr| Ipv4Addr::new(198, 18, 0, a.octets()[3]);
-    let cfg = EndpointConfig { passive: true, ..EndpointConfig::new(local, overlay(local)) };
+    let cfg = EndpointConfig {
+        passive: true,
+        ..EndpointConfig::new(local, overlay(local))
+    };
     let mut e = Endpoint::new(cfg, [seed; 32]);
-    e.set_peer(now, PeerConfig { addr: from, overlay: overlay(from), psk: Zeroizing::new(PSK.to_vec()) });
+    e.set_peer(
+        now,
+        PeerConfig {
+            addr: from,
+            overlay: overlay(from),
+            psk: Zeroizing::new(PSK.to_vec()),
+        },
+    );
     e
 }
 
@@ -66,7 +80,8 @@ fn recorded_datagrams_are_understood() {
         e.handle(now, SocketAddrV4::new(r.from, IKE_PORT), &r.data);
         let answers = drain(&mut e);
         let state = e.peer_state(r.from).unwrap();
-        let first_of_main_mode = r.data.get(8..16) == Some(&[0u8; 8][..]) && r.data.get(18) == Some(&2);
+        let first_of_main_mode =
+            r.data.get(8..16) == Some(&[0u8; 8][..]) && r.data.get(18) == Some(&2);
         if first_of_main_mode {
             // An MM1 (charon's with its vendor IDs, or ours) is answered with one MM2 that keeps
             // the initiator's cookie and adds ours.
@@ -74,7 +89,12 @@ fn recorded_datagrams_are_understood() {
             let mm2 = &answers[0];
             assert_eq!(mm2[..8], r.data[..8], "{}", r.name);
             assert_ne!(mm2[8..16], [0u8; 8], "{}", r.name);
-            assert_eq!((mm2[18], mm2[19]), (2, 0), "{}: Main Mode, not encrypted", r.name);
+            assert_eq!(
+                (mm2[18], mm2[19]),
+                (2, 0),
+                "{}: Main Mode, not encrypted",
+                r.name
+            );
             assert_eq!(state.exchanges_in_progress, 1, "{}", r.name);
             assert_eq!(state.counters.malformed, 0, "{}", r.name);
         } else {
@@ -92,8 +112,16 @@ fn recorded_datagrams_are_understood() {
 #[test]
 fn recorded_main_mode_reaches_dh_and_authentication() {
     let c = corpus();
-    let get = |p: &str| c.iter().find(|r| r.name.starts_with(p)).unwrap_or_else(|| panic!("{p}"));
-    let (mm1, mm3, mm5) = (get("charon-initiates-01"), get("charon-initiates-03"), get("charon-initiates-05"));
+    let get = |p: &str| {
+        c.iter()
+            .find(|r| r.name.starts_with(p))
+            .unwrap_or_else(|| panic!("{p}"))
+    };
+    let (mm1, mm3, mm5) = (
+        get("charon-initiates-01"),
+        get("charon-initiates-03"),
+        get("charon-initiates-05"),
+    );
     let now = Instant::now();
     let mut e = receiver(CHARON, now, 3);
     let from = SocketAddrV4::new(CHARON, IKE_PORT);
@@ -106,17 +134,31 @@ fn recorded_main_mode_reaches_dh_and_authentication() {
     };
     e.handle(now, from, &adopt(&mm3.data));
     let mm4 = drain(&mut e).pop().expect("MM4");
-    assert!(mm4.len() > 512, "MM4 carries a 512-byte KE: {} bytes", mm4.len());
+    assert!(
+        mm4.len() > 512,
+        "MM4 carries a 512-byte KE: {} bytes",
+        mm4.len()
+    );
     e.handle(now, from, &adopt(&mm5.data));
     let mut events = Vec::new();
     while let Some(ev) = e.poll_event() {
         events.push(format!("{ev:?}"));
     }
-    let notify = e.poll_transmit().expect("AUTHENTICATION-FAILED notification").payload;
+    let notify = e
+        .poll_transmit()
+        .expect("AUTHENTICATION-FAILED notification")
+        .payload;
     assert_eq!(notify[18], 5, "an informational exchange");
-    assert_eq!(events, vec!["Failed(10.96.0.2, authentication failed (pre-shared key mismatch?))"]);
+    assert_eq!(
+        events,
+        vec!["Failed(10.96.0.2, authentication failed (pre-shared key mismatch?))"]
+    );
     let s = e.peer_state(CHARON).unwrap();
-    assert_eq!((s.exchanges_in_progress, s.counters.auth_failures), (0, 1), "{s:?}");
+    assert_eq!(
+        (s.exchanges_in_progress, s.counters.auth_failures),
+        (0, 1),
+        "{s:?}"
+    );
 }
 
 /// A flood of charon's MM1, each with a new initiator cookie, holds at most the per-peer number
@@ -126,7 +168,10 @@ fn recorded_main_mode_reaches_dh_and_authentication() {
 #[test]
 fn a_flood_of_recorded_first_messages_stays_bounded() {
     let c = corpus();
-    let mm1 = c.iter().find(|r| r.name.starts_with("charon-initiates-01")).expect("charon's MM1");
+    let mm1 = c
+        .iter()
+        .find(|r| r.name.starts_with("charon-initiates-01"))
+        .expect("charon's MM1");
     let now = Instant::now();
     let mut e = receiver(mm1.from, now, 2);
     let mut answers = 0;
@@ -143,8 +188,15 @@ fn a_flood_of_recorded_first_messages_stays_bounded() {
     let state = e.peer_state(mm1.from).unwrap();
     assert_eq!(state.exchanges_in_progress, HALF_OPEN_PER_PEER);
     assert_eq!(answers, 2_000);
-    assert!(answered_bytes <= 2_000 * mm1.data.len(), "{answered_bytes} bytes answered to {} received", 2_000 * mm1.data.len());
-    assert_eq!(state.counters.half_open_evicted, 2_000 - HALF_OPEN_PER_PEER as u64);
+    assert!(
+        answered_bytes <= 2_000 * mm1.data.len(),
+        "{answered_bytes} bytes answered to {} received",
+        2_000 * mm1.data.len()
+    );
+    assert_eq!(
+        state.counters.half_open_evicted,
+        2_000 - HALF_OPEN_PER_PEER as u64
+    );
     assert_eq!(e.counters().half_open_refused, 0);
     // Half-open exchanges expire; nothing is sent meanwhile.
     let mut t = now;
@@ -166,7 +218,12 @@ enum Mutation {
     /// Cut the datagram short.
     Truncate(usize),
     /// Overwrite with bytes of another recorded datagram from one of its offsets.
-    Splice { other: usize, from: usize, at: usize, len: usize },
+    Splice {
+        other: usize,
+        from: usize,
+        at: usize,
+        len: usize,
+    },
     /// Grow a payload length field inside the datagram.
     Stretch(usize, u16),
     /// Take the cookies of the receiver's last answer, so that a recorded later message of Main
@@ -178,8 +235,14 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<usize>(), 1u8..).prop_map(|(a, x)| Mutation::Flip(a, x)),
         any::<usize>().prop_map(Mutation::Truncate),
-        (any::<usize>(), any::<usize>(), any::<usize>(), 1usize..64)
-            .prop_map(|(other, from, at, len)| Mutation::Splice { other, from, at, len }),
+        (any::<usize>(), any::<usize>(), any::<usize>(), 1usize..64).prop_map(
+            |(other, from, at, len)| Mutation::Splice {
+                other,
+                from,
+                at,
+                len
+            }
+        ),
         (any::<usize>(), any::<u16>()).prop_map(|(a, v)| Mutation::Stretch(a, v)),
         Just(Mutation::Adopt),
     ]
@@ -197,7 +260,12 @@ fn apply(d: &mut Vec<u8>, m: &Mutation, c: &[Recorded], cookies: Option<&[u8]>) 
             d[at % l] ^= x;
         }
         Mutation::Truncate(n) => d.truncate(n % (d.len() + 1)),
-        Mutation::Splice { other, from, at, len } if !d.is_empty() => {
+        Mutation::Splice {
+            other,
+            from,
+            at,
+            len,
+        } if !d.is_empty() => {
             let src = &c[other % c.len()].data;
             let from = from % src.len();
             let at = at % d.len();

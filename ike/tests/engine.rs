@@ -6,7 +6,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use confmesh_ike::{
-    ChildDownReason, DhGroup, Endpoint, EndpointConfig, Event, Failure, PeerConfig, Protection, Transmit, IKE_PORT,
+    ChildDownReason, DhGroup, Endpoint, EndpointConfig, Event, Failure, IKE_PORT, PeerConfig,
+    Protection, Transmit,
 };
 use proptest::prelude::*;
 use zeroize::Zeroizing;
@@ -51,7 +52,9 @@ impl Net {
             nodes: BTreeMap::new(),
             in_flight: Vec::new(),
             seq: 0,
-            rng: seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407),
+            rng: seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407),
             loss_pct: 0,
             dup_pct: 0,
             jitter_ms: 0,
@@ -63,7 +66,10 @@ impl Net {
     }
 
     fn rand(&mut self, n: u64) -> u64 {
-        self.rng = self.rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.rng = self
+            .rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.rng >> 33) % n.max(1)
     }
 
@@ -77,7 +83,14 @@ impl Net {
         seed[1..9].copy_from_slice(&self.rng.to_le_bytes());
         let mut e = Endpoint::new(cfg, seed);
         for &(p, psk) in peers {
-            e.set_peer(self.now, PeerConfig { addr: mgmt(p), overlay: overlay(p), psk: Zeroizing::new(psk.to_vec()) });
+            e.set_peer(
+                self.now,
+                PeerConfig {
+                    addr: mgmt(p),
+                    overlay: overlay(p),
+                    psk: Zeroizing::new(psk.to_vec()),
+                },
+            );
         }
         self.nodes.insert(mgmt(i), e);
     }
@@ -99,21 +112,33 @@ impl Net {
                 }
                 while let Some(e) = node.poll_event() {
                     if std::env::var_os("IKE_TRACE").is_some() {
-                        eprintln!("{:>10.3} {a} event {e:?}", self.now.saturating_duration_since(self.t0).as_secs_f64());
+                        eprintln!(
+                            "{:>10.3} {a} event {e:?}",
+                            self.now.saturating_duration_since(self.t0).as_secs_f64()
+                        );
                     }
                     self.events.push((*a, e));
                 }
                 self.sent += outs.len() as u64;
                 for t in outs {
                     assert_eq!(t.dst.port(), IKE_PORT);
-                    if self.down.contains(a) || self.down.contains(t.dst.ip()) || self.rand(100) < self.loss_pct {
+                    if self.down.contains(a)
+                        || self.down.contains(t.dst.ip())
+                        || self.rand(100) < self.loss_pct
+                    {
                         continue;
                     }
                     let copies = if self.rand(100) < self.dup_pct { 2 } else { 1 };
                     for _ in 0..copies {
                         let delay = Duration::from_millis(1 + self.rand(self.jitter_ms + 1));
                         self.seq += 1;
-                        self.in_flight.push((self.now + delay, self.seq, *a, *t.dst.ip(), t.payload.clone()));
+                        self.in_flight.push((
+                            self.now + delay,
+                            self.seq,
+                            *a,
+                            *t.dst.ip(),
+                            t.payload.clone(),
+                        ));
                     }
                 }
             }
@@ -131,14 +156,24 @@ impl Net {
             // Deliver what is due, in arrival order.
             self.in_flight.sort_by_key(|f| (f.0, f.1));
             let due: Vec<_> = {
-                let k = self.in_flight.iter().take_while(|f| f.0 <= self.now).count();
+                let k = self
+                    .in_flight
+                    .iter()
+                    .take_while(|f| f.0 <= self.now)
+                    .count();
                 self.in_flight.drain(..k).collect()
             };
             for (_, _, from, to, data) in due {
                 if std::env::var_os("IKE_TRACE").is_some() && data.len() >= 28 {
-                    let (t, msgid) = (self.now.saturating_duration_since(self.t0).as_secs_f64(), &data[20..24]);
+                    let (t, msgid) = (
+                        self.now.saturating_duration_since(self.t0).as_secs_f64(),
+                        &data[20..24],
+                    );
                     let (ic, rc, exch) = (&data[0..8], &data[8..16], data[18]);
-                    eprintln!("{t:>10.3} {from}->{to} exchange {exch} cookies {ic:02x?}/{rc:02x?} msgid {msgid:02x?} {} bytes", data.len());
+                    eprintln!(
+                        "{t:>10.3} {from}->{to} exchange {exch} cookies {ic:02x?}/{rc:02x?} msgid {msgid:02x?} {} bytes",
+                        data.len()
+                    );
                 }
                 if let Some(n) = self.nodes.get_mut(&to) {
                     n.handle(self.now, SocketAddrV4::new(from, IKE_PORT), &data);
@@ -149,7 +184,8 @@ impl Net {
                     n.handle_timeout(self.now);
                 }
             }
-            if self.in_flight.is_empty() && self.nodes.values().all(|n| n.poll_timeout().is_none()) {
+            if self.in_flight.is_empty() && self.nodes.values().all(|n| n.poll_timeout().is_none())
+            {
                 break;
             }
         }
@@ -161,13 +197,20 @@ impl Net {
         let mut m: BTreeMap<(Ipv4Addr, Ipv4Addr), Vec<ChildView>> = BTreeMap::new();
         for (node, e) in &self.events {
             match e {
-                Event::ChildUp { peer, outbound, inbound, .. } => m.entry((*node, *peer)).or_default().push((
+                Event::ChildUp {
+                    peer,
+                    outbound,
+                    inbound,
+                    ..
+                } => m.entry((*node, *peer)).or_default().push((
                     outbound.spi,
                     outbound.key.to_vec(),
                     inbound.spi,
                     inbound.key.to_vec(),
                 )),
-                Event::ChildDown { peer, inbound_spi, .. } => {
+                Event::ChildDown {
+                    peer, inbound_spi, ..
+                } => {
                     if let Some(v) = m.get_mut(&(*node, *peer)) {
                         v.retain(|c| c.2 != *inbound_spi);
                     }
@@ -184,9 +227,16 @@ impl Net {
         let c = self.children();
         let ab = c.get(&(mgmt(a), mgmt(b))).cloned().unwrap_or_default();
         let ba = c.get(&(mgmt(b), mgmt(a))).cloned().unwrap_or_default();
-        assert!(!ab.is_empty(), "{a}→{b}: no child SA; events: {:?}", self.events);
+        assert!(
+            !ab.is_empty(),
+            "{a}→{b}: no child SA; events: {:?}",
+            self.events
+        );
         for (out_spi, out_key, in_spi, in_key) in &ab {
-            let m = ba.iter().find(|x| x.2 == *out_spi).unwrap_or_else(|| panic!("{b} has no inbound SA {out_spi:#x}"));
+            let m = ba
+                .iter()
+                .find(|x| x.2 == *out_spi)
+                .unwrap_or_else(|| panic!("{b} has no inbound SA {out_spi:#x}"));
             assert_eq!(&m.3, out_key, "outbound key of {a} = inbound key of {b}");
             assert_eq!(m.0, *in_spi);
             assert_eq!(&m.1, in_key);
@@ -218,13 +268,23 @@ fn main_mode_and_quick_mode_agree_on_keys() {
     // Exactly one pair: the collision rule keeps one phase 1, its initiator makes the child.
     let c = net.children();
     assert_eq!(c[&(mgmt(1), mgmt(2))].len(), 1, "{:?}", net.events);
-    let ike_ups: Vec<_> = net.events.iter().filter(|(_, e)| matches!(e, Event::IkeUp { .. })).collect();
+    let ike_ups: Vec<_> = net
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::IkeUp { .. }))
+        .collect();
     assert_eq!(ike_ups.len(), 2);
     // Both sides derived the same phase-1 key and bandwidth key.
     let keys: Vec<_> = ike_ups
         .iter()
         .map(|(_, e)| match e {
-            Event::IkeUp { icookie, rcookie, enc_key, bandwidth_key, .. } => (*icookie, *rcookie, **enc_key, **bandwidth_key),
+            Event::IkeUp {
+                icookie,
+                rcookie,
+                enc_key,
+                bandwidth_key,
+                ..
+            } => (*icookie, *rcookie, **enc_key, **bandwidth_key),
             _ => unreachable!(),
         })
         .collect();
@@ -237,7 +297,11 @@ fn main_mode_and_quick_mode_agree_on_keys() {
 #[test]
 fn esp_gcm_and_curve25519_when_configured() {
     let mut net = Net::new(2);
-    let cfg = |i| EndpointConfig { group: DhGroup::Curve25519, protection: Protection::EspGcm, ..Net::config(i) };
+    let cfg = |i| EndpointConfig {
+        group: DhGroup::Curve25519,
+        protection: Protection::EspGcm,
+        ..Net::config(i)
+    };
     net.add(1, cfg(1), &[(2, PSK)]);
     net.add(2, cfg(2), &[(1, PSK)]);
     net.run_for(Duration::from_secs(5));
@@ -249,12 +313,27 @@ fn esp_gcm_and_curve25519_when_configured() {
 #[test]
 fn mismatched_suites_are_refused_with_no_proposal_chosen() {
     let mut net = Net::new(3);
-    net.add(1, EndpointConfig { group: DhGroup::Curve25519, ..Net::config(1) }, &[(2, PSK)]);
+    net.add(
+        1,
+        EndpointConfig {
+            group: DhGroup::Curve25519,
+            ..Net::config(1)
+        },
+        &[(2, PSK)],
+    );
     net.add(2, Net::config(2), &[(1, PSK)]);
     net.run_for(Duration::from_secs(10));
     assert!(net.children().is_empty());
-    assert!(net.failures(1).contains(&Failure::NoProposalChosen { by_peer: true }), "{:?}", net.events);
-    assert!(net.failures(2).contains(&Failure::NoProposalChosen { by_peer: false }));
+    assert!(
+        net.failures(1)
+            .contains(&Failure::NoProposalChosen { by_peer: true }),
+        "{:?}",
+        net.events
+    );
+    assert!(
+        net.failures(2)
+            .contains(&Failure::NoProposalChosen { by_peer: false })
+    );
 }
 
 #[test]
@@ -266,21 +345,40 @@ fn wrong_psk_fails_on_both_sides_and_retries_are_bounded() {
     assert!(net.children().is_empty());
     for n in [1, 2] {
         let f = net.failures(n);
-        assert!(f.contains(&Failure::AuthenticationFailed), "node {n}: {f:?}");
-        assert_eq!(Failure::AuthenticationFailed.to_string(), "authentication failed (pre-shared key mismatch?)");
+        assert!(
+            f.contains(&Failure::AuthenticationFailed),
+            "node {n}: {f:?}"
+        );
+        assert_eq!(
+            Failure::AuthenticationFailed.to_string(),
+            "authentication failed (pre-shared key mismatch?)"
+        );
     }
     // Bounded: a handful of attempts from each side, then silence until the key changes.
     let sent: u64 = [1, 2]
         .iter()
-        .map(|&n| net.nodes[&mgmt(n)].peer_state(mgmt(3 - n)).unwrap().counters.datagrams_out)
+        .map(|&n| {
+            net.nodes[&mgmt(n)]
+                .peer_state(mgmt(3 - n))
+                .unwrap()
+                .counters
+                .datagrams_out
+        })
         .sum();
     assert!(sent < 100, "{sent} datagrams in 10 minutes");
-    assert!(net.nodes.values().all(|n| n.poll_timeout().is_none()), "still retrying");
+    assert!(
+        net.nodes.values().all(|n| n.poll_timeout().is_none()),
+        "still retrying"
+    );
     // Fixing the key on one side recovers at once.
     let now = net.now;
     net.nodes.get_mut(&mgmt(2)).unwrap().set_peer(
         now,
-        PeerConfig { addr: mgmt(1), overlay: overlay(1), psk: Zeroizing::new(b"one key".to_vec()) },
+        PeerConfig {
+            addr: mgmt(1),
+            overlay: overlay(1),
+            psk: Zeroizing::new(b"one key".to_vec()),
+        },
     );
     net.run_for(Duration::from_secs(5));
     net.assert_keys_agree(1, 2);
@@ -304,10 +402,13 @@ fn dead_peer_is_detected_and_restart_recovers_at_once() {
     let dpd = Net::config(1).dpd_interval;
     net.run_for(dpd * 3);
     for n in [1, 2] {
-        let dead = net.events[mark..]
-            .iter()
-            .any(|(node, e)| *node == mgmt(n) && matches!(e, Event::PeerDead { peer } if *peer == mgmt(3)));
-        assert!(dead, "node {n} did not declare 3 dead within 3 DPD intervals");
+        let dead = net.events[mark..].iter().any(|(node, e)| {
+            *node == mgmt(n) && matches!(e, Event::PeerDead { peer } if *peer == mgmt(3))
+        });
+        assert!(
+            dead,
+            "node {n} did not declare 3 dead within 3 DPD intervals"
+        );
     }
     assert!(net.now <= stopped + dpd * 3 + Duration::from_millis(20));
     assert!(!net.children().contains_key(&(mgmt(1), mgmt(3))));
@@ -337,14 +438,31 @@ fn child_and_ike_rekey_make_before_break() {
         net.assert_keys_agree(1, 2);
         net.assert_keys_agree(2, 1);
     }
-    let ups = net.events.iter().filter(|(n, e)| *n == mgmt(1) && matches!(e, Event::ChildUp { .. })).count();
+    let ups = net
+        .events
+        .iter()
+        .filter(|(n, e)| *n == mgmt(1) && matches!(e, Event::ChildUp { .. }))
+        .count();
     assert!(ups >= 5, "{ups} child SAs in 200 s with a 40 s lifetime");
-    let ikes = net.events.iter().filter(|(n, e)| *n == mgmt(1) && matches!(e, Event::IkeUp { .. })).count();
+    let ikes = net
+        .events
+        .iter()
+        .filter(|(n, e)| *n == mgmt(1) && matches!(e, Event::IkeUp { .. }))
+        .count();
     assert!(ikes >= 2, "phase 1 was not rekeyed");
     let bad: Vec<_> = net
         .events
         .iter()
-        .filter(|(_, e)| matches!(e, Event::ChildDown { reason: ChildDownReason::Expired, .. } | Event::PeerDead { .. } | Event::Failed { .. }))
+        .filter(|(_, e)| {
+            matches!(
+                e,
+                Event::ChildDown {
+                    reason: ChildDownReason::Expired,
+                    ..
+                } | Event::PeerDead { .. }
+                    | Event::Failed { .. }
+            )
+        })
         .collect();
     assert!(bad.is_empty(), "{bad:?}\n{:?}", net.events);
 }
@@ -357,13 +475,24 @@ fn removing_a_peer_sends_deletes() {
     net.run_for(Duration::from_secs(5));
     net.events.clear();
     let now = net.now;
-    net.nodes.get_mut(&mgmt(1)).unwrap().remove_peer(now, mgmt(2));
+    net.nodes
+        .get_mut(&mgmt(1))
+        .unwrap()
+        .remove_peer(now, mgmt(2));
     net.run_for(Duration::from_secs(1));
-    assert!(net
-        .events
-        .iter()
-        .any(|(n, e)| *n == mgmt(2) && matches!(e, Event::ChildDown { reason: ChildDownReason::DeletedByPeer, .. })));
-    assert!(net.events.iter().any(|(n, e)| *n == mgmt(2) && matches!(e, Event::IkeDown { .. })));
+    assert!(net.events.iter().any(|(n, e)| *n == mgmt(2)
+        && matches!(
+            e,
+            Event::ChildDown {
+                reason: ChildDownReason::DeletedByPeer,
+                ..
+            }
+        )));
+    assert!(
+        net.events
+            .iter()
+            .any(|(n, e)| *n == mgmt(2) && matches!(e, Event::IkeDown { .. }))
+    );
 }
 
 #[test]
@@ -381,8 +510,21 @@ fn unknown_sources_get_no_answer() {
 /// exchange, each copy with its own initiator cookie.
 fn forged_mm1s(from: u8, to: u8, group: DhGroup, n: u32) -> Vec<Vec<u8>> {
     let now = Instant::now();
-    let mut e = Endpoint::new(EndpointConfig { group, ..Net::config(from) }, [0xf0; 32]);
-    e.set_peer(now, PeerConfig { addr: mgmt(to), overlay: overlay(to), psk: Zeroizing::new(b"not the key".to_vec()) });
+    let mut e = Endpoint::new(
+        EndpointConfig {
+            group,
+            ..Net::config(from)
+        },
+        [0xf0; 32],
+    );
+    e.set_peer(
+        now,
+        PeerConfig {
+            addr: mgmt(to),
+            overlay: overlay(to),
+            psk: Zeroizing::new(b"not the key".to_vec()),
+        },
+    );
     e.handle_timeout(now);
     let mm1 = e.poll_transmit().expect("an MM1").payload;
     (0..n)
@@ -419,7 +561,10 @@ fn shuttle(a: (&mut Endpoint, u8), b: (&mut Endpoint, u8), now: &mut Instant, st
             moved = true;
         }
         if !moved {
-            let next = [a.poll_timeout(), b.poll_timeout()].into_iter().flatten().min();
+            let next = [a.poll_timeout(), b.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
             match next {
                 Some(t) if t <= *now + Duration::from_secs(1) => *now = t.max(*now),
                 _ => return step,
@@ -439,10 +584,16 @@ fn shuttle(a: (&mut Endpoint, u8), b: (&mut Endpoint, u8), now: &mut Instant, st
 fn forged_first_messages_do_not_lock_out_the_peer() {
     let group = DhGroup::Curve25519;
     let mut net = Net::new(11);
-    let cfg = |i| EndpointConfig { group, ..Net::config(i) };
+    let cfg = |i| EndpointConfig {
+        group,
+        ..Net::config(i)
+    };
     net.add(1, cfg(1), &[(2, PSK)]);
     net.add(2, cfg(2), &[(1, PSK)]);
-    let (to_2, to_1) = (forged_mm1s(1, 2, group, 10_000), forged_mm1s(2, 1, group, 10_000));
+    let (to_2, to_1) = (
+        forged_mm1s(1, 2, group, 10_000),
+        forged_mm1s(2, 1, group, 10_000),
+    );
     // A flood first, both ways, before either side sends anything.
     inject(&mut net, &to_2[..5_000], 1, 2);
     inject(&mut net, &to_1[..5_000], 2, 1);
@@ -459,7 +610,11 @@ fn forged_first_messages_do_not_lock_out_the_peer() {
             break;
         }
     }
-    assert!(rounds < 100, "not established within one second of flood: {:?}", net.events);
+    assert!(
+        rounds < 100,
+        "not established within one second of flood: {:?}",
+        net.events
+    );
     net.assert_keys_agree(1, 2);
     net.assert_keys_agree(2, 1);
     let s2 = net.nodes[&mgmt(2)].peer_state(mgmt(1)).unwrap();
@@ -470,7 +625,11 @@ fn forged_first_messages_do_not_lock_out_the_peer() {
     // Node 1 was initiating itself (the lower address's exchange wins), so forged MM1s took no
     // room there until it was established.
     assert!(s1.exchanges_in_progress <= 2 + 1, "{s1:?}");
-    assert!(net.failures(1).is_empty() && net.failures(2).is_empty(), "{:?}", net.events);
+    assert!(
+        net.failures(1).is_empty() && net.failures(2).is_empty(),
+        "{:?}",
+        net.events
+    );
     // The flood goes on once established: still nothing of the real SAs is touched.
     for chunk in 0..10 {
         let k = 8_000 + chunk * 100;
@@ -482,15 +641,46 @@ fn forged_first_messages_do_not_lock_out_the_peer() {
     net.assert_keys_agree(2, 1);
     let s1 = net.nodes[&mgmt(1)].peer_state(mgmt(2)).unwrap();
     assert!(s1.counters.half_open_evicted > 900, "{s1:?}");
-    assert_eq!(net.nodes[&mgmt(1)].counters().half_open_refused + net.nodes[&mgmt(2)].counters().half_open_refused, 0);
+    assert_eq!(
+        net.nodes[&mgmt(1)].counters().half_open_refused
+            + net.nodes[&mgmt(2)].counters().half_open_refused,
+        0
+    );
 }
 
 /// Node 1 initiating towards node 2, a passive responder, both with the right key.
 fn initiator_and_responder(group: DhGroup, now: Instant) -> (Endpoint, Endpoint) {
-    let mut a = Endpoint::new(EndpointConfig { group, ..Net::config(1) }, [1; 32]);
-    let mut b = Endpoint::new(EndpointConfig { group, passive: true, ..Net::config(2) }, [2; 32]);
-    a.set_peer(now, PeerConfig { addr: mgmt(2), overlay: overlay(2), psk: Zeroizing::new(PSK.to_vec()) });
-    b.set_peer(now, PeerConfig { addr: mgmt(1), overlay: overlay(1), psk: Zeroizing::new(PSK.to_vec()) });
+    let mut a = Endpoint::new(
+        EndpointConfig {
+            group,
+            ..Net::config(1)
+        },
+        [1; 32],
+    );
+    let mut b = Endpoint::new(
+        EndpointConfig {
+            group,
+            passive: true,
+            ..Net::config(2)
+        },
+        [2; 32],
+    );
+    a.set_peer(
+        now,
+        PeerConfig {
+            addr: mgmt(2),
+            overlay: overlay(2),
+            psk: Zeroizing::new(PSK.to_vec()),
+        },
+    );
+    b.set_peer(
+        now,
+        PeerConfig {
+            addr: mgmt(1),
+            overlay: overlay(1),
+            psk: Zeroizing::new(PSK.to_vec()),
+        },
+    );
     (a, b)
 }
 
@@ -509,7 +699,10 @@ fn an_exchange_past_mm3_outlives_a_flood() {
     let group = DhGroup::Curve25519;
     let mut now = Instant::now();
     let (mut a, mut b) = initiator_and_responder(group, now);
-    let (from_a, from_b) = (SocketAddrV4::new(mgmt(1), IKE_PORT), SocketAddrV4::new(mgmt(2), IKE_PORT));
+    let (from_a, from_b) = (
+        SocketAddrV4::new(mgmt(1), IKE_PORT),
+        SocketAddrV4::new(mgmt(2), IKE_PORT),
+    );
     let mm2 = first_mm2(&mut a, &mut b, now);
     a.handle(now, from_b, &mm2.payload);
     let mm3 = a.poll_transmit().unwrap();
@@ -517,10 +710,18 @@ fn an_exchange_past_mm3_outlives_a_flood() {
     let mm4 = b.poll_transmit().expect("MM4");
     for d in forged_mm1s(1, 2, group, 1_000) {
         b.handle(now, from_a, &d);
-        assert_eq!(b.poll_transmit().map(|t| t.payload[8..16] != [0; 8]), Some(true), "an MM2 per forged MM1");
+        assert_eq!(
+            b.poll_transmit().map(|t| t.payload[8..16] != [0; 8]),
+            Some(true),
+            "an MM2 per forged MM1"
+        );
     }
     let s = b.peer_state(mgmt(1)).unwrap();
-    assert_eq!((s.exchanges_in_progress, s.counters.half_open_evicted), (2, 999), "{s:?}");
+    assert_eq!(
+        (s.exchanges_in_progress, s.counters.half_open_evicted),
+        (2, 999),
+        "{s:?}"
+    );
     a.handle(now, from_b, &mm4.payload);
     let steps = shuttle((&mut a, 1), (&mut b, 2), &mut now, 50);
     assert!(steps < 50);
@@ -539,7 +740,10 @@ fn an_evicted_initiator_starts_again_at_once() {
     let start = Instant::now();
     let mut now = start;
     let (mut a, mut b) = initiator_and_responder(group, now);
-    let (from_a, from_b) = (SocketAddrV4::new(mgmt(1), IKE_PORT), SocketAddrV4::new(mgmt(2), IKE_PORT));
+    let (from_a, from_b) = (
+        SocketAddrV4::new(mgmt(1), IKE_PORT),
+        SocketAddrV4::new(mgmt(2), IKE_PORT),
+    );
     let mm2 = first_mm2(&mut a, &mut b, now);
     // Two forged MM1s arrive while MM2 travels: the real exchange is the oldest at MM2.
     for d in forged_mm1s(1, 2, group, 2) {
@@ -551,24 +755,37 @@ fn an_evicted_initiator_starts_again_at_once() {
     let mm3 = a.poll_transmit().unwrap();
     b.handle(now, from_a, &mm3.payload);
     let notify = b.poll_transmit().expect("INVALID-COOKIE");
-    assert_eq!((notify.payload[18], &notify.payload[..16]), (5, &mm3.payload[..16]));
+    assert_eq!(
+        (notify.payload[18], &notify.payload[..16]),
+        (5, &mm3.payload[..16])
+    );
     a.handle(now, from_b, &notify.payload);
     assert_eq!(a.peer_state(mgmt(2)).unwrap().counters.restarted, 1);
     let steps = shuttle((&mut a, 1), (&mut b, 2), &mut now, 50);
     assert!(steps < 50);
     let s = a.peer_state(mgmt(2)).unwrap();
     assert!(s.ike_established && s.children == 1, "{s:?}");
-    assert!(now - start < Net::config(1).retransmit_timeout, "took {:?}", now - start);
+    assert!(
+        now - start < Net::config(1).retransmit_timeout,
+        "took {:?}",
+        now - start
+    );
     let mut events = Vec::new();
     while let Some(e) = a.poll_event() {
         events.push(e);
     }
-    assert!(!events.iter().any(|e| matches!(e, Event::Failed { .. })), "{events:?}");
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Failed { .. })),
+        "{events:?}"
+    );
 }
 
 /// `PROPTEST_CASES` if set, else `default`.
 fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// The network of `lossy_network_still_agrees`: two minutes of loss, duplication and jitter, then
@@ -578,7 +795,10 @@ fn lossy_run(seed: u64, loss: u64, dup: u64, jitter: u64) -> Net {
     net.loss_pct = loss;
     net.dup_pct = dup;
     net.jitter_ms = jitter;
-    let cfg = |i| EndpointConfig { group: DhGroup::Curve25519, ..Net::config(i) };
+    let cfg = |i| EndpointConfig {
+        group: DhGroup::Curve25519,
+        ..Net::config(i)
+    };
     net.add(1, cfg(1), &[(2, PSK)]);
     net.add(2, cfg(2), &[(1, PSK)]);
     net.run_for(Duration::from_secs(120));

@@ -27,7 +27,9 @@ use tokio::task::JoinHandle;
 
 use super::driver::{B2buaService, B2buaSettings, B2buaStatus};
 use super::routing::BandwidthLedger;
-use super::store_directory::{DirectoryStats, MAINTAIN_INTERVAL, RoutingConfigLoader, StoreDirectory};
+use super::store_directory::{
+    DirectoryStats, MAINTAIN_INTERVAL, RoutingConfigLoader, StoreDirectory,
+};
 use crate::status::ConferenceStatus;
 
 /// Why the B2BUA could not start.
@@ -35,7 +37,9 @@ use crate::status::ConferenceStatus;
 #[non_exhaustive]
 pub enum StartError {
     /// A SIP socket could not be bound: the address is not on this host, or port 5060 is in use.
-    #[error("cannot listen for SIP on {addrs:?} (check peer.rendezvous_addrs and that nothing else uses port 5060): {source}")]
+    #[error(
+        "cannot listen for SIP on {addrs:?} (check peer.rendezvous_addrs and that nothing else uses port 5060): {source}"
+    )]
     Bind {
         /// The addresses asked for.
         addrs: Vec<SocketAddr>,
@@ -72,7 +76,13 @@ pub async fn start_on_store<L: BandwidthLedger>(
         .await
         .map_err(|source| StartError::Bind { addrs, source })?;
     let maintain = tokio::spawn(maintain_loop(directory.clone(), stop_rx));
-    Ok(StoreB2bua { b2bua, directory, loader, maintain, stop })
+    Ok(StoreB2bua {
+        b2bua,
+        directory,
+        loader,
+        maintain,
+        stop,
+    })
 }
 
 async fn maintain_loop(directory: StoreDirectory, mut stop: watch::Receiver<bool>) {
@@ -105,7 +115,11 @@ impl StoreB2bua {
     /// Calls, counters and bridge health (at most 200 ms old), conferences and placement
     /// counters (read from the store now).
     pub fn status(&self) -> B2buaStatus {
-        B2buaStatus { conferences: self.conferences(), directory: Some(self.directory.stats()), ..self.b2bua.status() }
+        B2buaStatus {
+            conferences: self.conferences(),
+            directory: Some(self.directory.stats()),
+            ..self.b2bua.status()
+        }
     }
 
     /// The conferences of the cluster with their bridge and calls (status JSON `conferences`);
@@ -130,7 +144,13 @@ impl StoreB2bua {
     /// Stops SIP, the configuration loader and the maintenance task, and waits for them. Calls in
     /// progress are abandoned; their counts expire from the store unless this peer restarts first.
     pub async fn shutdown(self) {
-        let StoreB2bua { b2bua, loader, maintain, stop, .. } = self;
+        let StoreB2bua {
+            b2bua,
+            loader,
+            maintain,
+            stop,
+            ..
+        } = self;
         let _ = stop.send(true);
         let _ = maintain.await;
         b2bua.shutdown().await;

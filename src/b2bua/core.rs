@@ -22,10 +22,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::routing::{Route, RouteDecision, RouteRequest};
-use crate::sip::build::{reason_phrase, MessageWriter};
-use crate::sip::parse::{self, error_response, Framing, Hdr, Message, Method, NameAddr, SipUri, StartLine};
-use crate::sip::transaction::{response_fallback, Incoming, TimerConfig, Transactions, Transmit, TxnEvent, TxnId};
 use crate::sip::Transport;
+use crate::sip::build::{MessageWriter, reason_phrase};
+use crate::sip::parse::{
+    self, Framing, Hdr, Message, Method, NameAddr, SipUri, StartLine, error_response,
+};
+use crate::sip::transaction::{
+    Incoming, TimerConfig, Transactions, Transmit, TxnEvent, TxnId, response_fallback,
+};
 
 /// Bridges tried for one call before the last failure is relayed to the caller.
 const MAX_BRIDGE_ATTEMPTS: usize = 3;
@@ -245,7 +249,11 @@ enum Role {
     Bye,
     /// A client transaction relaying a request from the other leg; the server transaction and
     /// the request it answers.
-    Relay { server: TxnId, request: Bytes, reinvite: bool },
+    Relay {
+        server: TxnId,
+        request: Bytes,
+        reinvite: bool,
+    },
     /// The server transaction of a re-INVITE we relayed: its 2xx must be acknowledged.
     ReinviteServer,
 }
@@ -335,8 +343,16 @@ impl B2bua {
         self.probes = bridges
             .into_iter()
             .map(|probe| {
-                let (up, failures) = old.iter().find(|o| o.probe == probe).map_or((None, 0), |o| (o.up, o.failures));
-                ProbeState { probe, outstanding: None, up, failures }
+                let (up, failures) = old
+                    .iter()
+                    .find(|o| o.probe == probe)
+                    .map_or((None, 0), |o| (o.up, o.failures));
+                ProbeState {
+                    probe,
+                    outstanding: None,
+                    up,
+                    failures,
+                }
             })
             .collect();
         self.probe_local = Some(local);
@@ -417,9 +433,15 @@ impl B2bua {
 
     /// When [`Self::handle_timeout`] must next be called.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        let expiry = self.by_start.first().map(|&(started, _)| later(started, self.cfg.max_call_duration));
+        let expiry = self
+            .by_start
+            .first()
+            .map(|&(started, _)| later(started, self.cfg.max_call_duration));
         let forget = self.forgetting.first().map(|&(at, _)| at);
-        [self.txns.poll_timeout(), self.next_probe, expiry, forget].into_iter().flatten().min()
+        [self.txns.poll_timeout(), self.next_probe, expiry, forget]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Fires due transaction timers and health probes.
@@ -455,12 +477,17 @@ impl B2bua {
                 break;
             }
             self.by_start.pop_first();
-            let Some(call) = self.calls.get_mut(&call_id) else { continue };
+            let Some(call) = self.calls.get_mut(&call_id) else {
+                continue;
+            };
             let forget_at = later(now, self.cfg.timers.t1 * 64);
             call.forget_at = Some(forget_at);
             self.forgetting.insert((forget_at, call_id));
             self.stats.calls_expired += 1;
-            tracing::info!(limit_s = self.cfg.max_call_duration.as_secs(), "call reached its maximum duration; hanging up");
+            tracing::info!(
+                limit_s = self.cfg.max_call_duration.as_secs(),
+                "call reached its maximum duration; hanging up"
+            );
             if call.a_txn.is_some() {
                 // Not answered yet: the caller gets an error, a ringing bridge a CANCEL.
                 self.fail_a(now, call_id, 408, "maximum call duration reached");
@@ -473,7 +500,10 @@ impl B2bua {
     fn token(&mut self) -> String {
         self.counter += 1;
         // splitmix64 over seed and counter: unique per instance, unpredictable enough for tags.
-        let mut z = self.cfg.seed.wrapping_add(self.counter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut z = self
+            .cfg
+            .seed
+            .wrapping_add(self.counter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
@@ -481,11 +511,22 @@ impl B2bua {
     }
 
     fn warning(&self, text: &str) -> String {
-        format!("399 {} \"{}\"", self.cfg.hostname, text.replace(['"', '\\', '\r', '\n'], "'"))
+        format!(
+            "399 {} \"{}\"",
+            self.cfg.hostname,
+            text.replace(['"', '\\', '\r', '\n'], "'")
+        )
     }
 
     /// Feeds one received message (a datagram, or one frame of a stream).
-    pub fn handle_datagram(&mut self, now: Instant, src: SocketAddr, local: SocketAddr, transport: Transport, data: &[u8]) {
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        local: SocketAddr,
+        transport: Transport,
+        data: &[u8],
+    ) {
         let framing = match transport {
             Transport::Udp => Framing::Datagram,
             Transport::Tcp => Framing::Stream,
@@ -497,7 +538,8 @@ impl B2bua {
                 tracing::debug!(%src, error = %e, "malformed SIP message");
                 let mut out = Vec::new();
                 if error_response(data, e, &mut out) {
-                    self.txns.send_stateless(Transmit::to(src, local, transport, out.into()));
+                    self.txns
+                        .send_stateless(Transmit::to(src, local, transport, out.into()));
                 }
                 return;
             }
@@ -514,18 +556,40 @@ impl B2bua {
                 if msg.method().is_some_and(|m| m != Method::Ack) {
                     let data = response_bytes(&msg, 503, "Service Unavailable", &Extra::default());
                     let fallback = response_fallback(&msg, src, transport);
-                    self.txns.send_stateless(Transmit { dest: src, local, transport, data, fallback });
+                    self.txns.send_stateless(Transmit {
+                        dest: src,
+                        local,
+                        transport,
+                        data,
+                        fallback,
+                    });
                 }
             }
         }
     }
 
-    fn respond(&mut self, now: Instant, txn: TxnId, req: &Message<'_>, code: u16, reason: &str, extra: &Extra<'_>) {
+    fn respond(
+        &mut self,
+        now: Instant,
+        txn: TxnId,
+        req: &Message<'_>,
+        code: u16,
+        reason: &str,
+        extra: &Extra<'_>,
+    ) {
         let data = response_bytes(req, code, reason, extra);
         self.txns.respond(now, txn, code, data);
     }
 
-    fn respond_raw(&mut self, now: Instant, txn: TxnId, raw: &[u8], code: u16, reason: &str, extra: &Extra<'_>) {
+    fn respond_raw(
+        &mut self,
+        now: Instant,
+        txn: TxnId,
+        raw: &[u8],
+        code: u16,
+        reason: &str,
+        extra: &Extra<'_>,
+    ) {
         if let Ok(req) = parse::parse(raw, Framing::Datagram) {
             self.respond(now, txn, &req, code, reason, extra);
         }
@@ -554,12 +618,19 @@ impl B2bua {
         match method {
             Method::Invite => self.new_call(now, id, msg, raw, src, local, transport),
             Method::Options => {
-                let extra = Extra { to_tag: Some("cm-options"), allow: true, ..Extra::default() };
+                let extra = Extra {
+                    to_tag: Some("cm-options"),
+                    allow: true,
+                    ..Extra::default()
+                };
                 self.respond(now, id, msg, 200, "OK", &extra);
             }
             Method::Bye => self.respond(now, id, msg, 481, reason_phrase(481), &Extra::default()),
             _ => {
-                let extra = Extra { allow: true, ..Extra::default() };
+                let extra = Extra {
+                    allow: true,
+                    ..Extra::default()
+                };
                 self.respond(now, id, msg, 405, reason_phrase(405), &extra);
             }
         }
@@ -579,22 +650,42 @@ impl B2bua {
         if self.calls.len() >= self.cfg.max_calls {
             self.stats.overloaded += 1;
             let w = self.warning("call limit reached");
-            self.respond(now, id, msg, 503, "Service Unavailable", &Extra { warning: Some(&w), ..Extra::default() });
+            self.respond(
+                now,
+                id,
+                msg,
+                503,
+                "Service Unavailable",
+                &Extra {
+                    warning: Some(&w),
+                    ..Extra::default()
+                },
+            );
             return;
         }
-        if msg.header(Hdr::MaxForwards).and_then(|v| v.trim().parse::<u32>().ok()) == Some(0) {
+        if msg
+            .header(Hdr::MaxForwards)
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            == Some(0)
+        {
             self.respond(now, id, msg, 483, reason_phrase(483), &Extra::default());
             return;
         }
-        let (Some(call_id), Some(from), Some(to)) = (msg.call_id(), msg.header(Hdr::From), msg.header(Hdr::To)) else {
+        let (Some(call_id), Some(from), Some(to)) =
+            (msg.call_id(), msg.header(Hdr::From), msg.header(Hdr::To))
+        else {
             return;
         };
         if self.call_ids.contains_key(call_id) {
             self.respond(now, id, msg, 482, "Loop Detected", &Extra::default());
             return;
         }
-        let StartLine::Request { uri, .. } = msg.start else { return };
-        let Some(ruri) = SipUri::parse(uri) else { return };
+        let StartLine::Request { uri, .. } = msg.start else {
+            return;
+        };
+        let Some(ruri) = SipUri::parse(uri) else {
+            return;
+        };
         let called = match ruri.user_plain() {
             Some(u) => format!("{u}@{}", ruri.host.to_ascii_lowercase()),
             None => ruri.host.to_ascii_lowercase(),
@@ -605,14 +696,21 @@ impl B2bua {
             .next()
             .and_then(NameAddr::parse)
             .map(|n| n.uri.to_owned())
-            .unwrap_or_else(|| NameAddr::parse(from).map(|n| n.uri.to_owned()).unwrap_or_default());
+            .unwrap_or_else(|| {
+                NameAddr::parse(from)
+                    .map(|n| n.uri.to_owned())
+                    .unwrap_or_default()
+            });
         let a = Dialog {
             call_id: call_id.to_owned(),
             local_hdr: format!("{to};tag={tag}"),
             remote_hdr: from.to_owned(),
             local_cseq: 0,
             remote_target,
-            route_set: msg.header_values(Hdr::RecordRoute).map(str::to_owned).collect(),
+            route_set: msg
+                .header_values(Hdr::RecordRoute)
+                .map(str::to_owned)
+                .collect(),
             peer: src,
             local,
             transport,
@@ -652,7 +750,11 @@ impl B2bua {
         self.by_start.insert((now, call));
         self.events.push_back(B2buaEvent::Route {
             call,
-            request: RouteRequest { called, failed_bridges: Vec::new(), previous: None },
+            request: RouteRequest {
+                called,
+                failed_bridges: Vec::new(),
+                previous: None,
+            },
         });
     }
 
@@ -674,32 +776,63 @@ impl B2bua {
             return;
         }
         match decision {
-            RouteDecision::Reject { code, reason, warning } => {
+            RouteDecision::Reject {
+                code,
+                reason,
+                warning,
+            } => {
                 let tag = tag_of(&call.a.local_hdr);
                 let pending = call.a_txn.take().map(|t| (t, call.a_invite.clone()));
                 self.stats.calls_failed += 1;
                 let w = warning.map(|w| self.warning(&w));
-                let extra = Extra { to_tag: Some(&tag), warning: w.as_deref(), ..Extra::default() };
+                let extra = Extra {
+                    to_tag: Some(&tag),
+                    warning: w.as_deref(),
+                    ..Extra::default()
+                };
                 if let Some((txn, raw)) = pending {
                     self.respond_raw(now, txn, &raw, code, &reason, &extra);
                 }
                 self.remove_call(call_id);
             }
-            RouteDecision::Forward { route, uri, dest, transport } => {
+            RouteDecision::Forward {
+                route,
+                uri,
+                dest,
+                transport,
+            } => {
                 self.forward(now, call_id, route, &uri, dest, transport);
             }
         }
     }
 
-    fn forward(&mut self, now: Instant, call_id: CallId, route: Route, uri: &str, dest: SocketAddr, transport: Transport) {
+    fn forward(
+        &mut self,
+        now: Instant,
+        call_id: CallId,
+        route: Route,
+        uri: &str,
+        dest: SocketAddr,
+        transport: Transport,
+    ) {
         let (branch, tag, cid) = (self.token(), self.token(), self.token());
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
-        let Ok(a) = parse::parse(&call.a_invite, Framing::Datagram) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
+        let Ok(a) = parse::parse(&call.a_invite, Framing::Datagram) else {
+            return;
+        };
         let local = call.a.local;
         let from = a
             .header(Hdr::From)
             .and_then(NameAddr::parse)
-            .map(|n| if n.display.is_empty() { format!("<{}>", n.uri) } else { format!("{} <{}>", n.display, n.uri) })
+            .map(|n| {
+                if n.display.is_empty() {
+                    format!("<{}>", n.uri)
+                } else {
+                    format!("{} <{}>", n.display, n.uri)
+                }
+            })
             .unwrap_or_default();
         let max_forwards = a
             .header(Hdr::MaxForwards)
@@ -708,20 +841,30 @@ impl B2bua {
         let call_id_b = format!("{}{cid}@{}", self.cfg.call_id_prefix, local.ip());
         let mut out = Vec::with_capacity(a.body.len() + 600);
         let mut w = MessageWriter::request(&mut out, "INVITE", uri);
-        w.header_fmt("Via", format_args!("SIP/2.0/{} {};branch=z9hG4bK{branch};rport", transport.as_str(), local))
-            .header_fmt("Max-Forwards", format_args!("{max_forwards}"))
-            .header_fmt("From", format_args!("{from};tag={tag}"))
-            .header_fmt("To", format_args!("<{uri}>"))
-            .header("Call-ID", &call_id_b)
-            .header("CSeq", "1 INVITE")
-            .header("Contact", &contact(local, transport))
-            .header("Allow", ALLOW);
+        w.header_fmt(
+            "Via",
+            format_args!(
+                "SIP/2.0/{} {};branch=z9hG4bK{branch};rport",
+                transport.as_str(),
+                local
+            ),
+        )
+        .header_fmt("Max-Forwards", format_args!("{max_forwards}"))
+        .header_fmt("From", format_args!("{from};tag={tag}"))
+        .header_fmt("To", format_args!("<{uri}>"))
+        .header("Call-ID", &call_id_b)
+        .header("CSeq", "1 INVITE")
+        .header("Contact", &contact(local, transport))
+        .header("Allow", ALLOW);
         if let Some(ct) = a.header(Hdr::ContentType) {
             w.header("Content-Type", ct);
         }
         w.finish(a.body);
         let request = Bytes::from(out);
-        let Some(txn) = self.txns.send_request(now, request.clone(), dest, local, transport) else {
+        let Some(txn) = self
+            .txns
+            .send_request(now, request.clone(), dest, local, transport)
+        else {
             self.events.push_back(B2buaEvent::Release(route));
             self.fail_a(now, call_id, 503, "transaction limit reached");
             return;
@@ -758,7 +901,11 @@ impl B2bua {
             .get_mut(&call_id)
             .and_then(|c| Some((c.a_txn.take()?, c.a_invite.clone(), tag_of(&c.a.local_hdr))))
         {
-            let extra = Extra { to_tag: Some(&tag), warning: Some(&w), ..Extra::default() };
+            let extra = Extra {
+                to_tag: Some(&tag),
+                warning: Some(&w),
+                ..Extra::default()
+            };
             self.respond_raw(now, txn, &raw, code, reason_phrase(code), &extra);
         }
         self.end_call(now, call_id, None);
@@ -770,7 +917,9 @@ impl B2bua {
             self.probe_answered(i, id);
             return;
         }
-        let Some((call_id, role)) = self.roles.get(&id).cloned() else { return };
+        let Some((call_id, role)) = self.roles.get(&id).cloned() else {
+            return;
+        };
         let code = msg.status().unwrap_or(500);
         if code >= 200 {
             self.roles.remove(&id);
@@ -782,7 +931,11 @@ impl B2bua {
                     self.bye_done(call_id);
                 }
             }
-            Role::Relay { server, request, reinvite } => {
+            Role::Relay {
+                server,
+                request,
+                reinvite,
+            } => {
                 if code == 100 {
                     return;
                 }
@@ -799,10 +952,15 @@ impl B2bua {
                     } else if reinvite && code >= 300 {
                         call.reinvite = None;
                     }
-                    origin_contact = dialog(call, leg.other()).map(|d| contact(d.local, d.transport));
+                    origin_contact =
+                        dialog(call, leg.other()).map(|d| contact(d.local, d.transport));
                 }
                 let extra = Extra {
-                    contact: if reinvite { origin_contact.as_deref() } else { None },
+                    contact: if reinvite {
+                        origin_contact.as_deref()
+                    } else {
+                        None
+                    },
                     body: Some((msg.header(Hdr::ContentType), msg.body)),
                     ..Extra::default()
                 };
@@ -813,8 +971,16 @@ impl B2bua {
         }
     }
 
-    fn on_b_invite_response(&mut self, now: Instant, call_id: CallId, code: u16, msg: &Message<'_>) {
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+    fn on_b_invite_response(
+        &mut self,
+        now: Instant,
+        call_id: CallId,
+        code: u16,
+        msg: &Message<'_>,
+    ) {
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         match code {
             100 => {}
             101..=199 => {
@@ -828,8 +994,12 @@ impl B2bua {
                         b.remote_hdr = to.to_owned();
                     }
                 }
-                let (tag, raw, local, transport) =
-                    (tag_of(&call.a.local_hdr), call.a_invite.clone(), call.a.local, call.a.transport);
+                let (tag, raw, local, transport) = (
+                    tag_of(&call.a.local_hdr),
+                    call.a_invite.clone(),
+                    call.a.local,
+                    call.a.transport,
+                );
                 let Some(txn) = call.a_txn else { return };
                 let c = contact(local, transport);
                 let extra = Extra {
@@ -848,7 +1018,10 @@ impl B2bua {
                         b.remote_hdr = to.to_owned();
                     }
                     refresh_target(b, msg);
-                    b.route_set = msg.header_values(Hdr::RecordRoute).map(str::to_owned).collect();
+                    b.route_set = msg
+                        .header_values(Hdr::RecordRoute)
+                        .map(str::to_owned)
+                        .collect();
                     b.route_set.reverse();
                 }
                 call.b_confirmed = true;
@@ -866,8 +1039,12 @@ impl B2bua {
                 call.state = CallState::AwaitAck;
                 call.a_confirmed = true;
                 self.stats.calls_answered += 1;
-                let (tag, raw, local, transport) =
-                    (tag_of(&call.a.local_hdr), call.a_invite.clone(), call.a.local, call.a.transport);
+                let (tag, raw, local, transport) = (
+                    tag_of(&call.a.local_hdr),
+                    call.a_invite.clone(),
+                    call.a.local,
+                    call.a.transport,
+                );
                 let txn = call.a_txn.take();
                 let c = contact(local, transport);
                 let extra = Extra {
@@ -884,14 +1061,31 @@ impl B2bua {
             _ => {
                 call.b_txn = None;
                 let warning = find_header(msg, "Warning");
-                self.b_failed(now, call_id, code, response_reason(msg).to_owned(), warning.map(str::to_owned), false);
+                self.b_failed(
+                    now,
+                    call_id,
+                    code,
+                    response_reason(msg).to_owned(),
+                    warning.map(str::to_owned),
+                    false,
+                );
             }
         }
     }
 
     /// The B leg's INVITE failed: try the next bridge if the failure is the bridge's, else relay.
-    fn b_failed(&mut self, now: Instant, call_id: CallId, code: u16, reason: String, warning: Option<String>, timeout: bool) {
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+    fn b_failed(
+        &mut self,
+        now: Instant,
+        call_id: CallId,
+        code: u16,
+        reason: String,
+        warning: Option<String>,
+        timeout: bool,
+    ) {
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         if let Some(b) = call.b.take() {
             self.call_ids.remove(&b.call_id);
         }
@@ -909,12 +1103,16 @@ impl B2bua {
                 call.failed.push(route.bridge.clone());
                 call.state = CallState::Routing;
                 let failed_bridges = call.failed.clone();
-                let Ok(a) = parse::parse(&call.a_invite, Framing::Datagram) else { return };
+                let Ok(a) = parse::parse(&call.a_invite, Framing::Datagram) else {
+                    return;
+                };
                 let called = match a.start {
-                    StartLine::Request { uri, .. } => SipUri::parse(uri).map(|u| match u.user_plain() {
-                        Some(user) => format!("{user}@{}", u.host.to_ascii_lowercase()),
-                        None => u.host.to_ascii_lowercase(),
-                    }),
+                    StartLine::Request { uri, .. } => {
+                        SipUri::parse(uri).map(|u| match u.user_plain() {
+                            Some(user) => format!("{user}@{}", u.host.to_ascii_lowercase()),
+                            None => u.host.to_ascii_lowercase(),
+                        })
+                    }
                     StartLine::Response { .. } => None,
                 };
                 if timeout {
@@ -923,7 +1121,11 @@ impl B2bua {
                 self.stats.bridge_failovers += 1;
                 self.events.push_back(B2buaEvent::Route {
                     call: call_id,
-                    request: RouteRequest { called: called.unwrap_or_default(), failed_bridges, previous: Some(route) },
+                    request: RouteRequest {
+                        called: called.unwrap_or_default(),
+                        failed_bridges,
+                        previous: Some(route),
+                    },
                 });
                 return;
             }
@@ -935,10 +1137,16 @@ impl B2bua {
             self.events.push_back(B2buaEvent::Release(route));
         }
         self.stats.calls_failed += 1;
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         let (tag, raw) = (tag_of(&call.a.local_hdr), call.a_invite.clone());
         if let Some(txn) = call.a_txn.take() {
-            let extra = Extra { to_tag: Some(&tag), warning: warning.as_deref(), ..Extra::default() };
+            let extra = Extra {
+                to_tag: Some(&tag),
+                warning: warning.as_deref(),
+                ..Extra::default()
+            };
             self.respond_raw(now, txn, &raw, code, &reason, &extra);
         }
         self.remove_call(call_id);
@@ -965,7 +1173,10 @@ impl B2bua {
             }
             self.set_probe(i, up);
         } else {
-            self.events.push_back(B2buaEvent::BridgeHealth { bridge: name.to_owned(), up });
+            self.events.push_back(B2buaEvent::BridgeHealth {
+                bridge: name.to_owned(),
+                up,
+            });
         }
     }
 
@@ -983,7 +1194,9 @@ impl B2bua {
     /// Probe `i` went unanswered: one more failure; down once there are enough in a row.
     fn probe_failed(&mut self, i: usize) {
         let n = self.cfg.options_failures;
-        let Some(p) = self.probes.get_mut(i) else { return };
+        let Some(p) = self.probes.get_mut(i) else {
+            return;
+        };
         p.outstanding = None;
         p.failures = p.failures.saturating_add(1);
         if p.failures >= n {
@@ -995,24 +1208,39 @@ impl B2bua {
         if let Some(p) = self.probes.get_mut(i) {
             if p.up != Some(up) {
                 p.up = Some(up);
-                self.events.push_back(B2buaEvent::BridgeHealth { bridge: p.probe.name.clone(), up });
+                self.events.push_back(B2buaEvent::BridgeHealth {
+                    bridge: p.probe.name.clone(),
+                    up,
+                });
             }
         }
     }
 
     fn send_b_cancel(&mut self, now: Instant, call_id: CallId) {
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         if call.b_cancel_sent {
             return;
         }
-        let (Some(inv), Some(b)) = (call.b_invite.clone(), call.b.as_ref()) else { return };
-        let Ok(req) = parse::parse(&inv, Framing::Stream) else { return };
-        let StartLine::Request { uri, .. } = req.start else { return };
+        let (Some(inv), Some(b)) = (call.b_invite.clone(), call.b.as_ref()) else {
+            return;
+        };
+        let Ok(req) = parse::parse(&inv, Framing::Stream) else {
+            return;
+        };
+        let StartLine::Request { uri, .. } = req.start else {
+            return;
+        };
         let mut out = Vec::with_capacity(512);
         let mut w = MessageWriter::request(&mut out, "CANCEL", uri);
-        if let (Some(via), Some(from), Some(to), Some(cid), Some((n, _))) =
-            (req.header_values(Hdr::Via).next(), req.header(Hdr::From), req.header(Hdr::To), req.call_id(), req.cseq())
-        {
+        if let (Some(via), Some(from), Some(to), Some(cid), Some((n, _))) = (
+            req.header_values(Hdr::Via).next(),
+            req.header(Hdr::From),
+            req.header(Hdr::To),
+            req.call_id(),
+            req.cseq(),
+        ) {
             w.header("Via", via)
                 .header("Max-Forwards", "70")
                 .header("From", from)
@@ -1022,7 +1250,10 @@ impl B2bua {
             w.finish(b"");
             let (dest, local, transport) = (b.peer, b.local, b.transport);
             call.b_cancel_sent = true;
-            if let Some(txn) = self.txns.send_request(now, Bytes::from(out), dest, local, transport) {
+            if let Some(txn) = self
+                .txns
+                .send_request(now, Bytes::from(out), dest, local, transport)
+            {
                 self.roles.insert(txn, (call_id, Role::Cancel));
                 if let Some(c) = self.calls.get_mut(&call_id) {
                     c.txns.push(txn);
@@ -1035,16 +1266,40 @@ impl B2bua {
         let target = invite.and_then(|i| self.roles.get(&i).cloned());
         let Some((call_id, Role::AInvite)) = target else {
             let code = if invite.is_some() { 200 } else { 481 };
-            self.respond(now, cancel, msg, code, reason_phrase(code), &Extra::default());
+            self.respond(
+                now,
+                cancel,
+                msg,
+                code,
+                reason_phrase(code),
+                &Extra::default(),
+            );
             return;
         };
         self.respond(now, cancel, msg, 200, "OK", &Extra::default());
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         let Some(txn) = call.a_txn.take() else { return };
         call.cancelled = true;
         self.stats.calls_cancelled += 1;
-        let (tag, raw, state, provisional) = (tag_of(&call.a.local_hdr), call.a_invite.clone(), call.state, call.b_provisional);
-        self.respond_raw(now, txn, &raw, 487, reason_phrase(487), &Extra { to_tag: Some(&tag), ..Extra::default() });
+        let (tag, raw, state, provisional) = (
+            tag_of(&call.a.local_hdr),
+            call.a_invite.clone(),
+            call.state,
+            call.b_provisional,
+        );
+        self.respond_raw(
+            now,
+            txn,
+            &raw,
+            487,
+            reason_phrase(487),
+            &Extra {
+                to_tag: Some(&tag),
+                ..Extra::default()
+            },
+        );
         match state {
             // The route answer will find the call cancelled and release what it reserved.
             CallState::Routing => {}
@@ -1056,8 +1311,12 @@ impl B2bua {
     }
 
     fn on_ack(&mut self, msg: &Message<'_>) {
-        let Some((call_id, leg)) = msg.call_id().and_then(|c| self.call_ids.get(c).copied()) else { return };
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        let Some((call_id, leg)) = msg.call_id().and_then(|c| self.call_ids.get(c).copied()) else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         let body = Some((msg.header(Hdr::ContentType), msg.body));
         if leg == Leg::A && call.state == CallState::AwaitAck {
             call.state = CallState::Established;
@@ -1074,30 +1333,64 @@ impl B2bua {
     }
 
     fn on_stray(&mut self, msg: &Message<'_>) {
-        if !msg.status().is_some_and(|c| (200..300).contains(&c)) || msg.cseq().map(|c| c.1) != Some("INVITE") {
+        if !msg.status().is_some_and(|c| (200..300).contains(&c))
+            || msg.cseq().map(|c| c.1) != Some("INVITE")
+        {
             return;
         }
-        let Some((call_id, leg)) = msg.call_id().and_then(|c| self.call_ids.get(c).copied()) else { return };
+        let Some((call_id, leg)) = msg.call_id().and_then(|c| self.call_ids.get(c).copied()) else {
+            return;
+        };
         let idx = if leg == Leg::A { 0 } else { 1 };
-        let Some(call) = self.calls.get(&call_id) else { return };
+        let Some(call) = self.calls.get(&call_id) else {
+            return;
+        };
         if let (Some(ack), Some(d)) = (call.last_ack[idx].clone(), dialog(call, leg)) {
-            let t = Transmit { dest: dialog_dest(d), local: d.local, transport: d.transport, data: ack, fallback: dialog_fallback(d) };
+            let t = Transmit {
+                dest: dialog_dest(d),
+                local: d.local,
+                transport: d.transport,
+                data: ack,
+                fallback: dialog_fallback(d),
+            };
             self.txns.send_stateless(t);
         }
     }
 
     /// Sends the ACK for a 2xx on `leg` (CSeq number `cseq`), remembering it for retransmissions.
-    fn send_ack(&mut self, call_id: CallId, leg: Leg, cseq: u32, body: Option<(Option<&str>, &[u8])>) {
+    fn send_ack(
+        &mut self,
+        call_id: CallId,
+        leg: Leg,
+        cseq: u32,
+        body: Option<(Option<&str>, &[u8])>,
+    ) {
         let branch = self.token();
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         let Some(d) = dialog(call, leg) else { return };
         let data = dialog_request(d, "ACK", cseq, &branch, body);
-        let t = Transmit { dest: dialog_dest(d), local: d.local, transport: d.transport, data: data.clone(), fallback: dialog_fallback(d) };
+        let t = Transmit {
+            dest: dialog_dest(d),
+            local: d.local,
+            transport: d.transport,
+            data: data.clone(),
+            fallback: dialog_fallback(d),
+        };
         call.last_ack[if leg == Leg::A { 0 } else { 1 }] = Some(data);
         self.txns.send_stateless(t);
     }
 
-    fn in_dialog(&mut self, now: Instant, id: TxnId, call_id: CallId, leg: Leg, msg: &Message<'_>, raw: &[u8]) {
+    fn in_dialog(
+        &mut self,
+        now: Instant,
+        id: TxnId,
+        call_id: CallId,
+        leg: Leg,
+        msg: &Message<'_>,
+        raw: &[u8],
+    ) {
         let method = msg.method().unwrap_or(Method::Other);
         let Some(call) = self.calls.get_mut(&call_id) else {
             self.respond(now, id, msg, 481, reason_phrase(481), &Extra::default());
@@ -1126,16 +1419,40 @@ impl B2bua {
                     }
                 }
                 let branch = self.token();
-                let Some(call) = self.calls.get_mut(&call_id) else { return };
-                let StartLine::Request { method_token, .. } = msg.start else { return };
-                let Some(other) = dialog_mut_opt(call, leg.other()) else { return };
+                let Some(call) = self.calls.get_mut(&call_id) else {
+                    return;
+                };
+                let StartLine::Request { method_token, .. } = msg.start else {
+                    return;
+                };
+                let Some(other) = dialog_mut_opt(call, leg.other()) else {
+                    return;
+                };
                 other.local_cseq = other.local_cseq.saturating_add(1);
                 let cseq = other.local_cseq;
-                let data = dialog_request(other, method_token, cseq, &branch, Some((msg.header(Hdr::ContentType), msg.body)));
-                let (dest, fallback, local, transport) = (dialog_dest(other), dialog_fallback(other), other.local, other.transport);
-                match self.txns.send_request_with_fallback(now, data, dest, fallback, local, transport) {
+                let data = dialog_request(
+                    other,
+                    method_token,
+                    cseq,
+                    &branch,
+                    Some((msg.header(Hdr::ContentType), msg.body)),
+                );
+                let (dest, fallback, local, transport) = (
+                    dialog_dest(other),
+                    dialog_fallback(other),
+                    other.local,
+                    other.transport,
+                );
+                match self
+                    .txns
+                    .send_request_with_fallback(now, data, dest, fallback, local, transport)
+                {
                     Some(txn) => {
-                        let role = Role::Relay { server: id, request: Bytes::copy_from_slice(raw), reinvite };
+                        let role = Role::Relay {
+                            server: id,
+                            request: Bytes::copy_from_slice(raw),
+                            reinvite,
+                        };
                         self.roles.insert(txn, (call_id, role));
                         if let Some(call) = self.calls.get_mut(&call_id) {
                             call.txns.push(txn);
@@ -1146,7 +1463,9 @@ impl B2bua {
                             }
                         }
                     }
-                    None => self.respond(now, id, msg, 503, "Service Unavailable", &Extra::default()),
+                    None => {
+                        self.respond(now, id, msg, 503, "Service Unavailable", &Extra::default())
+                    }
                 }
             }
         }
@@ -1155,7 +1474,9 @@ impl B2bua {
     /// Ends a call: BYE toward every confirmed leg except the one that hung up, CANCEL toward a
     /// bridge still ringing, resources released; the call is forgotten once those finish.
     fn end_call(&mut self, now: Instant, call_id: CallId, hung_up: Option<Leg>) {
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         if call.state == CallState::Ending {
             return;
         }
@@ -1177,19 +1498,31 @@ impl B2bua {
 
     /// Forgets an ending call once its B INVITE and BYEs have finished.
     fn maybe_remove(&mut self, call_id: CallId) {
-        if self.calls.get(&call_id).is_some_and(|c| c.state == CallState::Ending && c.b_txn.is_none() && c.byes == 0) {
+        if self
+            .calls
+            .get(&call_id)
+            .is_some_and(|c| c.state == CallState::Ending && c.b_txn.is_none() && c.byes == 0)
+        {
             self.remove_call(call_id);
         }
     }
 
     fn send_bye(&mut self, now: Instant, call_id: CallId, leg: Leg) {
         let branch = self.token();
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
-        let Some(d) = dialog_mut_opt(call, leg) else { return };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
+        let Some(d) = dialog_mut_opt(call, leg) else {
+            return;
+        };
         d.local_cseq = d.local_cseq.saturating_add(1);
         let data = dialog_request(d, "BYE", d.local_cseq, &branch, None);
-        let (dest, fallback, local, transport) = (dialog_dest(d), dialog_fallback(d), d.local, d.transport);
-        match self.txns.send_request_with_fallback(now, data, dest, fallback, local, transport) {
+        let (dest, fallback, local, transport) =
+            (dialog_dest(d), dialog_fallback(d), d.local, d.transport);
+        match self
+            .txns
+            .send_request_with_fallback(now, data, dest, fallback, local, transport)
+        {
             Some(txn) => {
                 self.roles.insert(txn, (call_id, Role::Bye));
                 call.txns.push(txn);
@@ -1232,7 +1565,9 @@ impl B2bua {
             }
             return;
         }
-        let Some((call_id, role)) = self.roles.remove(&id) else { return };
+        let Some((call_id, role)) = self.roles.remove(&id) else {
+            return;
+        };
         match role {
             Role::BInvite => {
                 if let Some(call) = self.calls.get_mut(&call_id) {
@@ -1245,13 +1580,24 @@ impl B2bua {
                 self.b_failed(now, call_id, 408, "Request Timeout".to_owned(), None, true);
             }
             Role::Bye => self.bye_done(call_id),
-            Role::Relay { server, request, reinvite } => {
+            Role::Relay {
+                server,
+                request,
+                reinvite,
+            } => {
                 if reinvite {
                     if let Some(call) = self.calls.get_mut(&call_id) {
                         call.reinvite = None;
                     }
                 }
-                self.respond_raw(now, server, &request, 408, reason_phrase(408), &Extra::default());
+                self.respond_raw(
+                    now,
+                    server,
+                    &request,
+                    408,
+                    reason_phrase(408),
+                    &Extra::default(),
+                );
             }
             Role::Cancel | Role::AInvite | Role::ReinviteServer => {}
         }
@@ -1261,8 +1607,12 @@ impl B2bua {
     /// dialog ended with BYE. The other leg's 2xx (which we hold unacknowledged until then) gets
     /// its ACK first, so that both dialogs are confirmed and both hear a BYE.
     fn on_ack_timeout(&mut self, now: Instant, id: TxnId) {
-        let Some((call_id, role)) = self.roles.get(&id).cloned() else { return };
-        let Some(call) = self.calls.get_mut(&call_id) else { return };
+        let Some((call_id, role)) = self.roles.get(&id).cloned() else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
         match role {
             Role::AInvite if call.state == CallState::AwaitAck => {
                 tracing::info!("caller never acknowledged the answer; hanging up both legs");
@@ -1285,9 +1635,13 @@ impl B2bua {
 
     fn probe(&mut self, now: Instant) {
         self.next_probe = Some(now + self.cfg.options_interval);
-        let Some(local) = self.probe_local else { return };
+        let Some(local) = self.probe_local else {
+            return;
+        };
         for i in 0..self.probes.len() {
-            let Some(p) = self.probes.get(i) else { continue };
+            let Some(p) = self.probes.get(i) else {
+                continue;
+            };
             if let Some((txn, sent)) = p.outstanding {
                 if now.saturating_duration_since(sent) >= self.cfg.options_interval {
                     // No answer within one interval: one failure; a late answer still counts.
@@ -1299,20 +1653,34 @@ impl B2bua {
                     continue;
                 }
             }
-            let Some(p) = self.probes.get(i) else { continue };
+            let Some(p) = self.probes.get(i) else {
+                continue;
+            };
             let (uri, dest, transport) = (p.probe.uri.clone(), p.probe.dest, p.probe.transport);
             let (branch, tag, cid) = (self.token(), self.token(), self.token());
             let mut out = Vec::with_capacity(400);
             let mut w = MessageWriter::request(&mut out, "OPTIONS", &uri);
-            w.header_fmt("Via", format_args!("SIP/2.0/{} {local};branch=z9hG4bK{branch};rport", transport.as_str()))
-                .header("Max-Forwards", "70")
-                .header_fmt("From", format_args!("<sip:confmesh@{local}>;tag={tag}"))
-                .header_fmt("To", format_args!("<{uri}>"))
-                .header_fmt("Call-ID", format_args!("{}{cid}@{}", self.cfg.call_id_prefix, local.ip()))
-                .header("CSeq", "1 OPTIONS")
-                .header("Accept", "application/sdp");
+            w.header_fmt(
+                "Via",
+                format_args!(
+                    "SIP/2.0/{} {local};branch=z9hG4bK{branch};rport",
+                    transport.as_str()
+                ),
+            )
+            .header("Max-Forwards", "70")
+            .header_fmt("From", format_args!("<sip:confmesh@{local}>;tag={tag}"))
+            .header_fmt("To", format_args!("<{uri}>"))
+            .header_fmt(
+                "Call-ID",
+                format_args!("{}{cid}@{}", self.cfg.call_id_prefix, local.ip()),
+            )
+            .header("CSeq", "1 OPTIONS")
+            .header("Accept", "application/sdp");
             w.finish(b"");
-            if let Some(txn) = self.txns.send_request(now, Bytes::from(out), dest, local, transport) {
+            if let Some(txn) = self
+                .txns
+                .send_request(now, Bytes::from(out), dest, local, transport)
+            {
                 self.probe_txns.insert(txn, (i, false));
                 if let Some(p) = self.probes.get_mut(i) {
                     p.outstanding = Some((txn, now));
@@ -1324,7 +1692,9 @@ impl B2bua {
 
 /// `t + d`, saturating at a day past `t` for absurd configured durations.
 fn later(t: Instant, d: Duration) -> Instant {
-    t.checked_add(d).or_else(|| t.checked_add(Duration::from_secs(86_400))).unwrap_or(t)
+    t.checked_add(d)
+        .or_else(|| t.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(t)
 }
 
 fn dialog(call: &Call, leg: Leg) -> Option<&Dialog> {
@@ -1343,14 +1713,21 @@ fn dialog_mut_opt(call: &mut Call, leg: Leg) -> Option<&mut Dialog> {
 
 /// A target refresh (RFC 3261 §12.2): the Contact of a 2xx or re-INVITE becomes the remote target.
 fn refresh_target(d: &mut Dialog, msg: &Message<'_>) {
-    if let Some(n) = msg.header_values(Hdr::Contact).next().and_then(NameAddr::parse) {
+    if let Some(n) = msg
+        .header_values(Hdr::Contact)
+        .next()
+        .and_then(NameAddr::parse)
+    {
         d.remote_target = n.uri.to_owned();
     }
 }
 
 /// The `tag` parameter of a From/To value we built.
 fn tag_of(hdr: &str) -> String {
-    NameAddr::parse(hdr).and_then(|n| parse::param(n.params, "tag")).unwrap_or("").to_owned()
+    NameAddr::parse(hdr)
+        .and_then(|n| parse::param(n.params, "tag"))
+        .unwrap_or("")
+        .to_owned()
 }
 
 fn contact(local: SocketAddr, transport: Transport) -> String {
@@ -1388,17 +1765,35 @@ fn uri_dest(d: &Dialog) -> Option<SocketAddr> {
         .map(|n| n.uri)
         .unwrap_or(d.remote_target.as_str());
     SipUri::parse(target).and_then(|u| {
-        let ip: IpAddr = u.host.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+        let ip: IpAddr = u
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()?;
         Some(SocketAddr::new(ip, u.port.unwrap_or(5060)))
     })
 }
 
 /// A request inside dialog `d`.
-fn dialog_request(d: &Dialog, method: &str, cseq: u32, branch: &str, body: Option<(Option<&str>, &[u8])>) -> Bytes {
+fn dialog_request(
+    d: &Dialog,
+    method: &str,
+    cseq: u32,
+    branch: &str,
+    body: Option<(Option<&str>, &[u8])>,
+) -> Bytes {
     let (ctype, body) = body.unwrap_or((None, b""));
     let mut out = Vec::with_capacity(body.len() + 500);
     let mut w = MessageWriter::request(&mut out, method, &d.remote_target);
-    w.header_fmt("Via", format_args!("SIP/2.0/{} {};branch=z9hG4bK{branch};rport", d.transport.as_str(), d.local));
+    w.header_fmt(
+        "Via",
+        format_args!(
+            "SIP/2.0/{} {};branch=z9hG4bK{branch};rport",
+            d.transport.as_str(),
+            d.local
+        ),
+    );
     for r in &d.route_set {
         w.header("Route", r);
     }
@@ -1427,7 +1822,10 @@ fn response_reason<'a>(msg: &Message<'a>) -> &'a str {
 }
 
 fn find_header<'a>(msg: &Message<'a>, name: &str) -> Option<&'a str> {
-    msg.headers().iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+    msg.headers()
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
 }
 
 /// A response to `req` (RFC 3261 §8.2.6): Vias, From, Call-ID, CSeq copied; To with our tag.
@@ -1453,7 +1851,8 @@ fn response_bytes(req: &Message<'_>, code: u16, reason: &str, extra: &Extra<'_>)
             w.header("To", to);
         }
     }
-    w.header("Call-ID", req.call_id().unwrap_or("")).header("CSeq", req.header(Hdr::CSeq).unwrap_or(""));
+    w.header("Call-ID", req.call_id().unwrap_or(""))
+        .header("CSeq", req.header(Hdr::CSeq).unwrap_or(""));
     if let Some(c) = extra.contact {
         w.header("Contact", c);
     }

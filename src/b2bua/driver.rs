@@ -14,9 +14,9 @@ use tokio::task::JoinHandle;
 use super::core::{B2bua, B2buaEvent, B2buaStats, BridgeProbe, CallInfo, CoreConfig};
 use super::routing::{BandwidthLedger, ConferenceDirectory, HealthTable, Router, RoutingConfig};
 use super::store_directory::DirectoryStats;
-use crate::status::ConferenceStatus;
 use crate::metrics::{Kind as MetricKind, MetricsPage};
-use crate::sip::transport::{Inbound, SipSockets, TcpLimits, TransportStats, SHARD_CALL_ID_PREFIX};
+use crate::sip::transport::{Inbound, SHARD_CALL_ID_PREFIX, SipSockets, TcpLimits, TransportStats};
+use crate::status::ConferenceStatus;
 
 /// Received messages waiting for the core; beyond this the socket readers wait (UDP then drops
 /// in the kernel), which is the overload behaviour we want.
@@ -51,8 +51,14 @@ impl B2buaSettings {
     /// Warning headers, the core's default limits, timers and OPTIONS interval, one core shard.
     pub fn on_rendezvous(rendezvous: &[std::net::Ipv4Addr], hostname: &str) -> B2buaSettings {
         B2buaSettings {
-            listen: rendezvous.iter().map(|a| SocketAddr::new((*a).into(), SIP_PORT)).collect(),
-            core: CoreConfig { hostname: hostname.to_owned(), ..CoreConfig::default() },
+            listen: rendezvous
+                .iter()
+                .map(|a| SocketAddr::new((*a).into(), SIP_PORT))
+                .collect(),
+            core: CoreConfig {
+                hostname: hostname.to_owned(),
+                ..CoreConfig::default()
+            },
             shards: 1,
         }
     }
@@ -113,32 +119,110 @@ impl B2buaStatus {
     pub fn write_metrics(&self, page: &mut MetricsPage) {
         let s = &self.stats;
         for (name, help, value) in [
-            ("confmesh_sip_calls_active", "Calls in progress (routing, ringing or connected)", s.calls_active as u64),
-            ("confmesh_sip_transactions", "Live SIP transactions", s.transactions as u64),
+            (
+                "confmesh_sip_calls_active",
+                "Calls in progress (routing, ringing or connected)",
+                s.calls_active as u64,
+            ),
+            (
+                "confmesh_sip_transactions",
+                "Live SIP transactions",
+                s.transactions as u64,
+            ),
         ] {
-            page.family(name, MetricKind::Gauge, help).sample(name, &[], value as f64);
+            page.family(name, MetricKind::Gauge, help)
+                .sample(name, &[], value as f64);
         }
         let t = &self.transport;
         for (name, help, value) in [
-            ("confmesh_sip_calls_total", "INVITEs that started a call", s.calls_total),
-            ("confmesh_sip_calls_answered_total", "Calls a bridge answered", s.calls_answered),
-            ("confmesh_sip_calls_failed_total", "Calls refused by routing, admission (404, 488, 503) or a bridge", s.calls_failed),
-            ("confmesh_sip_calls_cancelled_total", "Calls cancelled by the caller before an answer", s.calls_cancelled),
-            ("confmesh_sip_bridge_failovers_total", "Calls moved to another bridge because the first failed", s.bridge_failovers),
-            ("confmesh_sip_parse_errors_total", "SIP messages that did not parse", s.parse_errors),
-            ("confmesh_sip_overloaded_total", "Requests refused statelessly at the call or transaction limits", s.overloaded),
-            ("confmesh_sip_retransmissions_total", "Retransmissions sent by the transaction layer", s.retransmissions),
-            ("confmesh_sip_calls_expired_total", "Calls hung up at the maximum call duration (sip/max_call_duration_s)", s.calls_expired),
-            ("confmesh_sip_calls_unacknowledged_total", "Answered calls hung up because the 2xx was never acknowledged (64*T1)", s.calls_unacknowledged),
-            ("confmesh_sip_framing_errors_total", "TCP streams closed because they could not be framed", t.framing_errors),
-            ("confmesh_sip_send_failures_total", "SIP messages dropped: queue full or connection failed", t.send_failures),
-            ("confmesh_sip_refused_connections_total", "TCP connections refused at the connection limit", t.refused_connections),
-            ("confmesh_sip_tcp_idle_closed_total", "TCP connections closed after carrying no message for the idle timeout", t.tcp_idle_closed),
-            ("confmesh_sip_tcp_incomplete_closed_total", "TCP connections closed because a started message did not complete in time", t.tcp_incomplete_closed),
-            ("confmesh_sip_tcp_evicted_total", "Idle TCP connections closed to make room for a new one at the limit", t.tcp_evicted),
-            ("confmesh_sip_accept_errors_total", "Failed TCP accepts (each followed by a short pause)", t.accept_errors),
+            (
+                "confmesh_sip_calls_total",
+                "INVITEs that started a call",
+                s.calls_total,
+            ),
+            (
+                "confmesh_sip_calls_answered_total",
+                "Calls a bridge answered",
+                s.calls_answered,
+            ),
+            (
+                "confmesh_sip_calls_failed_total",
+                "Calls refused by routing, admission (404, 488, 503) or a bridge",
+                s.calls_failed,
+            ),
+            (
+                "confmesh_sip_calls_cancelled_total",
+                "Calls cancelled by the caller before an answer",
+                s.calls_cancelled,
+            ),
+            (
+                "confmesh_sip_bridge_failovers_total",
+                "Calls moved to another bridge because the first failed",
+                s.bridge_failovers,
+            ),
+            (
+                "confmesh_sip_parse_errors_total",
+                "SIP messages that did not parse",
+                s.parse_errors,
+            ),
+            (
+                "confmesh_sip_overloaded_total",
+                "Requests refused statelessly at the call or transaction limits",
+                s.overloaded,
+            ),
+            (
+                "confmesh_sip_retransmissions_total",
+                "Retransmissions sent by the transaction layer",
+                s.retransmissions,
+            ),
+            (
+                "confmesh_sip_calls_expired_total",
+                "Calls hung up at the maximum call duration (sip/max_call_duration_s)",
+                s.calls_expired,
+            ),
+            (
+                "confmesh_sip_calls_unacknowledged_total",
+                "Answered calls hung up because the 2xx was never acknowledged (64*T1)",
+                s.calls_unacknowledged,
+            ),
+            (
+                "confmesh_sip_framing_errors_total",
+                "TCP streams closed because they could not be framed",
+                t.framing_errors,
+            ),
+            (
+                "confmesh_sip_send_failures_total",
+                "SIP messages dropped: queue full or connection failed",
+                t.send_failures,
+            ),
+            (
+                "confmesh_sip_refused_connections_total",
+                "TCP connections refused at the connection limit",
+                t.refused_connections,
+            ),
+            (
+                "confmesh_sip_tcp_idle_closed_total",
+                "TCP connections closed after carrying no message for the idle timeout",
+                t.tcp_idle_closed,
+            ),
+            (
+                "confmesh_sip_tcp_incomplete_closed_total",
+                "TCP connections closed because a started message did not complete in time",
+                t.tcp_incomplete_closed,
+            ),
+            (
+                "confmesh_sip_tcp_evicted_total",
+                "Idle TCP connections closed to make room for a new one at the limit",
+                t.tcp_evicted,
+            ),
+            (
+                "confmesh_sip_accept_errors_total",
+                "Failed TCP accepts (each followed by a short pause)",
+                t.accept_errors,
+            ),
         ] {
-            page.family(name, MetricKind::Counter, help).sample(name, &[], value as f64);
+            page.family(name, MetricKind::Counter, help)
+                .sample(name, &[], value as f64);
         }
         let by_state = "confmesh_sip_calls_by_state";
         page.family(by_state, MetricKind::Gauge, "Calls in progress by state: routing, calling, connecting (answered, ACK awaited), connected, ending");
@@ -147,27 +231,75 @@ impl B2buaStatus {
             page.sample(by_state, &[("state", state)], n as f64);
         }
         let up = "confmesh_sip_bridge_up";
-        page.family(up, MetricKind::Gauge, "1 when the bridge answers OPTIONS probes, 0 when it does not");
+        page.family(
+            up,
+            MetricKind::Gauge,
+            "1 when the bridge answers OPTIONS probes, 0 when it does not",
+        );
         for (bridge, is_up) in &self.bridges {
             page.sample(up, &[("bridge", bridge)], if *is_up { 1.0 } else { 0.0 });
         }
         let Some(d) = &self.directory else { return };
         let n = "confmesh_conferences";
-        page.family(n, MetricKind::Gauge, "Conferences placed on a bridge, cluster-wide").sample(n, &[], self.conferences.len() as f64);
+        page.family(
+            n,
+            MetricKind::Gauge,
+            "Conferences placed on a bridge, cluster-wide",
+        )
+        .sample(n, &[], self.conferences.len() as f64);
         let calls = "confmesh_conference_calls";
-        page.family(calls, MetricKind::Gauge, "Calls in a conference, cluster-wide, by conference and its bridge");
+        page.family(
+            calls,
+            MetricKind::Gauge,
+            "Calls in a conference, cluster-wide, by conference and its bridge",
+        );
         for c in &self.conferences {
-            page.sample(calls, &[("conference", &c.name), ("bridge", &c.bridge)], f64::from(c.calls));
+            page.sample(
+                calls,
+                &[("conference", &c.name), ("bridge", &c.bridge)],
+                f64::from(c.calls),
+            );
         }
         for (name, kind, help, value) in [
-            ("confmesh_conference_claims_total", MetricKind::Counter, "Placements of new conferences claimed by this peer", d.claims),
-            ("confmesh_conference_claims_lost_total", MetricKind::Counter, "Claims of this peer that lost to another peer's earlier claim", d.claims_lost),
-            ("confmesh_conference_placement_conflicts", MetricKind::Gauge, "Conferences in which this peer carries calls on another bridge than the placement", d.placement_conflicts),
-            ("confmesh_conference_repairs_total", MetricKind::Counter, "Placements claimed again because they vanished under this peer's calls", d.repairs),
-            ("confmesh_conference_orphans_removed_total", MetricKind::Counter, "Conferences removed because nobody had calls in them", d.orphans_removed),
-            ("confmesh_conference_malformed_entries_total", MetricKind::Counter, "Conference status entries in the store that did not parse", d.malformed_entries),
+            (
+                "confmesh_conference_claims_total",
+                MetricKind::Counter,
+                "Placements of new conferences claimed by this peer",
+                d.claims,
+            ),
+            (
+                "confmesh_conference_claims_lost_total",
+                MetricKind::Counter,
+                "Claims of this peer that lost to another peer's earlier claim",
+                d.claims_lost,
+            ),
+            (
+                "confmesh_conference_placement_conflicts",
+                MetricKind::Gauge,
+                "Conferences in which this peer carries calls on another bridge than the placement",
+                d.placement_conflicts,
+            ),
+            (
+                "confmesh_conference_repairs_total",
+                MetricKind::Counter,
+                "Placements claimed again because they vanished under this peer's calls",
+                d.repairs,
+            ),
+            (
+                "confmesh_conference_orphans_removed_total",
+                MetricKind::Counter,
+                "Conferences removed because nobody had calls in them",
+                d.orphans_removed,
+            ),
+            (
+                "confmesh_conference_malformed_entries_total",
+                MetricKind::Counter,
+                "Conference status entries in the store that did not parse",
+                d.malformed_entries,
+            ),
         ] {
-            page.family(name, kind, help).sample(name, &[], value as f64);
+            page.family(name, kind, help)
+                .sample(name, &[], value as f64);
         }
     }
 }
@@ -207,7 +339,9 @@ impl B2buaService {
             in_txs.push(tx);
             in_rxs.push(rx);
         }
-        let sockets = Arc::new(SipSockets::bind_sharded(&settings.listen, in_txs, TcpLimits::default()).await?);
+        let sockets = Arc::new(
+            SipSockets::bind_sharded(&settings.listen, in_txs, TcpLimits::default()).await?,
+        );
         let mut local_addrs = sockets.local_addrs();
         local_addrs.sort();
         let base = settings.core;
@@ -217,7 +351,11 @@ impl B2buaService {
         };
         let status = Arc::new(Mutex::new(vec![B2buaStatus::default(); shards]));
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let router = Arc::new(Router { directory, ledger, health: Arc::new(HealthTable::default()) });
+        let router = Arc::new(Router {
+            directory,
+            ledger,
+            health: Arc::new(HealthTable::default()),
+        });
         let (down_tx, down_rx) = mpsc::unbounded_channel();
         let mut down_rx = Some(down_rx);
         let mut tasks = Vec::with_capacity(shards);
@@ -237,16 +375,27 @@ impl B2buaService {
                 config: config.clone(),
                 status: status.clone(),
                 // The first shard probes the bridges and hears the others' bridge failures.
-                probe_from: if index == 0 { local_addrs.first().copied() } else { None },
+                probe_from: if index == 0 {
+                    local_addrs.first().copied()
+                } else {
+                    None
+                },
                 bridge_down: (index != 0).then(|| down_tx.clone()),
                 default_options_interval: base.options_interval,
                 default_options_failures: base.options_failures,
                 default_max_call_duration: base.max_call_duration,
             };
-            let heard = down_rx.take().unwrap_or_else(|| mpsc::unbounded_channel().1);
+            let heard = down_rx
+                .take()
+                .unwrap_or_else(|| mpsc::unbounded_channel().1);
             tasks.push(tokio::spawn(run.run(inbound, heard, shutdown_rx.clone())));
         }
-        Ok(B2buaService { status, shutdown, tasks, local_addrs })
+        Ok(B2buaService {
+            status,
+            shutdown,
+            tasks,
+            local_addrs,
+        })
     }
 
     /// The bound SIP addresses.
@@ -257,7 +406,9 @@ impl B2buaService {
     /// A snapshot at most 200 ms old (refreshed by the tasks, so reading it never waits for a
     /// core): the shards' counters added, their calls together.
     pub fn status(&self) -> B2buaStatus {
-        let Ok(slots) = self.status.lock() else { return B2buaStatus::default() };
+        let Ok(slots) = self.status.lock() else {
+            return B2buaStatus::default();
+        };
         let mut out = slots.first().cloned().unwrap_or_default();
         for s in slots.iter().skip(1) {
             out.stats.add(&s.stats);
@@ -339,7 +490,11 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
             while let Some(ev) = self.core.poll_event() {
                 match ev {
                     B2buaEvent::Route { call, request } => {
-                        let (router, cfg, tx) = (self.router.clone(), self.config.borrow().clone(), route_tx.clone());
+                        let (router, cfg, tx) = (
+                            self.router.clone(),
+                            self.config.borrow().clone(),
+                            route_tx.clone(),
+                        );
                         tokio::spawn(async move {
                             let decision = router.route(&cfg, &request).await;
                             let _ = tx.send((call, decision));
@@ -364,15 +519,30 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
 
     fn apply_config(&mut self) {
         let cfg = self.config.borrow_and_update().clone();
-        self.core.set_options_failures(cfg.options_failures.unwrap_or(self.default_options_failures));
-        self.core.set_max_call_duration(cfg.max_call_duration.unwrap_or(self.default_max_call_duration));
+        self.core.set_options_failures(
+            cfg.options_failures
+                .unwrap_or(self.default_options_failures),
+        );
+        self.core.set_max_call_duration(
+            cfg.max_call_duration
+                .unwrap_or(self.default_max_call_duration),
+        );
         let Some(local) = self.probe_from else { return };
         let now = Instant::now();
-        self.core.set_options_interval(now, cfg.options_interval.unwrap_or(self.default_options_interval));
+        self.core.set_options_interval(
+            now,
+            cfg.options_interval
+                .unwrap_or(self.default_options_interval),
+        );
         let probes = cfg
             .bridges
             .values()
-            .map(|b| BridgeProbe { name: b.name.clone(), uri: b.uri.clone(), dest: b.addr, transport: b.transport })
+            .map(|b| BridgeProbe {
+                name: b.name.clone(),
+                uri: b.uri.clone(),
+                dest: b.addr,
+                transport: b.transport,
+            })
             .collect();
         self.core.set_bridges(now, local, probes);
     }
@@ -385,7 +555,13 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Run<D, L> {
             transport: self.sockets.stats(),
             ..B2buaStatus::default()
         };
-        if let Some(slot) = self.status.lock().ok().as_deref_mut().and_then(|g| g.get_mut(self.index)) {
+        if let Some(slot) = self
+            .status
+            .lock()
+            .ok()
+            .as_deref_mut()
+            .and_then(|g| g.get_mut(self.index))
+        {
             *slot = s;
         }
     }
@@ -402,11 +578,23 @@ mod tests {
         st.stats.calls_failed = 5;
         st.transport.send_failures = 1;
         st.stats.calls_expired = 3;
-        st.calls.push(CallInfo { conference: None, bridge: None, state: "connected" });
+        st.calls.push(CallInfo {
+            conference: None,
+            bridge: None,
+            state: "connected",
+        });
         st.bridges.insert("b1".into(), true);
         st.bridges.insert("b2".into(), false);
-        st.conferences.push(ConferenceStatus { name: "meet-1".into(), bridge: "b2".into(), calls: 3 });
-        st.directory = Some(DirectoryStats { claims: 4, claims_lost: 1, ..DirectoryStats::default() });
+        st.conferences.push(ConferenceStatus {
+            name: "meet-1".into(),
+            bridge: "b2".into(),
+            calls: 3,
+        });
+        st.directory = Some(DirectoryStats {
+            claims: 4,
+            claims_lost: 1,
+            ..DirectoryStats::default()
+        });
         let mut page = MetricsPage::default();
         st.write_metrics(&mut page);
         let text = page.finish();
@@ -426,7 +614,10 @@ mod tests {
             "confmesh_conference_claims_lost_total 1",
             "# TYPE confmesh_conference_placement_conflicts gauge",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
     }
 }

@@ -18,5 +18,7 @@ pub mod store_directory;
 
 pub use cluster::{StartError, StoreB2bua, start_on_store};
 pub use driver::{B2buaService, B2buaSettings, B2buaStatus, MAX_SHARDS, SIP_PORT};
+pub use routing::{
+    BandwidthLedger, ConferenceDirectory, MemoryDirectory, MemoryLedger, RoutingConfig,
+};
 pub use store_directory::{RoutingConfigLoader, StoreDirectory};
-pub use routing::{BandwidthLedger, ConferenceDirectory, MemoryDirectory, MemoryLedger, RoutingConfig};

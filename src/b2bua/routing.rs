@@ -17,8 +17,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::sip::parse::{param, SipUri};
 use crate::sip::Transport;
+use crate::sip::parse::{SipUri, param};
 
 /// Attempts at placing one call before giving up with 503 (bounds directory round trips).
 const MAX_PLACEMENT_ATTEMPTS: usize = 4;
@@ -145,7 +145,10 @@ impl RoutingConfig {
         let mut errors = Vec::new();
         let mut aliases = BTreeMap::new();
         for (key, value) in entries {
-            let err = |reason: String| RoutingConfigError { key: key.to_owned(), reason };
+            let err = |reason: String| RoutingConfigError {
+                key: key.to_owned(),
+                reason,
+            };
             if let Some(name) = key.strip_prefix("bridge/") {
                 match serde_json::from_value::<RawBridge>(value.clone()) {
                     Ok(raw) => match bridge_target(&raw.uri) {
@@ -177,9 +180,13 @@ impl RoutingConfig {
                                 },
                             );
                         }
-                        Err(e) => errors.push(err(format!("pattern is not a valid regular expression: {e}"))),
+                        Err(e) => errors.push(err(format!(
+                            "pattern is not a valid regular expression: {e}"
+                        ))),
                     },
-                    Err(e) => errors.push(err(format!("expected {{\"pattern\": …, \"conference\": …}}: {e}"))),
+                    Err(e) => errors.push(err(format!(
+                        "expected {{\"pattern\": …, \"conference\": …}}: {e}"
+                    ))),
                 }
             } else if key == OPTIONS_INTERVAL_KEY {
                 match value.as_u64() {
@@ -210,7 +217,12 @@ impl RoutingConfig {
             } else if let Some(name) = key.strip_prefix("location/") {
                 match serde_json::from_value::<RawLocation>(value.clone()) {
                     Ok(raw) => {
-                        cfg.locations.insert(name.to_owned(), LocationConfig { limit_kbps: raw.limit_kbps });
+                        cfg.locations.insert(
+                            name.to_owned(),
+                            LocationConfig {
+                                limit_kbps: raw.limit_kbps,
+                            },
+                        );
                     }
                     Err(e) => errors.push(err(format!("expected {{\"limit_kbps\": …}}: {e}"))),
                 }
@@ -255,10 +267,17 @@ pub enum DirectoryError {
 /// [`MemoryDirectory`] stands in for tests and standalone peers.
 pub trait ConferenceDirectory: Send + Sync + 'static {
     /// The conference's placement, if it is placed.
-    fn placement(&self, conference: &str) -> impl Future<Output = Result<Option<Placement>, DirectoryError>> + Send;
+    fn placement(
+        &self,
+        conference: &str,
+    ) -> impl Future<Output = Result<Option<Placement>, DirectoryError>> + Send;
     /// Places the conference on `bridge` unless it is already placed (first writer wins, cluster-
     /// wide); returns the placement in force afterwards, whoever wrote it.
-    fn claim(&self, conference: &str, bridge: &str) -> impl Future<Output = Result<Placement, DirectoryError>> + Send;
+    fn claim(
+        &self,
+        conference: &str,
+        bridge: &str,
+    ) -> impl Future<Output = Result<Placement, DirectoryError>> + Send;
     /// Counts one more call, only if the conference is placed on `bridge`; returns the new count,
     /// or `None` when it is not (placement changed under us: route again).
     fn add_participant(
@@ -267,12 +286,21 @@ pub trait ConferenceDirectory: Send + Sync + 'static {
         bridge: &str,
     ) -> impl Future<Output = Result<Option<u32>, DirectoryError>> + Send;
     /// Counts one call less; at zero the conference ends and its placement is removed.
-    fn remove_participant(&self, conference: &str, bridge: &str) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+    fn remove_participant(
+        &self,
+        conference: &str,
+        bridge: &str,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
     /// Removes the conference's placement on `bridge` if the conference has no calls yet (it has
     /// not started), so that it can be placed on another bridge when that one is down.
-    fn abandon(&self, conference: &str, bridge: &str) -> impl Future<Output = Result<(), DirectoryError>> + Send;
+    fn abandon(
+        &self,
+        conference: &str,
+        bridge: &str,
+    ) -> impl Future<Output = Result<(), DirectoryError>> + Send;
     /// Calls in all conferences placed on `bridge`, cluster-wide (capacity checks).
-    fn bridge_load(&self, bridge: &str) -> impl Future<Output = Result<u32, DirectoryError>> + Send;
+    fn bridge_load(&self, bridge: &str)
+    -> impl Future<Output = Result<u32, DirectoryError>> + Send;
 }
 
 /// Cluster-wide bandwidth per location: this peer's own usage plus what the other peers report
@@ -305,11 +333,18 @@ pub struct MemoryDirectory {
 impl MemoryDirectory {
     /// All placements (status).
     pub fn snapshot(&self) -> BTreeMap<String, Placement> {
-        self.inner.lock().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+        self.inner
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Placement>>, DirectoryError> {
-        self.inner.lock().map_err(|_| DirectoryError::Unavailable("directory lock poisoned".into()))
+    fn lock(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, HashMap<String, Placement>>, DirectoryError> {
+        self.inner
+            .lock()
+            .map_err(|_| DirectoryError::Unavailable("directory lock poisoned".into()))
     }
 }
 
@@ -321,11 +356,18 @@ impl ConferenceDirectory for MemoryDirectory {
     async fn claim(&self, conference: &str, bridge: &str) -> Result<Placement, DirectoryError> {
         let mut m = self.lock()?;
         Ok(m.entry(conference.to_owned())
-            .or_insert_with(|| Placement { bridge: bridge.to_owned(), participants: 0 })
+            .or_insert_with(|| Placement {
+                bridge: bridge.to_owned(),
+                participants: 0,
+            })
             .clone())
     }
 
-    async fn add_participant(&self, conference: &str, bridge: &str) -> Result<Option<u32>, DirectoryError> {
+    async fn add_participant(
+        &self,
+        conference: &str,
+        bridge: &str,
+    ) -> Result<Option<u32>, DirectoryError> {
         let mut m = self.lock()?;
         Ok(match m.get_mut(conference) {
             Some(p) if p.bridge == bridge => {
@@ -336,7 +378,11 @@ impl ConferenceDirectory for MemoryDirectory {
         })
     }
 
-    async fn remove_participant(&self, conference: &str, bridge: &str) -> Result<(), DirectoryError> {
+    async fn remove_participant(
+        &self,
+        conference: &str,
+        bridge: &str,
+    ) -> Result<(), DirectoryError> {
         let mut m = self.lock()?;
         if let Some(p) = m.get_mut(conference) {
             if p.bridge == bridge {
@@ -351,14 +397,21 @@ impl ConferenceDirectory for MemoryDirectory {
 
     async fn abandon(&self, conference: &str, bridge: &str) -> Result<(), DirectoryError> {
         let mut m = self.lock()?;
-        if m.get(conference).is_some_and(|p| p.bridge == bridge && p.participants == 0) {
+        if m.get(conference)
+            .is_some_and(|p| p.bridge == bridge && p.participants == 0)
+        {
             m.remove(conference);
         }
         Ok(())
     }
 
     async fn bridge_load(&self, bridge: &str) -> Result<u32, DirectoryError> {
-        Ok(self.lock()?.values().filter(|p| p.bridge == bridge).map(|p| p.participants).sum())
+        Ok(self
+            .lock()?
+            .values()
+            .filter(|p| p.bridge == bridge)
+            .map(|p| p.participants)
+            .sum())
     }
 }
 
@@ -370,7 +423,9 @@ pub struct MemoryLedger {
 
 impl BandwidthLedger for MemoryLedger {
     fn try_reserve(&self, location: &str, kbps: u64, limit_kbps: u64) -> Result<(), u64> {
-        let Ok(mut m) = self.inner.lock() else { return Err(u64::MAX) };
+        let Ok(mut m) = self.inner.lock() else {
+            return Err(u64::MAX);
+        };
         let used = m.entry(location.to_owned()).or_insert(0);
         match used.checked_add(kbps) {
             Some(total) if total <= limit_kbps => {
@@ -390,7 +445,11 @@ impl BandwidthLedger for MemoryLedger {
     }
 
     fn usage_kbps(&self, location: &str) -> u64 {
-        self.inner.lock().ok().and_then(|m| m.get(location).copied()).unwrap_or(0)
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|m| m.get(location).copied())
+            .unwrap_or(0)
     }
 }
 
@@ -404,23 +463,36 @@ pub struct HealthTable {
 impl HealthTable {
     /// Records a probe result; returns true when it changed.
     pub fn set(&self, bridge: &str, up: bool) -> bool {
-        self.inner.write().map(|mut m| m.insert(bridge.to_owned(), up) != Some(up)).unwrap_or(false)
+        self.inner
+            .write()
+            .map(|mut m| m.insert(bridge.to_owned(), up) != Some(up))
+            .unwrap_or(false)
     }
 
     /// Whether a bridge may receive calls.
     pub fn is_up(&self, bridge: &str) -> bool {
-        self.inner.read().ok().and_then(|m| m.get(bridge).copied()).unwrap_or(true)
+        self.inner
+            .read()
+            .ok()
+            .and_then(|m| m.get(bridge).copied())
+            .unwrap_or(true)
     }
 
     /// Every probed bridge and its state (status).
     pub fn snapshot(&self) -> BTreeMap<String, bool> {
-        self.inner.read().map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect()).unwrap_or_default()
+        self.inner
+            .read()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
     }
 }
 
 /// The bridges in rendezvous-hash order for `conference`: the same order on every peer given the
 /// same bridge list, and adding or removing one bridge moves only the conferences it wins/loses.
-pub fn rank_bridges<'c>(conference: &str, bridges: impl IntoIterator<Item = &'c BridgeConfig>) -> Vec<&'c BridgeConfig> {
+pub fn rank_bridges<'c>(
+    conference: &str,
+    bridges: impl IntoIterator<Item = &'c BridgeConfig>,
+) -> Vec<&'c BridgeConfig> {
     let mut scored: Vec<(u64, &BridgeConfig)> = bridges
         .into_iter()
         .map(|b| {
@@ -488,7 +560,11 @@ pub enum RouteDecision {
 }
 
 fn reject(code: u16, reason: &str, warning: impl Into<String>) -> RouteDecision {
-    RouteDecision::Reject { code, reason: reason.to_owned(), warning: Some(warning.into()) }
+    RouteDecision::Reject {
+        code,
+        reason: reason.to_owned(),
+        warning: Some(warning.into()),
+    }
 }
 
 /// Routes calls against the current configuration, health view, directory and ledger.
@@ -521,14 +597,23 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Router<D, L> {
                 return reject(
                     488,
                     "Not Acceptable Here",
-                    format!("call of {} kbps exceeds location {location} limit of {} kbps", alias.call_kbps, loc.limit_kbps),
+                    format!(
+                        "call of {} kbps exceeds location {location} limit of {} kbps",
+                        alias.call_kbps, loc.limit_kbps
+                    ),
                 );
             }
-            if let Err(used) = self.ledger.try_reserve(location, alias.call_kbps, loc.limit_kbps) {
+            if let Err(used) = self
+                .ledger
+                .try_reserve(location, alias.call_kbps, loc.limit_kbps)
+            {
                 return reject(
                     503,
                     "Service Unavailable",
-                    format!("location {location} bandwidth limit reached ({used} of {} kbps in use)", loc.limit_kbps),
+                    format!(
+                        "location {location} bandwidth limit reached ({used} of {} kbps in use)",
+                        loc.limit_kbps
+                    ),
                 );
             }
         } else {
@@ -546,7 +631,12 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Router<D, L> {
                 };
                 let uri = bridge_request_uri(&bridge.uri, &uri_user);
                 self.ledger.charge_bridge(&route.bridge, route.kbps);
-                RouteDecision::Forward { route, uri, dest: bridge.addr, transport: bridge.transport }
+                RouteDecision::Forward {
+                    route,
+                    uri,
+                    dest: bridge.addr,
+                    transport: bridge.transport,
+                }
             }
             Err(rejection) => {
                 self.ledger.release(location, alias.call_kbps);
@@ -557,31 +647,57 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Router<D, L> {
 
     /// Finds (or places) the conference's bridge and counts the call in; the bridge and the user
     /// part for its Request-URI.
-    async fn place(&self, cfg: &RoutingConfig, conference: &str, failed: &[String]) -> Result<(BridgeConfig, String), RouteDecision> {
+    async fn place(
+        &self,
+        cfg: &RoutingConfig,
+        conference: &str,
+        failed: &[String],
+    ) -> Result<(BridgeConfig, String), RouteDecision> {
         let unavailable = |e: DirectoryError| reject(503, "Service Unavailable", e.to_string());
         let mut abandoned = false;
         for _ in 0..MAX_PLACEMENT_ATTEMPTS {
-            let placement = self.directory.placement(conference).await.map_err(unavailable)?;
+            let placement = self
+                .directory
+                .placement(conference)
+                .await
+                .map_err(unavailable)?;
             let bridge = match placement {
                 Some(p) => {
-                    let usable = cfg.bridges.get(&p.bridge).filter(|b| !failed.contains(&b.name) && self.health.is_up(&b.name));
+                    let usable = cfg
+                        .bridges
+                        .get(&p.bridge)
+                        .filter(|b| !failed.contains(&b.name) && self.health.is_up(&b.name));
                     let Some(b) = usable else {
                         // Not started yet: it may move to another bridge (once; a placement that
                         // comes back was claimed again by a peer with calls in it).
                         if p.participants == 0 && !abandoned {
                             abandoned = true;
-                            self.directory.abandon(conference, &p.bridge).await.map_err(unavailable)?;
+                            self.directory
+                                .abandon(conference, &p.bridge)
+                                .await
+                                .map_err(unavailable)?;
                             continue;
                         }
                         return Err(reject(
                             503,
                             "Service Unavailable",
-                            format!("bridge {} of conference {conference} is unavailable", p.bridge),
+                            format!(
+                                "bridge {} of conference {conference} is unavailable",
+                                p.bridge
+                            ),
                         ));
                     };
-                    let load = self.directory.bridge_load(&b.name).await.map_err(unavailable)?;
+                    let load = self
+                        .directory
+                        .bridge_load(&b.name)
+                        .await
+                        .map_err(unavailable)?;
                     if load >= b.capacity {
-                        return Err(reject(503, "Service Unavailable", format!("bridge {} of conference {conference} is full", b.name)));
+                        return Err(reject(
+                            503,
+                            "Service Unavailable",
+                            format!("bridge {} of conference {conference} is full", b.name),
+                        ));
                     }
                     b
                 }
@@ -593,7 +709,13 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Router<D, L> {
                             continue;
                         }
                         healthy += 1;
-                        if self.directory.bridge_load(&b.name).await.map_err(unavailable)? >= b.capacity {
+                        if self
+                            .directory
+                            .bridge_load(&b.name)
+                            .await
+                            .map_err(unavailable)?
+                            >= b.capacity
+                        {
                             full += 1;
                             continue;
                         }
@@ -610,25 +732,43 @@ impl<D: ConferenceDirectory, L: BandwidthLedger> Router<D, L> {
                             ),
                         ));
                     };
-                    let p = self.directory.claim(conference, &b.name).await.map_err(unavailable)?;
+                    let p = self
+                        .directory
+                        .claim(conference, &b.name)
+                        .await
+                        .map_err(unavailable)?;
                     match cfg.bridges.get(&p.bridge) {
                         Some(winner) => winner,
                         None => continue,
                     }
                 }
             };
-            if self.directory.add_participant(conference, &bridge.name).await.map_err(unavailable)?.is_some() {
+            if self
+                .directory
+                .add_participant(conference, &bridge.name)
+                .await
+                .map_err(unavailable)?
+                .is_some()
+            {
                 return Ok((bridge.clone(), conference.to_owned()));
             }
         }
-        Err(reject(503, "Service Unavailable", format!("placement of {conference} kept changing")))
+        Err(reject(
+            503,
+            "Service Unavailable",
+            format!("placement of {conference} kept changing"),
+        ))
     }
 
     /// Gives back what a call held.
     pub async fn release(&self, route: &Route) {
         self.ledger.release(&route.location, route.kbps);
         self.ledger.discharge_bridge(&route.bridge, route.kbps);
-        if let Err(e) = self.directory.remove_participant(&route.conference, &route.bridge).await {
+        if let Err(e) = self
+            .directory
+            .remove_participant(&route.conference, &route.bridge)
+            .await
+        {
             tracing::warn!(conference = %route.conference, error = %e, "could not count a call out of its conference");
         }
     }
@@ -640,7 +780,13 @@ fn bridge_request_uri(bridge_uri: &str, user: &str) -> String {
     let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     let user: String = user
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,;?/".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,;?/".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("sip:{user}@{rest}")
 }
@@ -652,11 +798,23 @@ mod tests {
 
     fn cfg() -> RoutingConfig {
         let entries = [
-            ("bridge/b1".to_owned(), json!({"uri": "sip:127.0.0.1:5070", "capacity": 2})),
-            ("bridge/b2".to_owned(), json!({"uri": "sip:127.0.0.2:5070;transport=tcp", "capacity": 2})),
-            ("alias/meet".to_owned(), json!({"pattern": "^meet\\.(\\d+)@example\\.com$", "conference": "meet-$1", "call_kbps": 768, "location": "default"})),
+            (
+                "bridge/b1".to_owned(),
+                json!({"uri": "sip:127.0.0.1:5070", "capacity": 2}),
+            ),
+            (
+                "bridge/b2".to_owned(),
+                json!({"uri": "sip:127.0.0.2:5070;transport=tcp", "capacity": 2}),
+            ),
+            (
+                "alias/meet".to_owned(),
+                json!({"pattern": "^meet\\.(\\d+)@example\\.com$", "conference": "meet-$1", "call_kbps": 768, "location": "default"}),
+            ),
             ("location/default".to_owned(), json!({"limit_kbps": 2000})),
-            ("bridge/bad".to_owned(), json!({"uri": "sip:bridge.example.com", "capacity": 2})),
+            (
+                "bridge/bad".to_owned(),
+                json!({"uri": "sip:bridge.example.com", "capacity": 2}),
+            ),
         ];
         let (c, errors) = RoutingConfig::from_entries(entries.iter().map(|(k, v)| (k.as_str(), v)));
         assert_eq!(errors.len(), 1, "{errors:?}");
@@ -669,8 +827,14 @@ mod tests {
             let entries = [(OPTIONS_INTERVAL_KEY, v)];
             RoutingConfig::from_entries(entries.iter().map(|(k, v)| (*k, v)))
         };
-        assert_eq!(parse(json!(1500)).0.options_interval, Some(std::time::Duration::from_millis(1500)));
-        assert_eq!(parse(json!(0)).0.options_interval, Some(std::time::Duration::ZERO));
+        assert_eq!(
+            parse(json!(1500)).0.options_interval,
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(
+            parse(json!(0)).0.options_interval,
+            Some(std::time::Duration::ZERO)
+        );
         for bad in [json!(5), json!(-1), json!("1s"), json!(7_200_000)] {
             let (c, errors) = parse(bad.clone());
             assert_eq!(c.options_interval, None, "{bad}");
@@ -686,8 +850,16 @@ mod tests {
             let entries = [(k, v)];
             RoutingConfig::from_entries(entries.iter().map(|(k, v)| (*k, v)))
         };
-        assert_eq!(parse(MAX_CALL_DURATION_KEY, json!(3600)).0.max_call_duration, Some(std::time::Duration::from_secs(3600)));
-        assert_eq!(parse(OPTIONS_FAILURES_KEY, json!(5)).0.options_failures, Some(5));
+        assert_eq!(
+            parse(MAX_CALL_DURATION_KEY, json!(3600))
+                .0
+                .max_call_duration,
+            Some(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(
+            parse(OPTIONS_FAILURES_KEY, json!(5)).0.options_failures,
+            Some(5)
+        );
         for (key, bad) in [
             (MAX_CALL_DURATION_KEY, json!(0)),
             (MAX_CALL_DURATION_KEY, json!(-5)),
@@ -698,37 +870,80 @@ mod tests {
             (OPTIONS_FAILURES_KEY, json!(1.5)),
         ] {
             let (c, errors) = parse(key, bad.clone());
-            assert_eq!((c.max_call_duration, c.options_failures), (None, None), "{key} {bad}");
+            assert_eq!(
+                (c.max_call_duration, c.options_failures),
+                (None, None),
+                "{key} {bad}"
+            );
             assert_eq!(errors.len(), 1, "{key} {bad}");
-            assert!(errors[0].to_string().starts_with(&format!("configuration key {key}: expected")), "{}", errors[0]);
+            assert!(
+                errors[0]
+                    .to_string()
+                    .starts_with(&format!("configuration key {key}: expected")),
+                "{}",
+                errors[0]
+            );
         }
-        assert!(parse(MAX_CALL_DURATION_KEY, json!(0)).1[0].reason.contains("0 would end every call"));
-        assert_eq!((cfg().max_call_duration, cfg().options_failures), (None, None));
+        assert!(
+            parse(MAX_CALL_DURATION_KEY, json!(0)).1[0]
+                .reason
+                .contains("0 would end every call")
+        );
+        assert_eq!(
+            (cfg().max_call_duration, cfg().options_failures),
+            (None, None)
+        );
     }
 
     fn router() -> Router<MemoryDirectory, MemoryLedger> {
-        Router { directory: MemoryDirectory::default(), ledger: MemoryLedger::default(), health: Arc::default() }
+        Router {
+            directory: MemoryDirectory::default(),
+            ledger: MemoryLedger::default(),
+            health: Arc::default(),
+        }
     }
 
     fn req(called: &str) -> RouteRequest {
-        RouteRequest { called: called.to_owned(), failed_bridges: vec![], previous: None }
+        RouteRequest {
+            called: called.to_owned(),
+            failed_bridges: vec![],
+            previous: None,
+        }
     }
 
     #[tokio::test]
     async fn routes_admits_and_rejects() {
         let (c, r) = (cfg(), router());
-        let RouteDecision::Forward { route, uri, .. } = r.route(&c, &req("meet.1000@example.com")).await else { panic!() };
+        let RouteDecision::Forward { route, uri, .. } =
+            r.route(&c, &req("meet.1000@example.com")).await
+        else {
+            panic!()
+        };
         assert_eq!(route.conference, "meet-1000");
         assert!(uri.starts_with("sip:meet-1000@127.0.0."), "{uri}");
-        let RouteDecision::Forward { route: r2, .. } = r.route(&c, &req("meet.1000@example.com")).await else { panic!() };
+        let RouteDecision::Forward { route: r2, .. } =
+            r.route(&c, &req("meet.1000@example.com")).await
+        else {
+            panic!()
+        };
         assert_eq!(r2.bridge, route.bridge);
         // 2 × 768 used of 2000: the third is refused for bandwidth, naming the location.
-        let RouteDecision::Reject { code, warning, .. } = r.route(&c, &req("meet.1001@example.com")).await else { panic!() };
+        let RouteDecision::Reject { code, warning, .. } =
+            r.route(&c, &req("meet.1001@example.com")).await
+        else {
+            panic!()
+        };
         assert_eq!(code, 503);
         assert!(warning.unwrap().contains("location default"));
         r.release(&r2).await;
-        assert!(matches!(r.route(&c, &req("meet.1001@example.com")).await, RouteDecision::Forward { .. }));
-        let RouteDecision::Reject { code, .. } = r.route(&c, &req("other@example.com")).await else { panic!() };
+        assert!(matches!(
+            r.route(&c, &req("meet.1001@example.com")).await,
+            RouteDecision::Forward { .. }
+        ));
+        let RouteDecision::Reject { code, .. } = r.route(&c, &req("other@example.com")).await
+        else {
+            panic!()
+        };
         assert_eq!(code, 404);
     }
 
@@ -736,15 +951,26 @@ mod tests {
     async fn full_or_failed_bridge_moves_new_conference_to_the_next() {
         let (c, r) = (cfg(), router());
         let first = rank_bridges("meet-7", c.bridges.values())[0].name.clone();
-        let RouteDecision::Forward { route, .. } =
-            r.route(&c, &RouteRequest { called: "meet.7@example.com".into(), failed_bridges: vec![first.clone()], previous: None }).await
+        let RouteDecision::Forward { route, .. } = r
+            .route(
+                &c,
+                &RouteRequest {
+                    called: "meet.7@example.com".into(),
+                    failed_bridges: vec![first.clone()],
+                    previous: None,
+                },
+            )
+            .await
         else {
             panic!()
         };
         assert_ne!(route.bridge, first);
         r.health.set(&route.bridge, false);
         r.release(&route).await;
-        let RouteDecision::Forward { route, .. } = r.route(&c, &req("meet.7@example.com")).await else { panic!() };
+        let RouteDecision::Forward { route, .. } = r.route(&c, &req("meet.7@example.com")).await
+        else {
+            panic!()
+        };
         assert_eq!(route.bridge, first);
     }
 }

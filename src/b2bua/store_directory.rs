@@ -99,7 +99,9 @@ impl CallsValue {
     }
 
     fn total(&self) -> u32 {
-        self.bridges.values().fold(0u32, |a, n| a.saturating_add(*n))
+        self.bridges
+            .values()
+            .fold(0u32, |a, n| a.saturating_add(*n))
     }
 }
 
@@ -189,7 +191,9 @@ pub struct StoreDirectory {
 
 impl std::fmt::Debug for StoreDirectory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreDirectory").field("origin", &format_args!("{:08x}", self.inner.origin)).finish()
+        f.debug_struct("StoreDirectory")
+            .field("origin", &format_args!("{:08x}", self.inner.origin))
+            .finish()
     }
 }
 
@@ -258,7 +262,11 @@ impl StoreDirectory {
     /// While clustered, claims go through the replication service so that they wait for the
     /// connected peers' acknowledgements; `None` when standalone (nobody to race with).
     pub fn set_replication(&self, service: Option<Arc<Service>>) {
-        *self.inner.replication.write().unwrap_or_else(PoisonError::into_inner) = service;
+        *self
+            .inner
+            .replication
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = service;
     }
 
     /// Counters for status and metrics.
@@ -275,9 +283,17 @@ impl StoreDirectory {
     }
 
     async fn lock_conference(&self, conference: &str) -> ConfGuard<'_> {
-        let l = lock(&self.inner.locks).entry(conference.to_owned()).or_default().clone();
+        let l = lock(&self.inner.locks)
+            .entry(conference.to_owned())
+            .or_default()
+            .clone();
         let guard = Some(l.clone().lock_owned().await);
-        ConfGuard { inner: &self.inner, conference: conference.to_owned(), lock: l, guard }
+        ConfGuard {
+            inner: &self.inner,
+            conference: conference.to_owned(),
+            lock: l,
+            guard,
+        }
     }
 
     fn store(&self) -> &Store {
@@ -285,7 +301,10 @@ impl StoreDirectory {
     }
 
     fn malformed(&self, key: &str) {
-        self.inner.counters.malformed_entries.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .malformed_entries
+            .fetch_add(1, Ordering::Relaxed);
         tracing::warn!(key, "conference status entry does not parse; ignored");
     }
 
@@ -293,12 +312,17 @@ impl StoreDirectory {
     fn claims(&self, conference: &str) -> Result<Vec<(String, Hlc, String)>, StoreError> {
         let store = self.store();
         let mut out = Vec::new();
-        for (k, _) in store.list(Namespace::Conference, &format!("{CLAIM_PREFIX}{conference}/"))? {
+        for (k, _) in store.list(
+            Namespace::Conference,
+            &format!("{CLAIM_PREFIX}{conference}/"),
+        )? {
             if parse_key(&k, CLAIM_PREFIX).map(|(c, _)| c) != Some(conference) {
                 continue;
             }
             // The stamp decides; read it with the value it belongs to.
-            let Some(entry) = store.get_entry(Namespace::Conference, &k)? else { continue };
+            let Some(entry) = store.get_entry(Namespace::Conference, &k)? else {
+                continue;
+            };
             let Some(value) = entry.value else { continue };
             match serde_json::from_value::<ClaimValue>(value) {
                 Ok(c) => out.push((k, entry.stamp, c.bridge)),
@@ -322,7 +346,11 @@ impl StoreDirectory {
                 }
             }
         }
-        let placed = self.claims(conference)?.into_iter().map(|(_, s, b)| (s, b)).min();
+        let placed = self
+            .claims(conference)?
+            .into_iter()
+            .map(|(_, s, b)| (s, b))
+            .min();
         let mut cache = lock(&self.inner.placements);
         if cache.0 != version {
             *cache = (version, HashMap::new());
@@ -339,11 +367,18 @@ impl StoreDirectory {
         let now = wall_ms();
         {
             let cached = lock(&self.inner.others);
-            if let Some(v) = cached.as_ref().filter(|v| v.version == version && now.saturating_sub(v.built_ms) < OTHERS_VIEW_TTL_MS) {
+            if let Some(v) = cached.as_ref().filter(|v| {
+                v.version == version && now.saturating_sub(v.built_ms) < OTHERS_VIEW_TTL_MS
+            }) {
                 return Ok(f(v));
             }
         }
-        let mut view = OthersView { version, built_ms: now, by_conference: HashMap::new(), by_bridge: HashMap::new() };
+        let mut view = OthersView {
+            version,
+            built_ms: now,
+            by_conference: HashMap::new(),
+            by_bridge: HashMap::new(),
+        };
         for (conference, v) in self.others_calls(CALLS_PREFIX, now)? {
             let n = view.by_conference.entry(conference).or_default();
             *n = n.saturating_add(v.total());
@@ -361,7 +396,10 @@ impl StoreDirectory {
     fn mark_dirty(&self, conference: &str) {
         lock(&self.inner.dirty).insert(conference.to_owned());
         if !self.inner.flusher_started.swap(true, Ordering::AcqRel) {
-            tokio::spawn(flusher(Arc::downgrade(&self.inner), self.inner.flush.clone()));
+            tokio::spawn(flusher(
+                Arc::downgrade(&self.inner),
+                self.inner.flush.clone(),
+            ));
         }
         self.inner.flush.notify_one();
     }
@@ -385,7 +423,11 @@ impl StoreDirectory {
     }
 
     /// Other peers' live counts under `prefix` (all conferences, or one): `(conference, value)`.
-    fn others_calls(&self, prefix: &str, now_ms: u64) -> Result<Vec<(String, CallsValue)>, StoreError> {
+    fn others_calls(
+        &self,
+        prefix: &str,
+        now_ms: u64,
+    ) -> Result<Vec<(String, CallsValue)>, StoreError> {
         let mut out = Vec::new();
         for (k, v) in self.store().list(Namespace::Conference, prefix)? {
             let Some((conference, origin)) = parse_key(&k, CALLS_PREFIX) else {
@@ -406,7 +448,9 @@ impl StoreDirectory {
 
     /// Calls in `conference`, cluster-wide (this peer's from memory, the others' from the store).
     fn total_calls(&self, conference: &str) -> Result<u32, StoreError> {
-        let own = lock(&self.inner.own).get(conference).map_or(0, |o| o.bridges.values().sum::<u32>());
+        let own = lock(&self.inner.own)
+            .get(conference)
+            .map_or(0, |o| o.bridges.values().sum::<u32>());
         let others = self.with_others(|v| v.by_conference.get(conference).copied().unwrap_or(0))?;
         Ok(own.saturating_add(others))
     }
@@ -419,7 +463,10 @@ impl StoreDirectory {
             match own.get_mut(conference) {
                 Some(o) if !o.bridges.is_empty() => {
                     o.written_ms = now;
-                    Some(CallsValue { bridges: o.bridges.clone(), updated_ms: now })
+                    Some(CallsValue {
+                        bridges: o.bridges.clone(),
+                        updated_ms: now,
+                    })
                 }
                 _ => {
                     own.remove(conference);
@@ -429,24 +476,60 @@ impl StoreDirectory {
         };
         let value = value.map(|v| serde_json::to_value(v).unwrap_or(Value::Null));
         let k = key(CALLS_PREFIX, conference, self.inner.origin);
-        self.store().write_async(Namespace::Conference, &k, value, now).await.map(|_| ())
+        self.store()
+            .write_async(Namespace::Conference, &k, value, now)
+            .await
+            .map(|_| ())
     }
 
     /// Writes this peer's claim; while clustered, waits for the connected peers to have it.
     async fn write_claim(&self, conference: &str, bridge: &str) -> Result<(), DirectoryError> {
         let k = key(CLAIM_PREFIX, conference, self.inner.origin);
-        let value = serde_json::to_value(ClaimValue { bridge: bridge.to_owned() }).map_err(unavailable)?;
+        let value = serde_json::to_value(ClaimValue {
+            bridge: bridge.to_owned(),
+        })
+        .map_err(unavailable)?;
         self.inner.counters.claims.fetch_add(1, Ordering::Relaxed);
-        let service = self.inner.replication.read().unwrap_or_else(PoisonError::into_inner).clone();
+        let service = self
+            .inner
+            .replication
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let Some(service) = service else {
-            self.store().write_async(Namespace::Conference, &k, Some(value), wall_ms()).await.map_err(unavailable)?;
+            self.store()
+                .write_async(Namespace::Conference, &k, Some(value), wall_ms())
+                .await
+                .map_err(unavailable)?;
             return Ok(());
         };
-        let connected = service.status().peers.iter().filter(|p| p.connected).count();
-        match service.write(Namespace::Conference, &k, Some(value), connected, CLAIM_ACK_TIMEOUT).await {
+        let connected = service
+            .status()
+            .peers
+            .iter()
+            .filter(|p| p.connected)
+            .count();
+        match service
+            .write(
+                Namespace::Conference,
+                &k,
+                Some(value),
+                connected,
+                CLAIM_ACK_TIMEOUT,
+            )
+            .await
+        {
             Ok(_) => {}
-            Err(WriteError::NotReplicated { acked_by, wanted, .. }) => {
-                tracing::info!(conference, bridge, acked_by, wanted, "placement claim not acknowledged by every connected peer in time");
+            Err(WriteError::NotReplicated {
+                acked_by, wanted, ..
+            }) => {
+                tracing::info!(
+                    conference,
+                    bridge,
+                    acked_by,
+                    wanted,
+                    "placement claim not acknowledged by every connected peer in time"
+                );
             }
             Err(e) => return Err(unavailable(e)),
         }
@@ -456,11 +539,17 @@ impl StoreDirectory {
         Ok(())
     }
 
-    async fn delete_claims(&self, conference: &str, bridge: Option<&str>) -> Result<usize, StoreError> {
+    async fn delete_claims(
+        &self,
+        conference: &str,
+        bridge: Option<&str>,
+    ) -> Result<usize, StoreError> {
         let mut n = 0;
         for (k, _, b) in self.claims(conference)? {
             if bridge.is_none_or(|want| want == b) {
-                self.store().write_async(Namespace::Conference, &k, None, wall_ms()).await?;
+                self.store()
+                    .write_async(Namespace::Conference, &k, None, wall_ms())
+                    .await?;
                 n += 1;
             }
         }
@@ -475,9 +564,15 @@ impl StoreDirectory {
                 self.malformed(&k);
                 continue;
             };
-            let Some(entry) = self.store().get_entry(Namespace::Conference, &k)? else { continue };
-            let Some(Ok(claim)) = entry.value.map(serde_json::from_value::<ClaimValue>) else { continue };
-            let slot = placed.entry(conference.to_owned()).or_insert((entry.stamp, claim.bridge.clone()));
+            let Some(entry) = self.store().get_entry(Namespace::Conference, &k)? else {
+                continue;
+            };
+            let Some(Ok(claim)) = entry.value.map(serde_json::from_value::<ClaimValue>) else {
+                continue;
+            };
+            let slot = placed
+                .entry(conference.to_owned())
+                .or_insert((entry.stamp, claim.bridge.clone()));
             if entry.stamp < slot.0 {
                 *slot = (entry.stamp, claim.bridge);
             }
@@ -495,7 +590,11 @@ impl StoreDirectory {
             .into_iter()
             .map(|(name, (_, bridge))| {
                 let calls = calls.get(&name).copied().unwrap_or(0);
-                ConferenceStatus { name, bridge, calls }
+                ConferenceStatus {
+                    name,
+                    bridge,
+                    calls,
+                }
             })
             .collect())
     }
@@ -508,17 +607,25 @@ impl StoreDirectory {
         let origin = self.inner.origin;
         // 1. Our own count keys.
         let mut stored: HashMap<String, CallsValue> = HashMap::new();
-        for (k, v) in self.store().list(Namespace::Conference, CALLS_PREFIX).map_err(unavailable)? {
+        for (k, v) in self
+            .store()
+            .list(Namespace::Conference, CALLS_PREFIX)
+            .map_err(unavailable)?
+        {
             if let Some((c, o)) = parse_key(&k, CALLS_PREFIX) {
                 if o == origin {
                     stored.insert(c.to_owned(), serde_json::from_value(v).unwrap_or_default());
                 }
             }
         }
-        let own: Vec<(String, BTreeMap<String, u32>, u64)> =
-            lock(&self.inner.own).iter().map(|(c, o)| (c.clone(), o.bridges.clone(), o.written_ms)).collect();
+        let own: Vec<(String, BTreeMap<String, u32>, u64)> = lock(&self.inner.own)
+            .iter()
+            .map(|(c, o)| (c.clone(), o.bridges.clone(), o.written_ms))
+            .collect();
         for (conference, bridges, written_ms) in &own {
-            let fresh = stored.remove(conference).is_some_and(|v| &v.bridges == bridges)
+            let fresh = stored
+                .remove(conference)
+                .is_some_and(|v| &v.bridges == bridges)
                 && now.saturating_sub(*written_ms) < REFRESH_MS;
             if !fresh {
                 let _g = self.lock_conference(conference).await;
@@ -529,7 +636,10 @@ impl StoreDirectory {
             let _g = self.lock_conference(&conference).await;
             if !lock(&self.inner.own).contains_key(&conference) {
                 let k = key(CALLS_PREFIX, &conference, origin);
-                self.store().write_async(Namespace::Conference, &k, None, now).await.map_err(unavailable)?;
+                self.store()
+                    .write_async(Namespace::Conference, &k, None, now)
+                    .await
+                    .map_err(unavailable)?;
             }
         }
         // 2. Placements under our calls.
@@ -538,8 +648,14 @@ impl StoreDirectory {
             let _g = self.lock_conference(conference).await;
             match self.placed_on(conference).map_err(unavailable)? {
                 None => {
-                    let Some((bridge, _)) = bridges.iter().max_by_key(|(_, n)| **n) else { continue };
-                    tracing::info!(conference, bridge, "placement vanished while this peer has calls in it; claiming it again");
+                    let Some((bridge, _)) = bridges.iter().max_by_key(|(_, n)| **n) else {
+                        continue;
+                    };
+                    tracing::info!(
+                        conference,
+                        bridge,
+                        "placement vanished while this peer has calls in it; claiming it again"
+                    );
                     self.inner.counters.repairs.fetch_add(1, Ordering::Relaxed);
                     self.write_claim(conference, bridge).await?;
                 }
@@ -550,11 +666,23 @@ impl StoreDirectory {
                 Some(_) => {}
             }
         }
-        self.inner.counters.placement_conflicts.store(conflicts, Ordering::Relaxed);
+        self.inner
+            .counters
+            .placement_conflicts
+            .store(conflicts, Ordering::Relaxed);
         // 3. Orphans: claims older than the grace period with no live calls anywhere.
         let mut newest: BTreeMap<String, u64> = BTreeMap::new();
-        for (k, _) in self.store().list(Namespace::Conference, CLAIM_PREFIX).map_err(unavailable)? {
-            if let (Some((c, _)), Some(e)) = (parse_key(&k, CLAIM_PREFIX), self.store().get_entry(Namespace::Conference, &k).map_err(unavailable)?) {
+        for (k, _) in self
+            .store()
+            .list(Namespace::Conference, CLAIM_PREFIX)
+            .map_err(unavailable)?
+        {
+            if let (Some((c, _)), Some(e)) = (
+                parse_key(&k, CLAIM_PREFIX),
+                self.store()
+                    .get_entry(Namespace::Conference, &k)
+                    .map_err(unavailable)?,
+            ) {
                 let t = newest.entry(c.to_owned()).or_default();
                 *t = (*t).max(e.stamp.wall_ms);
             }
@@ -564,8 +692,17 @@ impl StoreDirectory {
                 continue;
             }
             let _g = self.lock_conference(&conference).await;
-            if self.total_calls(&conference).map_err(unavailable)? == 0 && self.delete_claims(&conference, None).await.map_err(unavailable)? > 0 {
-                self.inner.counters.orphans_removed.fetch_add(1, Ordering::Relaxed);
+            if self.total_calls(&conference).map_err(unavailable)? == 0
+                && self
+                    .delete_claims(&conference, None)
+                    .await
+                    .map_err(unavailable)?
+                    > 0
+            {
+                self.inner
+                    .counters
+                    .orphans_removed
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::info!(conference, "conference without calls removed");
             }
         }
@@ -575,9 +712,14 @@ impl StoreDirectory {
 
 impl ConferenceDirectory for StoreDirectory {
     async fn placement(&self, conference: &str) -> Result<Option<Placement>, DirectoryError> {
-        let Some((_, bridge)) = self.placed_on(conference).map_err(unavailable)? else { return Ok(None) };
+        let Some((_, bridge)) = self.placed_on(conference).map_err(unavailable)? else {
+            return Ok(None);
+        };
         let participants = self.total_calls(conference).map_err(unavailable)?;
-        Ok(Some(Placement { bridge, participants }))
+        Ok(Some(Placement {
+            bridge,
+            participants,
+        }))
     }
 
     async fn claim(&self, conference: &str, bridge: &str) -> Result<Placement, DirectoryError> {
@@ -588,20 +730,35 @@ impl ConferenceDirectory for StoreDirectory {
         let Some((_, winner)) = self.placed_on(conference).map_err(unavailable)? else {
             // Removed between our write and the read (the conference ended elsewhere): the caller
             // routes again.
-            return Err(DirectoryError::Unavailable(format!("placement of {conference} was removed while it was claimed")));
+            return Err(DirectoryError::Unavailable(format!(
+                "placement of {conference} was removed while it was claimed"
+            )));
         };
         if winner != bridge {
-            self.inner.counters.claims_lost.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .claims_lost
+                .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(conference, ours = bridge, %winner, "an earlier placement claim won");
             // Ours can never win again; leave only the winner behind.
             let k = key(CLAIM_PREFIX, conference, self.inner.origin);
-            self.store().write_async(Namespace::Conference, &k, None, wall_ms()).await.map_err(unavailable)?;
+            self.store()
+                .write_async(Namespace::Conference, &k, None, wall_ms())
+                .await
+                .map_err(unavailable)?;
         }
         let participants = self.total_calls(conference).map_err(unavailable)?;
-        Ok(Placement { bridge: winner, participants })
+        Ok(Placement {
+            bridge: winner,
+            participants,
+        })
     }
 
-    async fn add_participant(&self, conference: &str, bridge: &str) -> Result<Option<u32>, DirectoryError> {
+    async fn add_participant(
+        &self,
+        conference: &str,
+        bridge: &str,
+    ) -> Result<Option<u32>, DirectoryError> {
         let _g = self.lock_conference(conference).await;
         match self.placed_on(conference).map_err(unavailable)? {
             Some((_, b)) if b == bridge => {}
@@ -609,7 +766,12 @@ impl ConferenceDirectory for StoreDirectory {
         }
         {
             let mut own = lock(&self.inner.own);
-            let n = own.entry(conference.to_owned()).or_default().bridges.entry(bridge.to_owned()).or_default();
+            let n = own
+                .entry(conference.to_owned())
+                .or_default()
+                .bridges
+                .entry(bridge.to_owned())
+                .or_default();
             *n = n.saturating_add(1);
         }
         // The count key is soft state (rewritten every 30 s, deleted after a restart), so the call
@@ -618,10 +780,17 @@ impl ConferenceDirectory for StoreDirectory {
         self.total_calls(conference).map(Some).map_err(unavailable)
     }
 
-    async fn remove_participant(&self, conference: &str, bridge: &str) -> Result<(), DirectoryError> {
+    async fn remove_participant(
+        &self,
+        conference: &str,
+        bridge: &str,
+    ) -> Result<(), DirectoryError> {
         let _g = self.lock_conference(conference).await;
         self.decrement(conference, bridge);
-        if lock(&self.inner.own).get(conference).is_some_and(|o| !o.bridges.is_empty()) {
+        if lock(&self.inner.own)
+            .get(conference)
+            .is_some_and(|o| !o.bridges.is_empty())
+        {
             self.mark_dirty(conference);
         } else {
             // Our last call in the conference: written at once, so that whichever peer ends the
@@ -630,7 +799,9 @@ impl ConferenceDirectory for StoreDirectory {
             self.write_own(conference).await.map_err(unavailable)?;
         }
         if self.total_calls(conference).map_err(unavailable)? == 0 {
-            self.delete_claims(conference, None).await.map_err(unavailable)?;
+            self.delete_claims(conference, None)
+                .await
+                .map_err(unavailable)?;
         } else if !lock(&self.inner.own).contains_key(conference) {
             // Our last call ended but others' counts are still there: if their last calls ended
             // at the same moment, each peer saw the other's count and nobody removed the
@@ -646,7 +817,9 @@ impl ConferenceDirectory for StoreDirectory {
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(conference, error = %e, "cannot read conference status"),
+                    Err(e) => {
+                        tracing::warn!(conference, error = %e, "cannot read conference status")
+                    }
                 }
             });
         }
@@ -656,14 +829,21 @@ impl ConferenceDirectory for StoreDirectory {
     async fn abandon(&self, conference: &str, bridge: &str) -> Result<(), DirectoryError> {
         let _g = self.lock_conference(conference).await;
         if self.total_calls(conference).map_err(unavailable)? == 0 {
-            self.delete_claims(conference, Some(bridge)).await.map_err(unavailable)?;
+            self.delete_claims(conference, Some(bridge))
+                .await
+                .map_err(unavailable)?;
         }
         Ok(())
     }
 
     async fn bridge_load(&self, bridge: &str) -> Result<u32, DirectoryError> {
-        let own = lock(&self.inner.own).values().filter_map(|o| o.bridges.get(bridge)).fold(0u32, |a, n| a.saturating_add(*n));
-        let others = self.with_others(|v| v.by_bridge.get(bridge).copied().unwrap_or(0)).map_err(unavailable)?;
+        let own = lock(&self.inner.own)
+            .values()
+            .filter_map(|o| o.bridges.get(bridge))
+            .fold(0u32, |a, n| a.saturating_add(*n));
+        let others = self
+            .with_others(|v| v.by_bridge.get(bridge).copied().unwrap_or(0))
+            .map_err(unavailable)?;
         Ok(own.saturating_add(others))
     }
 }
@@ -732,13 +912,18 @@ impl RoutingConfigLoader {
                         last = entries;
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::error!(error = %e, "cannot read the routing configuration from the store"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the routing configuration from the store")
+                    }
                 }
                 // Calls change the store many times a second: coalesce.
                 tokio::time::sleep(RELOAD_COALESCE).await;
             }
         });
-        RoutingConfigLoader { rx, task: Some(task) }
+        RoutingConfigLoader {
+            rx,
+            task: Some(task),
+        }
     }
 
     /// The configuration in force, updated in place.

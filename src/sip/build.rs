@@ -84,7 +84,7 @@ pub fn reason_phrase(code: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sip::parse::{parse, Framing};
+    use crate::sip::parse::{Framing, parse};
 
     #[test]
     fn round_trips_through_the_parser() {

@@ -3,7 +3,7 @@
 //! skipped. The caller keeps the buffer; this only says how many bytes to consume.
 #![forbid(unsafe_code)]
 
-use super::parse::{find, Hdr, ParseError, MAX_MESSAGE};
+use super::parse::{Hdr, MAX_MESSAGE, ParseError, find};
 
 /// What the front of a stream buffer holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,24 +24,42 @@ pub enum Frame {
 /// Looks at the front of `buf`. An error means the stream cannot be resynchronised: answer with
 /// [`super::parse::error_response`] if possible, then close the connection.
 pub fn next_frame(buf: &[u8]) -> Result<Frame, ParseError> {
-    let lead = buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+    let lead = buf
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
     if lead > 0 {
-        return Ok(Frame::KeepAlive { consumed: lead, pong: lead >= 4 });
+        return Ok(Frame::KeepAlive {
+            consumed: lead,
+            pong: lead >= 4,
+        });
     }
-    let Some(head_end) = find(buf.get(..buf.len().min(MAX_MESSAGE)).unwrap_or(&[]), b"\r\n\r\n") else {
-        return if buf.len() >= MAX_MESSAGE { Err(ParseError::TooLarge) } else { Ok(Frame::Incomplete) };
+    let Some(head_end) = find(
+        buf.get(..buf.len().min(MAX_MESSAGE)).unwrap_or(&[]),
+        b"\r\n\r\n",
+    ) else {
+        return if buf.len() >= MAX_MESSAGE {
+            Err(ParseError::TooLarge)
+        } else {
+            Ok(Frame::Incomplete)
+        };
     };
     let head = buf.get(..head_end).unwrap_or(&[]);
     let mut length: Option<usize> = None;
     for line in head.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
         let (name, value) = line.split_at(colon);
-        let Ok(name) = std::str::from_utf8(name) else { continue };
+        let Ok(name) = std::str::from_utf8(name) else {
+            continue;
+        };
         if !Hdr::ContentLength.matches(name.trim_end()) {
             continue;
         }
-        let value = std::str::from_utf8(value.get(1..).unwrap_or(&[])).map_err(|_| ParseError::BadContentLength)?;
+        let value = std::str::from_utf8(value.get(1..).unwrap_or(&[]))
+            .map_err(|_| ParseError::BadContentLength)?;
         let value = value.trim();
         if value.is_empty() || value.len() > 9 || !value.bytes().all(|b| b.is_ascii_digit()) {
             return Err(ParseError::BadContentLength);
@@ -53,11 +71,18 @@ pub fn next_frame(buf: &[u8]) -> Result<Frame, ParseError> {
         length = Some(n);
     }
     let body = length.ok_or(ParseError::BadContentLength)?;
-    let total = head_end.checked_add(4).and_then(|h| h.checked_add(body)).ok_or(ParseError::TooLarge)?;
+    let total = head_end
+        .checked_add(4)
+        .and_then(|h| h.checked_add(body))
+        .ok_or(ParseError::TooLarge)?;
     if total > MAX_MESSAGE {
         return Err(ParseError::TooLarge);
     }
-    Ok(if buf.len() >= total { Frame::Message(total) } else { Frame::Incomplete })
+    Ok(if buf.len() >= total {
+        Frame::Message(total)
+    } else {
+        Frame::Incomplete
+    })
 }
 
 #[cfg(test)]
@@ -70,7 +95,13 @@ mod tests {
         let mut s = b"\r\n\r\n".to_vec();
         s.extend_from_slice(one);
         s.extend_from_slice(one);
-        assert_eq!(next_frame(&s), Ok(Frame::KeepAlive { consumed: 4, pong: true }));
+        assert_eq!(
+            next_frame(&s),
+            Ok(Frame::KeepAlive {
+                consumed: 4,
+                pong: true
+            })
+        );
         let s = &s[4..];
         assert_eq!(next_frame(&s[..10]), Ok(Frame::Incomplete));
         assert_eq!(next_frame(&s[..one.len() - 1]), Ok(Frame::Incomplete));
@@ -79,8 +110,17 @@ mod tests {
 
     #[test]
     fn refuses_missing_or_huge_length() {
-        assert_eq!(next_frame(b"BYE x SIP/2.0\r\n\r\n"), Err(ParseError::BadContentLength));
-        assert_eq!(next_frame(b"BYE x SIP/2.0\r\nl: 99999999\r\n\r\n"), Err(ParseError::TooLarge));
-        assert_eq!(next_frame(&vec![b'a'; MAX_MESSAGE]), Err(ParseError::TooLarge));
+        assert_eq!(
+            next_frame(b"BYE x SIP/2.0\r\n\r\n"),
+            Err(ParseError::BadContentLength)
+        );
+        assert_eq!(
+            next_frame(b"BYE x SIP/2.0\r\nl: 99999999\r\n\r\n"),
+            Err(ParseError::TooLarge)
+        );
+        assert_eq!(
+            next_frame(&vec![b'a'; MAX_MESSAGE]),
+            Err(ParseError::TooLarge)
+        );
     }
 }

@@ -200,7 +200,8 @@ impl Hdr {
 
     /// Whether a field name as written denotes this header (case-insensitive, compact forms too).
     pub fn matches(self, name: &str) -> bool {
-        name.eq_ignore_ascii_case(self.name()) || self.compact().is_some_and(|c| name.eq_ignore_ascii_case(c))
+        name.eq_ignore_ascii_case(self.name())
+            || self.compact().is_some_and(|c| name.eq_ignore_ascii_case(c))
     }
 }
 
@@ -232,12 +233,18 @@ impl<'a> Message<'a> {
 
     /// The first value of header `h`.
     pub fn header(&self, h: Hdr) -> Option<&'a str> {
-        self.headers().iter().find(|x| h.matches(x.name)).map(|x| x.value)
+        self.headers()
+            .iter()
+            .find(|x| h.matches(x.name))
+            .map(|x| x.value)
     }
 
     /// Every field line of header `h`, in order (each may hold a comma-separated list).
     pub fn header_lines(&self, h: Hdr) -> impl Iterator<Item = &'a str> + '_ {
-        self.headers().iter().filter(move |x| h.matches(x.name)).map(|x| x.value)
+        self.headers()
+            .iter()
+            .filter(move |x| h.matches(x.name))
+            .map(|x| x.value)
     }
 
     /// Every element of the comma-separated header `h` across all its lines (Via, Route, …).
@@ -283,12 +290,16 @@ impl<'a> Message<'a> {
 
     /// The `tag` parameter of From.
     pub fn from_tag(&self) -> Option<&'a str> {
-        self.header(Hdr::From).and_then(NameAddr::parse).and_then(|n| param(n.params, "tag"))
+        self.header(Hdr::From)
+            .and_then(NameAddr::parse)
+            .and_then(|n| param(n.params, "tag"))
     }
 
     /// The `tag` parameter of To.
     pub fn to_tag(&self) -> Option<&'a str> {
-        self.header(Hdr::To).and_then(NameAddr::parse).and_then(|n| param(n.params, "tag"))
+        self.header(Hdr::To)
+            .and_then(NameAddr::parse)
+            .and_then(|n| param(n.params, "tag"))
     }
 }
 
@@ -316,7 +327,12 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
         *slot = parse_header_line(line)?;
         count += 1;
     }
-    let mut msg = Message { start, headers, count, body: &[] };
+    let mut msg = Message {
+        start,
+        headers,
+        count,
+        body: &[],
+    };
 
     let mut content_length: Option<usize> = None;
     for v in msg.header_lines(Hdr::ContentLength) {
@@ -335,7 +351,11 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
         return Err(ParseError::BadContentLength);
     }
 
-    for (h, label) in [(Hdr::From, "From"), (Hdr::To, "To"), (Hdr::CallId, "Call-ID")] {
+    for (h, label) in [
+        (Hdr::From, "From"),
+        (Hdr::To, "To"),
+        (Hdr::CallId, "Call-ID"),
+    ] {
         let v = msg.header(h).ok_or(ParseError::MissingHeader(label))?;
         if v.is_empty() || (h != Hdr::CallId && NameAddr::parse(v).is_none()) {
             return Err(ParseError::BadHeader);
@@ -352,7 +372,10 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
     if msg.top_via().is_none() {
         return Err(ParseError::BadVia);
     }
-    if let StartLine::Request { method_token, uri, .. } = msg.start {
+    if let StartLine::Request {
+        method_token, uri, ..
+    } = msg.start
+    {
         if cseq_method != method_token {
             return Err(ParseError::BadCSeq);
         }
@@ -374,10 +397,13 @@ pub fn error_response(buf: &[u8], err: ParseError, out: &mut Vec<u8>) -> bool {
         return false;
     };
     let mut lines = Lines { rest: head };
-    let Some(Ok(first)) = lines.next() else { return false };
+    let Some(Ok(first)) = lines.next() else {
+        return false;
+    };
     let mut words = first.split(' ');
     let method = words.next().unwrap_or("");
-    if !is_token(method) || method == "ACK" || method.starts_with("SIP/") || words.next().is_none() {
+    if !is_token(method) || method == "ACK" || method.starts_with("SIP/") || words.next().is_none()
+    {
         return false;
     }
     let mut vias: [&str; MAX_HEADERS] = [""; MAX_HEADERS];
@@ -387,7 +413,9 @@ pub fn error_response(buf: &[u8], err: ParseError, out: &mut Vec<u8>) -> bool {
     // for having too many headers still gets its 400.
     for line in lines {
         let Ok(line) = line else { continue };
-        let Ok(h) = parse_header_line(line) else { continue };
+        let Ok(h) = parse_header_line(line) else {
+            continue;
+        };
         if Hdr::Via.matches(h.name) {
             if let Some(slot) = vias.get_mut(n_via) {
                 *slot = h.value;
@@ -403,7 +431,9 @@ pub fn error_response(buf: &[u8], err: ParseError, out: &mut Vec<u8>) -> bool {
             cseq = cseq.or(Some(h.value));
         }
     }
-    let (Some(from), Some(to), Some(call_id), Some(cseq)) = (from, to, call_id, cseq) else { return false };
+    let (Some(from), Some(to), Some(call_id), Some(cseq)) = (from, to, call_id, cseq) else {
+        return false;
+    };
     if n_via == 0 {
         return false;
     }
@@ -413,8 +443,14 @@ pub fn error_response(buf: &[u8], err: ParseError, out: &mut Vec<u8>) -> bool {
     for v in vias.iter().take(n_via) {
         let _ = write!(s, "Via: {v}\r\n");
     }
-    let _ = write!(s, "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\n");
-    let _ = write!(s, "Warning: 399 confmesh \"{err}\"\r\nContent-Length: 0\r\n\r\n");
+    let _ = write!(
+        s,
+        "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\n"
+    );
+    let _ = write!(
+        s,
+        "Warning: 399 confmesh \"{err}\"\r\nContent-Length: 0\r\n\r\n"
+    );
     // A response echoing headers too broken to parse could not be matched by the sender anyway.
     if parse(s.as_bytes(), Framing::Stream).is_err() {
         return false;
@@ -483,16 +519,26 @@ fn parse_start_line(line: &str) -> Result<StartLine<'_>, ParseError> {
         return Ok(StartLine::Response { code, reason });
     }
     let mut it = line.split(' ');
-    let (Some(method), Some(uri), Some(version), None) = (it.next(), it.next(), it.next(), it.next()) else {
+    let (Some(method), Some(uri), Some(version), None) =
+        (it.next(), it.next(), it.next(), it.next())
+    else {
         return Err(ParseError::BadStartLine);
     };
     if !is_token(method) || uri.is_empty() {
         return Err(ParseError::BadStartLine);
     }
     if version != "SIP/2.0" {
-        return Err(if version.starts_with("SIP/") { ParseError::BadVersion } else { ParseError::BadStartLine });
+        return Err(if version.starts_with("SIP/") {
+            ParseError::BadVersion
+        } else {
+            ParseError::BadStartLine
+        });
     }
-    Ok(StartLine::Request { method: Method::from_token(method), method_token: method, uri })
+    Ok(StartLine::Request {
+        method: Method::from_token(method),
+        method_token: method,
+        uri,
+    })
 }
 
 fn parse_header_line(line: &str) -> Result<Header<'_>, ParseError> {
@@ -501,10 +547,16 @@ fn parse_header_line(line: &str) -> Result<Header<'_>, ParseError> {
     if !is_token(name) {
         return Err(ParseError::BadHeader);
     }
-    if value.bytes().any(|b| b.is_ascii_control() && !matches!(b, b'\r' | b'\n' | b'\t')) {
+    if value
+        .bytes()
+        .any(|b| b.is_ascii_control() && !matches!(b, b'\r' | b'\n' | b'\t'))
+    {
         return Err(ParseError::BadHeader);
     }
-    Ok(Header { name, value: value.trim_matches(is_lws) })
+    Ok(Header {
+        name,
+        value: value.trim_matches(is_lws),
+    })
 }
 
 fn is_lws(c: char) -> bool {
@@ -514,7 +566,13 @@ fn is_lws(c: char) -> bool {
 /// RFC 3261 `token` characters.
 fn is_token(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'))
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+                )
+        })
 }
 
 /// Parses at most `max_digits` decimal digits (surrounding whitespace allowed), without overflow.
@@ -528,7 +586,9 @@ fn parse_decimal(s: &str, max_digits: usize) -> Option<usize> {
 
 fn parse_cseq(v: &str) -> Option<(u32, &str)> {
     let mut it = v.split(is_lws).filter(|s| !s.is_empty());
-    let (Some(n), Some(m), None) = (it.next(), it.next(), it.next()) else { return None };
+    let (Some(n), Some(m), None) = (it.next(), it.next(), it.next()) else {
+        return None;
+    };
     if n.len() > 10 || !n.bytes().all(|b| b.is_ascii_digit()) || !is_token(m) {
         return None;
     }
@@ -589,10 +649,15 @@ pub fn split_list(v: &str) -> impl Iterator<Item = &str> {
 
 /// Looks up `name` in a `;a=b;c` parameter list; a flag parameter yields `Some("")`.
 pub fn param<'a>(params: &'a str, name: &str) -> Option<&'a str> {
-    params.split(';').map(|p| p.trim_matches(is_lws)).find_map(|p| {
-        let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        k.trim_matches(is_lws).eq_ignore_ascii_case(name).then(|| v.trim_matches(is_lws))
-    })
+    params
+        .split(';')
+        .map(|p| p.trim_matches(is_lws))
+        .find_map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            k.trim_matches(is_lws)
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim_matches(is_lws))
+        })
 }
 
 /// A Via element: `SIP/2.0/UDP host:port;branch=…`.
@@ -613,7 +678,8 @@ impl<'a> Via<'a> {
     pub fn parse(v: &'a str) -> Option<Via<'a>> {
         let (proto, rest) = v.split_once([' ', '\t', '\r', '\n'])?;
         let mut parts = proto.split('/').map(|s| s.trim_matches(is_lws));
-        let (Some(name), Some(version), Some(transport), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(name), Some(version), Some(transport), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return None;
         };
@@ -623,7 +689,12 @@ impl<'a> Via<'a> {
         let rest = rest.trim_matches(is_lws);
         let (sent_by, params) = rest.split_once(';').unwrap_or((rest, ""));
         let (host, port) = split_host_port(sent_by.trim_matches(is_lws))?;
-        Some(Via { transport, host, port, params })
+        Some(Via {
+            transport,
+            host,
+            port,
+            params,
+        })
     }
 
     /// The `branch` parameter: the transaction identifier of RFC 3261 §17.
@@ -648,7 +719,11 @@ fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
             None => (s, None),
         }
     };
-    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':' | b'_')) {
+    if host.is_empty()
+        || !host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':' | b'_')
+        })
+    {
         return None;
     }
     let port = match port {
@@ -688,7 +763,13 @@ impl<'a> SipUri<'a> {
         };
         let (hostport, params) = hostpart.split_once(';').unwrap_or((hostpart, ""));
         let (host, port) = split_host_port(hostport)?;
-        Some(SipUri { scheme, user, host, port, params })
+        Some(SipUri {
+            scheme,
+            user,
+            host,
+            port,
+            params,
+        })
     }
 
     /// The user part without its parameters (`user;x=y@host`), as used for alias matching.
@@ -713,7 +794,11 @@ impl<'a> NameAddr<'a> {
     pub fn parse(v: &'a str) -> Option<NameAddr<'a>> {
         let v = v.trim_matches(is_lws);
         if v == "*" {
-            return Some(NameAddr { display: "", uri: "*", params: "" });
+            return Some(NameAddr {
+                display: "",
+                uri: "*",
+                params: "",
+            });
         }
         // A '<' outside a quoted display name starts the URI.
         let mut quoted = false;
@@ -751,14 +836,22 @@ impl<'a> NameAddr<'a> {
                 if uri.is_empty() {
                     return None;
                 }
-                Some(NameAddr { display, uri, params })
+                Some(NameAddr {
+                    display,
+                    uri,
+                    params,
+                })
             }
             None => {
                 let (uri, params) = v.split_once(';').unwrap_or((v, ""));
                 if uri.is_empty() || uri.contains([' ', '"', '>']) {
                     return None;
                 }
-                Some(NameAddr { display: "", uri, params })
+                Some(NameAddr {
+                    display: "",
+                    uri,
+                    params,
+                })
             }
         }
     }

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::build::MessageWriter;
-use super::parse::{parse, Framing, Hdr, Message, Method, StartLine};
 use super::Transport;
+use super::build::MessageWriter;
+use super::parse::{Framing, Hdr, Message, Method, StartLine, parse};
 
 /// RFC 3261 timer bases; tests shrink them, operators rarely should.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +76,13 @@ pub struct Transmit {
 impl Transmit {
     /// A message to `dest` with no fallback address.
     pub fn to(dest: SocketAddr, local: SocketAddr, transport: Transport, data: Bytes) -> Transmit {
-        Transmit { dest, local, transport, data, fallback: None }
+        Transmit {
+            dest,
+            local,
+            transport,
+            data,
+            fallback: None,
+        }
     }
 }
 
@@ -85,7 +91,11 @@ impl Transmit {
 /// `received` parameter a server adds (§18.2.1) — with the port of the top Via's sent-by, or 5060.
 /// The sent-by host is never used for the address, so a request cannot make us connect to a
 /// third party. `None` over UDP or when that is `src` itself.
-pub fn response_fallback(req: &Message<'_>, src: SocketAddr, transport: Transport) -> Option<SocketAddr> {
+pub fn response_fallback(
+    req: &Message<'_>,
+    src: SocketAddr,
+    transport: Transport,
+) -> Option<SocketAddr> {
     if !transport.is_reliable() {
         return None;
     }
@@ -250,13 +260,22 @@ impl Transactions {
         let branch = match via.branch() {
             Some(b) if !b.is_empty() => b.to_owned(),
             // RFC 2543 peers: fall back on what identifies the request.
-            _ => format!("{}|{}|{}", msg.call_id()?, msg.cseq()?.0, msg.from_tag().unwrap_or("")),
+            _ => format!(
+                "{}|{}|{}",
+                msg.call_id()?,
+                msg.cseq()?.0,
+                msg.from_tag().unwrap_or("")
+            ),
         };
         let sent_by = match via.port {
             Some(p) => format!("{}:{p}", via.host.to_ascii_lowercase()),
             None => via.host.to_ascii_lowercase(),
         };
-        Some(Key { branch, sent_by, method: method.to_owned() })
+        Some(Key {
+            branch,
+            sent_by,
+            method: method.to_owned(),
+        })
     }
 
     fn arm(&mut self, id: TxnId, slot: Slot, at: Instant) {
@@ -292,7 +311,13 @@ impl Transactions {
 
     fn send(&mut self, id: TxnId, data: Bytes) {
         if let Some(t) = self.txns.get(&id) {
-            self.transmits.push_back(Transmit { dest: t.dest, local: t.local, transport: t.transport, data, fallback: t.fallback });
+            self.transmits.push_back(Transmit {
+                dest: t.dest,
+                local: t.local,
+                transport: t.transport,
+                data,
+                fallback: t.fallback,
+            });
         }
     }
 
@@ -307,9 +332,11 @@ impl Transactions {
         transport: Transport,
     ) -> Incoming {
         match msg.start {
-            StartLine::Request { method, method_token, .. } => {
-                self.handle_request(now, msg, method, method_token, src, local, transport)
-            }
+            StartLine::Request {
+                method,
+                method_token,
+                ..
+            } => self.handle_request(now, msg, method, method_token, src, local, transport),
             StartLine::Response { code, .. } => self.handle_response(now, msg, code),
         }
     }
@@ -325,8 +352,14 @@ impl Transactions {
         local: SocketAddr,
         transport: Transport,
     ) -> Incoming {
-        let key_method = if method == Method::Ack { "INVITE" } else { token };
-        let Some(key) = Self::key_of(msg, key_method) else { return Incoming::Absorbed };
+        let key_method = if method == Method::Ack {
+            "INVITE"
+        } else {
+            token
+        };
+        let Some(key) = Self::key_of(msg, key_method) else {
+            return Incoming::Absorbed;
+        };
         if let Some(&id) = self.server.get(&key) {
             return self.retransmitted_request(now, id, method);
         }
@@ -342,10 +375,18 @@ impl Transactions {
             return Incoming::Overloaded;
         }
         let id = self.alloc();
-        let kind = if method == Method::Invite { Kind::ServerInvite } else { Kind::ServerNonInvite };
+        let kind = if method == Method::Invite {
+            Kind::ServerInvite
+        } else {
+            Kind::ServerNonInvite
+        };
         let txn = Txn {
             kind,
-            state: if kind == Kind::ServerInvite { State::Proceeding } else { State::Trying },
+            state: if kind == Kind::ServerInvite {
+                State::Proceeding
+            } else {
+                State::Trying
+            },
             dest: src,
             fallback: response_fallback(msg, src, transport),
             local,
@@ -360,7 +401,10 @@ impl Transactions {
         self.txns.insert(id, txn);
         self.server.insert(key.clone(), id);
         if method == Method::Cancel {
-            let invite_key = Key { method: "INVITE".to_owned(), ..key };
+            let invite_key = Key {
+                method: "INVITE".to_owned(),
+                ..key
+            };
             let invite = self.server.get(&invite_key).copied();
             return Incoming::Cancel { cancel: id, invite };
         }
@@ -382,22 +426,34 @@ impl Transactions {
     /// transaction 5 s).
     fn confirm_2xx(&mut self, now: Instant, id: TxnId) {
         let t4 = self.cfg.t4;
-        let Some(t) = self.txns.get_mut(&id) else { return };
+        let Some(t) = self.txns.get_mut(&id) else {
+            return;
+        };
         t.state = State::Confirmed;
         t.ack_key = None;
-        let linger = if t.transport.is_reliable() { Duration::ZERO } else { t4 };
+        let linger = if t.transport.is_reliable() {
+            Duration::ZERO
+        } else {
+            t4
+        };
         self.disarm(id, Slot::Retransmit);
         self.disarm(id, Slot::Deadline);
         self.arm(id, Slot::Linger, now + linger);
     }
 
     fn retransmitted_request(&mut self, now: Instant, id: TxnId, method: Method) -> Incoming {
-        let Some(t) = self.txns.get_mut(&id) else { return Incoming::Absorbed };
+        let Some(t) = self.txns.get_mut(&id) else {
+            return Incoming::Absorbed;
+        };
         if method == Method::Ack {
             match t.state {
                 State::Completed => {
                     t.state = State::Confirmed;
-                    let linger = if t.transport.is_reliable() { Duration::ZERO } else { self.cfg.t4 };
+                    let linger = if t.transport.is_reliable() {
+                        Duration::ZERO
+                    } else {
+                        self.cfg.t4
+                    };
                     self.disarm(id, Slot::Retransmit);
                     self.disarm(id, Slot::Deadline);
                     self.arm(id, Slot::Linger, now + linger);
@@ -422,15 +478,24 @@ impl Transactions {
     }
 
     fn handle_response(&mut self, now: Instant, msg: &Message<'_>, code: u16) -> Incoming {
-        let Some((_, method)) = msg.cseq() else { return Incoming::Absorbed };
+        let Some((_, method)) = msg.cseq() else {
+            return Incoming::Absorbed;
+        };
         let key_method = if method == "ACK" { "INVITE" } else { method };
-        let Some(key) = Self::key_of(msg, key_method) else { return Incoming::Absorbed };
+        let Some(key) = Self::key_of(msg, key_method) else {
+            return Incoming::Absorbed;
+        };
         // Client keys carry our own sent-by; match on branch and method only.
-        let Some(&id) = self.client.get(&Key { sent_by: String::new(), ..key }) else {
+        let Some(&id) = self.client.get(&Key {
+            sent_by: String::new(),
+            ..key
+        }) else {
             return Incoming::StrayResponse;
         };
         let cfg = self.cfg;
-        let Some(t) = self.txns.get_mut(&id) else { return Incoming::StrayResponse };
+        let Some(t) = self.txns.get_mut(&id) else {
+            return Incoming::StrayResponse;
+        };
         let reliable = t.transport.is_reliable();
         match (t.kind, t.state, code) {
             (_, State::Completed, _) => {
@@ -461,7 +526,11 @@ impl Transactions {
                 }
                 self.disarm(id, Slot::Retransmit);
                 self.disarm(id, Slot::Deadline);
-                let linger = if reliable { Duration::ZERO } else { cfg.t1 * 64 };
+                let linger = if reliable {
+                    Duration::ZERO
+                } else {
+                    cfg.t1 * 64
+                };
                 self.arm(id, Slot::Linger, now + linger);
                 Incoming::Response(id)
             }
@@ -508,9 +577,23 @@ impl Transactions {
     ) -> Option<TxnId> {
         let (key, invite, limit) = {
             let msg = parse(&request, Framing::Stream).ok()?;
-            let StartLine::Request { method, method_token, .. } = msg.start else { return None };
+            let StartLine::Request {
+                method,
+                method_token,
+                ..
+            } = msg.start
+            else {
+                return None;
+            };
             let key = Self::key_of(&msg, method_token)?;
-            (Key { sent_by: String::new(), ..key }, method == Method::Invite, self.limit_for(method))
+            (
+                Key {
+                    sent_by: String::new(),
+                    ..key
+                },
+                method == Method::Invite,
+                self.limit_for(method),
+            )
         };
         if self.txns.len() >= limit || self.client.contains_key(&key) {
             return None;
@@ -520,7 +603,11 @@ impl Transactions {
         self.txns.insert(
             id,
             Txn {
-                kind: if invite { Kind::ClientInvite } else { Kind::ClientNonInvite },
+                kind: if invite {
+                    Kind::ClientInvite
+                } else {
+                    Kind::ClientNonInvite
+                },
                 state: State::Trying,
                 dest,
                 fallback: fallback.filter(|_| transport.is_reliable()),
@@ -547,7 +634,9 @@ impl Transactions {
     /// if the transaction is gone or already has a final response.
     pub fn respond(&mut self, now: Instant, id: TxnId, code: u16, response: Bytes) -> bool {
         let cfg = self.cfg;
-        let Some(t) = self.txns.get_mut(&id) else { return false };
+        let Some(t) = self.txns.get_mut(&id) else {
+            return false;
+        };
         if !matches!(t.state, State::Trying | State::Proceeding) {
             return false;
         }
@@ -584,7 +673,11 @@ impl Transactions {
                 t.state = State::Completed;
                 self.send(id, response);
                 self.disarm(id, Slot::Deadline);
-                let linger = if reliable { Duration::ZERO } else { cfg.t1 * 64 };
+                let linger = if reliable {
+                    Duration::ZERO
+                } else {
+                    cfg.t1 * 64
+                };
                 self.arm(id, Slot::Linger, now + linger);
             }
         }
@@ -623,7 +716,9 @@ impl Transactions {
 
     fn fire(&mut self, now: Instant, id: TxnId, slot: Slot) {
         let cfg = self.cfg;
-        let Some(t) = self.txns.get_mut(&id) else { return };
+        let Some(t) = self.txns.get_mut(&id) else {
+            return;
+        };
         t.timers[slot as usize] = None;
         match slot {
             Slot::Linger => self.remove(id),
@@ -672,7 +767,9 @@ impl Transactions {
 /// Request-URI, top Via, From, Call-ID, CSeq number and Route as the request, To from the response.
 fn build_ack(request: &[u8], response: &Message<'_>) -> Option<Bytes> {
     let req = parse(request, Framing::Stream).ok()?;
-    let StartLine::Request { uri, .. } = req.start else { return None };
+    let StartLine::Request { uri, .. } = req.start else {
+        return None;
+    };
     let mut out = Vec::with_capacity(request.len().min(1024));
     let mut w = MessageWriter::request(&mut out, "ACK", uri);
     w.header("Via", req.header_values(Hdr::Via).next()?);

@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 
-use super::framing::{next_frame, Frame};
-use super::parse::{error_response, parse, Framing, Method, StartLine, MAX_MESSAGE};
-use super::transaction::Transmit;
 use super::Transport;
+use super::framing::{Frame, next_frame};
+use super::parse::{Framing, MAX_MESSAGE, Method, StartLine, error_response, parse};
+use super::transaction::Transmit;
 
 /// Most simultaneous TCP connections by default (see [`TcpLimits::max_connections`]).
 pub const MAX_TCP_CONNECTIONS: usize = 1024;
@@ -146,23 +146,33 @@ pub fn shard_of(data: &[u8], shards: usize) -> usize {
     if let Some(rest) = id.strip_prefix(SHARD_CALL_ID_PREFIX.as_bytes()) {
         let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
         if (1..=3).contains(&digits) && rest.get(digits) == Some(&b'-') {
-            let k = rest.iter().take(digits).fold(0usize, |a, b| a * 10 + usize::from(b - b'0'));
+            let k = rest
+                .iter()
+                .take(digits)
+                .fold(0usize, |a, b| a * 10 + usize::from(b - b'0'));
             return k % shards;
         }
     }
     // FNV-1a: cheap, and a caller cannot gain anything by steering calls to one shard beyond
     // what it could do by sending more calls.
-    let h = id.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+    let h = id.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
     usize::try_from(h % shards as u64).unwrap_or(0)
 }
 
 /// The value of the first Call-ID (or compact `i`) header, trimmed; `None` if there is none
 /// before the end of the header section.
 fn call_id_of(data: &[u8]) -> Option<&[u8]> {
-    let head_end = data.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(data.len());
+    let head_end = data
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(data.len());
     let head = data.get(..head_end)?;
     for line in head.split(|b| *b == b'\n').skip(1) {
-        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
         let (name, value) = line.split_at(colon);
         let name = name.trim_ascii();
         if name.eq_ignore_ascii_case(b"call-id") || name.eq_ignore_ascii_case(b"i") {
@@ -197,17 +207,30 @@ impl ConnState {
         if delta == 0 {
             return false;
         }
-        let before = self.invites.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-            Some(if delta > 0 { n.saturating_add(1) } else { n.saturating_sub(1) })
-        });
+        let before = self
+            .invites
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(if delta > 0 {
+                    n.saturating_add(1)
+                } else {
+                    n.saturating_sub(1)
+                })
+            });
         delta < 0 && before == Ok(1)
     }
 
     /// When the connection must close unless a message completes first.
     fn deadline(&self, shared: &Shared, started: Option<Instant>) -> Instant {
         let l = &shared.limits;
-        let allowance = if self.invites.load(Ordering::Relaxed) > 0 { l.invite_timeout } else { l.idle_timeout };
-        let last = later(shared.epoch, Duration::from_millis(self.last_message.load(Ordering::Relaxed)));
+        let allowance = if self.invites.load(Ordering::Relaxed) > 0 {
+            l.invite_timeout
+        } else {
+            l.idle_timeout
+        };
+        let last = later(
+            shared.epoch,
+            Duration::from_millis(self.last_message.load(Ordering::Relaxed)),
+        );
         let idle = later(last, allowance);
         match started {
             Some(t) => idle.min(later(t, l.message_timeout)),
@@ -218,16 +241,27 @@ impl ConnState {
 
 /// `t + d`, saturating at a day past `t` for absurd configured durations.
 fn later(t: Instant, d: Duration) -> Instant {
-    t.checked_add(d).or_else(|| t.checked_add(Duration::from_secs(86_400))).unwrap_or(t)
+    t.checked_add(d)
+        .or_else(|| t.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(t)
 }
 
 /// +1 for an INVITE request, -1 for a final response to an INVITE, 0 for anything else (and for
 /// what does not parse: the core answers nothing it cannot parse, so it opens no transaction).
 fn invite_delta(data: &[u8]) -> i8 {
-    let Ok(m) = parse(data, Framing::Datagram) else { return 0 };
+    let Ok(m) = parse(data, Framing::Datagram) else {
+        return 0;
+    };
     match m.start {
-        StartLine::Request { method: Method::Invite, .. } => 1,
-        StartLine::Response { code, .. } if code >= 200 && m.cseq().is_some_and(|(_, method)| method == "INVITE") => -1,
+        StartLine::Request {
+            method: Method::Invite,
+            ..
+        } => 1,
+        StartLine::Response { code, .. }
+            if code >= 200 && m.cseq().is_some_and(|(_, method)| method == "INVITE") =>
+        {
+            -1
+        }
         _ => 0,
     }
 }
@@ -273,7 +307,9 @@ impl Shared {
     /// Registers a connection, evicting the least recently active one without a pending INVITE if
     /// the limit is reached (see [`TcpLimits`]). False when refused.
     fn register(&self, peer: SocketAddr, conn: Conn) -> bool {
-        let Ok(mut conns) = self.conns.lock() else { return false };
+        let Ok(mut conns) = self.conns.lock() else {
+            return false;
+        };
         if conns.len() >= self.limits.max_connections && !conns.contains_key(&peer) {
             let victim = conns
                 .iter()
@@ -309,20 +345,34 @@ impl SipSockets {
     /// Binds UDP and TCP on every address of `locals` and starts their readers; every message
     /// goes to `inbound`. Fails (naming the address) if any bind fails. TCP uses the default
     /// [`TcpLimits`].
-    pub async fn bind(locals: &[SocketAddr], inbound: mpsc::Sender<Inbound>) -> io::Result<SipSockets> {
+    pub async fn bind(
+        locals: &[SocketAddr],
+        inbound: mpsc::Sender<Inbound>,
+    ) -> io::Result<SipSockets> {
         SipSockets::bind_with(locals, inbound, TcpLimits::default()).await
     }
 
     /// [`SipSockets::bind`] with explicit TCP limits (tests shorten the timeouts).
-    pub async fn bind_with(locals: &[SocketAddr], inbound: mpsc::Sender<Inbound>, limits: TcpLimits) -> io::Result<SipSockets> {
+    pub async fn bind_with(
+        locals: &[SocketAddr],
+        inbound: mpsc::Sender<Inbound>,
+        limits: TcpLimits,
+    ) -> io::Result<SipSockets> {
         SipSockets::bind_sharded(locals, vec![inbound], limits).await
     }
 
     /// [`SipSockets::bind_with`] feeding several core shards: each message goes to the queue
     /// [`shard_of`] its Call-ID names (one queue: all to it).
-    pub async fn bind_sharded(locals: &[SocketAddr], inbound: Vec<mpsc::Sender<Inbound>>, limits: TcpLimits) -> io::Result<SipSockets> {
+    pub async fn bind_sharded(
+        locals: &[SocketAddr],
+        inbound: Vec<mpsc::Sender<Inbound>>,
+        limits: TcpLimits,
+    ) -> io::Result<SipSockets> {
         if inbound.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "SIP sockets need at least one inbound queue"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "SIP sockets need at least one inbound queue",
+            ));
         }
         let shared = Arc::new(Shared {
             conns: Mutex::new(HashMap::new()),
@@ -331,10 +381,16 @@ impl SipSockets {
             limits,
             epoch: Instant::now(),
         });
-        let mut s = SipSockets { udp: HashMap::new(), shared, tasks: JoinSet::new() };
+        let mut s = SipSockets {
+            udp: HashMap::new(),
+            shared,
+            tasks: JoinSet::new(),
+        };
         for &local in locals {
             let udp = Arc::new(
-                UdpSocket::bind(local).await.map_err(|e| io::Error::new(e.kind(), format!("SIP UDP {local}: {e}")))?,
+                UdpSocket::bind(local)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("SIP UDP {local}: {e}")))?,
             );
             let local = udp.local_addr()?;
             s.udp.insert(local, udp.clone());
@@ -342,16 +398,28 @@ impl SipSockets {
             s.tasks.spawn(async move {
                 let mut buf = vec![0u8; MAX_MESSAGE + 1];
                 loop {
-                    let Ok((n, src)) = udp.recv_from(&mut buf).await else { continue };
+                    let Ok((n, src)) = udp.recv_from(&mut buf).await else {
+                        continue;
+                    };
                     let data = Bytes::copy_from_slice(buf.get(..n).unwrap_or(&[]));
-                    if shared.deliver(Inbound { src, local, transport: Transport::Udp, data }).await.is_err() {
+                    if shared
+                        .deliver(Inbound {
+                            src,
+                            local,
+                            transport: Transport::Udp,
+                            data,
+                        })
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
             });
             let sock = TcpSocket::new_v4()?;
             sock.set_reuseaddr(true)?;
-            sock.bind(local).map_err(|e| io::Error::new(e.kind(), format!("SIP TCP {local}: {e}")))?;
+            sock.bind(local)
+                .map_err(|e| io::Error::new(e.kind(), format!("SIP TCP {local}: {e}")))?;
             let listener = Arc::new(sock.listen(128)?);
             let shared = s.shared.clone();
             s.tasks.spawn(accept_loop(
@@ -420,11 +488,15 @@ impl SipSockets {
                                 sock.bind(SocketAddr::new(t.local.ip(), 0))?;
                                 sock.connect(target).await
                             };
-                            let queued = match tokio::time::timeout(Duration::from_secs(5), connected).await {
-                                Ok(Ok(stream)) => start_connection(stream, target, t.local, &shared)
-                                    .is_some_and(|q| q.try_send(t.data).is_ok()),
-                                _ => false,
-                            };
+                            let queued =
+                                match tokio::time::timeout(Duration::from_secs(5), connected).await
+                                {
+                                    Ok(Ok(stream)) => {
+                                        start_connection(stream, target, t.local, &shared)
+                                            .is_some_and(|q| q.try_send(t.data).is_ok())
+                                    }
+                                    _ => false,
+                                };
                             if !queued {
                                 shared.count(|s| s.send_failures += 1);
                             }
@@ -471,7 +543,12 @@ where
 
 /// Registers a connection and spawns its reader and writer; returns its write queue, or `None`
 /// when refused at the connection limit (the stream is then closed).
-fn start_connection(stream: TcpStream, peer: SocketAddr, local: SocketAddr, shared: &Arc<Shared>) -> Option<mpsc::Sender<Bytes>> {
+fn start_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Option<mpsc::Sender<Bytes>> {
     let state = Arc::new(ConnState {
         last_message: AtomicU64::new(shared.now_ms()),
         invites: AtomicU32::new(0),
@@ -479,7 +556,13 @@ fn start_connection(stream: TcpStream, peer: SocketAddr, local: SocketAddr, shar
         wake: Notify::new(),
     });
     let (qtx, mut qrx) = mpsc::channel::<Bytes>(TCP_WRITE_QUEUE);
-    if !shared.register(peer, Conn { queue: qtx.clone(), state: state.clone() }) {
+    if !shared.register(
+        peer,
+        Conn {
+            queue: qtx.clone(),
+            state: state.clone(),
+        },
+    ) {
         return None;
     }
     let _ = stream.set_nodelay(true);
@@ -525,7 +608,12 @@ fn start_connection(stream: TcpStream, peer: SocketAddr, local: SocketAddr, shar
                         let data = buf.split_to(n.min(buf.len())).freeze();
                         state.message(shared.now_ms(), &data);
                         started = None;
-                        let msg = Inbound { src: peer, local, transport: Transport::Tcp, data };
+                        let msg = Inbound {
+                            src: peer,
+                            local,
+                            transport: Transport::Tcp,
+                            data,
+                        };
                         if shared.deliver(msg).await.is_err() {
                             break 'conn;
                         }
@@ -599,7 +687,10 @@ mod tests {
     #[tokio::test]
     async fn accept_errors_back_off() {
         let backoff = Duration::from_millis(40);
-        let (shared, _rx) = shared(TcpLimits { accept_backoff: backoff, ..TcpLimits::default() });
+        let (shared, _rx) = shared(TcpLimits {
+            accept_backoff: backoff,
+            ..TcpLimits::default()
+        });
         let calls = Arc::new(AtomicUsize::new(0));
         let c = calls.clone();
         let accept = move || {
@@ -612,7 +703,11 @@ mod tests {
             }
         };
         let start = Instant::now();
-        let task = tokio::spawn(accept_loop(accept, "127.0.0.1:5060".parse().unwrap(), shared.clone()));
+        let task = tokio::spawn(accept_loop(
+            accept,
+            "127.0.0.1:5060".parse().unwrap(),
+            shared.clone(),
+        ));
         for _ in 0..1000 {
             if calls.load(Ordering::SeqCst) > 5 {
                 break;
@@ -620,44 +715,96 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         task.abort();
-        assert_eq!(calls.load(Ordering::SeqCst), 6, "the loop went on after five errors");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            6,
+            "the loop went on after five errors"
+        );
         assert_eq!(shared.stats.lock().unwrap().accept_errors, 5);
         // Five errors, each followed by a pause, before the sixth call: at least five pauses.
-        assert!(start.elapsed() >= backoff * 5, "accept retried without pausing");
+        assert!(
+            start.elapsed() >= backoff * 5,
+            "accept retried without pausing"
+        );
     }
 
     #[test]
     fn every_message_of_a_call_reaches_one_shard() {
-        let msg = |start: &str, call_id_line: &str| format!("{start}\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n{call_id_line}\r\nCSeq: 1 INVITE\r\n\r\nv=0\r\nCall-ID: body\r\n");
+        let msg = |start: &str, call_id_line: &str| {
+            format!(
+                "{start}\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n{call_id_line}\r\nCSeq: 1 INVITE\r\n\r\nv=0\r\nCall-ID: body\r\n"
+            )
+        };
         for n in [2, 3, 8] {
-            for id in ["a84b4c76e66710@pc33.example.com", "x", "9744-18965@10.96.3.1"] {
-                let k = shard_of(msg("INVITE sip:a@b SIP/2.0", &format!("Call-ID: {id}")).as_bytes(), n);
+            for id in [
+                "a84b4c76e66710@pc33.example.com",
+                "x",
+                "9744-18965@10.96.3.1",
+            ] {
+                let k = shard_of(
+                    msg("INVITE sip:a@b SIP/2.0", &format!("Call-ID: {id}")).as_bytes(),
+                    n,
+                );
                 assert!(k < n);
                 // Other header spellings, a response, the compact form: the same shard.
-                for line in [format!("call-id:{id}"), format!("CALL-ID :  {id} "), format!("i: {id}")] {
-                    assert_eq!(shard_of(msg("SIP/2.0 200 OK", &line).as_bytes(), n), k, "{line}");
+                for line in [
+                    format!("call-id:{id}"),
+                    format!("CALL-ID :  {id} "),
+                    format!("i: {id}"),
+                ] {
+                    assert_eq!(
+                        shard_of(msg("SIP/2.0 200 OK", &line).as_bytes(), n),
+                        k,
+                        "{line}"
+                    );
                 }
             }
             // Our own Call-IDs name their shard.
             for k in 0..n {
                 let id = format!("{SHARD_CALL_ID_PREFIX}{k}-0123abcd@10.96.1.1");
-                assert_eq!(shard_of(msg("SIP/2.0 180 Ringing", &format!("Call-ID: {id}")).as_bytes(), n), k);
+                assert_eq!(
+                    shard_of(
+                        msg("SIP/2.0 180 Ringing", &format!("Call-ID: {id}")).as_bytes(),
+                        n
+                    ),
+                    k
+                );
             }
             // No Call-ID (or only one in the body): shard 0.
-            assert_eq!(shard_of(msg("INVITE sip:a@b SIP/2.0", "X-No: 1").as_bytes(), n), 0);
+            assert_eq!(
+                shard_of(msg("INVITE sip:a@b SIP/2.0", "X-No: 1").as_bytes(), n),
+                0
+            );
             assert_eq!(shard_of(b"garbage", n), 0);
         }
         // Hashing spreads calls over the shards.
-        let hits = (0..1000).map(|i| shard_of(msg("INVITE sip:a@b SIP/2.0", &format!("Call-ID: {i}-4242@10.96.3.1")).as_bytes(), 2)).filter(|k| *k == 1).count();
+        let hits = (0..1000)
+            .map(|i| {
+                shard_of(
+                    msg(
+                        "INVITE sip:a@b SIP/2.0",
+                        &format!("Call-ID: {i}-4242@10.96.3.1"),
+                    )
+                    .as_bytes(),
+                    2,
+                )
+            })
+            .filter(|k| *k == 1)
+            .count();
         assert!((350..=650).contains(&hits), "{hits} of 1000 on shard 1");
-        assert_eq!(shard_of(msg("INVITE sip:a@b SIP/2.0", "Call-ID: q").as_bytes(), 1), 0);
+        assert_eq!(
+            shard_of(msg("INVITE sip:a@b SIP/2.0", "Call-ID: q").as_bytes(), 1),
+            0
+        );
     }
 
     #[test]
     fn invite_delta_counts_invites_and_their_final_responses() {
         let invite = b"INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\nFrom: <sip:x@y>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
         let resp = |code: u16, method: &str| {
-            format!("SIP/2.0 {code} X\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\nFrom: <sip:x@y>;tag=1\r\nTo: <sip:a@b>;tag=2\r\nCall-ID: c\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n")
+            format!(
+                "SIP/2.0 {code} X\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\nFrom: <sip:x@y>;tag=1\r\nTo: <sip:a@b>;tag=2\r\nCall-ID: c\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
+            )
         };
         assert_eq!(invite_delta(invite), 1);
         assert_eq!(invite_delta(resp(180, "INVITE").as_bytes()), 0);
@@ -665,13 +812,31 @@ mod tests {
         assert_eq!(invite_delta(resp(486, "INVITE").as_bytes()), -1);
         assert_eq!(invite_delta(resp(200, "OPTIONS").as_bytes()), 0);
         assert_eq!(invite_delta(b"INVITE garbage"), 0);
-        let state = ConnState { last_message: AtomicU64::new(0), invites: AtomicU32::new(0), close: Notify::new(), wake: Notify::new() };
+        let state = ConnState {
+            last_message: AtomicU64::new(0),
+            invites: AtomicU32::new(0),
+            close: Notify::new(),
+            wake: Notify::new(),
+        };
         assert!(!state.message(5, resp(200, "INVITE").as_bytes()));
-        assert_eq!(state.invites.load(Ordering::Relaxed), 0, "saturates at zero");
+        assert_eq!(
+            state.invites.load(Ordering::Relaxed),
+            0,
+            "saturates at zero"
+        );
         assert!(!state.message(7, invite));
-        assert_eq!((state.invites.load(Ordering::Relaxed), state.last_message.load(Ordering::Relaxed)), (1, 7));
+        assert_eq!(
+            (
+                state.invites.load(Ordering::Relaxed),
+                state.last_message.load(Ordering::Relaxed)
+            ),
+            (1, 7)
+        );
         assert!(!state.message(8, invite));
         assert!(!state.message(9, resp(603, "INVITE").as_bytes()));
-        assert!(state.message(9, resp(200, "INVITE").as_bytes()), "the last INVITE answered");
+        assert!(
+            state.message(9, resp(200, "INVITE").as_bytes()),
+            "the last INVITE answered"
+        );
     }
 }

@@ -20,7 +20,11 @@ fn scripts() -> PathBuf {
 pub fn require_root(test: &str) -> bool {
     // SAFETY-free check: /proc/self/status has the effective uid on the "Uid:" line.
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid_zero = status.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)) == Some("0");
+    let euid_zero = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0");
     if euid_zero {
         return true;
     }
@@ -41,9 +45,20 @@ impl Topology {
     pub fn up(prefix: &str, peers: u8) -> Topology {
         // A leftover of a crashed earlier run with the same prefix is ours to remove.
         let _ = Command::new(scripts().join("down.sh")).arg(prefix).status();
-        let out = Command::new(scripts().join("up.sh")).arg(prefix).arg(peers.to_string()).output().expect("run up.sh");
-        assert!(out.status.success(), "up.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        Topology { prefix: prefix.to_owned(), dir: tempfile::tempdir().expect("tempdir") }
+        let out = Command::new(scripts().join("up.sh"))
+            .arg(prefix)
+            .arg(peers.to_string())
+            .output()
+            .expect("run up.sh");
+        assert!(
+            out.status.success(),
+            "up.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Topology {
+            prefix: prefix.to_owned(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     pub fn ns(&self, name: &str) -> String {
@@ -52,19 +67,34 @@ impl Topology {
 
     /// Runs a command inside namespace `name` (e.g. "p1", "r") and returns its output.
     pub fn exec(&self, name: &str, argv: &[&str]) -> Output {
-        Command::new("ip").args(["netns", "exec", &self.ns(name)]).args(argv).output().expect("ip netns exec")
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(name)])
+            .args(argv)
+            .output()
+            .expect("ip netns exec")
     }
 
     /// Changes peer `i`'s path at the router (netns-scripts/path.sh).
     pub fn path(&self, i: u8, args: &[&str]) {
-        let out = Command::new(scripts().join("path.sh")).arg(&self.prefix).arg(i.to_string()).args(args).output().unwrap();
-        assert!(out.status.success(), "path.sh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(scripts().join("path.sh"))
+            .arg(&self.prefix)
+            .arg(i.to_string())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "path.sh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        let _ = Command::new(scripts().join("down.sh")).arg(&self.prefix).status();
+        let _ = Command::new(scripts().join("down.sh"))
+            .arg(&self.prefix)
+            .status();
     }
 }
 
@@ -117,7 +147,11 @@ impl Daemon {
         let psk_file = dir.join("psk");
         std::fs::write(&psk_file, &spec.psk).unwrap();
         let config = dir.join("confmesh.toml");
-        let peers: Vec<String> = spec.peers.iter().map(|&p| format!("\"{}\"", mgmt(p))).collect();
+        let peers: Vec<String> = spec
+            .peers
+            .iter()
+            .map(|&p| format!("\"{}\"", mgmt(p)))
+            .collect();
         let cluster = if spec.peers.is_empty() {
             String::new()
         } else {
@@ -139,13 +173,25 @@ impl Daemon {
             ),
         )
         .unwrap();
-        let mut d = Daemon { i: spec.i, ns: topo.ns(&format!("p{}", spec.i)), dir, config, psk_file, log_level: spec.log_level, child: None };
+        let mut d = Daemon {
+            i: spec.i,
+            ns: topo.ns(&format!("p{}", spec.i)),
+            dir,
+            config,
+            psk_file,
+            log_level: spec.log_level,
+            child: None,
+        };
         d.spawn(spec.version.as_deref());
         d
     }
 
     fn spawn(&mut self, version: Option<&str>) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns, BIN, "run", "--config"])
             .arg(&self.config)
@@ -218,13 +264,20 @@ impl Daemon {
 
     pub fn status(&self) -> Option<Value> {
         let out = self.cli(&["status", "--json"]);
-        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
     }
 
     /// The peer entry for management address 10.96.0.`j` in this daemon's status.
     pub fn peer(&self, j: u8) -> Option<Value> {
         let s = self.status()?;
-        s["peers"].as_array()?.iter().find(|p| p["addr"] == mgmt(j).to_string()).cloned()
+        s["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["addr"] == mgmt(j).to_string())
+            .cloned()
     }
 
     pub fn log(&self) -> String {
@@ -266,5 +319,6 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Whether daemon `d` shows peer `j` with `state` (and `reason`, when given).
 pub fn shows(d: &Daemon, j: u8, state: &str, reason: Option<&str>) -> bool {
-    d.peer(j).is_some_and(|p| p["state"] == state && reason.is_none_or(|r| p["reason"] == r))
+    d.peer(j)
+        .is_some_and(|p| p["state"] == state && reason.is_none_or(|r| p["reason"] == r))
 }
