@@ -976,25 +976,13 @@ mod tests {
 
         // A client trusting only this certificate gets the status over TLS; the tap sees no
         // password, no Basic header, no HTTP at all.
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(generated.cert.der().clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let tcp = Tapped {
             inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
             seen: seen.clone(),
         };
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(client))
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let stream = trusting(&generated.cert).connect(name, tcp).await.unwrap();
         let answer = exchange(stream, &request("/api/v1/status")).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert!(answer.contains("tls-test"), "{answer}");
