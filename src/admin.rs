@@ -1052,6 +1052,15 @@ mod tests {
             .expect("handshake in time")
     }
 
+    /// The status answer over a fresh TLS connection made with `client`.
+    async fn tls_status(addr: std::net::SocketAddr, client: &tokio_rustls::TlsConnector) -> String {
+        exchange(
+            tls_connect(addr, client).await.unwrap(),
+            &request("/api/v1/status"),
+        )
+        .await
+    }
+
     /// Writes a fresh self-signed certificate and its key to the same two files (a rotation).
     fn issue(cert_file: &std::path::Path, key_file: &std::path::Path) -> rcgen::Certificate {
         let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
@@ -1069,12 +1078,9 @@ mod tests {
             start_controlled(Some(AdminTls::load(&cert_file, &key_file).unwrap())).await;
         let old_client = trusting(&old_cert);
         assert!(
-            exchange(
-                tls_connect(addr, &old_client).await.unwrap(),
-                &request("/api/v1/status")
-            )
-            .await
-            .starts_with("HTTP/1.1 200")
+            tls_status(addr, &old_client)
+                .await
+                .starts_with("HTTP/1.1 200")
         );
         // A connection accepted before the rotation, its handshake done, its request not sent yet.
         let before = tls_connect(addr, &old_client).await.unwrap();
@@ -1092,11 +1098,7 @@ mod tests {
             changed[0].contains("certificate") && changed[0].contains("reloaded"),
             "{changed:?}"
         );
-        let answer = exchange(
-            tls_connect(addr, &new_client).await.unwrap(),
-            &request("/api/v1/status"),
-        )
-        .await;
+        let answer = tls_status(addr, &new_client).await;
         assert!(
             answer.starts_with("HTTP/1.1 200") && answer.contains("tls-test"),
             "{answer}"
@@ -1124,12 +1126,9 @@ mod tests {
             "{changed:?}"
         );
         assert!(
-            exchange(
-                tls_connect(moved, &new_client).await.unwrap(),
-                &request("/api/v1/status")
-            )
-            .await
-            .starts_with("HTTP/1.1 200")
+            tls_status(moved, &new_client)
+                .await
+                .starts_with("HTTP/1.1 200")
         );
         let gone = tokio::net::TcpStream::connect(addr)
             .await
@@ -1150,12 +1149,9 @@ mod tests {
         assert!(e.message.contains(&busy.listen.to_string()), "{e}");
         assert_eq!(control.settings().listen, moved);
         assert!(
-            exchange(
-                tls_connect(moved, &new_client).await.unwrap(),
-                &request("/api/v1/status")
-            )
-            .await
-            .starts_with("HTTP/1.1 200")
+            tls_status(moved, &new_client)
+                .await
+                .starts_with("HTTP/1.1 200")
         );
 
         // Back to plain HTTP (TLS files removed from the configuration).
