@@ -20,7 +20,7 @@ use confmesh_ike::{Endpoint, EndpointConfig, Event as IkeEvent, PeerConfig};
 use zeroize::Zeroizing;
 
 use confmesh_replication::service::Service as Replication;
-use confmesh_replication::store::{Store, StoreError};
+use confmesh_replication::store::{Snapshot, Store, StoreError};
 
 use crate::b2bua::{B2buaSettings, StoreB2bua, start_on_store};
 use crate::bandwidth::{BANDWIDTH_PORT, BandwidthService};
@@ -90,6 +90,9 @@ struct Daemon {
     /// The admin API's listener and TLS identity, which a reload may change.
     admin: crate::admin::AdminControl,
     cluster: Option<ClusterState>,
+    /// While joining: the automatic backup taken just before, which holds the shared
+    /// configuration this peer founds the cluster with if every peer joins at once.
+    join_backup: Option<PathBuf>,
 }
 
 /// What exists only while this peer is clustered.
@@ -222,7 +225,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         b2bua,
         admin: admin_control,
         cluster: None,
+        join_backup: None,
     };
+    let marker = join_backup_marker(&daemon.config.peer.state_dir);
+    if daemon.store.joining() {
+        daemon.join_backup = std::fs::read_to_string(&marker).ok().map(PathBuf::from);
+    } else {
+        let _ = std::fs::remove_file(&marker);
+    }
     let cluster = daemon.config.cluster.clone();
     daemon.logs.append(
         LogKind::Events,
@@ -647,6 +657,10 @@ impl Daemon {
     /// configuration replace ours; it flows in once the sync sessions are up.
     async fn take_cluster_content(&mut self) -> Result<(), String> {
         let path = self.backup(None, None).await?;
+        let marker = join_backup_marker(&self.config.peer.state_dir);
+        std::fs::write(&marker, path.as_os_str().as_encoded_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", marker.display()))?;
+        self.join_backup = Some(path.clone());
         self.store.join_async().await.map_err(|e| e.to_string())?;
         self.logs.append(
             LogKind::Config,
@@ -657,6 +671,77 @@ impl Daemon {
             ),
         );
         Ok(())
+    }
+
+    /// SPEC §2 rule 6 when no peer is first: every peer of the list went from standalone into it
+    /// at once, so each is joining and waits for the content of a member, and there is none. The
+    /// peer with the lowest address then founds the cluster with the shared configuration it had
+    /// before joining (from its automatic backup); the others take it from there, as from any
+    /// member. Only when every other peer is connected and says it is joining: a member that is
+    /// merely unreachable still holds the cluster's content.
+    async fn found_if_all_join(&mut self) {
+        if !self.store.joining() {
+            if self.join_backup.take().is_some() {
+                let _ = std::fs::remove_file(join_backup_marker(&self.config.peer.state_dir));
+            }
+            return;
+        }
+        let Some(c) = &self.cluster else { return };
+        let me = self.config.peer.mgmt_addr;
+        let others: Vec<u32> = c
+            .settings
+            .peers
+            .iter()
+            .filter(|p| **p != me)
+            .map(|p| u32::from(*p))
+            .collect();
+        if others.is_empty() || others.iter().any(|p| *p < u32::from(me)) {
+            return;
+        }
+        let status = c.replication.status();
+        let all_wait = others.iter().all(|o| {
+            status
+                .peers
+                .iter()
+                .any(|r| r.origin == *o && r.connected && r.joining)
+        });
+        if !all_wait {
+            return;
+        }
+        let backup = self.join_backup.clone();
+        let snapshot = match &backup {
+            Some(file) => self.backup_snapshot(file.clone()).await,
+            None => Err("no automatic backup recorded".to_owned()),
+        };
+        let (snapshot, from) = match snapshot {
+            Ok(s) => (s, format!("from {}", backup.unwrap_or_default().display())),
+            Err(e) => (
+                Snapshot::default(),
+                format!("empty: its configuration from before cannot be read ({e})"),
+            ),
+        };
+        if let Err(e) = self.store.replace_all_async(snapshot).await {
+            tracing::error!("cannot found the cluster: {e}");
+            return;
+        }
+        self.logs.append(
+            LogKind::Config,
+            Severity::Notice,
+            format!(
+                "every peer joined at once: this peer, the lowest address, founded the cluster with its shared configuration {from}"
+            ),
+        );
+    }
+
+    /// The store content of one of this peer's unencrypted backups.
+    async fn backup_snapshot(&self, file: PathBuf) -> Result<Snapshot, String> {
+        let serial = self.config.peer.serial.clone();
+        let (_, members) =
+            tokio::task::spawn_blocking(move || crate::backup::open(&file, None, &serial))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        shared::import(backup_member(&members, shared::STORE_MEMBER)?)
     }
 
     /// Writes a backup of this peer (configuration file and store; no logs) and returns its path.
@@ -714,13 +799,8 @@ impl Daemon {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("restore refused, nothing changed: {e}"))?;
         let member = |name: &str| {
-            members
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, b)| b.as_slice())
-                .ok_or_else(|| {
-                    format!("restore refused, nothing changed: the backup has no {name}")
-                })
+            backup_member(&members, name)
+                .map_err(|e| format!("restore refused, nothing changed: {e}"))
         };
         let text = std::str::from_utf8(member(shared::CONFIG_MEMBER)?)
             .map_err(|_| {
@@ -960,6 +1040,7 @@ impl Daemon {
 
     /// Runs the cores' timers and sends what they produced; logs their events.
     async fn drive(&mut self) {
+        self.found_if_all_join().await;
         let Some(c) = &mut self.cluster else { return };
         let now = Instant::now();
         let wall = wall_ms();
@@ -1688,6 +1769,21 @@ impl Daemon {
 
 /// The store's sync peers: every other peer of the list at its overlay address. All of them,
 /// not only the active ones, so that no deletion is forgotten while a peer is away.
+/// Where the path of the automatic backup taken at a join is kept until the join ends, so that a
+/// restart in between can still found the cluster with it.
+fn join_backup_marker(state_dir: &Path) -> PathBuf {
+    state_dir.join("join-backup")
+}
+
+/// The member `name` of an opened backup.
+fn backup_member<'a>(members: &'a [(String, Vec<u8>)], name: &str) -> Result<&'a [u8], String> {
+    members
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, b)| b.as_slice())
+        .ok_or_else(|| format!("the backup has no {name}"))
+}
+
 fn sync_peers(peers: &[(Ipv4Addr, Ipv4Addr)], me: Ipv4Addr) -> Vec<(u32, SocketAddr)> {
     peers
         .iter()

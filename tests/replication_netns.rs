@@ -200,6 +200,28 @@ fn backup_store(path: &Path) -> Value {
     panic!("no store.json in {}", path.display());
 }
 
+/// Lists a standalone peer in the cluster of peers 1, 2 and 3 (configuration file and key) and
+/// reloads it: from then on it is joining (SPEC §2 rule 6).
+fn into_cluster_of_three(d: &Daemon) {
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        format!(
+            "{text}\n[cluster]\npeers = [\"10.96.0.1\", \"10.96.0.2\", \"10.96.0.3\"]\npsk_file = \"{}\"\nlicence = \"full\"\n",
+            d.psk_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(&d.psk_file, PeerSpec::new(d.i, &[]).psk).unwrap();
+    let out = d.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "reload of p{}: {}",
+        d.i,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn standalone_peer_joining_takes_the_clusters_configuration() {
     if !require_root("standalone_peer_joining_takes_the_clusters_configuration") {
@@ -241,22 +263,7 @@ fn standalone_peer_joining_takes_the_clusters_configuration() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let text = std::fs::read_to_string(&d3.config).unwrap();
-    std::fs::write(
-        &d3.config,
-        format!(
-            "{text}\n[cluster]\npeers = [\"10.96.0.1\", \"10.96.0.2\", \"10.96.0.3\"]\npsk_file = \"{}\"\nlicence = \"full\"\n",
-            d3.psk_file.display()
-        ),
-    )
-    .unwrap();
-    std::fs::write(&d3.psk_file, PeerSpec::new(3, &[]).psk).unwrap();
-    let out = d3.cli(&["reload"]);
-    assert!(
-        out.status.success(),
-        "reload: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    into_cluster_of_three(&d3);
 
     assert!(
         wait_until(Duration::from_secs(20), || all_active(&[&d1, &d2, &d3])),
@@ -318,6 +325,83 @@ fn standalone_peer_joining_takes_the_clusters_configuration() {
     assert_eq!(s["hostname"], "conductor3");
     let log = String::from_utf8(d3.cli(&["log", "config"]).stdout).unwrap();
     assert!(log.contains("joined a cluster"), "{log}");
+}
+
+/// SPEC §2 rule 6 with no first peer: three standalone peers, each with shared configuration of
+/// its own, are listed in one cluster at the same moment, so all three are joining and none holds
+/// the cluster's content. The lowest address founds the cluster with the configuration it had
+/// before; the other two take it (their own is in their automatic backups); all accept writes.
+#[test]
+fn peers_joining_all_at_once_take_the_lowest_addresss_configuration() {
+    if !require_root("peers_joining_all_at_once_take_the_lowest_addresss_configuration") {
+        return;
+    }
+    let topo = Topology::up("cmra", 3);
+    let d: Vec<Daemon> = (1..=3)
+        .map(|i| Daemon::start(&topo, &PeerSpec::new(i, &[])))
+        .collect();
+    for x in &d {
+        assert!(
+            wait_until(Duration::from_secs(10), || x.status().is_some()),
+            "p{} did not start: {}",
+            x.i,
+            x.log()
+        );
+        set(
+            x,
+            &format!("bridge/own{}", x.i),
+            &format!(r#"{{"uri": "sip:10.96.4.{}:5060", "capacity": 5}}"#, x.i),
+        );
+    }
+    let founder = list(&d[0], "").unwrap();
+    for x in &d {
+        into_cluster_of_three(x);
+    }
+    let all: Vec<&Daemon> = d.iter().collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || all_active(&all)),
+        "the three did not form: {}",
+        d[2].log()
+    );
+    let mut seen = Vec::new();
+    let formed = wait_until(Duration::from_secs(20), || {
+        seen = d.iter().map(|x| list(x, "")).collect();
+        seen.iter().all(|m| m.as_ref() == Some(&founder))
+            && d.iter().all(|x| {
+                x.status()
+                    .is_some_and(|s| s["replication"]["joining"] == false)
+            })
+    });
+    assert!(
+        formed,
+        "not every peer holds peer 1's configuration {founder:?} and accepts writes: {seen:?}\n{}",
+        d[1].log()
+    );
+    set(
+        &d[2],
+        "bridge/after",
+        r#"{"uri": "sip:10.96.5.1:5060", "capacity": 10}"#,
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || list(&d[0], "")
+            .is_some_and(|m| m.contains_key("bridge/after"))),
+        "a write on peer 3 did not reach peer 1"
+    );
+    let log = String::from_utf8(d[0].cli(&["log", "config"]).stdout).unwrap();
+    assert!(log.contains("founded the cluster"), "{log}");
+    for x in &d[1..] {
+        let backups: Vec<PathBuf> = std::fs::read_dir(x.dir.join("state/backups"))
+            .expect("no backup directory")
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(
+            backups.iter().any(|b| backup_store(b)
+                .to_string()
+                .contains(&format!("bridge/own{}", x.i))),
+            "p{}'s own configuration is in none of its backups {backups:?}",
+            x.i
+        );
+    }
 }
 
 /// The sync port (and the hellos) listen on the overlay's TUN device only: a host on the

@@ -106,6 +106,8 @@ pub struct PeerReplication {
     pub addr: SocketAddr,
     /// Whether a sync session is up.
     pub connected: bool,
+    /// The peer is joining too and waits for a snapshot that this peer, joining, cannot give.
+    pub joining: bool,
     /// Entries this peer holds that the peer had not acknowledged (capped at 100 000); `None`
     /// before its first acknowledgement.
     pub lag_entries: Option<usize>,
@@ -153,6 +155,8 @@ struct PeerState {
     totals: SessionStats,
     live: SessionStats,
     queue_depth: usize,
+    /// The live session's peer waits for a snapshot we cannot give (both joining).
+    waits_for_snapshot: bool,
     last_sync_unix_ms: Option<u64>,
     last_error: Option<String>,
 }
@@ -362,7 +366,7 @@ impl Service {
                 (
                     *o,
                     st.addr,
-                    st.active.is_some(),
+                    (st.active.is_some(), st.waits_for_snapshot),
                     st.acked.clone(),
                     total,
                     st.queue_depth,
@@ -377,7 +381,7 @@ impl Service {
                 |(
                     origin,
                     addr,
-                    connected,
+                    (connected, joining),
                     acked,
                     s,
                     queue_depth,
@@ -388,6 +392,7 @@ impl Service {
                         origin,
                         addr: addr?,
                         connected,
+                        joining,
                         lag_entries: acked.and_then(|v| self.shared.store.lag(&v, LAG_CAP).ok()),
                         queue_depth,
                         bytes_sent: s.bytes_sent,
@@ -603,6 +608,7 @@ async fn run_connection(
             if let Some(st) = shared.peers().get_mut(&p) {
                 st.live = session.stats();
                 st.queue_depth = session.queue_depth() + (out.len() - out_off);
+                st.waits_for_snapshot = session.peer_waits_for_snapshot();
             }
         }
         let deadline = session.poll_timeout().map_or_else(
@@ -673,6 +679,7 @@ async fn run_connection(
                 st.totals = add_stats(st.totals, session.stats());
                 st.live = SessionStats::default();
                 st.queue_depth = 0;
+                st.waits_for_snapshot = false;
                 if let Err(e) = &result {
                     st.last_error = Some(e.to_string());
                 }

@@ -271,6 +271,12 @@ impl Session {
         self.peer
     }
 
+    /// The peer said it is joining and we, joining too, have no snapshot for it. When every peer
+    /// of a cluster waits like this, none ever will have one (see the daemon's founding rule).
+    pub fn peer_waits_for_snapshot(&self) -> bool {
+        self.peer_joining
+    }
+
     /// The peer's latest acknowledged vector.
     pub fn acked(&self) -> Option<&VersionVector> {
         self.acked.as_ref()
