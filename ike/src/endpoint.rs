@@ -677,19 +677,19 @@ impl Endpoint {
     ) -> Result<(), Malformed> {
         // Both sides initiated at once: the lower address's exchange goes on, the other is
         // dropped. The lower side repeats its MM1 at once, so that the higher side sees it now
-        // rather than at our next retransmission (ours may have been aimed at a peer that was
-        // down until a moment ago) — at most once per half retransmission timeout, since anyone
-        // can send an MM1 from the peer's address.
+        // rather than at our next retransmission: ours, however recent, may have reached the peer
+        // before its daemon listened (both started together). At most once per half
+        // retransmission timeout, since anyone can send an MM1 from the peer's address.
         if let Some(own) = self.initiating(ip) {
             if self.cfg.local < ip {
                 let rto = self.cfg.retransmit_timeout;
-                let f = &self.sas[own].flight;
-                let recently = f.tries == 1 && f.resend_at.is_some_and(|t| t > now + rto / 2);
-                if self.sas[own].state == P1State::Mm1Sent && !recently {
-                    let f = &mut self.sas[own].flight;
-                    f.tries = 1;
-                    f.resend_at = Some(now + rto);
-                    let msg = f.sent.clone();
+                let sa = &mut self.sas[own];
+                let throttled = sa.mm1_repeated_at.is_some_and(|t| now < t + rto / 2);
+                if sa.state == P1State::Mm1Sent && !throttled {
+                    sa.mm1_repeated_at = Some(now);
+                    sa.flight.tries = 1;
+                    sa.flight.resend_at = Some(now + rto);
+                    let msg = sa.flight.sent.clone();
                     self.resend_flight(ip, msg);
                 }
                 return Ok(());

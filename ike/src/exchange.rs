@@ -144,6 +144,9 @@ pub(crate) struct IkeSa {
     pub(crate) retire_at: Option<Instant>,
     /// The peer announced RFC 3706 support.
     pub(crate) peer_dpd: bool,
+    /// Initiator: when the peer's own MM1 last made us repeat ours at once (see
+    /// `Endpoint::on_mm1`); such repeats are throttled, since anyone can forge an MM1.
+    pub(crate) mm1_repeated_at: Option<Instant>,
     pub(crate) quick: Vec<Quick>,
 }
 
@@ -182,6 +185,7 @@ impl IkeSa {
             expire_at: None,
             retire_at: None,
             peer_dpd: false,
+            mm1_repeated_at: None,
             quick: Vec::new(),
         }
     }

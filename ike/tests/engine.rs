@@ -780,6 +780,66 @@ fn an_evicted_initiator_starts_again_at_once() {
     );
 }
 
+/// Both daemons start together: the lower address's first MM1 reaches the other before that one
+/// listens and is lost; the other then initiates too. The lower side repeats its MM1 as soon as
+/// the other's arrives, however recent its own, so phase 2 is up long before a retransmission
+/// timeout. Repeats on a peer's MM1 stay throttled: a second one at once repeats nothing.
+#[test]
+fn peers_starting_together_do_not_wait_for_a_retransmission() {
+    let group = DhGroup::Curve25519;
+    let start = Instant::now();
+    let mut now = start;
+    let peer = |i: u8| PeerConfig {
+        addr: mgmt(i),
+        overlay: overlay(i),
+        psk: Zeroizing::new(PSK.to_vec()),
+    };
+    let mut a = Endpoint::new(
+        EndpointConfig {
+            group,
+            ..Net::config(1)
+        },
+        [1; 32],
+    );
+    a.set_peer(now, peer(2));
+    a.handle_timeout(now);
+    let lost = a.poll_transmit().expect("MM1");
+    assert_eq!(*lost.dst.ip(), mgmt(2));
+    now += Duration::from_millis(100);
+    let mut b = Endpoint::new(
+        EndpointConfig {
+            group,
+            ..Net::config(2)
+        },
+        [2; 32],
+    );
+    b.set_peer(now, peer(1));
+    b.handle_timeout(now);
+    let mm1_b = b.poll_transmit().expect("MM1 of the higher address");
+    let from_b = SocketAddrV4::new(mgmt(2), IKE_PORT);
+    a.handle(now, from_b, &mm1_b.payload);
+    a.handle(now, from_b, &mm1_b.payload);
+    assert_eq!(a.peer_state(mgmt(2)).unwrap().counters.retransmits, 1);
+    let repeated: Vec<Transmit> = std::iter::from_fn(|| a.poll_transmit()).collect();
+    assert_eq!(repeated.len(), 1, "one repeat for two MM1s");
+    b.handle(
+        now,
+        SocketAddrV4::new(mgmt(1), IKE_PORT),
+        &repeated[0].payload,
+    );
+    let steps = shuttle((&mut a, 1), (&mut b, 2), &mut now, 50);
+    assert!(steps < 50);
+    for (e, other) in [(&a, 2), (&b, 1)] {
+        let s = e.peer_state(mgmt(other)).unwrap();
+        assert!(s.ike_established && s.children == 1, "{s:?}");
+    }
+    assert!(
+        now - start < Net::config(1).retransmit_timeout / 2,
+        "took {:?}",
+        now - start
+    );
+}
+
 /// `PROPTEST_CASES` if set, else `default`.
 fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES")
