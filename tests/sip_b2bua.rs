@@ -119,6 +119,41 @@ impl<L: BandwidthLedger> World<L> {
         self.settle().await;
     }
 
+    /// `from` sends `data` over UDP, as the VCS and the bridges do in most of these tests.
+    async fn recv_udp(&mut self, from: &str, data: &[u8]) {
+        self.recv(from, Transport::Udp, data).await;
+    }
+
+    /// `from` answers `req` with a bare 200 (no tag, Contact or body), as a BYE is answered.
+    async fn answer_ok(&mut self, from: &str, req: &[u8]) {
+        self.recv_udp(from, &reply(req, 200, None, None, b"")).await;
+    }
+
+    /// The VCS sends INVITE `n` for meet.`n` over UDP; returns that INVITE, the first-ranked
+    /// bridge of conference meet-`n` and the B-leg INVITE sent to it.
+    async fn invite_to_bridge(&mut self, n: u32) -> (Vec<u8>, String, Vec<u8>) {
+        let inv = invite(n, &format!("meet.{n}"));
+        self.recv_udp(VCS, &inv).await;
+        let bridge = bridge_of(&self.cfg, &format!("meet-{n}"), 0);
+        let binv = self.take(&bridge, "INVITE");
+        (inv, bridge, binv)
+    }
+
+    /// The VCS sends INVITE `n` for meet.`n` and is refused with 503; that 503's Warning.
+    async fn refused_warning(&mut self, n: u32) -> String {
+        self.recv_udp(VCS, &invite(n, &format!("meet.{n}"))).await;
+        warning(&self.take(VCS, "503"))
+    }
+
+    /// The bridge hangs up the call whose B leg it answered with `b200`: our 200 to it is taken,
+    /// and the BYE relayed to the VCS is returned (not yet answered).
+    async fn bye_from_bridge(&mut self, bridge: &str, b200: &[u8], branch: &str) -> Vec<u8> {
+        let bye = Leg::bridge(bridge, b200).request("BYE", 11, branch, b"");
+        self.recv_udp(bridge, &bye).await;
+        self.take(bridge, "200");
+        self.take(VCS, "BYE")
+    }
+
     async fn advance(&mut self, d: Duration) {
         let end = self.now + d;
         while self.now < end {
@@ -146,6 +181,14 @@ impl<L: BandwidthLedger> World<L> {
                 )
             });
         self.out.remove(i).data.to_vec()
+    }
+
+    /// The first unread message matching `what` (to any destination), left unread.
+    fn peek(&self, what: &str) -> &Transmit {
+        self.out
+            .iter()
+            .find(|t| label(&t.data) == what)
+            .unwrap_or_else(|| panic!("no {what} sent"))
     }
 
     fn nothing_to(&self, dest: &str, what: &str) -> bool {
@@ -247,6 +290,79 @@ fn in_dialog(
     out
 }
 
+/// One end of a dialog as that end writes its in-dialog requests to us: where it sends from and
+/// its From, To and Call-ID (what [`in_dialog`] needs besides the request's own fields).
+struct Leg {
+    via_host: String,
+    from: String,
+    to: String,
+    call_id: String,
+}
+
+impl Leg {
+    /// The VCS in call `n`'s A dialog (Call-ID vcs-call-`n`), with From and To as in `ours`, a
+    /// response we sent on the A leg.
+    fn caller(n: u32, ours: &[u8]) -> Leg {
+        let m = msg(ours);
+        Leg {
+            via_host: "10.96.3.1:5060".into(),
+            from: m.header(Hdr::From).unwrap().into(),
+            to: m.header(Hdr::To).unwrap().into(),
+            call_id: format!("vcs-call-{n}"),
+        }
+    }
+
+    /// The bridge at `bridge` in the B dialog it answered with `b200` (its tag is the To tag there).
+    fn bridge(bridge: &str, b200: &[u8]) -> Leg {
+        let m = msg(b200);
+        Leg {
+            via_host: bridge.into(),
+            from: m.header(Hdr::To).unwrap().into(),
+            to: m.header(Hdr::From).unwrap().into(),
+            call_id: m.call_id().unwrap().into(),
+        }
+    }
+
+    /// An in-dialog request to our URI (sip:confmesh@10.96.1.1).
+    fn request(&self, method: &str, cseq: u32, branch: &str, body: &[u8]) -> Vec<u8> {
+        in_dialog(
+            method,
+            "sip:confmesh@10.96.1.1",
+            &self.via_host,
+            &self.from,
+            &self.to,
+            &self.call_id,
+            cseq,
+            branch,
+            body,
+        )
+    }
+}
+
+/// A bridge's 200 to `req` with its Contact (`<sip:bridge@addr>`) and the SDP `body`.
+fn bridge_ok(req: &[u8], bridge: &str, to_tag: Option<&str>, body: &[u8]) -> Vec<u8> {
+    let contact = format!("<sip:bridge@{bridge}>");
+    reply(req, 200, to_tag, Some(&contact), body)
+}
+
+/// The value of the first Warning header of `data` (there must be one).
+fn warning(data: &[u8]) -> String {
+    msg(data)
+        .headers()
+        .iter()
+        .find(|h| h.name == "Warning")
+        .map(|h| h.value.to_owned())
+        .unwrap()
+}
+
+/// Whether any Warning header of `data` contains `text`.
+fn has_warning(data: &[u8], text: &str) -> bool {
+    msg(data)
+        .headers()
+        .iter()
+        .any(|h| h.name == "Warning" && h.value.contains(text))
+}
+
 fn bridge_of(cfg: &RoutingConfig, conference: &str, nth: usize) -> String {
     let b = rank_bridges(conference, cfg.bridges.values())[nth];
     b.addr.to_string()
@@ -257,32 +373,23 @@ async fn connected_call<L: BandwidthLedger>(
     w: &mut World<L>,
     n: u32,
 ) -> (String, Vec<u8>, Vec<u8>, Vec<u8>) {
-    let inv = invite(n, &format!("meet.{n}"));
-    w.recv(VCS, Transport::Udp, &inv).await;
+    let (inv, bridge, binv) = w.invite_to_bridge(n).await;
     w.take(VCS, "100");
-    let bridge = bridge_of(&w.cfg, &format!("meet-{n}"), 0);
-    let binv = w.take(&bridge, "INVITE");
-    let b200 = reply(
+    let b200 = bridge_ok(
         &binv,
-        200,
+        &bridge,
         Some("bt"),
-        Some(&format!("<sip:bridge@{bridge}>")),
         b"v=0\r\nm=video 5000 RTP/AVP 96\r\n",
     );
-    w.recv(&bridge, Transport::Udp, &b200).await;
+    w.recv_udp(&bridge, &b200).await;
     let a200 = w.take(VCS, "200");
-    let ack = in_dialog(
-        "ACK",
-        "sip:confmesh@10.96.1.1",
-        "10.96.3.1:5060",
-        msg(&inv).header(Hdr::From).unwrap(),
-        msg(&a200).header(Hdr::To).unwrap(),
-        &format!("vcs-call-{n}"),
-        1,
-        &format!("z9hG4bKack{n}"),
-        b"",
-    );
-    w.recv(VCS, Transport::Udp, &ack).await;
+    // The ACK's From is the INVITE's, its To (with our tag) the 200's.
+    let caller = Leg {
+        from: msg(&inv).header(Hdr::From).unwrap().into(),
+        ..Leg::caller(n, &a200)
+    };
+    let ack = caller.request("ACK", 1, &format!("z9hG4bKack{n}"), b"");
+    w.recv_udp(VCS, &ack).await;
     w.take(&bridge, "ACK");
     (bridge, binv, a200, b200)
 }
@@ -290,11 +397,8 @@ async fn connected_call<L: BandwidthLedger>(
 #[tokio::test]
 async fn legs_are_separate_dialogs_and_sdp_passes() {
     let mut w = World::new(100_000);
-    let inv = invite(1, "meet.1");
-    w.recv(VCS, Transport::Udp, &inv).await;
+    let (inv, bridge, binv) = w.invite_to_bridge(1).await;
     w.take(VCS, "100");
-    let bridge = bridge_of(&w.cfg, "meet-1", 0);
-    let binv = w.take(&bridge, "INVITE");
     let b = msg(&binv);
     assert_ne!(b.call_id(), Some("vcs-call-1"), "new Call-ID on the B leg");
     assert_ne!(b.from_tag(), Some("vf1"), "new From tag on the B leg");
@@ -313,12 +417,8 @@ async fn legs_are_separate_dialogs_and_sdp_passes() {
         matches!(b.start, StartLine::Request { uri, .. } if uri.starts_with("sip:meet-1@10.96.4."))
     );
 
-    w.recv(
-        &bridge,
-        Transport::Udp,
-        &reply(&binv, 180, Some("bt"), None, b""),
-    )
-    .await;
+    w.recv_udp(&bridge, &reply(&binv, 180, Some("bt"), None, b""))
+        .await;
     let a180 = w.take(VCS, "180");
     let m = msg(&a180);
     assert_eq!(m.call_id(), Some("vcs-call-1"));
@@ -329,18 +429,15 @@ async fn legs_are_separate_dialogs_and_sdp_passes() {
         "Record-Route echoed on the A leg"
     );
     let answer = b"v=0\r\nm=video 5000 RTP/AVP 96\r\n";
-    w.recv(
-        &bridge,
-        Transport::Udp,
-        &reply(
-            &binv,
-            200,
-            Some("bt"),
-            Some("<sip:bridge@10.96.4.9>"),
-            answer,
-        ),
-    )
-    .await;
+    // The bridge's Contact names another address: the ACK must go there.
+    let b200 = reply(
+        &binv,
+        200,
+        Some("bt"),
+        Some("<sip:bridge@10.96.4.9>"),
+        answer,
+    );
+    w.recv_udp(&bridge, &b200).await;
     let a200 = w.take(VCS, "200");
     let m = msg(&a200);
     assert_eq!(m.body, answer, "SDP answer passed through");
@@ -353,35 +450,14 @@ async fn legs_are_separate_dialogs_and_sdp_passes() {
         w.nothing_to(&bridge, "ACK"),
         "B is ACKed when A ACKs (late-offer safe)"
     );
-    let ack = in_dialog(
-        "ACK",
-        "sip:confmesh@10.96.1.1",
-        "10.96.3.1:5060",
-        m.header(Hdr::From).unwrap(),
-        m.header(Hdr::To).unwrap(),
-        "vcs-call-1",
-        1,
-        "z9hG4bKa1",
-        b"",
-    );
-    w.recv(VCS, Transport::Udp, &ack).await;
+    let ack = Leg::caller(1, &a200).request("ACK", 1, "z9hG4bKa1", b"");
+    w.recv_udp(VCS, &ack).await;
     let back = w.take("10.96.4.9:5060", "ACK");
     assert_eq!(msg(&back).to_tag(), Some("bt"));
     assert_eq!(w.core.stats().calls_answered, 1);
 
     // The bridge retransmits its 200 (our ACK lost): the same ACK goes again.
-    w.recv(
-        &bridge,
-        Transport::Udp,
-        &reply(
-            &binv,
-            200,
-            Some("bt"),
-            Some("<sip:bridge@10.96.4.9>"),
-            answer,
-        ),
-    )
-    .await;
+    w.recv_udp(&bridge, &b200).await;
     w.take("10.96.4.9:5060", "ACK");
 }
 
@@ -390,21 +466,11 @@ async fn reinvite_both_ways_and_bye() {
     let mut w = World::new(100_000);
     let (bridge, binv, a200, b200) = connected_call(&mut w, 2).await;
     let _ = &binv;
-    let (am, bm) = (msg(&a200), msg(&b200));
+    let (caller, from_bridge) = (Leg::caller(2, &a200), Leg::bridge(&bridge, &b200));
     // Re-INVITE from the VCS with a new offer reaches the bridge with the new SDP and CSeq 2.
     let offer = b"v=0\r\nm=audio 4002 RTP/AVP 0\r\n";
-    let reinv = in_dialog(
-        "INVITE",
-        "sip:confmesh@10.96.1.1",
-        "10.96.3.1:5060",
-        am.header(Hdr::From).unwrap(),
-        am.header(Hdr::To).unwrap(),
-        "vcs-call-2",
-        2,
-        "z9hG4bKre1",
-        offer,
-    );
-    w.recv(VCS, Transport::Udp, &reinv).await;
+    let reinv = caller.request("INVITE", 2, "z9hG4bKre1", offer);
+    w.recv_udp(VCS, &reinv).await;
     let breinv = w.take(&bridge, "INVITE");
     let m = msg(&breinv);
     assert_eq!(m.body, offer);
@@ -412,60 +478,23 @@ async fn reinvite_both_ways_and_bye() {
     assert_eq!(m.to_tag(), Some("bt"));
     assert_eq!(m.call_id(), msg(&binv).call_id());
     // A second re-INVITE while one is pending: 491.
-    let again = in_dialog(
-        "INVITE",
-        "sip:confmesh@10.96.1.1",
-        "10.96.3.1:5060",
-        am.header(Hdr::From).unwrap(),
-        am.header(Hdr::To).unwrap(),
-        "vcs-call-2",
-        3,
-        "z9hG4bKre2",
-        offer,
-    );
-    w.recv(VCS, Transport::Udp, &again).await;
+    let again = caller.request("INVITE", 3, "z9hG4bKre2", offer);
+    w.recv_udp(VCS, &again).await;
     w.take(VCS, "491");
-    w.recv(
+    w.recv_udp(
         &bridge,
-        Transport::Udp,
-        &reply(
-            &breinv,
-            200,
-            None,
-            Some(&format!("<sip:bridge@{bridge}>")),
-            b"v=0\r\nanswer2\r\n",
-        ),
+        &bridge_ok(&breinv, &bridge, None, b"v=0\r\nanswer2\r\n"),
     )
     .await;
     let r200 = w.take(VCS, "200");
     assert_eq!(msg(&r200).body, b"v=0\r\nanswer2\r\n");
-    let ack = in_dialog(
-        "ACK",
-        "sip:confmesh@10.96.1.1",
-        "10.96.3.1:5060",
-        am.header(Hdr::From).unwrap(),
-        am.header(Hdr::To).unwrap(),
-        "vcs-call-2",
-        2,
-        "z9hG4bKra",
-        b"",
-    );
-    w.recv(VCS, Transport::Udp, &ack).await;
+    let ack = caller.request("ACK", 2, "z9hG4bKra", b"");
+    w.recv_udp(VCS, &ack).await;
     assert_eq!(msg(&w.take(&bridge, "ACK")).cseq(), Some((2, "ACK")));
 
     // Re-INVITE from the bridge reaches the VCS inside the A dialog.
-    let from_b = in_dialog(
-        "INVITE",
-        "sip:confmesh@10.96.1.1",
-        &bridge,
-        bm.header(Hdr::To).unwrap(),
-        bm.header(Hdr::From).unwrap(),
-        bm.call_id().unwrap(),
-        10,
-        "z9hG4bKbre",
-        b"v=0\r\nfromB\r\n",
-    );
-    w.recv(&bridge, Transport::Udp, &from_b).await;
+    let from_b = from_bridge.request("INVITE", 10, "z9hG4bKbre", b"v=0\r\nfromB\r\n");
+    w.recv_udp(&bridge, &from_b).await;
     let areinv = w.take(VCS, "INVITE");
     let m = msg(&areinv);
     assert_eq!(m.call_id(), Some("vcs-call-2"));
@@ -475,29 +504,14 @@ async fn reinvite_both_ways_and_bye() {
         Some("<sip:vcs-rr.example.com;lr>"),
         "A's route set used"
     );
-    w.recv(VCS, Transport::Udp, &reply(&areinv, 488, None, None, b""))
-        .await;
+    w.recv_udp(VCS, &reply(&areinv, 488, None, None, b"")).await;
     w.take(VCS, "ACK");
     w.take(&bridge, "488");
 
     // BYE from the bridge: 200 to it, BYE to the VCS; the call ends when the VCS answers.
-    let bye = in_dialog(
-        "BYE",
-        "sip:confmesh@10.96.1.1",
-        &bridge,
-        bm.header(Hdr::To).unwrap(),
-        bm.header(Hdr::From).unwrap(),
-        bm.call_id().unwrap(),
-        11,
-        "z9hG4bKbye",
-        b"",
-    );
-    w.recv(&bridge, Transport::Udp, &bye).await;
-    w.take(&bridge, "200");
-    let abye = w.take(VCS, "BYE");
+    let abye = w.bye_from_bridge(&bridge, &b200, "z9hG4bKbye").await;
     assert_eq!(w.core.stats().calls_active, 1);
-    w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b""))
-        .await;
+    w.answer_ok(VCS, &abye).await;
     assert_eq!(w.core.stats().calls_active, 0);
     assert!(w.router.directory.snapshot().is_empty());
 }
@@ -506,50 +520,29 @@ async fn reinvite_both_ways_and_bye() {
 async fn errors_are_relayed_and_bridge_failures_fail_over() {
     let mut w = World::new(100_000);
     // 603 Decline from the bridge is an answer about the call, not a bridge failure: relayed.
-    w.recv(VCS, Transport::Udp, &invite(3, "meet.3")).await;
-    let first = bridge_of(&w.cfg, "meet-3", 0);
-    let binv = w.take(&first, "INVITE");
-    w.recv(
-        &first,
-        Transport::Udp,
-        &reply(&binv, 603, Some("bt"), None, b""),
-    )
-    .await;
+    let (_, first, binv) = w.invite_to_bridge(3).await;
+    w.recv_udp(&first, &reply(&binv, 603, Some("bt"), None, b""))
+        .await;
     w.take(&first, "ACK");
     let a603 = w.take(VCS, "603");
     assert_eq!(msg(&a603).call_id(), Some("vcs-call-3"));
     assert_eq!(w.core.stats().bridge_failovers, 0);
 
     // 503 from the first bridge of a conference not yet started: moved to the next bridge.
-    w.recv(VCS, Transport::Udp, &invite(4, "meet.4")).await;
-    let (first, second) = (
-        bridge_of(&w.cfg, "meet-4", 0),
-        bridge_of(&w.cfg, "meet-4", 1),
-    );
-    let binv = w.take(&first, "INVITE");
-    w.recv(
-        &first,
-        Transport::Udp,
-        &reply(&binv, 503, Some("bt"), None, b""),
-    )
-    .await;
+    let (_, first, binv) = w.invite_to_bridge(4).await;
+    let second = bridge_of(&w.cfg, "meet-4", 1);
+    w.recv_udp(&first, &reply(&binv, 503, Some("bt"), None, b""))
+        .await;
     let binv2 = w.take(&second, "INVITE");
     assert_ne!(msg(&binv2).call_id(), msg(&binv).call_id());
     assert!(w.nothing_to(VCS, "503"));
     assert_eq!(w.core.stats().bridge_failovers, 1);
     // The second fails too: no third bridge, so the caller gets 503 with a reason.
-    w.recv(
-        &second,
-        Transport::Udp,
-        &reply(&binv2, 503, Some("bt2"), None, b""),
-    )
-    .await;
+    w.recv_udp(&second, &reply(&binv2, 503, Some("bt2"), None, b""))
+        .await;
     let a503 = w.take(VCS, "503");
     assert!(
-        msg(&a503)
-            .headers()
-            .iter()
-            .any(|h| h.name == "Warning" && h.value.contains("no bridge available")),
+        has_warning(&a503, "no bridge available"),
         "{}",
         String::from_utf8_lossy(&a503)
     );
@@ -562,29 +555,19 @@ async fn admission_by_location_bandwidth() {
     let mut w = World::new(2500);
     connected_call(&mut w, 5).await;
     connected_call(&mut w, 6).await;
-    w.recv(VCS, Transport::Udp, &invite(7, "meet.7")).await;
-    let r = w.take(VCS, "503");
-    let warning = msg(&r)
-        .headers()
-        .iter()
-        .find(|h| h.name == "Warning")
-        .map(|h| h.value.to_owned())
-        .unwrap();
+    let warning = w.refused_warning(7).await;
     assert!(
         warning.starts_with("399 cm1 ") && warning.contains("location hq"),
         "{warning}"
     );
-    w.recv(VCS, Transport::Udp, &invite(8, "unknown")).await;
+    w.recv_udp(VCS, &invite(8, "unknown")).await;
     w.take(VCS, "404");
 }
 
 #[tokio::test]
 async fn cancel_before_the_bridge_rings_and_unanswered_200() {
     let mut w = World::new(100_000);
-    let inv = invite(9, "meet.9");
-    w.recv(VCS, Transport::Udp, &inv).await;
-    let bridge = bridge_of(&w.cfg, "meet-9", 0);
-    let binv = w.take(&bridge, "INVITE");
+    let (inv, bridge, binv) = w.invite_to_bridge(9).await;
     let im = msg(&inv);
     let cancel = in_dialog(
         "CANCEL",
@@ -597,7 +580,7 @@ async fn cancel_before_the_bridge_rings_and_unanswered_200() {
         "z9hG4bKvcs9",
         b"",
     );
-    w.recv(VCS, Transport::Udp, &cancel).await;
+    w.recv_udp(VCS, &cancel).await;
     w.take(VCS, "200");
     w.take(VCS, "487");
     assert!(
@@ -605,22 +588,10 @@ async fn cancel_before_the_bridge_rings_and_unanswered_200() {
         "no CANCEL before a provisional response"
     );
     // The bridge answers anyway: ACK then BYE, and the caller hears nothing more.
-    w.recv(
-        &bridge,
-        Transport::Udp,
-        &reply(
-            &binv,
-            200,
-            Some("bt"),
-            Some(&format!("<sip:b@{bridge}>")),
-            b"v=0\r\n",
-        ),
-    )
-    .await;
+    w.recv_udp(&bridge, &bare_bridge_ok(&binv, &bridge)).await;
     w.take(&bridge, "ACK");
     let bye = w.take(&bridge, "BYE");
-    w.recv(&bridge, Transport::Udp, &reply(&bye, 200, None, None, b""))
-        .await;
+    w.answer_ok(&bridge, &bye).await;
     assert_eq!(w.core.stats().calls_active, 0);
 
     // A caller that never ACKs our 200: after 64*T1 both legs are hung up.
@@ -631,23 +602,16 @@ async fn cancel_before_the_bridge_rings_and_unanswered_200() {
     w.take(VCS, "BYE");
 }
 
+/// A bridge's 200 to `binv` (To tag bt, Contact `<sip:b@addr>`, SDP `v=0`), for the tests that
+/// only need the call answered.
+fn bare_bridge_ok(binv: &[u8], bridge: &str) -> Vec<u8> {
+    let contact = format!("<sip:b@{bridge}>");
+    reply(binv, 200, Some("bt"), Some(&contact), b"v=0\r\n")
+}
+
 async fn connected_call_without_ack(w: &mut World, n: u32) -> (String, Vec<u8>) {
-    w.recv(VCS, Transport::Udp, &invite(n, &format!("meet.{n}")))
-        .await;
-    let bridge = bridge_of(&w.cfg, &format!("meet-{n}"), 0);
-    let binv = w.take(&bridge, "INVITE");
-    w.recv(
-        &bridge,
-        Transport::Udp,
-        &reply(
-            &binv,
-            200,
-            Some("bt"),
-            Some(&format!("<sip:b@{bridge}>")),
-            b"v=0\r\n",
-        ),
-    )
-    .await;
+    let (_, bridge, binv) = w.invite_to_bridge(n).await;
+    w.recv_udp(&bridge, &bare_bridge_ok(&binv, &bridge)).await;
     w.take(VCS, "200");
     (bridge, binv)
 }
@@ -655,51 +619,36 @@ async fn connected_call_without_ack(w: &mut World, n: u32) -> (String, Vec<u8>) 
 #[tokio::test]
 async fn out_of_dialog_requests() {
     let mut w = World::new(100_000);
-    let opts = in_dialog(
-        "OPTIONS",
-        "sip:10.96.1.1",
-        "10.96.3.1:5060",
-        "<sip:vcs@x>;tag=o1",
-        "<sip:cm@y>",
-        "opt-1",
-        1,
-        "z9hG4bKo1",
-        b"",
-    );
-    w.recv(VCS, Transport::Udp, &opts).await;
+    // Requests from the VCS to our bare address, in no dialog we know.
+    let request = |method: &str, to: &str, call_id: &str, branch: &str| {
+        let from = "<sip:vcs@x>;tag=o1";
+        in_dialog(
+            method,
+            "sip:10.96.1.1",
+            "10.96.3.1:5060",
+            from,
+            to,
+            call_id,
+            1,
+            branch,
+            b"",
+        )
+    };
+    let opts = request("OPTIONS", "<sip:cm@y>", "opt-1", "z9hG4bKo1");
+    w.recv_udp(VCS, &opts).await;
     assert!(
         msg(&w.take(VCS, "200"))
             .headers()
             .iter()
             .any(|h| h.name == "Allow")
     );
-    let bye = in_dialog(
-        "BYE",
-        "sip:10.96.1.1",
-        "10.96.3.1:5060",
-        "<sip:vcs@x>;tag=o1",
-        "<sip:cm@y>;tag=zz",
-        "nope",
-        1,
-        "z9hG4bKo2",
-        b"",
-    );
-    w.recv(VCS, Transport::Udp, &bye).await;
+    let bye = request("BYE", "<sip:cm@y>;tag=zz", "nope", "z9hG4bKo2");
+    w.recv_udp(VCS, &bye).await;
     w.take(VCS, "481");
-    let reg = in_dialog(
-        "REGISTER",
-        "sip:10.96.1.1",
-        "10.96.3.1:5060",
-        "<sip:vcs@x>;tag=o1",
-        "<sip:cm@y>",
-        "reg",
-        1,
-        "z9hG4bKo3",
-        b"",
-    );
-    w.recv(VCS, Transport::Udp, &reg).await;
+    let reg = request("REGISTER", "<sip:cm@y>", "reg", "z9hG4bKo3");
+    w.recv_udp(VCS, &reg).await;
     w.take(VCS, "405");
-    w.recv(VCS, Transport::Udp, b"INVITE sip:x@y SIP/2.0\r\nVia: SIP/2.0/UDP 10.96.3.1;branch=z9hG4bKq\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:x@y>\r\nCall-ID: q\r\nCSeq: 1 INVITE\r\nContent-Length: 99\r\n\r\n").await;
+    w.recv_udp(VCS, b"INVITE sip:x@y SIP/2.0\r\nVia: SIP/2.0/UDP 10.96.3.1;branch=z9hG4bKq\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:x@y>\r\nCall-ID: q\r\nCSeq: 1 INVITE\r\nContent-Length: 99\r\n\r\n").await;
     w.take(VCS, "400");
     assert_eq!(w.core.stats().parse_errors, 1);
 }
@@ -952,15 +901,7 @@ async fn location_limit_holds_across_two_peers_with_bandwidth_updates() {
         (2000, 2000)
     );
     for (p, n) in [(&mut p1, 33), (&mut p2, 34)] {
-        p.recv(VCS, Transport::Udp, &invite(n, &format!("meet.{n}")))
-            .await;
-        let r = p.take(VCS, "503");
-        let warning = msg(&r)
-            .headers()
-            .iter()
-            .find(|h| h.name == "Warning")
-            .map(|h| h.value.to_owned())
-            .unwrap();
+        let warning = p.refused_warning(n).await;
         assert!(
             warning.contains("location hq") && warning.contains("2000 of 2500"),
             "{warning}"
@@ -968,23 +909,8 @@ async fn location_limit_holds_across_two_peers_with_bandwidth_updates() {
     }
 
     // The bridge hangs up the call on peer 1; peer 2 hears of it and admits a new call.
-    let bm = msg(&b200);
-    let bye = in_dialog(
-        "BYE",
-        "sip:confmesh@10.96.1.1",
-        &bridge,
-        bm.header(Hdr::To).unwrap(),
-        bm.header(Hdr::From).unwrap(),
-        bm.call_id().unwrap(),
-        11,
-        "z9hG4bKbye31",
-        b"",
-    );
-    p1.recv(&bridge, Transport::Udp, &bye).await;
-    p1.take(&bridge, "200");
-    let abye = p1.take(VCS, "BYE");
-    p1.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b""))
-        .await;
+    let abye = p1.bye_from_bridge(&bridge, &b200, "z9hG4bKbye31").await;
+    p1.answer_ok(VCS, &abye).await;
     assert_eq!(p2.router.ledger.usage_kbps("hq"), 2000, "not yet heard");
     assert!(ship(&c1, m1, &c2, t0) >= 1, "the release is sent at once");
     assert_eq!(p2.router.ledger.usage_kbps("hq"), 1000);
@@ -1040,10 +966,8 @@ async fn established_call_with_a_lost_bye_ends_at_the_maximum_duration() {
         w.router.directory.snapshot().is_empty(),
         "participant released at the limit"
     );
-    w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b""))
-        .await;
-    w.recv(&bridge, Transport::Udp, &reply(&bbye, 200, None, None, b""))
-        .await;
+    w.answer_ok(VCS, &abye).await;
+    w.answer_ok(&bridge, &bbye).await;
     let st = w.core.stats();
     assert_eq!((st.calls_active, st.transactions > 0), (0, true), "{st:?}");
     // Every transaction lingers out: nothing of the call is left.
@@ -1057,25 +981,13 @@ async fn established_call_with_a_lost_bye_ends_at_the_maximum_duration() {
 async fn ringing_call_ends_at_the_maximum_duration_even_if_the_bridge_ignores_cancel() {
     let mut w = World::new(100_000);
     w.core.set_max_call_duration(Duration::from_secs(60));
-    let inv = invite(21, "meet.21");
-    w.recv(VCS, Transport::Udp, &inv).await;
-    let bridge = bridge_of(&w.cfg, "meet-21", 0);
-    let binv = w.take(&bridge, "INVITE");
-    w.recv(
-        &bridge,
-        Transport::Udp,
-        &reply(&binv, 180, Some("bt"), None, b""),
-    )
-    .await;
+    let (_, bridge, binv) = w.invite_to_bridge(21).await;
+    w.recv_udp(&bridge, &reply(&binv, 180, Some("bt"), None, b""))
+        .await;
     w.take(VCS, "180");
     w.advance(Duration::from_secs(61)).await;
     let a408 = w.take(VCS, "408");
-    assert!(
-        msg(&a408)
-            .headers()
-            .iter()
-            .any(|h| h.name == "Warning" && h.value.contains("maximum call duration"))
-    );
+    assert!(has_warning(&a408, "maximum call duration"));
     w.take(&bridge, "CANCEL");
     assert_eq!(w.core.stats().calls_active, 1, "waits for the bridge's 487");
     w.advance(Duration::from_secs(33)).await;
@@ -1089,30 +1001,12 @@ async fn ringing_call_ends_at_the_maximum_duration_even_if_the_bridge_ignores_ca
 async fn unacknowledged_reinvite_answer_hangs_up_both_legs() {
     let mut w = World::new(100_000);
     let (bridge, _binv, a200, _b200) = connected_call(&mut w, 22).await;
-    let am = msg(&a200);
-    let reinv = in_dialog(
-        "INVITE",
-        "sip:confmesh@10.96.1.1",
-        "10.96.3.1:5060",
-        am.header(Hdr::From).unwrap(),
-        am.header(Hdr::To).unwrap(),
-        "vcs-call-22",
-        2,
-        "z9hG4bKre22",
-        b"v=0\r\n",
-    );
-    w.recv(VCS, Transport::Udp, &reinv).await;
+    let reinv = Leg::caller(22, &a200).request("INVITE", 2, "z9hG4bKre22", b"v=0\r\n");
+    w.recv_udp(VCS, &reinv).await;
     let breinv = w.take(&bridge, "INVITE");
-    w.recv(
+    w.recv_udp(
         &bridge,
-        Transport::Udp,
-        &reply(
-            &breinv,
-            200,
-            None,
-            Some(&format!("<sip:bridge@{bridge}>")),
-            b"v=0\r\nanswer\r\n",
-        ),
+        &bridge_ok(&breinv, &bridge, None, b"v=0\r\nanswer\r\n"),
     )
     .await;
     w.take(VCS, "200");
@@ -1123,10 +1017,8 @@ async fn unacknowledged_reinvite_answer_hangs_up_both_legs() {
     let bbye = w.take(&bridge, "BYE");
     let abye = w.take(VCS, "BYE");
     assert_eq!(w.core.stats().calls_unacknowledged, 1);
-    w.recv(VCS, Transport::Udp, &reply(&abye, 200, None, None, b""))
-        .await;
-    w.recv(&bridge, Transport::Udp, &reply(&bbye, 200, None, None, b""))
-        .await;
+    w.answer_ok(VCS, &abye).await;
+    w.answer_ok(&bridge, &bbye).await;
     assert_eq!(w.core.stats().calls_active, 0);
 }
 
@@ -1151,6 +1043,17 @@ fn probing_core(failures: u32) -> (B2bua, Instant, Transmit) {
     core.handle_timeout(now);
     let t = core.poll_transmit().expect("first probe");
     (core, now, t)
+}
+
+/// The probed bridge answers `probe` with `code`.
+fn answer_probe(core: &mut B2bua, now: Instant, probe: &Transmit, code: u16) {
+    core.handle_datagram(
+        now,
+        a("10.96.4.1:5060"),
+        a(ME),
+        Transport::Udp,
+        &reply(&probe.data, code, Some("o"), None, b""),
+    );
 }
 
 /// Bridge health events the core emitted since the last call.
@@ -1185,16 +1088,7 @@ fn bridge_health_is_hysteretic() {
         }
         probe.expect("a new probe every interval")
     };
-    let answer = |core: &mut B2bua, now: Instant, probe: &Transmit, code: u16| {
-        core.handle_datagram(
-            now,
-            a("10.96.4.1:5060"),
-            a(ME),
-            Transport::Udp,
-            &reply(&probe.data, code, Some("o"), None, b""),
-        );
-    };
-    answer(&mut core, now, &p1, 200);
+    answer_probe(&mut core, now, &p1, 200);
     assert_eq!(health_events(&mut core), vec![true]);
     let p2 = step(&mut core, &mut now);
     let _p3 = step(&mut core, &mut now); // p2 unanswered: 1
@@ -1205,7 +1099,7 @@ fn bridge_health_is_hysteretic() {
         "down after two consecutive misses"
     );
     // The late answer to a missed probe still proves the bridge alive: the count starts again.
-    answer(&mut core, now, &p2, 200);
+    answer_probe(&mut core, now, &p2, 200);
     let _p5 = step(&mut core, &mut now); // p4 unanswered: 1
     let p6 = step(&mut core, &mut now); // p5 unanswered: 2
     assert_eq!(
@@ -1220,7 +1114,7 @@ fn bridge_health_is_hysteretic() {
         "down after three consecutive misses"
     );
     // A 503 is an answer: the bridge's SIP stack is alive (a call it refuses fails over anyway).
-    answer(&mut core, now, &p6, 503);
+    answer_probe(&mut core, now, &p6, 503);
     assert_eq!(health_events(&mut core), vec![true]);
 }
 
@@ -1228,13 +1122,7 @@ fn bridge_health_is_hysteretic() {
 #[test]
 fn one_allowed_failure_marks_down_at_the_first_miss() {
     let (mut core, mut now, first) = probing_core(1);
-    core.handle_datagram(
-        now,
-        a("10.96.4.1:5060"),
-        a(ME),
-        Transport::Udp,
-        &reply(&first.data, 200, Some("o"), None, b""),
-    );
+    answer_probe(&mut core, now, &first, 200);
     assert_eq!(health_events(&mut core), vec![true]);
     now += Duration::from_secs(1);
     core.handle_timeout(now);
@@ -1259,7 +1147,7 @@ async fn tcp_messages_to_the_caller_carry_where_to_reconnect() {
         )
         .replace("Record-Route: <sip:vcs-rr.example.com;lr>\r\n", "");
     w.recv(src, Transport::Tcp, inv.as_bytes()).await;
-    let trying = w.out.iter().find(|t| label(&t.data) == "100").unwrap();
+    let trying = w.peek("100");
     assert_eq!(
         (trying.dest, trying.fallback),
         (a(src), Some(a("10.96.3.1:5062")))
@@ -1274,51 +1162,27 @@ async fn tcp_messages_to_the_caller_carry_where_to_reconnect() {
         None,
         "UDP: no fallback"
     );
-    let b200 = reply(
-        &binv,
-        200,
-        Some("bt"),
-        Some(&format!("<sip:bridge@{bridge}>")),
-        b"v=0\r\n",
-    );
-    w.recv(&bridge, Transport::Udp, &b200).await;
-    let a200 = w
-        .out
-        .iter()
-        .find(|t| label(&t.data) == "200")
-        .unwrap()
-        .clone();
+    let b200 = bridge_ok(&binv, &bridge, Some("bt"), b"v=0\r\n");
+    w.recv_udp(&bridge, &b200).await;
+    let a200 = w.peek("200").clone();
     assert_eq!(
         (a200.dest, a200.fallback),
         (a(src), Some(a("10.96.3.1:5062")))
     );
-    let am = msg(&a200.data);
-    let ack = in_dialog(
-        "ACK",
-        "sip:confmesh@10.96.1.1",
-        "10.96.3.1:5062",
-        am.header(Hdr::From).unwrap(),
-        am.header(Hdr::To).unwrap(),
-        "vcs-call-30",
-        1,
-        "z9hG4bKack30",
-        b"",
-    );
-    w.recv(src, Transport::Tcp, &ack).await;
-    let bm = msg(&b200);
-    let bye = in_dialog(
-        "BYE",
-        "sip:confmesh@10.96.1.1",
-        &bridge,
-        bm.header(Hdr::To).unwrap(),
-        bm.header(Hdr::From).unwrap(),
-        bm.call_id().unwrap(),
-        11,
-        "z9hG4bKbye30",
-        b"",
-    );
-    w.recv(&bridge, Transport::Udp, &bye).await;
-    let abye = w.out.iter().find(|t| label(&t.data) == "BYE").unwrap();
+    // The VCS sends from its TCP Via port.
+    let caller = Leg {
+        via_host: "10.96.3.1:5062".into(),
+        ..Leg::caller(30, &a200.data)
+    };
+    w.recv(
+        src,
+        Transport::Tcp,
+        &caller.request("ACK", 1, "z9hG4bKack30", b""),
+    )
+    .await;
+    let bye = Leg::bridge(&bridge, &b200).request("BYE", 11, "z9hG4bKbye30", b"");
+    w.recv_udp(&bridge, &bye).await;
+    let abye = w.peek("BYE");
     assert_eq!(
         (abye.dest, abye.transport, abye.fallback),
         (a(src), Transport::Tcp, Some(a("10.96.3.1:5070")))

@@ -9,16 +9,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use confmesh::sip::Transport;
 use confmesh::sip::parse::{Framing, parse};
-use confmesh::sip::transaction::{Incoming, TimerConfig, Transactions, Transmit, TxnEvent};
+use confmesh::sip::transaction::{Incoming, TimerConfig, Transactions, Transmit, TxnEvent, TxnId};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-fn request(method: &str, branch: &str, cseq_method: &str, to_tag: &str) -> Vec<u8> {
+/// A request of dialog c1 (CSeq 7, the CSeq method is `method`); `to_tag` is "" or ";tag=…".
+fn request(method: &str, branch: &str, to_tag: &str) -> Vec<u8> {
     format!(
         "{method} sip:b@10.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch={branch}\r\n\
-         From: <sip:a@x>;tag=f1\r\nTo: <sip:b@y>{to_tag}\r\nCall-ID: c1\r\nCSeq: 7 {cseq_method}\r\nContent-Length: 0\r\n\r\n"
+         From: <sip:a@x>;tag=f1\r\nTo: <sip:b@y>{to_tag}\r\nCall-ID: c1\r\nCSeq: 7 {method}\r\nContent-Length: 0\r\n\r\n"
     )
     .into_bytes()
 }
@@ -40,8 +41,13 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Harness::with_limit(100)
+    }
+
+    /// A layer that holds at most `max` transactions (the overload tests).
+    fn with_limit(max: usize) -> Self {
         Harness {
-            txns: Transactions::new(TimerConfig::default(), 100),
+            txns: Transactions::new(TimerConfig::default(), max),
             now: Instant::now(),
             local: addr("10.0.0.1:5060"),
             peer: addr("10.0.0.2:5060"),
@@ -52,6 +58,60 @@ impl Harness {
         let m = parse(bytes, Framing::Datagram).unwrap();
         self.txns
             .handle_message(self.now, &m, self.peer, self.local, transport)
+    }
+
+    /// The peer's request `method` arrives over UDP.
+    fn receive(&mut self, method: &str, branch: &str, to_tag: &str) -> Incoming {
+        self.feed(&request(method, branch, to_tag), Transport::Udp)
+    }
+
+    /// The peer's `code` response to our `method` arrives over UDP.
+    fn receive_response(&mut self, code: u16, branch: &str, method: &str) -> Incoming {
+        self.feed(&response(code, branch, method), Transport::Udp)
+    }
+
+    /// The peer's request `method` (no To tag) opens a new server transaction: its id.
+    fn accept(&mut self, method: &str, branch: &str, transport: Transport) -> TxnId {
+        match self.feed(&request(method, branch, ""), transport) {
+            Incoming::Request(id) => id,
+            other => panic!("{method} {branch} is not a new request: {other:?}"),
+        }
+    }
+
+    /// Starts a client transaction for `method` to the peer; `None` when the layer refuses it.
+    fn send(
+        &mut self,
+        method: &str,
+        branch: &str,
+        to_tag: &str,
+        transport: Transport,
+    ) -> Option<TxnId> {
+        let bytes = Bytes::from(request(method, branch, to_tag));
+        self.txns
+            .send_request(self.now, bytes, self.peer, self.local, transport)
+    }
+
+    /// Answers server transaction `id` with `code`; what [`Transactions::respond`] returned.
+    fn respond(&mut self, id: TxnId, code: u16, branch: &str, method: &str) -> bool {
+        let bytes = Bytes::from(response(code, branch, method));
+        self.txns.respond(self.now, id, code, bytes)
+    }
+
+    /// A server INVITE transaction over UDP answered with `code` (its first transmission drained).
+    fn answered_invite(&mut self, branch: &str, code: u16) -> TxnId {
+        let id = self.accept("INVITE", branch, Transport::Udp);
+        self.respond(id, code, branch, "INVITE");
+        self.sent();
+        id
+    }
+
+    /// Runs `kept` and checks that the one transaction left is still held (`why`), then runs
+    /// `more` and checks that it is gone: how long a finished transaction lingers.
+    fn lingers(&mut self, kept: Duration, more: Duration, why: &str) {
+        self.run(kept);
+        assert_eq!(self.txns.len(), 1, "{why}");
+        self.run(more);
+        assert!(self.txns.is_empty());
     }
 
     fn sent(&mut self) -> Vec<Transmit> {
@@ -87,16 +147,7 @@ fn secs(v: &[Duration]) -> Vec<f64> {
 #[test]
 fn client_invite_timers_a_and_b() {
     let mut h = Harness::new();
-    let id = h
-        .txns
-        .send_request(
-            h.now,
-            Bytes::from(request("INVITE", "z9hG4bKa", "INVITE", "")),
-            h.peer,
-            h.local,
-            Transport::Udp,
-        )
-        .unwrap();
+    let id = h.send("INVITE", "z9hG4bKa", "", Transport::Udp).unwrap();
     assert_eq!(h.sent().len(), 1);
     let (times, events) = h.run(Duration::from_secs(40));
     // Timer A doubles from T1 without cap; timer B gives up at 64*T1 = 32 s.
@@ -108,25 +159,16 @@ fn client_invite_timers_a_and_b() {
 #[test]
 fn client_invite_provisional_final_ack_and_timer_d() {
     let mut h = Harness::new();
-    let id = h
-        .txns
-        .send_request(
-            h.now,
-            Bytes::from(request("INVITE", "z9hG4bKb", "INVITE", "")),
-            h.peer,
-            h.local,
-            Transport::Udp,
-        )
-        .unwrap();
+    let id = h.send("INVITE", "z9hG4bKb", "", Transport::Udp).unwrap();
     h.sent();
     assert_eq!(
-        h.feed(&response(180, "z9hG4bKb", "INVITE"), Transport::Udp),
+        h.receive_response(180, "z9hG4bKb", "INVITE"),
         Incoming::Response(id)
     );
     let (times, _) = h.run(Duration::from_secs(5));
     assert!(times.is_empty(), "no retransmission in Proceeding");
     assert_eq!(
-        h.feed(&response(486, "z9hG4bKb", "INVITE"), Transport::Udp),
+        h.receive_response(486, "z9hG4bKb", "INVITE"),
         Incoming::Response(id)
     );
     let ack = h.sent();
@@ -137,36 +179,28 @@ fn client_invite_provisional_final_ack_and_timer_d() {
     assert_eq!(m.to_tag(), Some("t9"));
     // A retransmitted final response is absorbed and re-ACKed.
     assert_eq!(
-        h.feed(&response(486, "z9hG4bKb", "INVITE"), Transport::Udp),
+        h.receive_response(486, "z9hG4bKb", "INVITE"),
         Incoming::Absorbed
     );
     assert_eq!(h.sent().len(), 1);
-    h.run(Duration::from_secs(31));
-    assert_eq!(h.txns.len(), 1, "timer D keeps it for 32 s");
-    h.run(Duration::from_secs(2));
-    assert!(h.txns.is_empty());
+    h.lingers(
+        Duration::from_secs(31),
+        Duration::from_secs(2),
+        "timer D keeps it for 32 s",
+    );
 }
 
 #[test]
 fn client_invite_2xx_terminates_and_later_2xx_are_stray() {
     let mut h = Harness::new();
-    let id = h
-        .txns
-        .send_request(
-            h.now,
-            Bytes::from(request("INVITE", "z9hG4bKc", "INVITE", "")),
-            h.peer,
-            h.local,
-            Transport::Udp,
-        )
-        .unwrap();
+    let id = h.send("INVITE", "z9hG4bKc", "", Transport::Udp).unwrap();
     assert_eq!(
-        h.feed(&response(200, "z9hG4bKc", "INVITE"), Transport::Udp),
+        h.receive_response(200, "z9hG4bKc", "INVITE"),
         Incoming::Response(id)
     );
     assert!(h.txns.is_empty());
     assert_eq!(
-        h.feed(&response(200, "z9hG4bKc", "INVITE"), Transport::Udp),
+        h.receive_response(200, "z9hG4bKc", "INVITE"),
         Incoming::StrayResponse
     );
 }
@@ -174,16 +208,7 @@ fn client_invite_2xx_terminates_and_later_2xx_are_stray() {
 #[test]
 fn client_non_invite_timers_e_f_k() {
     let mut h = Harness::new();
-    let id = h
-        .txns
-        .send_request(
-            h.now,
-            Bytes::from(request("OPTIONS", "z9hG4bKd", "OPTIONS", "")),
-            h.peer,
-            h.local,
-            Transport::Udp,
-        )
-        .unwrap();
+    let id = h.send("OPTIONS", "z9hG4bKd", "", Transport::Udp).unwrap();
     h.sent();
     let (times, events) = h.run(Duration::from_secs(40));
     // Timer E doubles up to T2 = 4 s; timer F at 32 s.
@@ -194,60 +219,38 @@ fn client_non_invite_timers_e_f_k() {
     assert_eq!(events, vec![TxnEvent::Timeout(id)]);
 
     let id = h
-        .txns
-        .send_request(
-            h.now,
-            Bytes::from(request("BYE", "z9hG4bKe", "BYE", ";tag=t9")),
-            h.peer,
-            h.local,
-            Transport::Udp,
-        )
+        .send("BYE", "z9hG4bKe", ";tag=t9", Transport::Udp)
         .unwrap();
     h.sent();
     assert_eq!(
-        h.feed(&response(200, "z9hG4bKe", "BYE"), Transport::Udp),
+        h.receive_response(200, "z9hG4bKe", "BYE"),
         Incoming::Response(id)
     );
     assert_eq!(
-        h.feed(&response(200, "z9hG4bKe", "BYE"), Transport::Udp),
+        h.receive_response(200, "z9hG4bKe", "BYE"),
         Incoming::Absorbed
     );
-    h.run(Duration::from_millis(4900));
-    assert_eq!(h.txns.len(), 1, "timer K is T4");
-    h.run(Duration::from_millis(200));
-    assert!(h.txns.is_empty());
+    h.lingers(
+        Duration::from_millis(4900),
+        Duration::from_millis(200),
+        "timer K is T4",
+    );
 }
 
 #[test]
 fn tcp_never_retransmits_and_lingers_zero() {
     let mut h = Harness::new();
-    let id = h
-        .txns
-        .send_request(
-            h.now,
-            Bytes::from(request("INVITE", "z9hG4bKf", "INVITE", "")),
-            h.peer,
-            h.local,
-            Transport::Tcp,
-        )
-        .unwrap();
+    let id = h.send("INVITE", "z9hG4bKf", "", Transport::Tcp).unwrap();
     h.sent();
     let (times, events) = h.run(Duration::from_secs(33));
     assert!(times.is_empty());
     assert_eq!(events, vec![TxnEvent::Timeout(id)]);
 
-    let Incoming::Request(id) = h.feed(
-        &request("BYE", "z9hG4bKg", "BYE", ";tag=t9"),
-        Transport::Tcp,
-    ) else {
+    let Incoming::Request(id) = h.feed(&request("BYE", "z9hG4bKg", ";tag=t9"), Transport::Tcp)
+    else {
         panic!()
     };
-    assert!(h.txns.respond(
-        h.now,
-        id,
-        200,
-        Bytes::from(response(200, "z9hG4bKg", "BYE"))
-    ));
+    assert!(h.respond(id, 200, "z9hG4bKg", "BYE"));
     h.sent();
     h.run(Duration::from_millis(20));
     assert!(h.txns.is_empty(), "timer J is zero over TCP");
@@ -256,26 +259,13 @@ fn tcp_never_retransmits_and_lingers_zero() {
 #[test]
 fn server_invite_non_2xx_timers_g_h_i() {
     let mut h = Harness::new();
-    let inv = request("INVITE", "z9hG4bKh", "INVITE", "");
-    let Incoming::Request(id) = h.feed(&inv, Transport::Udp) else {
-        panic!()
-    };
-    assert!(h.txns.respond(
-        h.now,
-        id,
-        180,
-        Bytes::from(response(180, "z9hG4bKh", "INVITE"))
-    ));
+    let id = h.accept("INVITE", "z9hG4bKh", Transport::Udp);
+    assert!(h.respond(id, 180, "z9hG4bKh", "INVITE"));
     h.sent();
     // A retransmitted INVITE gets the last provisional again.
-    assert_eq!(h.feed(&inv, Transport::Udp), Incoming::Absorbed);
+    assert_eq!(h.receive("INVITE", "z9hG4bKh", ""), Incoming::Absorbed);
     assert_eq!(h.sent().len(), 1);
-    assert!(h.txns.respond(
-        h.now,
-        id,
-        486,
-        Bytes::from(response(486, "z9hG4bKh", "INVITE"))
-    ));
+    assert!(h.respond(id, 486, "z9hG4bKh", "INVITE"));
     assert!(
         !h.txns.respond(h.now, id, 500, Bytes::new()),
         "one final response only"
@@ -289,24 +279,8 @@ fn server_invite_non_2xx_timers_g_h_i() {
     );
     assert_eq!(events, vec![TxnEvent::AckTimeout(id)]);
 
-    let inv = request("INVITE", "z9hG4bKi", "INVITE", "");
-    let Incoming::Request(id) = h.feed(&inv, Transport::Udp) else {
-        panic!()
-    };
-    h.txns.respond(
-        h.now,
-        id,
-        486,
-        Bytes::from(response(486, "z9hG4bKi", "INVITE")),
-    );
-    h.sent();
-    assert_eq!(
-        h.feed(
-            &request("ACK", "z9hG4bKi", "ACK", ";tag=t9"),
-            Transport::Udp
-        ),
-        Incoming::Absorbed
-    );
+    h.answered_invite("z9hG4bKi", 486);
+    assert_eq!(h.receive("ACK", "z9hG4bKi", ";tag=t9"), Incoming::Absorbed);
     let (times, events) = h.run(Duration::from_millis(4900));
     assert!(times.is_empty() && events.is_empty());
     assert_eq!(
@@ -321,28 +295,11 @@ fn server_invite_non_2xx_timers_g_h_i() {
 #[test]
 fn server_invite_2xx_is_retransmitted_until_the_end_to_end_ack() {
     let mut h = Harness::new();
-    let Incoming::Request(id) =
-        h.feed(&request("INVITE", "z9hG4bKj", "INVITE", ""), Transport::Udp)
-    else {
-        panic!()
-    };
-    h.txns.respond(
-        h.now,
-        id,
-        200,
-        Bytes::from(response(200, "z9hG4bKj", "INVITE")),
-    );
-    h.sent();
+    h.answered_invite("z9hG4bKj", 200);
     let (times, _) = h.run(Duration::from_millis(1600));
     assert_eq!(secs(&times), vec![0.5, 1.5]);
     // The ACK for a 2xx has its own branch: it reaches the TU and stops the retransmissions.
-    assert_eq!(
-        h.feed(
-            &request("ACK", "z9hG4bKother", "ACK", ";tag=t9"),
-            Transport::Udp
-        ),
-        Incoming::Ack
-    );
+    assert_eq!(h.receive("ACK", "z9hG4bKother", ";tag=t9"), Incoming::Ack);
     let (times, events) = h.run(Duration::from_secs(40));
     assert!(times.is_empty() && events.is_empty());
     assert!(h.txns.is_empty());
@@ -356,32 +313,11 @@ fn server_invite_2xx_is_retransmitted_until_the_end_to_end_ack() {
 fn acknowledged_2xx_lingers_t4() {
     for ack_branch in ["z9hG4bKother", "z9hG4bKt4"] {
         let mut h = Harness::new();
-        let Incoming::Request(id) = h.feed(
-            &request("INVITE", "z9hG4bKt4", "INVITE", ""),
-            Transport::Udp,
-        ) else {
-            panic!()
-        };
-        h.txns.respond(
-            h.now,
-            id,
-            200,
-            Bytes::from(response(200, "z9hG4bKt4", "INVITE")),
-        );
-        h.sent();
-        assert_eq!(
-            h.feed(
-                &request("ACK", ack_branch, "ACK", ";tag=t9"),
-                Transport::Udp
-            ),
-            Incoming::Ack
-        );
+        h.answered_invite("z9hG4bKt4", 200);
+        assert_eq!(h.receive("ACK", ack_branch, ";tag=t9"), Incoming::Ack);
         h.run(Duration::from_secs(4));
         assert_eq!(
-            h.feed(
-                &request("INVITE", "z9hG4bKt4", "INVITE", ""),
-                Transport::Udp
-            ),
+            h.receive("INVITE", "z9hG4bKt4", ""),
             Incoming::Absorbed,
             "{ack_branch}"
         );
@@ -397,140 +333,61 @@ fn acknowledged_2xx_lingers_t4() {
 #[test]
 fn server_non_invite_timer_j_and_cancel_matching() {
     let mut h = Harness::new();
-    let Incoming::Request(inv) =
-        h.feed(&request("INVITE", "z9hG4bKk", "INVITE", ""), Transport::Udp)
-    else {
-        panic!()
-    };
-    let cancel = request("CANCEL", "z9hG4bKk", "CANCEL", "");
-    let Incoming::Cancel { cancel: c, invite } = h.feed(&cancel, Transport::Udp) else {
+    let inv = h.accept("INVITE", "z9hG4bKk", Transport::Udp);
+    let Incoming::Cancel { cancel: c, invite } = h.receive("CANCEL", "z9hG4bKk", "") else {
         panic!()
     };
     assert_eq!(invite, Some(inv));
-    h.txns.respond(
-        h.now,
-        c,
-        200,
-        Bytes::from(response(200, "z9hG4bKk", "CANCEL")),
-    );
+    h.respond(c, 200, "z9hG4bKk", "CANCEL");
     h.sent();
-    assert_eq!(h.feed(&cancel, Transport::Udp), Incoming::Absorbed);
+    assert_eq!(h.receive("CANCEL", "z9hG4bKk", ""), Incoming::Absorbed);
     assert_eq!(h.sent().len(), 1, "retransmitted CANCEL answered again");
-    h.txns.respond(
-        h.now,
-        inv,
-        487,
-        Bytes::from(response(487, "z9hG4bKk", "INVITE")),
+    h.respond(inv, 487, "z9hG4bKk", "INVITE");
+    h.receive("ACK", "z9hG4bKk", ";tag=t9");
+    h.lingers(
+        Duration::from_secs(31),
+        Duration::from_secs(2),
+        "timer J keeps the CANCEL transaction 64*T1",
     );
-    h.feed(
-        &request("ACK", "z9hG4bKk", "ACK", ";tag=t9"),
-        Transport::Udp,
-    );
-    h.run(Duration::from_secs(31));
-    assert_eq!(
-        h.txns.len(),
-        1,
-        "timer J keeps the CANCEL transaction 64*T1"
-    );
-    h.run(Duration::from_secs(2));
-    assert!(h.txns.is_empty());
 }
 
 #[test]
 fn transaction_count_is_bounded() {
-    let mut h = Harness {
-        txns: Transactions::new(TimerConfig::default(), 2),
-        ..Harness::new()
-    };
+    let mut h = Harness::with_limit(2);
     assert!(matches!(
-        h.feed(
-            &request("OPTIONS", "z9hG4bK1", "OPTIONS", ""),
-            Transport::Udp
-        ),
+        h.receive("OPTIONS", "z9hG4bK1", ""),
         Incoming::Request(_)
     ));
     assert!(matches!(
-        h.feed(
-            &request("OPTIONS", "z9hG4bK2", "OPTIONS", ""),
-            Transport::Udp
-        ),
+        h.receive("OPTIONS", "z9hG4bK2", ""),
         Incoming::Request(_)
     ));
-    assert_eq!(
-        h.feed(
-            &request("OPTIONS", "z9hG4bK3", "OPTIONS", ""),
-            Transport::Udp
-        ),
-        Incoming::Overloaded
-    );
-    assert!(
-        h.txns
-            .send_request(
-                h.now,
-                Bytes::from(request("OPTIONS", "z9hG4bK4", "OPTIONS", "")),
-                h.peer,
-                h.local,
-                Transport::Udp
-            )
-            .is_none()
-    );
+    assert_eq!(h.receive("OPTIONS", "z9hG4bK3", ""), Incoming::Overloaded);
+    assert!(h.send("OPTIONS", "z9hG4bK4", "", Transport::Udp).is_none());
     // Requests that end calls still pass (in and out), up to a bound of their own.
     assert!(matches!(
-        h.feed(&request("BYE", "z9hG4bK5", "BYE", ""), Transport::Udp),
+        h.receive("BYE", "z9hG4bK5", ""),
         Incoming::Request(_)
     ));
     assert!(
-        h.txns
-            .send_request(
-                h.now,
-                Bytes::from(request("BYE", "z9hG4bK6", "BYE", "")),
-                h.peer,
-                h.local,
-                Transport::Udp
-            )
-            .is_none(),
+        h.send("BYE", "z9hG4bK6", "", Transport::Udp).is_none(),
         "3 = 2 + 2/2: full"
     );
-    let mut h = Harness {
-        txns: Transactions::new(TimerConfig::default(), 4),
-        ..Harness::new()
-    };
+    let mut h = Harness::with_limit(4);
     for i in 0..4 {
         assert!(matches!(
-            h.feed(
-                &request("INVITE", &format!("z9hG4bKi{i}"), "INVITE", ""),
-                Transport::Udp
-            ),
+            h.receive("INVITE", &format!("z9hG4bKi{i}"), ""),
             Incoming::Request(_)
         ));
     }
-    assert_eq!(
-        h.feed(
-            &request("INVITE", "z9hG4bKi9", "INVITE", ""),
-            Transport::Udp
-        ),
-        Incoming::Overloaded
-    );
+    assert_eq!(h.receive("INVITE", "z9hG4bKi9", ""), Incoming::Overloaded);
     assert!(matches!(
-        h.feed(
-            &request("CANCEL", "z9hG4bKi0", "CANCEL", ""),
-            Transport::Udp
-        ),
+        h.receive("CANCEL", "z9hG4bKi0", ""),
         Incoming::Cancel { .. }
     ));
-    assert!(
-        h.txns
-            .send_request(
-                h.now,
-                Bytes::from(request("BYE", "z9hG4bKb1", "BYE", "")),
-                h.peer,
-                h.local,
-                Transport::Udp
-            )
-            .is_some()
-    );
+    assert!(h.send("BYE", "z9hG4bKb1", "", Transport::Udp).is_some());
     assert_eq!(
-        h.feed(&request("BYE", "z9hG4bKb2", "BYE", ""), Transport::Udp),
+        h.receive("BYE", "z9hG4bKb2", ""),
         Incoming::Overloaded,
         "6 = 4 + 4/2: full"
     );
@@ -602,6 +459,21 @@ mod tcp {
         }
     }
 
+    async fn connect(addr: SocketAddr) -> TcpStream {
+        TcpStream::connect(addr).await.unwrap()
+    }
+
+    /// Writes a `method` request on `c` and waits (bounded) until the server delivers it from `c`.
+    async fn deliver(
+        c: &mut TcpStream,
+        rx: &mut mpsc::Receiver<Inbound>,
+        method: &str,
+        branch: &str,
+    ) -> Inbound {
+        c.write_all(&message(method, branch)).await.unwrap();
+        received_from(rx, c.local_addr().unwrap()).await
+    }
+
     #[tokio::test]
     async fn idle_connection_is_closed() {
         let idle = Duration::from_millis(300);
@@ -611,13 +483,9 @@ mod tcp {
         })
         .await;
         let start = Instant::now();
-        let mut silent = TcpStream::connect(addr).await.unwrap();
-        let mut active = TcpStream::connect(addr).await.unwrap();
-        active
-            .write_all(&message("OPTIONS", "z9hG4bKidle1"))
-            .await
-            .unwrap();
-        received_from(&mut rx, active.local_addr().unwrap()).await;
+        let mut silent = connect(addr).await;
+        let mut active = connect(addr).await;
+        deliver(&mut active, &mut rx, "OPTIONS", "z9hG4bKidle1").await;
         assert!(
             closed(&mut silent, BOUND).await,
             "a silent connection stays open"
@@ -648,7 +516,7 @@ mod tcp {
             ..TcpLimits::default()
         };
         let (s, _rx, addr) = server(limits).await;
-        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut c = connect(addr).await;
         c.write_all(b"OPTIONS sip:meet.1@127.0.0.1 SIP/2.0\r\nX-Slow: ")
             .await
             .unwrap();
@@ -681,20 +549,12 @@ mod tcp {
             ..TcpLimits::default()
         };
         let (s, mut rx, addr) = server(limits).await;
-        let mut caller = TcpStream::connect(addr).await.unwrap();
-        let mut silent = TcpStream::connect(addr).await.unwrap();
-        caller
-            .write_all(&message("INVITE", "z9hG4bKinv1"))
-            .await
-            .unwrap();
-        let inv = received_from(&mut rx, caller.local_addr().unwrap()).await;
+        let mut caller = connect(addr).await;
+        let mut silent = connect(addr).await;
+        let inv = deliver(&mut caller, &mut rx, "INVITE", "z9hG4bKinv1").await;
         assert!(closed(&mut silent, BOUND).await);
         // Well past the idle timeout, the caller's connection still works: it carries an INVITE.
-        caller
-            .write_all(&message("OPTIONS", "z9hG4bKinv2"))
-            .await
-            .unwrap();
-        received_from(&mut rx, caller.local_addr().unwrap()).await;
+        deliver(&mut caller, &mut rx, "OPTIONS", "z9hG4bKinv2").await;
         // A provisional response keeps it pending; the final one ends the INVITE.
         let reply = |code: u16| {
             let text = format!(
@@ -731,27 +591,21 @@ mod tcp {
             ..TcpLimits::default()
         })
         .await;
-        let mut c1 = TcpStream::connect(addr).await.unwrap();
+        let mut c1 = connect(addr).await;
         let mut others = Vec::new();
         for _ in 0..2 {
-            others.push(TcpStream::connect(addr).await.unwrap());
+            others.push(connect(addr).await);
         }
         wait_for("three connections registered", || s.tcp_connections() == 3).await;
         // The other two carry a message after c1 connected, so c1 is the least recently active
         // (the clock counts milliseconds: make sure one passes).
         tokio::time::sleep(Duration::from_millis(20)).await;
         for (i, c) in others.iter_mut().enumerate() {
-            c.write_all(&message("OPTIONS", &format!("z9hG4bKev{i}")))
-                .await
-                .unwrap();
-            received_from(&mut rx, c.local_addr().unwrap()).await;
+            deliver(c, &mut rx, "OPTIONS", &format!("z9hG4bKev{i}")).await;
         }
         // The limit is full of idle connections: a new one is still served.
-        let mut late = TcpStream::connect(addr).await.unwrap();
-        late.write_all(&message("OPTIONS", "z9hG4bKlate"))
-            .await
-            .unwrap();
-        received_from(&mut rx, late.local_addr().unwrap()).await;
+        let mut late = connect(addr).await;
+        deliver(&mut late, &mut rx, "OPTIONS", "z9hG4bKlate").await;
         assert!(
             closed(&mut c1, BOUND).await,
             "the oldest idle connection was not evicted"
@@ -778,7 +632,7 @@ mod tcp {
         let (s, mut rx, addr) = server(TcpLimits::default()).await;
         let caller_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listen_port = caller_listener.local_addr().unwrap().port();
-        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut c = connect(addr).await;
         let invite = format!(
             "INVITE sip:meet.1@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:{listen_port};branch=z9hG4bKgone\r\n\
              From: <sip:a@x>;tag=f1\r\nTo: <sip:meet.1@127.0.0.1>\r\nCall-ID: gone\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
@@ -840,14 +694,11 @@ mod tcp {
         .await;
         let mut callers = Vec::new();
         for i in 0..2 {
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(&message("INVITE", &format!("z9hG4bKfull{i}")))
-                .await
-                .unwrap();
-            received_from(&mut rx, c.local_addr().unwrap()).await;
+            let mut c = connect(addr).await;
+            deliver(&mut c, &mut rx, "INVITE", &format!("z9hG4bKfull{i}")).await;
             callers.push(c);
         }
-        let mut late = TcpStream::connect(addr).await.unwrap();
+        let mut late = connect(addr).await;
         assert!(
             closed(&mut late, BOUND).await,
             "a connection beyond the limit was kept"
@@ -855,10 +706,6 @@ mod tcp {
         let st = s.stats();
         assert_eq!((st.refused_connections, st.tcp_evicted), (1, 0));
         // The calls in progress keep their connections.
-        callers[0]
-            .write_all(&message("OPTIONS", "z9hG4bKfull9"))
-            .await
-            .unwrap();
-        received_from(&mut rx, callers[0].local_addr().unwrap()).await;
+        deliver(&mut callers[0], &mut rx, "OPTIONS", "z9hG4bKfull9").await;
     }
 }
