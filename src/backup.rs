@@ -267,6 +267,12 @@ mod tests {
         ]
     }
 
+    /// A backup of `members()` for peer CM1 taken at `ts_ms`, the file the round-trip and
+    /// refusal tests open.
+    fn backup_of_cm1(dir: &Path, ts_ms: u64, password: Option<&[u8]>) -> PathBuf {
+        create(dir, "0.1.0", "CM1", ts_ms, &members(), password).unwrap()
+    }
+
     #[test]
     fn name_follows_the_rule() {
         assert_eq!(
@@ -279,27 +285,11 @@ mod tests {
     #[test]
     fn round_trips_plain_and_encrypted() {
         let dir = tempfile::tempdir().unwrap();
-        let p = create(
-            dir.path(),
-            "0.1.0",
-            "CM1",
-            1_795_000_000_000,
-            &members(),
-            None,
-        )
-        .unwrap();
+        let p = backup_of_cm1(dir.path(), 1_795_000_000_000, None);
         let (m, files) = open(&p, None, "CM1").unwrap();
         assert_eq!(m.serial, "CM1");
         assert_eq!(files, members());
-        let p = create(
-            dir.path(),
-            "0.1.0",
-            "CM1",
-            1_795_000_001_000,
-            &members(),
-            Some(b"pw"),
-        )
-        .unwrap();
+        let p = backup_of_cm1(dir.path(), 1_795_000_001_000, Some(b"pw"));
         assert!(p.to_string_lossy().ends_with(".enc"));
         assert_eq!(open(&p, Some(b"pw"), "CM1").unwrap().1, members());
         assert!(matches!(
@@ -315,15 +305,7 @@ mod tests {
     #[test]
     fn refuses_other_peer_and_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let p = create(
-            dir.path(),
-            "0.1.0",
-            "CM1",
-            1_795_000_000_000,
-            &members(),
-            None,
-        )
-        .unwrap();
+        let p = backup_of_cm1(dir.path(), 1_795_000_000_000, None);
         assert!(matches!(
             open(&p, None, "CM2"),
             Err(RestoreError::OtherPeer { .. })

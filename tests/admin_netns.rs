@@ -68,18 +68,62 @@ html5lib.HTMLParser(strict=True).parse(sys.stdin.read())
 print("valid")
 "#;
 
+/// Creates administrator `user` through the client, the password handed over in a file (never on
+/// the command line).
+fn add_admin(d: &Daemon, user: &str, password: &str) {
+    let pw = d.dir.join("admin-password");
+    std::fs::write(&pw, format!("{password}\n")).unwrap();
+    d.cli_ok(&[
+        "admin",
+        "add",
+        user,
+        "--password-file",
+        pw.to_str().unwrap(),
+    ]);
+}
+
+/// Peer 1 on its own, once its admin API answers plain HTTP; with the configuration it was
+/// started from, which the TLS tests extend with an `[admin]` table.
+fn standalone_with_admin_api(topo: &Topology) -> (Daemon, String) {
+    let d1 = Daemon::start(topo, &PeerSpec::new(1, &[]));
+    let plain_config = std::fs::read_to_string(&d1.config).unwrap();
+    let up = wait_until(Duration::from_secs(20), || {
+        curl(topo, 1, &["http://10.96.0.1:8443/metrics"]).0 == 200
+    });
+    assert!(up, "admin API did not come up: {}", d1.log());
+    (d1, plain_config)
+}
+
+/// A new self-signed certificate for the management address 10.96.0.1 written to `cert`, its key
+/// to `key`; returns the certificate's PEM.
+fn issue_certificate(cert: &Path, key: &Path) -> String {
+    let generated = rcgen::generate_simple_self_signed(vec!["10.96.0.1".to_owned()]).unwrap();
+    std::fs::write(cert, generated.cert.pem()).unwrap();
+    std::fs::write(key, generated.key_pair.serialize_pem()).unwrap();
+    generated.cert.pem()
+}
+
+/// The `[admin]` lines that turn on TLS with these files.
+fn tls_files(cert: &Path, key: &Path) -> String {
+    format!(
+        "tls_cert_file = {:?}\ntls_key_file = {:?}",
+        cert.display().to_string(),
+        key.display().to_string()
+    )
+}
+
+/// `config` (as the daemon was started) with an `[admin]` table of `admin`'s lines.
+fn with_admin(config: &str, admin: &str) -> String {
+    format!("{config}\n[admin]\n{admin}\n")
+}
+
 #[test]
 fn metrics_parse_page_validates_and_api_needs_an_account() {
     if !require_root("metrics_parse_page_validates_and_api_needs_an_account") {
         return;
     }
     let topo = Topology::up("cmad", 2);
-    let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[1, 2]));
-    let d2 = Daemon::start(&topo, &PeerSpec::new(2, &[1, 2]));
-    let formed = wait_until(Duration::from_secs(20), || {
-        shows(&d1, 2, "active", None) && shows(&d2, 1, "active", None)
-    });
-    assert!(formed, "cluster did not form: {}", d1.log());
+    let (d1, _d2) = cluster_of_two(&topo, Duration::from_secs(20));
 
     // /metrics needs no account and parses with the reference parser.
     let (code, metrics) = curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]);
@@ -105,26 +149,18 @@ fn metrics_parse_page_validates_and_api_needs_an_account() {
         401
     );
     assert_eq!(curl(&topo, 1, &["http://10.96.0.1:8443/"]).0, 401);
-    let pw = d1.dir.join("admin-password");
-    std::fs::write(&pw, "s3cret-admin-pass\n").unwrap();
-    let out = d1.cli(&[
-        "admin",
-        "add",
-        "ops",
-        "--password-file",
-        pw.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "admin add: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    add_admin(&d1, "ops", "s3cret-admin-pass");
     assert!(
         !std::fs::read_to_string(d1.dir.join("daemon.log"))
             .unwrap()
             .contains("s3cret-admin-pass")
     );
     let auth = "ops:s3cret-admin-pass";
+    // A request to peer `i` as `ops`: `args`, then the URL of `path` on its management address.
+    let as_ops = |i: u8, args: &[&str], path: &str| {
+        let url = format!("http://10.96.0.{i}:8443{path}");
+        curl(&topo, i, &[&["-u", auth], args, &[url.as_str()]].concat())
+    };
     assert_eq!(
         curl(
             &topo,
@@ -140,7 +176,7 @@ fn metrics_parse_page_validates_and_api_needs_an_account() {
     );
 
     // The page is valid HTML and shows the peers.
-    let (code, page) = curl(&topo, 1, &["-u", auth, "http://10.96.0.1:8443/"]);
+    let (code, page) = as_ops(1, &[], "/");
     assert_eq!(code, 200, "{page}");
     assert_eq!(python(PARSE_HTML, &page).trim(), "valid");
     assert!(
@@ -150,79 +186,39 @@ fn metrics_parse_page_validates_and_api_needs_an_account() {
 
     // The account replicates: peer 2's API accepts it too.
     let replicated = wait_until(Duration::from_secs(10), || {
-        curl(
-            &topo,
-            2,
-            &["-u", auth, "http://10.96.0.2:8443/api/v1/status"],
-        )
-        .0 == 200
+        as_ops(2, &[], "/api/v1/status").0 == 200
     });
     assert!(replicated, "the account did not reach peer 2");
 
     // Shared configuration through the API: written on peer 1, read on peer 2.
     let bridge = r#"{"uri":"sip:10.96.4.1:5060","capacity":20}"#;
-    let (code, body) = curl(
-        &topo,
+    let (code, body) = as_ops(
         1,
-        &[
-            "-u",
-            auth,
-            "-X",
-            "PUT",
-            "--data",
-            bridge,
-            "http://10.96.0.1:8443/api/v1/config/bridge/b1",
-        ],
+        &["-X", "PUT", "--data", bridge],
+        "/api/v1/config/bridge/b1",
     );
     assert_eq!(code, 200, "{body}");
     let read_back = wait_until(Duration::from_secs(10), || {
-        let (code, body) = curl(
-            &topo,
-            2,
-            &["-u", auth, "http://10.96.0.2:8443/api/v1/config/bridge/b1"],
-        );
+        let (code, body) = as_ops(2, &[], "/api/v1/config/bridge/b1");
         code == 200
             && serde_json::from_str::<serde_json::Value>(&body).ok()
                 == serde_json::from_str(bridge).ok()
     });
     assert!(read_back, "bridge/b1 did not replicate to peer 2");
-    let (code, body) = curl(
-        &topo,
+    let (code, body) = as_ops(
         1,
-        &[
-            "-u",
-            auth,
-            "-X",
-            "PUT",
-            "--data",
-            r#"{"uri":"sip:x"}"#,
-            "http://10.96.0.1:8443/api/v1/config/bridge/b2",
-        ],
+        &["-X", "PUT", "--data", r#"{"uri":"sip:x"}"#],
+        "/api/v1/config/bridge/b2",
     );
     assert_eq!(code, 400, "{body}");
     assert!(
         body.contains("\"error\"") && body.contains("capacity"),
         "{body}"
     );
-    let (code, _) = curl(
-        &topo,
-        1,
-        &[
-            "-u",
-            auth,
-            "-X",
-            "DELETE",
-            "http://10.96.0.1:8443/api/v1/config/bridge/b1",
-        ],
-    );
+    let (code, _) = as_ops(1, &["-X", "DELETE"], "/api/v1/config/bridge/b1");
     assert_eq!(code, 200);
     let gone = wait_until(Duration::from_secs(10), || {
-        curl(
-            &topo,
-            2,
-            &["-u", auth, "http://10.96.0.2:8443/api/v1/config/bridge/b1"],
-        )
-        .0 == 404
+        as_ops(2, &[], "/api/v1/config/bridge/b1").0 == 404
     });
     assert!(gone, "the delete did not replicate");
 }
@@ -320,27 +316,9 @@ fn tls_admin_api_keeps_the_password_off_the_wire() {
         return;
     }
     let topo = Topology::up("cmat", 1);
-    let mut d1 = Daemon::start(&topo, &PeerSpec::new(1, &[]));
-    let plain_config = std::fs::read_to_string(&d1.config).unwrap();
-    let up = wait_until(Duration::from_secs(20), || {
-        curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0 == 200
-    });
-    assert!(up, "admin API did not come up: {}", d1.log());
+    let (mut d1, plain_config) = standalone_with_admin_api(&topo);
     let password = "tls-netns-pass-5d2c9e";
-    let pw = d1.dir.join("admin-password");
-    std::fs::write(&pw, format!("{password}\n")).unwrap();
-    let out = d1.cli(&[
-        "admin",
-        "add",
-        "ops",
-        "--password-file",
-        pw.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "admin add: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    add_admin(&d1, "ops", password);
     let auth = format!("ops:{password}");
 
     // The control, and the gap TLS closes: plain HTTP from the operator's machine (the vcs
@@ -363,18 +341,10 @@ fn tls_admin_api_keeps_the_password_off_the_wire() {
     );
 
     // A certificate for the management address, made here; the key readable by its owner only.
-    let generated = rcgen::generate_simple_self_signed(vec!["10.96.0.1".to_owned()]).unwrap();
     let (cert, key) = (d1.dir.join("admin.crt"), d1.dir.join("admin.key"));
-    std::fs::write(&cert, generated.cert.pem()).unwrap();
-    std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
+    issue_certificate(&cert, &key);
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let admin = |cert: &Path, key: &Path| {
-        format!(
-            "{plain_config}\n[admin]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
-            cert.display().to_string(),
-            key.display().to_string()
-        )
-    };
+    let admin = |cert: &Path, key: &Path| with_admin(&plain_config, &tls_files(cert, key));
 
     // A key that is not a key: the daemon refuses to start and says which field.
     d1.stop();
@@ -403,56 +373,22 @@ fn tls_admin_api_keeps_the_password_off_the_wire() {
         .0 == 200
     });
     assert!(up, "HTTPS did not come up: {}", d1.log());
+    // HTTPS from the operator's machine, trusting the certificate, as `user` ("name:password").
+    let https_as = |user: &str, path: &str| {
+        let url = format!("https://10.96.0.1:8443{path}");
+        curl_in(&topo, "vcs", &["--cacert", ca, "-u", user, &url])
+    };
 
     let capture = Capture::start(&topo, &topo.dir.path().join("tls.pcap"));
-    let (code, body) = curl_in(
-        &topo,
-        "vcs",
-        &[
-            "--cacert",
-            ca,
-            "-u",
-            &auth,
-            "https://10.96.0.1:8443/api/v1/status",
-        ],
-    );
+    let (code, body) = https_as(&auth, "/api/v1/status");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("conductor1"), "{body}");
-    let (code, page) = curl_in(
-        &topo,
-        "vcs",
-        &["--cacert", ca, "-u", &auth, "https://10.96.0.1:8443/"],
-    );
+    let (code, page) = https_as(&auth, "/");
     assert_eq!(code, 200);
     assert_eq!(python(PARSE_HTML, &page).trim(), "valid");
+    assert_eq!(https_as("ops:wrong", "/api/v1/status").0, 401);
     assert_eq!(
-        curl_in(
-            &topo,
-            "vcs",
-            &[
-                "--cacert",
-                ca,
-                "-u",
-                "ops:wrong",
-                "https://10.96.0.1:8443/api/v1/status"
-            ]
-        )
-        .0,
-        401
-    );
-    assert_eq!(
-        curl_in(
-            &topo,
-            "vcs",
-            &[
-                "--cacert",
-                ca,
-                "-u",
-                &format!("nobody:{password}"),
-                "https://10.96.0.1:8443/api/v1/status"
-            ]
-        )
-        .0,
+        https_as(&format!("nobody:{password}"), "/api/v1/status").0,
         401
     );
     let seen = capture.finish();
@@ -494,32 +430,13 @@ fn a_reload_rotates_the_admin_certificate_and_moves_the_listener() {
         return;
     }
     let topo = Topology::up("cmar", 1);
-    let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[]));
-    let plain_config = std::fs::read_to_string(&d1.config).unwrap();
-    let up = wait_until(Duration::from_secs(20), || {
-        curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0 == 200
-    });
-    assert!(up, "admin API did not come up: {}", d1.log());
+    let (d1, plain_config) = standalone_with_admin_api(&topo);
     let (cert, key) = (d1.dir.join("admin.crt"), d1.dir.join("admin.key"));
-    let issue = || {
-        let generated = rcgen::generate_simple_self_signed(vec!["10.96.0.1".to_owned()]).unwrap();
-        std::fs::write(&cert, generated.cert.pem()).unwrap();
-        std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
-        generated.cert.pem()
-    };
     // Each certificate kept apart as the CA file of a client that trusts only it.
     let ca_file = |n: &str, pem: String| {
         let f = d1.dir.join(format!("ca-{n}.pem"));
         std::fs::write(&f, pem).unwrap();
         f.to_str().unwrap().to_owned()
-    };
-    let with = |admin: &str| format!("{plain_config}\n[admin]\n{admin}\n");
-    let tls = |cert: &Path, key: &Path| {
-        format!(
-            "tls_cert_file = {:?}\ntls_key_file = {:?}",
-            cert.display().to_string(),
-            key.display().to_string()
-        )
     };
     let reload = || {
         let out = d1.cli(&["reload"]);
@@ -528,23 +445,25 @@ fn a_reload_rotates_the_admin_certificate_and_moves_the_listener() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    // The configuration rewritten with these `[admin]` lines, then reloaded.
+    let reload_with = |admin: &str| {
+        std::fs::write(&d1.config, with_admin(&plain_config, admin)).unwrap();
+        reload()
+    };
+    // `listen` moved to `addr`, with TLS from the certificate and `key`.
+    let listen_tls =
+        |addr: &str, key: &Path| format!("listen = \"{addr}\"\n{}", tls_files(&cert, key));
+    // The status of /metrics over HTTPS on `port` for a client that trusts only `ca`.
+    let metrics_trusting = |ca: &str, port: u16| {
+        let url = format!("https://10.96.0.1:{port}/metrics");
+        curl(&topo, 1, &["--cacert", ca, &url]).0
+    };
 
     // Plain HTTP to HTTPS.
-    let first = ca_file("first", issue());
-    std::fs::write(&d1.config, with(&tls(&cert, &key))).unwrap();
-    let (ok, err) = reload();
+    let first = ca_file("first", issue_certificate(&cert, &key));
+    let (ok, err) = reload_with(&tls_files(&cert, &key));
     assert!(ok, "reload: {err}");
-    assert_eq!(
-        curl(
-            &topo,
-            1,
-            &["--cacert", &first, "https://10.96.0.1:8443/metrics"]
-        )
-        .0,
-        200,
-        "{}",
-        d1.log()
-    );
+    assert_eq!(metrics_trusting(&first, 8443), 200, "{}", d1.log());
     assert_eq!(
         curl(&topo, 1, &["http://10.96.0.1:8443/metrics"]).0,
         0,
@@ -553,111 +472,37 @@ fn a_reload_rotates_the_admin_certificate_and_moves_the_listener() {
 
     // Rotation: new files at the same paths, then a reload; the old certificate is no longer
     // presented.
-    let second = ca_file("second", issue());
+    let second = ca_file("second", issue_certificate(&cert, &key));
     let (ok, err) = reload();
     assert!(ok, "reload: {err}");
+    assert_eq!(metrics_trusting(&second, 8443), 200, "{}", d1.log());
     assert_eq!(
-        curl(
-            &topo,
-            1,
-            &["--cacert", &second, "https://10.96.0.1:8443/metrics"]
-        )
-        .0,
-        200,
-        "{}",
-        d1.log()
-    );
-    assert_eq!(
-        curl(
-            &topo,
-            1,
-            &["--cacert", &first, "https://10.96.0.1:8443/metrics"]
-        )
-        .0,
+        metrics_trusting(&first, 8443),
         0,
         "the old certificate is still served"
     );
 
     // A new address: served there, closed on the old one.
-    std::fs::write(
-        &d1.config,
-        with(&format!(
-            "listen = \"10.96.0.1:9443\"\n{}",
-            tls(&cert, &key)
-        )),
-    )
-    .unwrap();
-    let (ok, err) = reload();
+    let (ok, err) = reload_with(&listen_tls("10.96.0.1:9443", &key));
     assert!(ok, "reload: {err}");
+    assert_eq!(metrics_trusting(&second, 9443), 200, "{}", d1.log());
     assert_eq!(
-        curl(
-            &topo,
-            1,
-            &["--cacert", &second, "https://10.96.0.1:9443/metrics"]
-        )
-        .0,
-        200,
-        "{}",
-        d1.log()
-    );
-    assert_eq!(
-        curl(
-            &topo,
-            1,
-            &["--cacert", &second, "https://10.96.0.1:8443/metrics"]
-        )
-        .0,
+        metrics_trusting(&second, 8443),
         0,
         "the old address still answers"
     );
 
     // Refused: an address that is not this host's, then a key that is not the certificate's.
     // Each names its field; the API serves on as it was.
-    std::fs::write(
-        &d1.config,
-        with(&format!(
-            "listen = \"10.96.0.99:9443\"\n{}",
-            tls(&cert, &key)
-        )),
-    )
-    .unwrap();
-    let (ok, err) = reload();
+    let (ok, err) = reload_with(&listen_tls("10.96.0.99:9443", &key));
     assert!(
         !ok && err.contains("admin.listen") && err.contains("10.96.0.99:9443"),
         "{err}"
     );
-    assert_eq!(
-        curl(
-            &topo,
-            1,
-            &["--cacert", &second, "https://10.96.0.1:9443/metrics"]
-        )
-        .0,
-        200,
-        "{}",
-        d1.log()
-    );
-    std::fs::write(
-        &d1.config,
-        with(&format!(
-            "listen = \"10.96.0.1:9443\"\n{}",
-            tls(&cert, &cert)
-        )),
-    )
-    .unwrap();
-    let (ok, err) = reload();
+    assert_eq!(metrics_trusting(&second, 9443), 200, "{}", d1.log());
+    let (ok, err) = reload_with(&listen_tls("10.96.0.1:9443", &cert));
     assert!(!ok && err.contains("admin.tls_key_file"), "{err}");
-    assert_eq!(
-        curl(
-            &topo,
-            1,
-            &["--cacert", &second, "https://10.96.0.1:9443/metrics"]
-        )
-        .0,
-        200,
-        "{}",
-        d1.log()
-    );
+    assert_eq!(metrics_trusting(&second, 9443), 200, "{}", d1.log());
 
     // All of it without a restart, and written down in the configuration log.
     let logs = d1.all_logs();

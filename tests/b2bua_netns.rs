@@ -10,8 +10,8 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
@@ -20,64 +20,11 @@ use confmesh::b2bua::routing::rank_bridges;
 use serde_json::{Value, json};
 use support::*;
 
-fn scenario(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/sipp")
-        .join(name)
-        .display()
-        .to_string()
-}
-
-fn have_sipp() -> bool {
-    let ok = Command::new("sipp")
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "sipp (Debian package sip-tester) is required in CI"
-        );
-        eprintln!("NOTICE: sipp not installed (apt-get install sip-tester); skipping");
-    }
-    ok
-}
-
 /// Local SIP ports of the VCS-side sipps (each needs its own).
 static VCS_PORT: AtomicU16 = AtomicU16::new(5100);
 
-/// A sipp process, killed by PID on drop, with its message trace.
-struct Sipp {
-    child: Option<Child>,
-    name: String,
-    trace: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
+/// The sipps of this topology: bridges in the bridge namespaces, the VCS in `${P}vcs`.
 impl Sipp {
-    fn spawn(name: &str, mut cmd: Command) -> Sipp {
-        let dir = tempfile::tempdir().unwrap();
-        let trace = dir.path().join("messages.log");
-        let errors = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        cmd.args(["-trace_msg", "-message_file"])
-            .arg(&trace)
-            .current_dir(dir.path());
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(errors)
-            .spawn()
-            .expect("start sipp");
-        Sipp {
-            child: Some(child),
-            name: name.to_owned(),
-            trace,
-            _dir: dir,
-        }
-    }
-
     /// A bridge in `${P}b<n>` on 10.96.4.n:`port` (stops by itself after two minutes at the latest).
     fn bridge(topo: &Topology, n: u8, port: u16) -> Sipp {
         let mut cmd =
@@ -110,7 +57,7 @@ impl Sipp {
             "sipp",
             &format!("10.96.1.{peer}:5060"),
             "-sf",
-            &scenario(scen),
+            &sipp_scenario(scen).display().to_string(),
         ])
         .args([
             "-i",
@@ -127,109 +74,19 @@ impl Sipp {
         Sipp::spawn(&format!("vcs {scen} {service} to p{peer}"), cmd)
     }
 
-    /// Waits (bounded) for exit and returns the code.
-    fn wait(&mut self, limit: Duration) -> i32 {
-        let end = Instant::now() + limit;
-        let child = self.child.as_mut().expect("running");
-        while Instant::now() < end {
-            if let Some(st) = child.try_wait().unwrap() {
-                self.child = None;
-                return st.code().unwrap_or(-1);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "{} did not finish within {limit:?}; trace:\n{}",
-            self.name,
-            self.log()
-        );
-    }
-
+    /// Waits (bounded) for exit and fails the test unless sipp ran its scenario through.
     fn expect_success(&mut self) {
         let code = self.wait(Duration::from_secs(45));
-        assert_eq!(
-            code,
-            0,
-            "{} failed (exit {code}); trace:\n{}",
-            self.name,
-            self.log()
-        );
-    }
-
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        let errors = self.trace.with_file_name("stderr.log");
-        format!(
-            "{}\n--- stderr ---\n{}",
-            std::fs::read_to_string(&self.trace).unwrap_or_default(),
-            std::fs::read_to_string(errors).unwrap_or_default()
-        )
-    }
-
-    /// Conference → Call-IDs of the INVITEs this bridge received.
-    fn invites(&self) -> BTreeMap<String, BTreeSet<String>> {
-        let text = std::fs::read_to_string(&self.trace).unwrap_or_default();
-        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let mut current: Option<String> = None;
-        for line in text.lines() {
-            let line = line.trim();
-            if let Some(rest) = line.strip_prefix("INVITE sip:") {
-                current = rest.split_once('@').map(|(user, _)| user.to_owned());
-            } else if line.starts_with("SIP/2.0")
-                || line.starts_with("ACK ")
-                || line.starts_with("BYE ")
-                || line.starts_with("CANCEL ")
-            {
-                current = None;
-            } else if let (Some(conf), Some((k, v))) = (&current, line.split_once(':')) {
-                if k.eq_ignore_ascii_case("call-id") || k == "i" {
-                    out.entry(conf.clone())
-                        .or_default()
-                        .insert(v.trim().to_owned());
-                    current = None;
-                }
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Sipp {
-    fn drop(&mut self) {
-        self.stop();
+        self.assert_success(code);
     }
 }
 
 fn set(d: &Daemon, key: &str, value: &Value) {
-    let out = d.cli(&["config", "set", key, &value.to_string()]);
-    assert!(
-        out.status.success(),
-        "config set {key} on p{}: {}",
-        d.i,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.cli_ok(&["config", "set", key, &value.to_string()]);
 }
 
 fn delete(d: &Daemon, key: &str) {
-    let out = d.cli(&["config", "delete", key]);
-    assert!(
-        out.status.success(),
-        "config delete {key} on p{}: {}",
-        d.i,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.cli_ok(&["config", "delete", key]);
 }
 
 /// Waits until every daemon's shared configuration holds exactly `entries` under the routing
@@ -313,19 +170,31 @@ fn bridge_up(topo: &Topology, d: &Daemon, bridge: &str) -> Option<bool> {
     Some(line.ends_with(" 1"))
 }
 
-fn cluster_of_two(topo: &Topology) -> (Daemon, Daemon) {
-    let d1 = Daemon::start(topo, &PeerSpec::new(1, &[1, 2]));
-    let d2 = Daemon::start(topo, &PeerSpec::new(2, &[1, 2]));
-    assert!(
-        wait_until(Duration::from_secs(30), || shows(&d1, 2, "active", None)
-            && shows(&d2, 1, "active", None)),
-        "cluster did not form: {:?} {:?}\n{}\n{}",
-        d1.peer(2),
-        d2.peer(1),
-        d1.log(),
-        d2.log()
-    );
-    (d1, d2)
+/// Sets every entry on daemon `d` and waits until all of `daemons` hold exactly them.
+fn configure(d: &Daemon, daemons: &[&Daemon], entries: &BTreeMap<String, Value>) {
+    for (k, v) in entries {
+        set(d, k, v);
+    }
+    replicated(daemons, entries);
+}
+
+/// How many calls of conference `meet-<conf>` reached `bridge` (`None`: not one).
+fn calls_on(bridge: &Sipp, conf: &str) -> Option<usize> {
+    bridge
+        .invites()
+        .get(&format!("meet-{conf}"))
+        .map(BTreeSet::len)
+}
+
+/// Whether daemon `d`'s status has conference `meet-<conf>` on `bridge` with `calls` calls.
+fn holds(d: &Daemon, conf: &str, bridge: &str, calls: u64) -> bool {
+    conferences(d)
+        .is_some_and(|c| c.get(&format!("meet-{conf}")) == Some(&(bridge.to_owned(), calls)))
+}
+
+/// One call to conference `meet-<conf>` through peer `peer`, which must go through.
+fn one_call(topo: &Topology, peer: u8, conf: &str) {
+    Sipp::vcs(topo, peer, "uac_call.xml", &format!("meet.{conf}"), 1, &[]).expect_success();
 }
 
 fn alias_and_location(limit_kbps: u64) -> BTreeMap<String, Value> {
@@ -349,7 +218,7 @@ fn conference_routing_across_two_peers() {
     }
     let t0 = Instant::now();
     let topo = Topology::up("cmbu", 2);
-    let (d1, d2) = cluster_of_two(&topo);
+    let (d1, d2) = cluster_of_two(&topo, Duration::from_secs(30));
     eprintln!("{:?}: cluster formed", t0.elapsed());
     let ds = [&d1, &d2];
     // Four bridges: two sipps in each bridge namespace.
@@ -373,10 +242,7 @@ fn conference_routing_across_two_peers() {
             json!({"uri": format!("sip:10.96.4.{host}:{port}"), "capacity": 50}),
         );
     }
-    for (k, v) in &entries {
-        set(&d1, k, v);
-    }
-    replicated(&ds, &entries);
+    configure(&d1, &ds, &entries);
     let cfg = routing(&entries);
 
     // Acceptance 2: 100 new conferences, each one's first two calls sent at the same moment to
@@ -477,24 +343,18 @@ fn conference_routing_across_two_peers() {
         &["-d", "4500", "-l", "2"],
     );
     assert!(
-        wait_until(Duration::from_secs(10), || ds.iter().all(|d| conferences(
-            d
-        )
-        .is_some_and(
-            |c| c.get(&format!("meet-{full}")) == Some(&("b1".to_owned(), 2))
-        ))),
+        wait_until(Duration::from_secs(10), || ds
+            .iter()
+            .all(|d| holds(d, &full, "b1", 2))),
         "two held calls on b1 seen by both peers: {:?} {:?}",
         conferences(&d1),
         conferences(&d2)
     );
     Sipp::vcs(&topo, 2, "uac_busy.xml", &format!("meet.{full}"), 1, &[]).expect_success();
     let next = conference_on(&cfg, "g", "b1");
-    Sipp::vcs(&topo, 2, "uac_call.xml", &format!("meet.{next}"), 1, &[]).expect_success();
+    one_call(&topo, 2, &next);
     assert_eq!(
-        bridges["b2"]
-            .invites()
-            .get(&format!("meet-{next}"))
-            .map(BTreeSet::len),
+        calls_on(&bridges["b2"], &next),
         Some(1),
         "b1 full: the new conference goes to b2"
     );
@@ -512,15 +372,9 @@ fn conference_routing_across_two_peers() {
         "b1 not seen down by OPTIONS every second"
     );
     let down = conference_on(&cfg, "h", "b1");
-    Sipp::vcs(&topo, 1, "uac_call.xml", &format!("meet.{down}"), 1, &[]).expect_success();
-    Sipp::vcs(&topo, 2, "uac_call.xml", &format!("meet.{down}"), 1, &[]).expect_success();
-    assert_eq!(
-        bridges["b2"]
-            .invites()
-            .get(&format!("meet-{down}"))
-            .map(BTreeSet::len),
-        Some(2)
-    );
+    one_call(&topo, 1, &down);
+    one_call(&topo, 2, &down);
+    assert_eq!(calls_on(&bridges["b2"], &down), Some(2));
 
     eprintln!("{:?}: bridge down → next", t0.elapsed());
     // Acceptance 5: a location of two calls, calls spread over both peers.
@@ -569,7 +423,7 @@ fn surviving_peer_routes_to_the_existing_bridge() {
         return;
     }
     let topo = Topology::up("cmbk", 2);
-    let (mut d1, d2) = cluster_of_two(&topo);
+    let (mut d1, d2) = cluster_of_two(&topo, Duration::from_secs(30));
     let b1 = Sipp::bridge(&topo, 1, 5060);
     let b2 = Sipp::bridge(&topo, 2, 5060);
     let mut entries = alias_and_location(1_000_000);
@@ -577,10 +431,7 @@ fn surviving_peer_routes_to_the_existing_bridge() {
         "bridge/b2".into(),
         json!({"uri": "sip:10.96.4.2:5060", "capacity": 20}),
     );
-    for (k, v) in &entries {
-        set(&d1, k, v);
-    }
-    replicated(&[&d1, &d2], &entries);
+    configure(&d1, &[&d1, &d2], &entries);
     // A conference that b1 would win, placed on b2 while b2 is the only bridge.
     let mut all = entries.clone();
     all.insert(
@@ -597,9 +448,7 @@ fn surviving_peer_routes_to_the_existing_bridge() {
         &["-d", "30000"],
     );
     assert!(
-        wait_until(Duration::from_secs(10), || conferences(&d2).is_some_and(
-            |c| c.get(&format!("meet-{conf}")) == Some(&("b2".to_owned(), 1))
-        )),
+        wait_until(Duration::from_secs(10), || holds(&d2, &conf, "b2", 1)),
         "peer 2 sees the conference on b2: {:?}",
         conferences(&d2)
     );
@@ -617,13 +466,8 @@ fn surviving_peer_routes_to_the_existing_bridge() {
     )
     .wait(Duration::from_secs(20));
     assert_ne!(failed, 0, "a killed peer answered");
-    Sipp::vcs(&topo, 2, "uac_call.xml", &format!("meet.{conf}"), 1, &[]).expect_success();
-    assert_eq!(
-        b2.invites().get(&format!("meet-{conf}")).map(BTreeSet::len),
-        Some(2),
-        "b2 trace:\n{}",
-        b2.log()
-    );
+    one_call(&topo, 2, &conf);
+    assert_eq!(calls_on(&b2, &conf), Some(2), "b2 trace:\n{}", b2.log());
     assert!(
         !b1.invites().contains_key(&format!("meet-{conf}")),
         "a call went to b1:\n{}",

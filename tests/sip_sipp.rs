@@ -7,10 +7,10 @@
 //! Every sipp runs with a global timeout and is stopped by PID when the test ends. Each test uses
 //! its own 127.0.x.0/24 so the tests can run in parallel.
 
-use std::collections::BTreeSet;
+mod support;
+
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,113 +22,16 @@ use confmesh::b2bua::{
 use confmesh::bandwidth::{BandwidthService, BandwidthSettings};
 use confmesh::sip::transaction::TimerConfig;
 use serde_json::json;
+use support::{Sipp, have_sipp, sipp_scenario};
 use tokio::sync::watch;
 
-fn scenario(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/sipp")
-        .join(name)
-}
-
-fn have_sipp() -> bool {
-    let ok = Command::new("sipp")
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "sipp (Debian package sip-tester) is required in CI"
-        );
-        eprintln!("NOTICE: sipp not installed (apt-get install sip-tester); skipping");
-    }
-    ok
-}
-
-/// A sipp process, killed by PID on drop.
-struct Sipp {
-    child: Child,
-    name: String,
-    trace: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
+/// sipp itself on loopback, ended by its own global timeout at the latest.
 impl Sipp {
     fn start(name: &str, args: &[&str]) -> Sipp {
-        let dir = tempfile::tempdir().unwrap();
-        let trace = dir.path().join("messages.log");
-        let errors = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-        let child = Command::new("sipp")
-            .args(args)
-            .args([
-                "-nostdin",
-                "-timeout",
-                "30s",
-                "-timeout_error",
-                "-trace_msg",
-                "-message_file",
-            ])
-            .arg(&trace)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(errors)
-            .spawn()
-            .expect("start sipp");
-        Sipp {
-            child,
-            name: name.to_owned(),
-            trace,
-            _dir: dir,
-        }
-    }
-
-    /// Waits (bounded) for exit and returns the status code; panics with the trace on timeout.
-    async fn wait(&mut self, limit: Duration) -> i32 {
-        let end = Instant::now() + limit;
-        while Instant::now() < end {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "{} did not finish within {limit:?}; trace:\n{}",
-            self.name,
-            self.log()
-        );
-    }
-
-    /// The messages sipp sent and received, then its error output.
-    fn log(&self) -> String {
-        let errors = self.trace.with_file_name("stderr.log");
-        format!(
-            "{}\n--- stderr ---\n{}",
-            std::fs::read_to_string(&self.trace).unwrap_or_default(),
-            std::fs::read_to_string(errors).unwrap_or_default()
-        )
-    }
-
-    /// Distinct Call-IDs seen by this sipp (one per call).
-    fn call_ids(&self) -> BTreeSet<String> {
-        std::fs::read_to_string(&self.trace)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                let l = l.trim();
-                let (k, v) = l.split_once(':')?;
-                (k.eq_ignore_ascii_case("call-id") || k == "i").then(|| v.trim().to_owned())
-            })
-            .collect()
-    }
-}
-
-impl Drop for Sipp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut cmd = Command::new("sipp");
+        cmd.args(args)
+            .args(["-nostdin", "-timeout", "30s", "-timeout_error"]);
+        Sipp::spawn(name, cmd)
     }
 }
 
@@ -159,8 +62,18 @@ fn routing_limited(net: u8, bridges: &[(&str, u8)], limit_kbps: u64) -> RoutingC
     cfg
 }
 
+/// The SIP timer T1 of the B2BUAs, but where a test wants failover to come sooner.
+const T1: Duration = Duration::from_millis(500);
+
+/// The SIP address of host `host` of the test's 127.0.`net`.0/24.
+fn sip_addr(net: u8, host: u8) -> String {
+    format!("127.0.{net}.{host}:5060")
+}
+
+/// A B2BUA (a peer) on 127.0.`net`.`host`, port 5060.
 async fn start_b2bua<L: BandwidthLedger>(
-    addr: &str,
+    net: u8,
+    host: u8,
     cfg: RoutingConfig,
     dir: MemoryDirectory,
     ledger: L,
@@ -169,7 +82,7 @@ async fn start_b2bua<L: BandwidthLedger>(
     // The sender is dropped at once: the configuration stays as given.
     let (_, rx) = watch::channel(Arc::new(cfg));
     let settings = B2buaSettings {
-        listen: vec![addr.parse::<SocketAddr>().unwrap()],
+        listen: vec![sip_addr(net, host).parse::<SocketAddr>().unwrap()],
         core: CoreConfig {
             hostname: "cm-test".into(),
             timers: TimerConfig {
@@ -188,13 +101,21 @@ async fn start_b2bua<L: BandwidthLedger>(
         .expect("bind B2BUA")
 }
 
+/// The single-peer scenarios' B2BUA: on 127.0.`net`.1, routing to bridge b1 on .2, with a
+/// ledger of its own.
+async fn one_peer_one_bridge(net: u8, dir: MemoryDirectory) -> B2buaService {
+    let cfg = routing(net, &[("b1", 2)]);
+    start_b2bua(net, 1, cfg, dir, MemoryLedger::default(), T1).await
+}
+
+/// A bridge on 127.0.`net`.`host`, port 5060, playing scenario `scen`.
 fn uas(net: u8, host: u8, scen: &str) -> Sipp {
     let ip = format!("127.0.{net}.{host}");
     Sipp::start(
         &format!("bridge {ip}"),
         &[
             "-sf",
-            scenario(scen).to_str().unwrap(),
+            sipp_scenario(scen).to_str().unwrap(),
             "-i",
             &ip,
             "-p",
@@ -203,20 +124,15 @@ fn uas(net: u8, host: u8, scen: &str) -> Sipp {
     )
 }
 
-fn uac(
-    net: u8,
-    host: u8,
-    target: &str,
-    scen: &str,
-    service: &str,
-    calls: u32,
-    extra: &[&str],
-) -> Sipp {
+/// The VCS on 127.0.`net`.`host` sending `calls` calls of scenario `scen` to `service` through the
+/// peer on 127.0.`net`.`peer`.
+fn uac(net: u8, host: u8, peer: u8, scen: &str, service: &str, calls: u32, extra: &[&str]) -> Sipp {
     let ip = format!("127.0.{net}.{host}");
+    let target = sip_addr(net, peer);
     let calls = calls.to_string();
-    let path = scenario(scen);
+    let path = sipp_scenario(scen);
     let mut args = vec![
-        target,
+        target.as_str(),
         "-sf",
         path.to_str().unwrap(),
         "-i",
@@ -233,6 +149,11 @@ fn uac(
     Sipp::start(&format!("vcs {ip}"), &refs)
 }
 
+/// Gives the bridge sipps just started the moment they need to bind before the first call.
+async fn bridges_bound() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
 /// Waits (bounded) until `total` calls have been seen and none is left in progress.
 async fn wait_idle(svc: &B2buaService, total: u64) {
     let end = Instant::now() + Duration::from_secs(10);
@@ -247,14 +168,8 @@ async fn wait_idle(svc: &B2buaService, total: u64) {
 }
 
 async fn expect_success(s: &mut Sipp) {
-    let code = s.wait(Duration::from_secs(40)).await;
-    assert_eq!(
-        code,
-        0,
-        "{} failed (exit {code}); trace:\n{}",
-        s.name,
-        s.log()
-    );
+    let code = s.wait_async(Duration::from_secs(40)).await;
+    s.assert_success(code);
 }
 
 /// Acceptance 1: calls for one conference arriving at two peers reach the same bridge, over UDP
@@ -267,53 +182,15 @@ async fn one_conference_one_bridge_from_two_peers() {
     let net = 61;
     let cfg = routing(net, &[("b1", 2), ("b2", 3)]);
     let (dir, ledger) = (MemoryDirectory::default(), MemoryLedger::default());
-    let p1 = start_b2bua(
-        "127.0.61.1:5060",
-        cfg.clone(),
-        dir.clone(),
-        ledger.clone(),
-        Duration::from_millis(500),
-    )
-    .await;
-    let p2 = start_b2bua(
-        "127.0.61.11:5060",
-        cfg.clone(),
-        dir.clone(),
-        ledger.clone(),
-        Duration::from_millis(500),
-    )
-    .await;
+    let p1 = start_b2bua(net, 1, cfg.clone(), dir.clone(), ledger.clone(), T1).await;
+    let p2 = start_b2bua(net, 11, cfg.clone(), dir.clone(), ledger.clone(), T1).await;
     let b1 = uas(net, 2, "uas_answer.xml");
     let b2 = uas(net, 3, "uas_answer.xml");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    bridges_bound().await;
 
-    let mut v1 = uac(
-        net,
-        21,
-        "127.0.61.1:5060",
-        "uac_call.xml",
-        "meet.1000",
-        3,
-        &[],
-    );
-    let mut v2 = uac(
-        net,
-        22,
-        "127.0.61.11:5060",
-        "uac_call.xml",
-        "meet.1000",
-        3,
-        &["-t", "t1"],
-    );
-    let mut v3 = uac(
-        net,
-        23,
-        "127.0.61.1:5060",
-        "uac_call.xml",
-        "meet.2000",
-        2,
-        &[],
-    );
+    let mut v1 = uac(net, 21, 1, "uac_call.xml", "meet.1000", 3, &[]);
+    let mut v2 = uac(net, 22, 11, "uac_call.xml", "meet.1000", 3, &["-t", "t1"]);
+    let mut v3 = uac(net, 23, 1, "uac_call.xml", "meet.2000", 2, &[]);
     expect_success(&mut v1).await;
     expect_success(&mut v2).await;
     expect_success(&mut v3).await;
@@ -357,23 +234,8 @@ async fn unknown_alias_is_404() {
         return;
     }
     let net = 62;
-    let p = start_b2bua(
-        "127.0.62.1:5060",
-        routing(net, &[("b1", 2)]),
-        MemoryDirectory::default(),
-        MemoryLedger::default(),
-        Duration::from_millis(500),
-    )
-    .await;
-    let mut v = uac(
-        net,
-        21,
-        "127.0.62.1:5060",
-        "uac_reject.xml",
-        "nobody",
-        2,
-        &[],
-    );
+    let p = one_peer_one_bridge(net, MemoryDirectory::default()).await;
+    let mut v = uac(net, 21, 1, "uac_reject.xml", "nobody", 2, &[]);
     expect_success(&mut v).await;
     wait_idle(&p, 2).await;
     assert_eq!(p.status().stats.calls_failed, 2);
@@ -389,36 +251,17 @@ async fn cancel_while_ringing() {
     }
     let net = 63;
     let dir = MemoryDirectory::default();
-    let p = start_b2bua(
-        "127.0.63.1:5060",
-        routing(net, &[("b1", 2)]),
-        dir.clone(),
-        MemoryLedger::default(),
-        Duration::from_millis(500),
-    )
-    .await;
+    let p = one_peer_one_bridge(net, dir.clone()).await;
     let mut b = uas(net, 2, "uas_cancel.xml");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut v = uac(
-        net,
-        21,
-        "127.0.63.1:5060",
-        "uac_cancel.xml",
-        "meet.5",
-        2,
-        &[],
-    );
+    bridges_bound().await;
+    let mut v = uac(net, 21, 1, "uac_cancel.xml", "meet.5", 2, &[]);
     expect_success(&mut v).await;
     wait_idle(&p, 2).await;
     assert_eq!(p.status().stats.calls_cancelled, 2);
     assert_eq!(b.call_ids().len(), 2);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(dir.snapshot().is_empty());
-    assert!(
-        b.child.try_wait().unwrap().is_none(),
-        "bridge sipp died:\n{}",
-        b.log()
-    );
+    assert!(b.running(), "bridge sipp died:\n{}", b.log());
     p.shutdown().await;
 }
 
@@ -429,26 +272,11 @@ async fn bye_from_the_bridge() {
         return;
     }
     let net = 64;
-    let p = start_b2bua(
-        "127.0.64.1:5060",
-        routing(net, &[("b1", 2)]),
-        MemoryDirectory::default(),
-        MemoryLedger::default(),
-        Duration::from_millis(500),
-    )
-    .await;
+    let p = one_peer_one_bridge(net, MemoryDirectory::default()).await;
     let b = uas(net, 2, "uas_hangup.xml");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut v = uac(
-        net,
-        21,
-        "127.0.64.1:5060",
-        "uac_wait_bye.xml",
-        "meet.9",
-        2,
-        &[],
-    );
-    let code = v.wait(Duration::from_secs(40)).await;
+    bridges_bound().await;
+    let mut v = uac(net, 21, 1, "uac_wait_bye.xml", "meet.9", 2, &[]);
+    let code = v.wait_async(Duration::from_secs(40)).await;
     assert_eq!(
         code,
         0,
@@ -476,7 +304,8 @@ async fn dead_bridge_is_replaced_by_the_next() {
         .unwrap();
     let dir = MemoryDirectory::default();
     let p = start_b2bua(
-        "127.0.65.1:5060",
+        net,
+        1,
         cfg,
         dir.clone(),
         MemoryLedger::default(),
@@ -484,16 +313,8 @@ async fn dead_bridge_is_replaced_by_the_next() {
     )
     .await;
     let b2 = uas(net, 3, "uas_answer.xml");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut v = uac(
-        net,
-        21,
-        "127.0.65.1:5060",
-        "uac_call.xml",
-        &format!("meet.{n}"),
-        1,
-        &[],
-    );
+    bridges_bound().await;
+    let mut v = uac(net, 21, 1, "uac_call.xml", &format!("meet.{n}"), 1, &[]);
     expect_success(&mut v).await;
     wait_idle(&p, 1).await;
     assert_eq!(b2.call_ids().len(), 1);
@@ -549,73 +370,27 @@ async fn location_limit_across_two_peers_over_bandwidth_updates() {
     // Two calls of 768 kbps fit in 1600, a third does not.
     let cfg = routing_limited(net, &[("b1", 2)], 1600);
     let dir = MemoryDirectory::default();
-    let p1 = start_b2bua(
-        "127.0.66.1:5060",
-        cfg.clone(),
-        dir.clone(),
-        l1.clone(),
-        Duration::from_millis(500),
-    )
-    .await;
-    let p2 = start_b2bua(
-        "127.0.66.11:5060",
-        cfg,
-        dir.clone(),
-        l2.clone(),
-        Duration::from_millis(500),
-    )
-    .await;
+    let p1 = start_b2bua(net, 1, cfg.clone(), dir.clone(), l1.clone(), T1).await;
+    let p2 = start_b2bua(net, 11, cfg, dir.clone(), l2.clone(), T1).await;
     let _bridge = uas(net, 2, "uas_answer.xml");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    bridges_bound().await;
 
-    let mut held1 = uac(
-        net,
-        21,
-        "127.0.66.1:5060",
-        "uac_hold.xml",
-        "meet.1",
-        1,
-        &["-d", "2500"],
-    );
+    let mut held1 = uac(net, 21, 1, "uac_hold.xml", "meet.1", 1, &["-d", "2500"]);
     until("peer 2 hears of peer 1's call", || {
         l2.usage_kbps("default") == 768
     })
     .await;
-    let mut held2 = uac(
-        net,
-        22,
-        "127.0.66.11:5060",
-        "uac_hold.xml",
-        "meet.1",
-        1,
-        &["-d", "5000"],
-    );
+    let mut held2 = uac(net, 22, 11, "uac_hold.xml", "meet.1", 1, &["-d", "5000"]);
     until("peer 1 hears of peer 2's call", || {
         l1.usage_kbps("default") == 1536
     })
     .await;
-    let mut refused1 = uac(
-        net,
-        23,
-        "127.0.66.1:5060",
-        "uac_refused.xml",
-        "meet.2",
-        1,
-        &[],
-    );
-    let mut refused2 = uac(
-        net,
-        24,
-        "127.0.66.11:5060",
-        "uac_refused.xml",
-        "meet.1",
-        1,
-        &[],
-    );
+    let mut refused1 = uac(net, 23, 1, "uac_refused.xml", "meet.2", 1, &[]);
+    let mut refused2 = uac(net, 24, 11, "uac_refused.xml", "meet.1", 1, &[]);
     expect_success(&mut refused1).await;
     expect_success(&mut refused2).await;
     assert!(
-        held1.child.try_wait().unwrap().is_none(),
+        held1.running(),
         "the first call is still up while the others are refused"
     );
 
@@ -624,15 +399,7 @@ async fn location_limit_across_two_peers_over_bandwidth_updates() {
         l2.usage_kbps("default") == 768
     })
     .await;
-    let mut again = uac(
-        net,
-        25,
-        "127.0.66.11:5060",
-        "uac_call.xml",
-        "meet.3",
-        1,
-        &[],
-    );
+    let mut again = uac(net, 25, 11, "uac_call.xml", "meet.3", 1, &[]);
     expect_success(&mut again).await;
     expect_success(&mut held2).await;
     wait_idle(&p1, 2).await;

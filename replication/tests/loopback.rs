@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,14 +43,18 @@ fn peers(addrs: &[SocketAddr; 3]) -> Vec<(u32, SocketAddr)> {
     ORIGINS.iter().copied().zip(addrs.iter().copied()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_services_converge_and_a_restarted_one_catches_up() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = |i: usize| dir.path().join(format!("peer{i}.redb"));
+/// Database file of peer `i`: `<stem><i>.redb` in `dir`, so a restart can reopen the same one.
+fn db(dir: &Path, stem: &str, i: usize) -> PathBuf {
+    dir.join(format!("{stem}{i}.redb"))
+}
+
+/// One service per origin, each on its own database file and an ephemeral port of 127.0.0.1,
+/// none told of the others yet; returns them with the addresses their peer lists need.
+async fn start_three(dir: &Path, stem: &str) -> (Vec<Service>, [SocketAddr; 3]) {
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let mut services = Vec::new();
     for (i, &origin) in ORIGINS.iter().enumerate() {
-        let store = Arc::new(Store::open(&path(i), origin).expect("open"));
+        let store = Arc::new(Store::open(&db(dir, stem, i), origin).expect("open"));
         services.push(Service::start(store, any, vec![]).await.expect("start"));
     }
     let addrs = [
@@ -57,36 +62,58 @@ async fn three_services_converge_and_a_restarted_one_catches_up() {
         services[1].local_addr(),
         services[2].local_addr(),
     ];
-    for s in &services {
-        s.set_peers(peers(&addrs));
+    (services, addrs)
+}
+
+/// Gives every service the full peer list of all three.
+fn connect_all(services: &[Service], addrs: &[SocketAddr; 3]) {
+    for s in services {
+        s.set_peers(peers(addrs));
     }
+}
+
+/// A write (or, with `None`, a delete) that waits for no other peer: durable locally, then
+/// replicated in the background.
+async fn put(s: &Service, key: &str, value: Option<Value>) {
+    s.write(Namespace::Config, key, value, 0, Duration::ZERO)
+        .await
+        .expect("write");
+}
+
+/// A write that returns only once `acks` other peers hold it (20 s at the most).
+async fn put_acked(s: &Service, key: &str, value: Value, acks: usize) {
+    s.write(
+        Namespace::Config,
+        key,
+        Some(value),
+        acks,
+        Duration::from_secs(20),
+    )
+    .await
+    .expect("replicated write");
+}
+
+async fn shutdown_all(services: Vec<Service>) {
+    for s in services {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_services_converge_and_a_restarted_one_catches_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut services, addrs) = start_three(dir.path(), "peer").await;
+    connect_all(&services, &addrs);
     let mut want = BTreeMap::new();
     for (i, s) in services.iter().enumerate() {
         for k in 0..20 {
             let key = format!("bridge/p{i}-{k}");
-            s.write(
-                Namespace::Config,
-                &key,
-                Some(json!({"capacity": k})),
-                0,
-                Duration::ZERO,
-            )
-            .await
-            .expect("write");
+            put(s, &key, Some(json!({"capacity": k}))).await;
             want.insert(key, json!({"capacity": k}));
         }
     }
     // A write that waits until both other peers have it.
-    services[0]
-        .write(
-            Namespace::Config,
-            "alias/a",
-            Some(json!("x")),
-            2,
-            Duration::from_secs(20),
-        )
-        .await
-        .expect("replicated write");
+    put_acked(&services[0], "alias/a", json!("x"), 2).await;
     want.insert("alias/a".into(), json!("x"));
     assert!(matches!(
         services[0]
@@ -113,16 +140,10 @@ async fn three_services_converge_and_a_restarted_one_catches_up() {
 
     for k in 0..30 {
         let key = format!("location/l{k}");
-        services[k % 2]
-            .write(Namespace::Config, &key, Some(json!(k)), 0, Duration::ZERO)
-            .await
-            .expect("write");
+        put(&services[k % 2], &key, Some(json!(k))).await;
         want.insert(key, json!(k));
     }
-    services[1]
-        .write(Namespace::Config, "bridge/p0-0", None, 0, Duration::ZERO)
-        .await
-        .expect("delete");
+    put(&services[1], "bridge/p0-0", None).await;
     want.remove("bridge/p0-0");
     // Waiting for the stopped peer times out, but the write is durable and replicates.
     let r = services[0]
@@ -156,7 +177,7 @@ async fn three_services_converge_and_a_restarted_one_catches_up() {
     assert!(p3.lag_entries.is_some_and(|n| n > 0), "{p3:?}");
 
     // Restart it on the same address from the same file.
-    let store = Arc::new(Store::open(&path(2), ORIGINS[2]).expect("reopen"));
+    let store = Arc::new(Store::open(&db(dir.path(), "peer", 2), ORIGINS[2]).expect("reopen"));
     let third = Service::start(store, addrs[2], peers(&addrs))
         .await
         .expect("restart");
@@ -191,9 +212,7 @@ async fn three_services_converge_and_a_restarted_one_catches_up() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     third.shutdown().await;
-    for s in services {
-        s.shutdown().await;
-    }
+    shutdown_all(services).await;
 }
 
 /// SPEC §2 rule 6: a standalone peer with its own configuration joins a 2-peer cluster: its shared
@@ -202,42 +221,13 @@ async fn three_services_converge_and_a_restarted_one_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_peer_takes_the_clusters_content() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let mut services = Vec::new();
-    for (i, &origin) in ORIGINS.iter().enumerate() {
-        let store =
-            Arc::new(Store::open(&dir.path().join(format!("p{i}.redb")), origin).expect("open"));
-        services.push(Service::start(store, any, vec![]).await.expect("start"));
-    }
-    let addrs = [
-        services[0].local_addr(),
-        services[1].local_addr(),
-        services[2].local_addr(),
-    ];
+    let (services, addrs) = start_three(dir.path(), "p").await;
     let pair = vec![(ORIGINS[0], addrs[0]), (ORIGINS[1], addrs[1])];
     services[0].set_peers(pair.clone());
     services[1].set_peers(pair);
-    services[0]
-        .write(
-            Namespace::Config,
-            "bridge/cluster",
-            Some(json!(1)),
-            1,
-            Duration::from_secs(20),
-        )
-        .await
-        .expect("write");
+    put_acked(&services[0], "bridge/cluster", json!(1), 1).await;
     // The standalone peer's own configuration, which the join must replace.
-    services[2]
-        .write(
-            Namespace::Config,
-            "bridge/mine",
-            Some(json!(2)),
-            0,
-            Duration::ZERO,
-        )
-        .await
-        .expect("write");
+    put(&services[2], "bridge/mine", Some(json!(2))).await;
     let backup = services[2].store().snapshot().expect("snapshot");
     assert_eq!(backup.entries.len(), 1);
 
@@ -246,9 +236,7 @@ async fn a_joining_peer_takes_the_clusters_content() {
         .replace_all_async(Default::default())
         .await
         .expect("replace_all");
-    for s in &services {
-        s.set_peers(peers(&addrs));
-    }
+    connect_all(&services, &addrs);
     let mut want = BTreeMap::from([("bridge/cluster".to_owned(), json!(1))]);
     converge(&[&services[0], &services[1], &services[2]], &want).await;
     let r = services[2]
@@ -267,9 +255,7 @@ async fn a_joining_peer_takes_the_clusters_content() {
     }
     want.insert("bridge/after".into(), json!(3));
     converge(&[&services[0], &services[1], &services[2]], &want).await;
-    for s in services {
-        s.shutdown().await;
-    }
+    shutdown_all(services).await;
 }
 
 /// Garbage, and a well-formed hello from an origin that is not in the peer list, each end their
@@ -321,15 +307,7 @@ async fn garbage_and_strangers_are_turned_away() {
             "the service kept a bad connection open: {bytes:?}"
         );
     }
-    svc.write(
-        Namespace::Config,
-        "still/works",
-        Some(json!(true)),
-        0,
-        Duration::ZERO,
-    )
-    .await
-    .expect("write");
+    put(&svc, "still/works", Some(json!(true))).await;
     assert_eq!(
         svc.get(Namespace::Config, "still/works").expect("get"),
         Some(json!(true))
@@ -345,35 +323,13 @@ async fn garbage_and_strangers_are_turned_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restoring_a_backup_while_connected_resyncs() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let mut services = Vec::new();
-    for (i, &origin) in ORIGINS.iter().enumerate() {
-        let store =
-            Arc::new(Store::open(&dir.path().join(format!("r{i}.redb")), origin).expect("open"));
-        services.push(Service::start(store, any, vec![]).await.expect("start"));
-    }
-    let addrs = [
-        services[0].local_addr(),
-        services[1].local_addr(),
-        services[2].local_addr(),
-    ];
-    for s in &services {
-        s.set_peers(peers(&addrs));
-    }
+    let (services, addrs) = start_three(dir.path(), "r").await;
+    connect_all(&services, &addrs);
     let all = [&services[0], &services[1], &services[2]];
     let mut want = BTreeMap::new();
     for k in 0..5 {
         let key = format!("a/{k}");
-        services[k % 3]
-            .write(
-                Namespace::Config,
-                &key,
-                Some(json!(k)),
-                2,
-                Duration::from_secs(20),
-            )
-            .await
-            .expect("write");
+        put_acked(&services[k % 3], &key, json!(k), 2).await;
         want.insert(key, json!(k));
     }
     converge(&all, &want).await;
@@ -381,22 +337,11 @@ async fn restoring_a_backup_while_connected_resyncs() {
     for k in 0..5 {
         for (i, s) in services.iter().enumerate() {
             let key = format!("after/{i}-{k}");
-            s.write(Namespace::Config, &key, Some(json!(k)), 0, Duration::ZERO)
-                .await
-                .expect("write");
+            put(s, &key, Some(json!(k))).await;
             want.insert(key, json!(k));
         }
     }
-    services[2]
-        .write(
-            Namespace::Config,
-            "a/1",
-            Some(json!("newer")),
-            0,
-            Duration::ZERO,
-        )
-        .await
-        .expect("write");
+    put(&services[2], "a/1", Some(json!("newer"))).await;
     want.insert("a/1".into(), json!("newer"));
     converge(&all, &want).await;
 
@@ -406,7 +351,5 @@ async fn restoring_a_backup_while_connected_resyncs() {
         .await
         .expect("restore");
     converge(&all, &want).await;
-    for s in services {
-        s.shutdown().await;
-    }
+    shutdown_all(services).await;
 }

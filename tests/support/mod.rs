@@ -2,6 +2,7 @@
 //! removed on drop, and confmesh daemons started inside it that are stopped on drop, by PID.
 #![allow(dead_code, unreachable_pub, missing_docs)] // each test binary uses a different subset
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -262,6 +263,19 @@ impl Daemon {
             .expect("run confmesh client")
     }
 
+    /// `cli` for a subcommand that must succeed: fails the test with its error output otherwise.
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "confmesh {} on p{}: {}",
+            args.join(" "),
+            self.i,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     pub fn status(&self) -> Option<Value> {
         let out = self.cli(&["status", "--json"]);
         out.status
@@ -321,4 +335,203 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub fn shows(d: &Daemon, j: u8, state: &str, reason: Option<&str>) -> bool {
     d.peer(j)
         .is_some_and(|p| p["state"] == state && reason.is_none_or(|r| p["reason"] == r))
+}
+
+/// Peers 1 and 2 started as one cluster, returned once each shows the other active within
+/// `limit`; the failure message holds both sides' view and logs. Several tests begin this way.
+pub fn cluster_of_two(topo: &Topology, limit: Duration) -> (Daemon, Daemon) {
+    let d1 = Daemon::start(topo, &PeerSpec::new(1, &[1, 2]));
+    let d2 = Daemon::start(topo, &PeerSpec::new(2, &[1, 2]));
+    assert!(
+        wait_until(limit, || shows(&d1, 2, "active", None)
+            && shows(&d2, 1, "active", None)),
+        "cluster did not form: {:?} {:?}\n{}\n{}",
+        d1.peer(2),
+        d2.peer(1),
+        d1.log(),
+        d2.log()
+    );
+    (d1, d2)
+}
+
+/// Whether sipp (Debian's sip-tester) runs here. Its absence fails under CI, which installs it,
+/// and is reported as not run elsewhere.
+pub fn have_sipp() -> bool {
+    let ok = Command::new("sipp")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "sipp (Debian package sip-tester) is required in CI"
+        );
+        eprintln!("NOTICE: sipp not installed (apt-get install sip-tester); skipping");
+    }
+    ok
+}
+
+/// A sipp scenario file of tests/sipp.
+pub fn sipp_scenario(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sipp")
+        .join(name)
+}
+
+/// A sipp process with its message trace and error output in a directory of its own, stopped by
+/// PID on drop. The loopback tests and the namespace tests drive sipp alike; this is the one place
+/// that knows how to start it, wait for it and read what it saw.
+pub struct Sipp {
+    child: Option<Child>,
+    pub name: String,
+    trace: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sipp {
+    /// Starts `cmd` (a sipp command line, possibly behind `ip netns exec` or a script) with its
+    /// messages traced; `name` says which sipp it is in failure messages.
+    pub fn spawn(name: &str, mut cmd: Command) -> Sipp {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("messages.log");
+        let errors = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        cmd.args(["-trace_msg", "-message_file"])
+            .arg(&trace)
+            .current_dir(dir.path());
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(errors)
+            .spawn()
+            .expect("start sipp");
+        Sipp {
+            child: Some(child),
+            name: name.to_owned(),
+            trace,
+            _dir: dir,
+        }
+    }
+
+    /// The exit code once sipp has exited (-1 for a signal), `None` while it runs.
+    fn exit_code(&mut self) -> Option<i32> {
+        let child = self.child.as_mut().expect("running");
+        let status = child.try_wait().unwrap()?;
+        self.child = None;
+        Some(status.code().unwrap_or(-1))
+    }
+
+    fn did_not_finish(&self, limit: Duration) -> ! {
+        panic!(
+            "{} did not finish within {limit:?}; trace:\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
+    /// Waits (bounded) for exit and returns the code; panics with the trace on timeout.
+    pub fn wait(&mut self, limit: Duration) -> i32 {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Some(code) = self.exit_code() {
+                return code;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.did_not_finish(limit)
+    }
+
+    /// `wait` for a tokio test: sleeps without blocking the runtime's workers, which the services
+    /// under test run on.
+    pub async fn wait_async(&mut self, limit: Duration) -> i32 {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Some(code) = self.exit_code() {
+                return code;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.did_not_finish(limit)
+    }
+
+    /// Fails the test with the trace unless `code` (this sipp's exit code) is 0.
+    pub fn assert_success(&self, code: i32) {
+        assert_eq!(
+            code,
+            0,
+            "{} failed (exit {code}); trace:\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The messages sipp sent and received, then its error output.
+    pub fn log(&self) -> String {
+        let errors = self.trace.with_file_name("stderr.log");
+        format!(
+            "{}\n--- stderr ---\n{}",
+            std::fs::read_to_string(&self.trace).unwrap_or_default(),
+            std::fs::read_to_string(errors).unwrap_or_default()
+        )
+    }
+
+    /// Distinct Call-IDs seen by this sipp (one per call).
+    pub fn call_ids(&self) -> BTreeSet<String> {
+        std::fs::read_to_string(&self.trace)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let l = l.trim();
+                let (k, v) = l.split_once(':')?;
+                (k.eq_ignore_ascii_case("call-id") || k == "i").then(|| v.trim().to_owned())
+            })
+            .collect()
+    }
+
+    /// Conference → Call-IDs of the INVITEs this sipp (a bridge) received.
+    pub fn invites(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let text = std::fs::read_to_string(&self.trace).unwrap_or_default();
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("INVITE sip:") {
+                current = rest.split_once('@').map(|(user, _)| user.to_owned());
+            } else if line.starts_with("SIP/2.0")
+                || line.starts_with("ACK ")
+                || line.starts_with("BYE ")
+                || line.starts_with("CANCEL ")
+            {
+                current = None;
+            } else if let (Some(conf), Some((k, v))) = (&current, line.split_once(':')) {
+                if k.eq_ignore_ascii_case("call-id") || k == "i" {
+                    out.entry(conf.clone())
+                        .or_default()
+                        .insert(v.trim().to_owned());
+                    current = None;
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Sipp {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
