@@ -23,7 +23,9 @@
 #              and 3; etcd: members 2 and 3 report the revision of the last acknowledged put).
 #   ack        latency of one write as its writer sees it, p50/p99/max.
 #   CPU/write  CPU time (user + system, from /proc) of the three daemons over the run, per
-#              acknowledged write: what a write costs, whatever else the machine was doing.
+#              acknowledged write: what a write costs, whatever else the machine was doing. Also per
+#              daemon: peer 1 (confmesh: where the writes originate; etcd: the raft leader) spends
+#              the most, and on one host per peer, as deployed, it is the busiest host.
 # confmesh's store on peers 1 and 2: writes made durable per journal sync (group commit), journal
 # bytes per write, checkpoints into the database file during the first run.
 # confmesh runs the load twice: acknowledged once durable on peer 1 (the default), and with
@@ -143,13 +145,15 @@ for o in json.load(sys.stdin)["nftables"]:
     c = o.get("counter")
     if c: print(c["name"], c["packets"], c["bytes"])' > "$1"
 }
-# cpu_snap FILE: CPU ticks (user + system) of the daemons this script started, summed.
+# cpu_snap FILE: CPU ticks (user + system) of the daemons this script started: the sum, the clock
+# rate, then each daemon's (peer 1 first).
 cpu_snap() {
-    local p t=0
+    local p t=0 each=""
     for p in "${PIDS[@]}"; do
-        t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") ))
+        local n; n=$(awk '{print $14 + $15}' "/proc/$p/stat")
+        t=$(( t + n )); each="$each $n"
     done
-    echo "$t $(getconf CLK_TCK)" > "$1"
+    echo "$t $(getconf CLK_TCK)$each" > "$1"
 }
 nft_snap "$WORK/nft.0"
 ip netns exec "${P}p1" ping -q -c 1 -W 2 -s 3000 -M dont 10.96.0.2 >/dev/null
@@ -278,9 +282,11 @@ for r, (a, b), wire in ((cm, ("cm0", "cm1"), "n_ah"), (et, ("et0", "et1"), "n_et
     pk, by = delta(a, b, wire)
     f4, f6 = delta(a, b, "n_frag4")[0], delta(a, b, "n_frag6")[0]
     allp = delta(a, b, "n_all")[0]
-    (t0, hz), (t1, _) = (map(int, open(f"{work}/cpu.{x}").read().split()) for x in (a, b))
-    rows.append(dict(r=r, pk=pk, by=by, frag=f4 + f6, allp=allp, cpu_ms=(t1 - t0) * 1000 / hz / max(r["acked"], 1)))
+    (t0, hz, *p0), (t1, _, *p1) = (list(map(int, open(f"{work}/cpu.{x}").read().split())) for x in (a, b))
+    per = [(y - x) * 1000 / hz / max(r["acked"], 1) for x, y in zip(p0, p1)]
+    rows.append(dict(r=r, pk=pk, by=by, frag=f4 + f6, allp=allp, cpu_ms=(t1 - t0) * 1000 / hz / max(r["acked"], 1), per=per))
 fmt = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"
+ratio = lambda a, b: "-" if a is None or b in (None, 0) else f"{a / b:.2f}"
 offered = f", offered {cm['rate']} writes/s" if cm['rate'] else ""
 print(f"replicated writes, 3 peers in namespaces, {cm['writers']} writers x {cm['depth']} in flight on peer 1{offered}, {cm['key_size']} B keys, "
       f"{cm['value_size']} B values, {cm['window_s']:.1f} s (confmesh) and {et['window_s']:.1f} s (etcd) from the first "
@@ -309,6 +315,12 @@ cs = json.load(open(f"{work}/confmesh-same.json"))
 print("B/write, pkts/write: on the wire through the router, all directions, per acknowledged write "
       "(confmesh: AH packets; etcd: TCP port 2380, member to member). CPU ms/write: user + system time of "
       "the three daemons over the run per acknowledged write.")
+print("CPU ms/write per daemon (peer/member 1, 2, 3): " + "; ".join(
+    f"{name} " + "/".join(f"{v:.3f}" for v in x["per"])
+    for x, name in zip(rows, ("confmesh", "etcd", "confmesh wait_peers=1")))
+    + f". Peer 1 is where the writes arrive (confmesh: their origin; etcd: the raft leader): with one host per "
+    f"peer, as deployed, its CPU per write is what the busiest host spends; confmesh/etcd there: "
+    f"{ratio(rows[0]['per'][0], rows[1]['per'][0])} (this machine runs all three on 2 cores, so above the sum counts).")
 k = cm["counters"]
 n = c["acked"]
 print(f"confmesh counters on peer 1 per write: sync-stream bytes sent {k['sync_bytes_sent'] / n:.0f} "
@@ -333,7 +345,6 @@ for i in (1, 2):
               f"{d['journal_bytes'] / n:.0f} journal bytes per write, {d['checkpoints']} checkpoints into the database file")
 print(f"fragments on the wire (IPv4 MF/offset, IPv6 fragment header) during confmesh: {rows[0]['frag'] + rows[2]['frag']}, during etcd: "
       f"{rows[1]['frag']} (the counter saw {selftest} fragments of a 3000-byte ping before the run)")
-ratio = lambda a, b: "-" if a is None or b in (None, 0) else f"{a / b:.2f}"
 print(f"ratio confmesh/etcd: writes/s {ratio(c['writes_per_s'], e['writes_per_s'])} (goal >= 10), "
       f"repl/s {ratio(c['replicated_writes_per_s'], e['replicated_writes_per_s'])}, "
       f"lag p50 {ratio(c['lag_ms']['p50'], e['lag_ms']['p50'])} p99 {ratio(c['lag_ms']['p99'], e['lag_ms']['p99'])} (goal < 1), "
