@@ -789,33 +789,31 @@ fn peers_starting_together_do_not_wait_for_a_retransmission() {
     let group = DhGroup::Curve25519;
     let start = Instant::now();
     let mut now = start;
-    let peer = |i: u8| PeerConfig {
-        addr: mgmt(i),
-        overlay: overlay(i),
-        psk: Zeroizing::new(PSK.to_vec()),
+    // Endpoint `i` starts at `now`, configured with the other one, and sends its first MM1.
+    let start_and_send_mm1 = |i: u8, now: Instant| {
+        let mut e = Endpoint::new(
+            EndpointConfig {
+                group,
+                ..Net::config(i)
+            },
+            [i; 32],
+        );
+        e.set_peer(
+            now,
+            PeerConfig {
+                addr: mgmt(3 - i),
+                overlay: overlay(3 - i),
+                psk: Zeroizing::new(PSK.to_vec()),
+            },
+        );
+        e.handle_timeout(now);
+        let mm1 = e.poll_transmit().expect("MM1");
+        assert_eq!(*mm1.dst.ip(), mgmt(3 - i));
+        (e, mm1)
     };
-    let mut a = Endpoint::new(
-        EndpointConfig {
-            group,
-            ..Net::config(1)
-        },
-        [1; 32],
-    );
-    a.set_peer(now, peer(2));
-    a.handle_timeout(now);
-    let lost = a.poll_transmit().expect("MM1");
-    assert_eq!(*lost.dst.ip(), mgmt(2));
+    let (mut a, _lost) = start_and_send_mm1(1, now);
     now += Duration::from_millis(100);
-    let mut b = Endpoint::new(
-        EndpointConfig {
-            group,
-            ..Net::config(2)
-        },
-        [2; 32],
-    );
-    b.set_peer(now, peer(1));
-    b.handle_timeout(now);
-    let mm1_b = b.poll_transmit().expect("MM1 of the higher address");
+    let (mut b, mm1_b) = start_and_send_mm1(2, now);
     let from_b = SocketAddrV4::new(mgmt(2), IKE_PORT);
     a.handle(now, from_b, &mm1_b.payload);
     a.handle(now, from_b, &mm1_b.payload);
