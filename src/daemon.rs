@@ -858,7 +858,7 @@ impl Daemon {
         };
         c.ike.shutdown(Instant::now());
         while let Some(t) = c.ike.poll_transmit() {
-            let _ = c.ike_socket.try_send_to(&t.payload, t.dst.into());
+            let _ = send_datagram(&c.ike_socket, &t.payload, t.dst.into());
         }
         if let Err(e) = self.bandwidth.set_peers(&[]) {
             tracing::error!("bandwidth updates: {e}");
@@ -1051,7 +1051,7 @@ impl Daemon {
             c.ike.handle_timeout(now);
         }
         while let Some(t) = c.ike.poll_transmit() {
-            if let Err(e) = c.ike_socket.try_send_to(&t.payload, t.dst.into()) {
+            if let Err(e) = send_datagram(&c.ike_socket, &t.payload, t.dst.into()) {
                 tracing::debug!(dst = %t.dst, "IKE datagram not sent: {e}");
             }
         }
@@ -1065,7 +1065,7 @@ impl Daemon {
         let Some(c) = &mut self.cluster else { return };
         for (_, overlay, hello) in c.membership.poll_transmit(now, wall) {
             let to = SocketAddrV4::new(overlay, HELLO_PORT);
-            if let Err(e) = c.hello.try_send_to(&hello.encode(), to.into()) {
+            if let Err(e) = send_datagram(&c.hello, &hello.encode(), to.into()) {
                 tracing::trace!(%to, "hello not sent: {e}");
             }
         }
@@ -1769,6 +1769,14 @@ impl Daemon {
 
 /// The store's sync peers: every other peer of the list at its overlay address. All of them,
 /// not only the active ones, so that no deletion is forgotten while a peer is away.
+/// Sends one datagram now, from the state loop (never waits). Not tokio's `try_send_to`: that
+/// refuses until the runtime has seen the socket writable, which a socket bound a moment before
+/// has not, so a daemon's first IKE message was lost and phase 1 waited for its retransmission.
+/// Only a full send buffer refuses here; IKE retransmits and hellos repeat.
+fn send_datagram(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+    socket2::SockRef::from(socket).send_to(bytes, &to.into())
+}
+
 /// Where the path of the automatic backup taken at a join is kept until the join ends, so that a
 /// restart in between can still found the cluster with it.
 fn join_backup_marker(state_dir: &Path) -> PathBuf {
