@@ -2,7 +2,8 @@
 //! root; CI does): a peer killed with SIGKILL in the middle of a stream of writes converges after
 //! a restart without losing an acknowledged write; a damaged store file stops the daemon with a
 //! clear message; a standalone peer joining a cluster takes the cluster's shared configuration
-//! after an automatic backup of its own, and keeps its peer-specific settings.
+//! after an automatic backup of its own, and keeps its peer-specific settings. Acceptance 5: backup
+//! and restore through the daemon, plain and encrypted, and each refusal changing nothing.
 
 mod support;
 
@@ -200,6 +201,17 @@ fn backup_store(path: &Path) -> Value {
     panic!("no store.json in {}", path.display());
 }
 
+/// Waits until a standalone daemon answers on its control socket (it has no peer to become
+/// active with).
+fn wait_started(d: &Daemon) {
+    assert!(
+        wait_until(Duration::from_secs(10), || d.status().is_some()),
+        "p{} did not start: {}",
+        d.i,
+        d.log()
+    );
+}
+
 /// Lists a standalone peer in the cluster of peers 1, 2 and 3 (configuration file and key) and
 /// reloads it: from then on it is joining (SPEC §2 rule 6).
 fn into_cluster_of_three(d: &Daemon) {
@@ -341,12 +353,7 @@ fn peers_joining_all_at_once_take_the_lowest_addresss_configuration() {
         .map(|i| Daemon::start(&topo, &PeerSpec::new(i, &[])))
         .collect();
     for x in &d {
-        assert!(
-            wait_until(Duration::from_secs(10), || x.status().is_some()),
-            "p{} did not start: {}",
-            x.i,
-            x.log()
-        );
+        wait_started(x);
         set(
             x,
             &format!("bridge/own{}", x.i),
@@ -402,6 +409,122 @@ fn peers_joining_all_at_once_take_the_lowest_addresss_configuration() {
             x.i
         );
     }
+}
+
+/// Issue 5 acceptance 5 through the CLI and a running daemon: `confmesh backup`, plain and with a
+/// password, then `confmesh restore` brings the shared configuration back; a backup of another
+/// peer (its serial), a wrong password and a damaged file are each refused with a message naming
+/// the cause, and leave the store and the configuration file exactly as they were.
+#[test]
+fn backup_and_restore_round_trip_and_refusals_change_nothing() {
+    if !require_root("backup_and_restore_round_trip_and_refusals_change_nothing") {
+        return;
+    }
+    let topo = Topology::up("cmbk", 2);
+    let d1 = Daemon::start(&topo, &PeerSpec::new(1, &[]));
+    let d2 = Daemon::start(&topo, &PeerSpec::new(2, &[]));
+    wait_started(&d1);
+    wait_started(&d2);
+    set(
+        &d1,
+        "bridge/b1",
+        r#"{"uri": "sip:10.96.4.1:5060", "capacity": 20}"#,
+    );
+    set(&d1, "location/l1", r#"{"limit_kbps": 1000}"#);
+    let saved = list(&d1, "").unwrap();
+    let password = d1.dir.join("backup-password");
+    std::fs::write(&password, "correct horse battery staple\n").unwrap();
+    let wrong = d1.dir.join("wrong-password");
+    std::fs::write(&wrong, "not the password\n").unwrap();
+    let backup_path = |out: Output| PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let plain = backup_path(d1.cli_ok(&["backup"]));
+    let pw = password.to_str().unwrap();
+    let encrypted = backup_path(d1.cli_ok(&["backup", "--password-file", pw]));
+    assert!(
+        plain.to_string_lossy().ends_with("_backup.tar.gz"),
+        "{plain:?}"
+    );
+    assert!(
+        encrypted.to_string_lossy().ends_with("_backup.tar.gz.enc"),
+        "{encrypted:?}"
+    );
+    let foreign = backup_path(d2.cli_ok(&["backup"]));
+    let damaged = d1.dir.join("damaged_backup.tar.gz");
+    let mut bytes = std::fs::read(&plain).unwrap();
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 16] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&damaged, bytes).unwrap();
+
+    // The state the refusals must leave alone: changed since the backups.
+    set(
+        &d1,
+        "bridge/b1",
+        r#"{"uri": "sip:10.96.4.9:5060", "capacity": 5}"#,
+    );
+    d1.cli_ok(&["config", "delete", "location/l1"]);
+    set(
+        &d1,
+        "bridge/b2",
+        r#"{"uri": "sip:10.96.4.2:5060", "capacity": 10}"#,
+    );
+    let now = list(&d1, "").unwrap();
+    assert_ne!(now, saved);
+    let config_text = std::fs::read_to_string(&d1.config).unwrap();
+    for (args, cause) in [
+        (vec!["restore", foreign.to_str().unwrap()], "serial"),
+        (
+            vec![
+                "restore",
+                encrypted.to_str().unwrap(),
+                "--password-file",
+                wrong.to_str().unwrap(),
+            ],
+            "password",
+        ),
+        (vec!["restore", damaged.to_str().unwrap()], "damaged"),
+    ] {
+        let out = d1.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was not refused");
+        assert!(
+            err.contains("nothing changed") && err.to_lowercase().contains(cause),
+            "{args:?}: the message does not name the cause ({cause}): {err}"
+        );
+        assert_eq!(list(&d1, "").unwrap(), now, "{args:?} changed the store");
+        assert_eq!(
+            std::fs::read_to_string(&d1.config).unwrap(),
+            config_text,
+            "{args:?} changed the configuration file"
+        );
+    }
+
+    d1.cli_ok(&["restore", plain.to_str().unwrap()]);
+    assert_eq!(list(&d1, "").unwrap(), saved, "plain backup not restored");
+    set(
+        &d1,
+        "bridge/b3",
+        r#"{"uri": "sip:10.96.4.3:5060", "capacity": 1}"#,
+    );
+    d1.cli_ok(&[
+        "restore",
+        encrypted.to_str().unwrap(),
+        "--password-file",
+        pw,
+    ]);
+    assert_eq!(
+        list(&d1, "").unwrap(),
+        saved,
+        "encrypted backup not restored"
+    );
+    // Restored content is live: it takes writes again.
+    set(
+        &d1,
+        "bridge/b4",
+        r#"{"uri": "sip:10.96.4.4:5060", "capacity": 2}"#,
+    );
+    assert!(list(&d1, "").unwrap().contains_key("bridge/b4"));
 }
 
 /// The sync port (and the hellos) listen on the overlay's TUN device only: a host on the
