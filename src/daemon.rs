@@ -708,18 +708,19 @@ impl Daemon {
         if !all_wait {
             return;
         }
-        let backup = self.join_backup.clone();
-        let snapshot = match &backup {
-            Some(file) => self.backup_snapshot(file.clone()).await,
+        let read = match self.join_backup.clone() {
+            Some(file) => self
+                .backup_snapshot(file.clone())
+                .await
+                .map(|s| (s, format!("from {}", file.display()))),
             None => Err("no automatic backup recorded".to_owned()),
         };
-        let (snapshot, from) = match snapshot {
-            Ok(s) => (s, format!("from {}", backup.unwrap_or_default().display())),
-            Err(e) => (
+        let (snapshot, from) = read.unwrap_or_else(|e| {
+            (
                 Snapshot::default(),
                 format!("empty: its configuration from before cannot be read ({e})"),
-            ),
-        };
+            )
+        });
         if let Err(e) = self.store.replace_all_async(snapshot).await {
             tracing::error!("cannot found the cluster: {e}");
             return;
@@ -735,13 +736,24 @@ impl Daemon {
 
     /// The store content of one of this peer's unencrypted backups.
     async fn backup_snapshot(&self, file: PathBuf) -> Result<Snapshot, String> {
-        let serial = self.config.peer.serial.clone();
-        let (_, members) =
-            tokio::task::spawn_blocking(move || crate::backup::open(&file, None, &serial))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+        let (_, members) = self.open_backup(file, None).await?;
         shared::import(backup_member(&members, shared::STORE_MEMBER)?)
+    }
+
+    /// Opens and checks a backup of this peer (its serial, the password, the checksums), off the
+    /// state loop: reading and decrypting it is file I/O and a memory-hard key derivation.
+    async fn open_backup(
+        &self,
+        file: PathBuf,
+        password: Option<Zeroizing<Vec<u8>>>,
+    ) -> Result<(crate::backup::Manifest, crate::backup::Members), String> {
+        let serial = self.config.peer.serial.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::backup::open(&file, password.as_deref().map(|p| &p[..]), &serial)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
     }
 
     /// Writes a backup of this peer (configuration file and store; no logs) and returns its path.
@@ -790,14 +802,10 @@ impl Daemon {
             .as_deref()
             .map(shared::read_password)
             .transpose()?;
-        let serial = self.config.peer.serial.clone();
-        let f = file.clone();
-        let (manifest, members) = tokio::task::spawn_blocking(move || {
-            crate::backup::open(&f, password.as_deref().map(|p| &p[..]), &serial)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("restore refused, nothing changed: {e}"))?;
+        let (manifest, members) = self
+            .open_backup(file.clone(), password)
+            .await
+            .map_err(|e| format!("restore refused, nothing changed: {e}"))?;
         let member = |name: &str| {
             backup_member(&members, name)
                 .map_err(|e| format!("restore refused, nothing changed: {e}"))

@@ -278,16 +278,7 @@ fn main() -> ExitCode {
                 LogArg::Events => LogKind::Events,
                 LogArg::Config => LogKind::Config,
             };
-            client(target, Request::Log { kind }, |v| {
-                v.as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|l| l.as_str())
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    })
-                    .unwrap_or_default()
-            })
+            client(target, Request::Log { kind }, one_per_line)
         }
         Command::Reload { target } => client(target, Request::Reload, |_| "ok: reloaded".into()),
         Command::Config { op, target } => config_command(op, target),
@@ -402,22 +393,25 @@ fn admin_command(op: AdminOp, target: Target) -> ExitCode {
         AdminOp::Remove { name } => {
             client(target, Request::AdminRemove { name }, |_| String::new())
         }
-        AdminOp::List => client(target, Request::AdminList, |v| {
-            v.as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|n| n.as_str())
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                })
-                .unwrap_or_default()
-        }),
+        AdminOp::List => client(target, Request::AdminList, one_per_line),
     }
 }
 
 /// Paths go to the daemon, which may run in another directory.
 fn absolute(path: PathBuf) -> PathBuf {
     std::path::absolute(&path).unwrap_or(path)
+}
+
+/// A daemon answer that is a list of strings (log lines, account names), one per line.
+fn one_per_line(v: serde_json::Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
